@@ -1,0 +1,93 @@
+"""The hooks a dagfusion plugin may implement.
+
+A plugin is a module (or object) with functions decorated by :data:`dagfusion.hookimpl`,
+named like the specs below, and published through the ``dagfusion`` entry-point group::
+
+    [project.entry-points.dagfusion]
+    mypack = "mypack.plugin"
+
+Every hook takes keyword arguments only. Implementations may accept any subset of a hook's
+arguments, so new arguments can be added without breaking existing plugins. Built-in node
+packs are registered through these same hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from dagfusion.context import RunContext
+    from dagfusion.node import NodeSpec
+    from dagfusion.types import SocketType
+
+PROJECT = "dagfusion"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_types(register: Callable[[SocketType], None]) -> None:
+    """Register the socket types this plugin defines.
+
+    Called once per registry, before :func:`register_nodes` of any plugin, so nodes may use
+    types from other plugins.
+
+    :param register: Call ``register(socket_type)`` for each :class:`~dagfusion.SocketType`.
+        Registering a name another plugin already registered raises
+        :class:`~dagfusion.PluginError` naming both plugins.
+    """
+
+
+@hookspec
+def register_nodes(register: Callable[[NodeSpec], None]) -> None:
+    """Register the node types this plugin provides.
+
+    :param register: Call ``register(spec)`` for each :class:`~dagfusion.NodeSpec` (the object
+        the :func:`~dagfusion.node` decorator returns). Registering a type id that another
+        plugin already registered raises :class:`~dagfusion.PluginError` naming both plugins;
+        an input or output naming an unregistered socket type is reported the same way.
+    """
+
+
+@hookspec
+def before_node_run(node_id: str, spec: NodeSpec, inputs: dict[str, Any], context: RunContext) -> None:
+    """Called just before a node's run function, after its inputs are resolved.
+
+    Use it for tracing, timing or profiling. It must not modify ``inputs``.
+
+    :param node_id: The node's id in the workflow.
+    :param spec: The node's declaration.
+    :param inputs: The input values the node is about to receive (read only).
+    :param context: The node's run context (run id, output folder, settings).
+    """
+
+
+@hookspec
+def after_node_run(
+    node_id: str, spec: NodeSpec, outputs: dict[str, Any], seconds: float, context: RunContext
+) -> None:
+    """Called after a node returned successfully (not for cache hits).
+
+    :param node_id: The node's id in the workflow.
+    :param spec: The node's declaration.
+    :param outputs: What the node returned, by output name (read only).
+    :param seconds: Wall-clock time the run function took.
+    :param context: The node's run context.
+    """
+
+
+@hookspec
+def on_node_error(node_id: str, spec: NodeSpec, error: BaseException, context: RunContext) -> None:
+    """Called when a node's run function raised (not for cancellation).
+
+    The run continues with the nodes that do not depend on this one; this hook only observes.
+
+    :param node_id: The node's id in the workflow.
+    :param spec: The node's declaration.
+    :param error: The exception the node raised.
+    :param context: The node's run context.
+    """

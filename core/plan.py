@@ -1,0 +1,166 @@
+"""Planning: which nodes a run needs, their cache keys, and which of them are cache hits.
+
+A node's cache key is computed once, in topological order, from its ``type@version``, the
+fingerprints of its constant inputs (``PATH`` inputs by file content) and the keys of the
+upstream outputs it reads — so the whole pass is linear in the graph. Impure nodes (and nodes
+with a constant that cannot be fingerprinted) get a key unique to the run, which makes every
+node downstream of them miss as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from dagfusion.cache import DiskCache, OutputCache
+from dagfusion.fingerprint import fingerprint, fingerprint_path, new_hasher
+from dagfusion.node import REQUIRED
+from dagfusion.types import TypeSystem
+from dagfusion.validate import ValidatedWorkflow
+from dagfusion.workflow import Link
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do.
+
+    Attributes:
+        validated: The validated workflow.
+        targets: Node ids whose outputs were requested.
+        order: Every needed node (targets and their ancestors), topologically ordered.
+        generations: ``order`` grouped into topological generations (nodes of one
+            generation do not depend on each other).
+        keys: Cache key of each needed node.
+        to_run: Nodes that will execute.
+        hits: Outputs of the needed nodes served from a cache.
+        path_fingerprints: Fingerprint of each file/folder a ``PATH`` input names.
+    """
+
+    validated: ValidatedWorkflow
+    targets: tuple[str, ...]
+    order: tuple[str, ...]
+    generations: tuple[tuple[str, ...], ...]
+    keys: Mapping[str, str]
+    to_run: frozenset[str]
+    hits: Mapping[str, Mapping[str, Any]] = field(repr=False)
+    path_fingerprints: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def cached(self) -> tuple[str, ...]:
+        return tuple(n for n in self.order if n in self.hits)
+
+
+def resolve_targets(validated: ValidatedWorkflow, requested: Iterable[str] | None = None) -> tuple[str, ...]:
+    """Target node ids: ``requested`` (``node`` or ``node.output``), else the workflow's
+    ``outputs``, else every sink node and every ``output_node``."""
+    wanted = list(requested) if requested is not None else validated.workflow.outputs
+    if wanted is not None:
+        return tuple(dict.fromkeys(t.partition(".")[0] for t in wanted))
+    graph = validated.graph
+    return tuple(
+        n for n in validated.order if graph.out_degree(n) == 0 or validated.specs[n].output_node
+    )
+
+
+def make_plan(
+    validated: ValidatedWorkflow,
+    *,
+    run_nonce: str,
+    types: TypeSystem,
+    memory: OutputCache | None = None,
+    disk: DiskCache | None = None,
+    targets: Iterable[str] | None = None,
+    use_cache: bool = True,
+) -> Plan:
+    """Plan a run of ``validated`` for ``targets`` (see :func:`resolve_targets`)."""
+    target_ids = resolve_targets(validated, targets)
+    graph = validated.graph
+    needed: set[str] = set(target_ids)
+    stack = list(target_ids)
+    while stack:
+        for parent in graph.predecessors(stack.pop()):
+            if parent not in needed:
+                needed.add(parent)
+                stack.append(parent)
+    order = tuple(n for n in validated.order if n in needed)
+
+    keys: dict[str, str] = {}
+    path_fps: dict[str, str] = {}
+    nodes = validated.workflow.nodes
+    for node_id in order:
+        spec = validated.specs[node_id]
+        inst = nodes[node_id]
+        h = new_hasher()
+        h.update(f"{spec.type_id}@{spec.version}\0".encode())
+        cacheable = spec.pure
+        for input_spec in spec.inputs:
+            value = inst.inputs.get(input_spec.name, REQUIRED)
+            h.update(input_spec.name.encode() + b"=")
+            if isinstance(value, Link):
+                h.update(b"L" + keys[value.node].encode() + b"." + value.output.encode() + b";")
+                continue
+            if value is REQUIRED:
+                value = None if input_spec.optional and input_spec.default is REQUIRED else input_spec.default
+            if input_spec.type_name == "PATH" and isinstance(value, str) and value:
+                fp = path_fps.get(value)
+                if fp is None:
+                    fp = path_fps[value] = fingerprint_path(value)
+                h.update(b"P" + value.encode() + b"\0" + fp.encode() + b";")
+                continue
+            fp = fingerprint(value)
+            if fp is None:
+                cacheable = False
+                break
+            h.update(b"C" + fp.encode() + b";")
+        if not cacheable:
+            h.update(b"run:" + run_nonce.encode() + b":" + node_id.encode())
+        keys[node_id] = h.hexdigest()
+
+    hits: dict[str, Mapping[str, Any]] = {}
+    to_run: set[str] = set()
+    required = set(target_ids)
+    for node_id in reversed(order):
+        if node_id not in required:
+            continue
+        spec = validated.specs[node_id]
+        outputs = None
+        if use_cache and spec.pure:
+            outputs = _lookup(keys[node_id], spec, memory, disk, types)
+        if outputs is not None:
+            hits[node_id] = outputs
+            continue
+        to_run.add(node_id)
+        required.update(graph.predecessors(node_id))
+
+    final_order = tuple(n for n in order if n in required)
+    position = {n: i for i, n in enumerate(final_order)}
+    generations = tuple(
+        tuple(sorted(g, key=position.__getitem__)) for g in nx.topological_generations(graph.subgraph(final_order))
+    )
+    return Plan(
+        validated=validated,
+        targets=target_ids,
+        order=final_order,
+        generations=generations,
+        keys={n: keys[n] for n in final_order},
+        to_run=frozenset(to_run),
+        hits=hits,
+        path_fingerprints=path_fps,
+    )
+
+
+def _lookup(key: str, spec: Any, memory: OutputCache | None, disk: DiskCache | None, types: TypeSystem) -> Mapping[str, Any] | None:
+    if memory is not None:
+        outputs = memory.get(key)
+        if outputs is not None:
+            return outputs
+    if disk is not None and spec.persist:
+        outputs = disk.get(key, types)
+        if outputs is not None:
+            if memory is not None:
+                memory.put(key, outputs)
+            return outputs
+    return None

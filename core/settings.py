@@ -1,0 +1,182 @@
+"""Settings: model folders, allowed read folders, output and cache folders, cache budget, opt-ins.
+
+Sources, later ones winning: built-in defaults < a TOML settings file < environment variables
+< explicit overrides (CLI flags, the Python API). A workflow file never changes settings: the
+security opt-ins (pickle loading, extra read folders) exist only here.
+
+Settings file: ``$DAGFUSION_CONFIG`` if set, else ``./dagfusion.toml`` if it exists, else
+``~/.config/dagfusion/config.toml`` if it exists. Its keys are the field names below::
+
+    model_dirs = ["~/models"]
+    read_dirs = ["~/datasets"]
+    output_dir = "outputs"
+    cache_bytes = 8_000_000_000
+    allow_pickle = false
+
+Environment: ``DAGFUSION_MODEL_DIRS`` and ``DAGFUSION_READ_DIRS`` (``os.pathsep``-separated),
+``DAGFUSION_OUTPUT_DIR``, ``DAGFUSION_CACHE_DIR``, ``DAGFUSION_CACHE_BYTES``,
+``DAGFUSION_DEVICE``, ``DAGFUSION_ALLOW_PICKLE`` (``1``/``true``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from dagfusion.context import is_within
+from dagfusion.errors import UnsafeOperationError, WorkflowError
+
+DEFAULT_CACHE_BYTES = 4 * 1024**3
+
+
+class SettingsError(WorkflowError):
+    """The settings file or an environment variable holds an invalid value."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings of a process (frozen; derive changed copies with :meth:`with_overrides`).
+
+    Attributes:
+        model_dirs: Folders searched for models by name; readable.
+        read_dirs: Extra folders nodes may read from (the current folder is always allowed).
+        output_dir: Where runs write their output folders.
+        cache_dir: Where pure ``persist`` nodes keep outputs between processes.
+        cache_bytes: Byte budget of the in-memory output cache (LRU eviction beyond it).
+        device: ``"auto"`` (cuda > mps > cpu) or a torch device string.
+        allow_pickle: Security opt-in: allow loading pickle-based checkpoints.
+        source: Where the settings came from (for ``dagfusion plugins``/diagnostics).
+    """
+
+    model_dirs: tuple[Path, ...] = ()
+    read_dirs: tuple[Path, ...] = ()
+    output_dir: Path = Path("outputs")
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "dagfusion")
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    device: str = "auto"
+    allow_pickle: bool = False
+    source: str = "defaults"
+
+    @classmethod
+    def load(cls, overrides: dict[str, Any] | None = None, *, environ: dict[str, str] | None = None) -> Settings:
+        """Settings from file, environment and ``overrides`` (see the module docstring)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        sources = ["defaults"]
+        path = _settings_file(env)
+        if path is not None:
+            try:
+                with open(path, "rb") as fh:
+                    data = tomllib.load(fh)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise SettingsError(f"cannot read settings file {path}: {exc}") from exc
+            values.update(_from_mapping(data, f"settings file {path}"))
+            sources.append(str(path))
+        env_values = _from_environment(env)
+        if env_values:
+            sources.append("environment")
+        values.update(env_values)
+        if overrides:
+            values.update(_from_mapping({k: v for k, v in overrides.items() if v is not None}, "overrides"))
+            sources.append("overrides")
+        return cls(**values, source=" < ".join(sources))
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied (validated like file values)."""
+        return replace(self, **_from_mapping(changes, "overrides"))
+
+    @property
+    def readable_roots(self) -> tuple[Path, ...]:
+        return (Path.cwd(), *self.model_dirs, *self.read_dirs, self.output_dir)
+
+    def check_readable(self, path: str | os.PathLike[str]) -> Path:
+        """The resolved path if it lies under a readable root, else :class:`UnsafeOperationError`."""
+        resolved = Path(path).expanduser()
+        if not resolved.is_absolute():
+            resolved = Path.cwd() / resolved
+        if not is_within(resolved, list(self.readable_roots)):
+            roots = ", ".join(str(r) for r in self.readable_roots)
+            raise UnsafeOperationError(
+                f"{str(path)!r} is outside the allowed read folders ({roots}); "
+                "add its folder to read_dirs in the settings or DAGFUSION_READ_DIRS"
+            )
+        return resolved.resolve()
+
+
+def _settings_file(env: Any) -> Path | None:
+    explicit = env.get("DAGFUSION_CONFIG")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise SettingsError(f"DAGFUSION_CONFIG names {path}, which is not a file")
+        return path
+    for candidate in (Path("dagfusion.toml"), Path.home() / ".config" / "dagfusion" / "config.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+_PATH_LISTS = {"model_dirs", "read_dirs"}
+_PATHS = {"output_dir", "cache_dir"}
+_KNOWN = {f.name for f in fields(Settings)} - {"source"}
+
+
+def _from_mapping(data: dict[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in _KNOWN:
+            raise SettingsError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(_KNOWN))})")
+        if key in _PATH_LISTS:
+            if isinstance(value, (str, os.PathLike)):
+                value = [value]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, os.PathLike)) for v in value):
+                raise SettingsError(f"{where}: {key} must be a list of folder paths")
+            out[key] = tuple(Path(v).expanduser() for v in value)
+        elif key in _PATHS:
+            if not isinstance(value, (str, os.PathLike)):
+                raise SettingsError(f"{where}: {key} must be a folder path")
+            out[key] = Path(value).expanduser()
+        elif key == "cache_bytes":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SettingsError(f"{where}: cache_bytes must be a non-negative integer, got {value!r}")
+            out[key] = value
+        elif key == "allow_pickle":
+            if not isinstance(value, bool):
+                raise SettingsError(f"{where}: allow_pickle must be true or false, got {value!r}")
+            out[key] = value
+        elif key == "device":
+            if not isinstance(value, str):
+                raise SettingsError(f"{where}: device must be a string, got {value!r}")
+            out[key] = value
+    return out
+
+
+def _from_environment(env: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in _PATH_LISTS:
+        raw = env.get(f"DAGFUSION_{key.upper()}")
+        if raw:
+            out[key] = tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
+    for key in _PATHS:
+        raw = env.get(f"DAGFUSION_{key.upper()}")
+        if raw:
+            out[key] = Path(raw).expanduser()
+    raw = env.get("DAGFUSION_CACHE_BYTES")
+    if raw:
+        try:
+            out["cache_bytes"] = int(raw)
+        except ValueError as exc:
+            raise SettingsError(f"DAGFUSION_CACHE_BYTES must be an integer, got {raw!r}") from exc
+    raw = env.get("DAGFUSION_DEVICE")
+    if raw:
+        out["device"] = raw
+    raw = env.get("DAGFUSION_ALLOW_PICKLE")
+    if raw:
+        if raw.lower() not in {"1", "true", "yes", "0", "false", "no"}:
+            raise SettingsError(f"DAGFUSION_ALLOW_PICKLE must be 1/true or 0/false, got {raw!r}")
+        out["allow_pickle"] = raw.lower() in {"1", "true", "yes"}
+    return out
+

@@ -1,0 +1,13 @@
+"""dagfusion's built-in node packs.
+
+Each pack is a module with ``register_types``/``register_nodes`` hook implementations,
+registered through the same plugin hooks as third-party packages. ``DAGFUSION_DISABLE_PLUGINS``
+blocks a pack by its short name.
+"""
+
+BUILTIN_PLUGINS: dict[str, str] = {
+    "basic": "dagfusion.nodes.basic",
+    "tensor": "dagfusion.nodes.tensor",
+    "io": "dagfusion.nodes.io",
+}
+"""Short name → module of every built-in pack, in registration order."""
