@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,7 +76,9 @@ class RunContext:
         settings: The run's settings (read only; a workflow can never change them).
         output_dir: The run's output folder; write files only through :meth:`output_path`.
         cancel_token: The run's cancel token.
-        logger: A logger named after the node.
+        logger: A logger for node messages.
+        provenance: ``{"workflow": resolved YAML text, "manifest": dict}`` of the run, for
+            nodes that embed it in what they save (PNG text chunks).
     """
 
     node_id: str
@@ -85,6 +88,7 @@ class RunContext:
     cancel_token: CancelToken
     handler: ProgressHandler | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("dagfusion.node"))
+    provenance: Mapping[str, Any] = field(default_factory=dict)
     _device: str | None = None
 
     @property

@@ -19,7 +19,7 @@ from dagfusion.errors import Problem, ValidationError
 from dagfusion.events import FanOut, ProgressHandler
 from dagfusion.executor import RunResult, execute
 from dagfusion.plan import Plan, make_plan
-from dagfusion.record import RunRecorder, write_record
+from dagfusion.record import RunRecorder, provenance, write_record
 from dagfusion.registry import Registry, default_registry
 from dagfusion.settings import Settings
 from dagfusion.validate import ValidatedWorkflow, check
@@ -124,8 +124,9 @@ class Engine:
         output_dir = Path(out) if out is not None else self._default_output_dir(wf, run_id)
         plan = self.plan(validated, run_id=run_id, targets=targets, use_cache=use_cache)
         recorder = None
+        run_provenance = provenance(plan, self.registry, run_id, _sweep)
         if record:
-            write_record(output_dir, plan, self.registry, run_id, _sweep)
+            write_record(output_dir, run_provenance)
             recorder = RunRecorder(output_dir)
         try:
             return execute(
@@ -139,6 +140,7 @@ class Engine:
                 memory=self.memory,
                 disk=self.disk if use_cache else None,
                 check_mutation=check_mutation,
+                provenance=run_provenance,
             )
         finally:
             if recorder is not None:

@@ -108,6 +108,7 @@ def execute(
     memory: OutputCache | None = None,
     disk: DiskCache | None = None,
     check_mutation: bool = False,
+    provenance: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Run ``plan`` and return its :class:`RunResult` (never raises for node failures).
 
@@ -156,6 +157,7 @@ def execute(
             cancel_token=cancel_token,
             handler=handler,
             logger=node_logger,
+            provenance=provenance or {},
         )
         try:
             inputs = _gather_inputs(node_id, spec, inst.inputs, values, registry)

@@ -81,10 +81,13 @@ class RunRecorder:
         self._fh.close()
 
 
-def write_record(folder: Path, plan: Plan, registry: Registry, run_id: str, sweep: dict[str, Any] | None = None) -> None:
+def write_record(folder: Path, provenance: dict[str, Any]) -> None:
     """Write ``workflow.yaml`` (resolved) and ``manifest.json`` into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "workflow.yaml").write_text(plan.validated.workflow.dump(), encoding="utf-8")
-    (folder / "manifest.json").write_text(
-        json.dumps(manifest(plan, registry, run_id, sweep), indent=2, default=str), encoding="utf-8"
-    )
+    (folder / "workflow.yaml").write_text(provenance["workflow"], encoding="utf-8")
+    (folder / "manifest.json").write_text(json.dumps(provenance["manifest"], indent=2, default=str), encoding="utf-8")
+
+
+def provenance(plan: Plan, registry: Registry, run_id: str, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved workflow YAML and the manifest of a run."""
+    return {"workflow": plan.validated.workflow.dump(), "manifest": manifest(plan, registry, run_id, sweep)}
