@@ -1,0 +1,1 @@
+"""dagfusion.testing: a pytest plugin for plugin authors (work in progress)."""
