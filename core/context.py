@@ -99,12 +99,12 @@ class RunContext:
         return self._device
 
     def progress(self, step: int, total: int | None = None, message: str = "", **values: float) -> None:
-        """Report progress (``step`` of ``total``) and check for cancellation."""
+        """Check for cancellation, then report progress (``step`` of ``total``)."""
+        self.cancel_token.raise_if_cancelled()
         if self.handler is not None:
             self.handler.handle(
                 NodeProgress(self.run_id, node_id=self.node_id, step=step, total=total, message=message, values=values)
             )
-        self.cancel_token.raise_if_cancelled()
 
     def preview(self, image: Any, label: str = "") -> None:
         """Show an intermediate or final picture on the canvas (ignored headless)."""

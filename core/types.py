@@ -137,6 +137,14 @@ def _resolve_class(ref: ClassRef) -> type | None:
     return obj if isinstance(obj, type) else None
 
 
+def _instance_of(value: Any, refs: tuple[ClassRef, ...]) -> bool:
+    for ref in refs:
+        cls = _resolve_class(ref)
+        if cls is not None and isinstance(value, cls):
+            return True
+    return False
+
+
 def import_class(ref: ClassRef) -> type:
     """Import and return the class a reference names (used by documentation, not checks)."""
     if isinstance(ref, type):
@@ -199,31 +207,41 @@ class TypeSystem:
         ancestors = self._ancestors.get(src)
         return ancestors is not None and exp in ancestors
 
+    def _checks(self, name: str) -> tuple[tuple[ClassRef, ...], tuple[ClassRef, ...]]:
+        """``(python_types, exclude)`` of a type: its own, or else inherited from its parents."""
+        socket_type = self._types[name]
+        if socket_type.python_types:
+            return socket_type.python_types, socket_type.exclude
+        classes: list[ClassRef] = []
+        excluded: list[ClassRef] = []
+        for parent in socket_type.parents:
+            parent_classes, parent_excluded = self._checks(parent)
+            classes += parent_classes
+            excluded += parent_excluded
+        return tuple(classes), tuple(excluded)
+
     def value_matches(self, expected: TypeSpec, value: Any) -> bool:
-        """Whether a Python value is a valid value of ``expected``."""
+        """Whether a Python value is a valid value of ``expected``.
+
+        A type without ``python_types`` checks its parents' classes; a value of a subtype with
+        classes of its own is a value of the parent too (``3`` is a ``FLOAT`` because ``INT``).
+        """
         if isinstance(expected, UnionType):
             return any(self.value_matches(m, value) for m in expected.members)
         name = type_name(expected)
         if name == ANY.name:
             return True
-        socket_type = self._types.get(name)
-        if socket_type is None:
+        if name not in self._types:
             return False
-        if not socket_type.python_types:
+        classes, excluded = self._checks(name)
+        if not classes:
             return True
-        for ref in socket_type.exclude:
-            cls = _resolve_class(ref)
-            if cls is not None and isinstance(value, cls):
-                return False
-        for ref in socket_type.python_types:
-            cls = _resolve_class(ref)
-            if cls is not None and isinstance(value, cls):
-                return True
-        # A value of a subtype is a value of the parent (INT values are FLOAT values).
+        if _instance_of(value, classes) and not _instance_of(value, excluded):
+            return True
         return any(
             self.value_matches(child.name, value)
             for child in self._types.values()
-            if name in child.parents
+            if name in child.parents and child.python_types
         )
 
     def describe_value(self, value: Any) -> str:

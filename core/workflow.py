@@ -195,11 +195,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_LINE_BREAKS = ("\x85", "\u2028", "\u2029")
+
+
 class _Dumper(yaml.SafeDumper):
-    """SafeDumper that writes links as ``{from: node.output}`` and never emits aliases."""
+    """SafeDumper that writes links as ``{from: node.output}``, never emits aliases, and escapes
+    the Unicode line breaks a reader would otherwise fold into spaces."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
+
+    def write_double_quoted(self, text: str, split: bool = True) -> None:
+        if not any(c in text for c in _LINE_BREAKS):
+            super().write_double_quoted(text, split)
+            return
+        saved, self.allow_unicode = self.allow_unicode, False
+        try:
+            super().write_double_quoted(text, split)
+        finally:
+            self.allow_unicode = saved
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    if any(c in value for c in _LINE_BREAKS):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+    return yaml.SafeDumper.represent_str(dumper, value)
 
 
 def _represent_link(dumper: yaml.SafeDumper, link: Link) -> yaml.Node:
@@ -207,6 +227,7 @@ def _represent_link(dumper: yaml.SafeDumper, link: Link) -> yaml.Node:
 
 
 _Dumper.add_representer(Link, _represent_link)
+_Dumper.add_representer(str, _represent_str)
 
 
 # --- parsing --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ MAX_DEPTH = 64
 MAX_VALUES = 2_000_000
 
 Path = tuple[str | int, ...]
+_CONTAINER_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 
 
 @dataclass
@@ -106,6 +107,8 @@ def _build(
     if depth > MAX_DEPTH:
         raise _too_large(f"the document nests deeper than {MAX_DEPTH} levels", source)
     line = node.start_mark.line + 1
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _CONTAINER_TAGS:
+        raise ValidationError([Problem("yaml-syntax", f"unsupported YAML tag {node.tag!r}", line=line)], source)
     if isinstance(node, yaml.MappingNode):
         try:
             constructor.flatten_mapping(node)  # resolves '<<' merge keys
