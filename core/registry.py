@@ -52,8 +52,7 @@ class Registry:
 
     def _call_each(self, hook_name: str, register_for: Callable[[str], Callable[[Any], None]]) -> None:
         hook = getattr(self.plugin_manager.hook, hook_name)
-        # pluggy lists implementations last-registered first; register in load order instead.
-        for impl in reversed(hook.get_hookimpls()):
+        for impl in hook.get_hookimpls():  # in registration order
             plugin_name = impl.plugin_name
             try:
                 impl.function(**{name: register_for(plugin_name) for name in impl.argnames if name == "register"})
@@ -65,21 +64,13 @@ class Registry:
                 warnings.warn(f"{hook_name} of {failure}: {exc}", RuntimeWarning, stacklevel=2)
 
     def _collect(self) -> None:
+        pending: list[tuple[str, SocketType]] = []
+
         def type_register(plugin_name: str) -> Callable[[SocketType], None]:
             def register(socket_type: SocketType) -> None:
                 if not isinstance(socket_type, SocketType):
-                    raise PluginError(f"plugin {plugin_name!r} registered {socket_type!r}, which is not a SocketType")
-                if socket_type.name in self.types:
-                    other = self._type_origin[socket_type.name]
-                    raise PluginError(
-                        f"socket type {socket_type.name} is registered by both {self._describe(other)} "
-                        f"and {self._describe(plugin_name)}"
-                    )
-                try:
-                    self.types.add(socket_type)
-                except NodeDefinitionError as exc:
-                    raise PluginError(f"plugin {self._describe(plugin_name)}: {exc}") from exc
-                self._type_origin[socket_type.name] = plugin_name
+                    raise PluginError(f"{self._describe(plugin_name)} registered {socket_type!r}, which is not a SocketType")
+                pending.append((plugin_name, socket_type))
 
             return register
 
@@ -87,7 +78,7 @@ class Registry:
             def register(spec: NodeSpec) -> None:
                 if not isinstance(spec, NodeSpec):
                     raise PluginError(
-                        f"plugin {self._describe(plugin_name)} registered {spec!r}, which is not a NodeSpec "
+                        f"{self._describe(plugin_name)} registered {spec!r}, which is not a NodeSpec "
                         "(decorate the function with @dagfusion.node)"
                     )
                 if spec.type_id in self._nodes:
@@ -110,7 +101,31 @@ class Registry:
             return register
 
         self._call_each("register_types", type_register)
+        self._add_types(pending)
         self._call_each("register_nodes", node_register)
+
+    def _add_types(self, pending: list[tuple[str, SocketType]]) -> None:
+        """Add types parents-first, whatever order the plugins registered them in."""
+        for plugin_name, socket_type in pending:
+            if socket_type.name in self._type_origin:
+                other = self._type_origin[socket_type.name]
+                raise PluginError(
+                    f"socket type {socket_type.name} is registered by both {self._describe(other)} "
+                    f"and {self._describe(plugin_name)}"
+                )
+            self._type_origin[socket_type.name] = plugin_name
+        remaining = list(pending)
+        while remaining:
+            ready = [(p, t) for p, t in remaining if all(parent in self.types for parent in t.parents)]
+            if not ready:
+                plugin_name, socket_type = remaining[0]
+                missing = [parent for parent in socket_type.parents if parent not in self.types]
+                raise PluginError(
+                    f"{self._describe(plugin_name)}: socket type {socket_type.name} names unknown parent types {missing}"
+                )
+            for item in ready:
+                self.types.add(item[1])
+                remaining.remove(item)
 
     def _distribution(self, plugin_name: str) -> str | None:
         dist = self.plugin_manager.distributions.get(plugin_name)
