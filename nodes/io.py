@@ -11,6 +11,22 @@ from typing import Any
 from dagfusion import PATH, STRING, TENSOR, Input, Output, RunContext, hookimpl, node
 
 
+def _example_tensor() -> Any:
+    """A small deterministic tensor for the node contract's examples (imports torch lazily)."""
+    import torch
+
+    return torch.linspace(0.0, 1.0, steps=48).reshape(3, 4, 4)
+
+
+def _load_tensor_example(folder: Any) -> dict[str, Any]:
+    """Write a safetensors file into the contract's scratch folder and load it back."""
+    from safetensors.torch import save_file
+
+    path = folder / "example.safetensors"
+    save_file({"weights": _example_tensor()}, str(path))
+    return {"path": str(path), "key": "weights"}
+
+
 @node(
     "dagfusion.io.SaveText",
     version="1.0.0",
@@ -21,6 +37,7 @@ from dagfusion import PATH, STRING, TENSOR, Input, Output, RunContext, hookimpl,
     ],
     outputs=[Output("path", STRING, "Where the file was written.")],
     pure=False,
+    examples=[{"text": "a red circle", "filename": "notes/prompt.txt"}],
     output_node=True,
 )
 def save_text(ctx: RunContext, text: str, filename: str) -> str:
@@ -41,6 +58,7 @@ def save_text(ctx: RunContext, text: str, filename: str) -> str:
     ],
     outputs=[Output("path", STRING)],
     pure=False,
+    examples=[lambda: {"tensor": _example_tensor()}],
     output_node=True,
 )
 def save_tensor(ctx: RunContext, tensor: Any, filename: str, key: str) -> str:
@@ -61,6 +79,7 @@ def save_tensor(ctx: RunContext, tensor: Any, filename: str, key: str) -> str:
         Input("key", STRING, "tensor", description="Name of the tensor inside the file."),
     ],
     outputs=[Output("tensor", TENSOR)],
+    examples=[_load_tensor_example],
 )
 def load_tensor(ctx: RunContext, path: str, key: str) -> Any:
     """Load one tensor from a safetensors file (pickle files are never read)."""
@@ -84,6 +103,7 @@ def load_tensor(ctx: RunContext, path: str, key: str) -> Any:
     ],
     outputs=[Output("path", STRING)],
     pure=False,
+    examples=[lambda: {"tensor": _example_tensor()}, lambda: {"tensor": _example_tensor()[0], "filename": "gray.png"}],
     output_node=True,
 )
 def save_tensor_png(ctx: RunContext, tensor: Any, filename: str) -> str:

@@ -10,6 +10,13 @@ from typing import Any
 from dagfusion import FLOAT, INT, SEED, STRING, TENSOR, Input, Output, RunContext, hookimpl, node
 
 
+def _ramp(*shape: int) -> Any:
+    """A deterministic example tensor (values 0…1) for the node contract; imports torch lazily."""
+    import torch
+
+    return torch.linspace(0.0, 1.0, steps=int(torch.Size(shape).numel())).reshape(shape)
+
+
 @node(
     "dagfusion.tensor.Noise",
     version="1.0.0",
@@ -44,6 +51,10 @@ def noise(ctx: RunContext, seed: int, channels: int, height: int, width: int, di
         Input("sigma", FLOAT, 1.0, min=0.0, max=64.0, description="Standard deviation in pixels; 0 returns the input."),
     ],
     outputs=[Output("tensor", TENSOR)],
+    examples=[
+        lambda: {"tensor": _ramp(3, 8, 8), "sigma": 1.5},
+        lambda: {"tensor": _ramp(2, 1, 6, 6), "sigma": 0.0},
+    ],
 )
 def blur(ctx: RunContext, tensor: Any, sigma: float) -> Any:
     """Separable Gaussian blur with reflected borders (kernel radius ``ceil(3·sigma)``)."""
@@ -81,6 +92,7 @@ def blur(ctx: RunContext, tensor: Any, sigma: float) -> Any:
         Input("high", FLOAT, 1.0),
     ],
     outputs=[Output("tensor", TENSOR)],
+    examples=[lambda: {"tensor": _ramp(1, 4, 4), "low": -1.0, "high": 1.0}],
 )
 def normalize(ctx: RunContext, tensor: Any, low: float, high: float) -> Any:
     """Rescale values linearly so the minimum becomes ``low`` and the maximum ``high``."""
@@ -100,6 +112,7 @@ def normalize(ctx: RunContext, tensor: Any, low: float, high: float) -> Any:
         Output("min", FLOAT),
         Output("max", FLOAT),
     ],
+    examples=[lambda: {"tensor": _ramp(2, 3, 3)}],
 )
 def stats(ctx: RunContext, tensor: Any) -> dict[str, float]:
     """Mean, standard deviation, minimum and maximum of a tensor's values."""
