@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _err(message: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True, highlight=False).print(message, markup=False, style="red")
+    Console(stderr=True, highlight=False).print(message, markup=False, style="red", soft_wrap=True)
 
 
 def _settings(args: argparse.Namespace) -> Any:

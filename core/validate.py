@@ -225,6 +225,7 @@ def check(
                     )
 
     if problems:
+        problems.sort(key=lambda p: (p.line is None, p.line or 0))
         return None, problems, warnings
     resolved = workflow.with_nodes(nodes)
     order = tuple(nx.topological_sort(graph))
