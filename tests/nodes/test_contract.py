@@ -1,0 +1,25 @@
+"""The node contract (dagfusion.testing) over every built-in node.
+
+Parametrized over the built-in registry, so every node pack added to
+``dagfusion.nodes.BUILTIN_PLUGINS`` is covered without touching this file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dagfusion.registry import Registry
+from dagfusion.testing import assert_node_contract
+
+BUILTINS = Registry.from_plugins(load_entrypoints=False, environ={})
+
+
+def test_there_are_builtin_nodes() -> None:
+    assert len(BUILTINS) >= 10
+
+
+@pytest.mark.parametrize("type_id", BUILTINS.node_types())
+def test_node_contract(type_id: str, tmp_path: Path) -> None:
+    assert_node_contract(BUILTINS.get(type_id), BUILTINS, tmp_path=tmp_path)
