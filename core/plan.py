@@ -136,10 +136,7 @@ def make_plan(
         required.update(graph.predecessors(node_id))
 
     final_order = tuple(n for n in order if n in required)
-    position = {n: i for i, n in enumerate(final_order)}
-    generations = tuple(
-        tuple(sorted(g, key=position.__getitem__)) for g in nx.topological_generations(graph.subgraph(final_order))
-    )
+    generations = _generations(graph, final_order)
     return Plan(
         validated=validated,
         targets=target_ids,
@@ -150,6 +147,18 @@ def make_plan(
         hits=hits,
         path_fingerprints=path_fps,
     )
+
+
+def _generations(graph: nx.DiGraph, order: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """Topological generations of ``order`` (a topologically sorted node subset), in one pass."""
+    included = set(order)
+    level: dict[str, int] = {}
+    for node_id in order:
+        level[node_id] = 1 + max((level[p] for p in graph.predecessors(node_id) if p in included), default=-1)
+    grouped: dict[int, list[str]] = {}
+    for node_id in order:
+        grouped.setdefault(level[node_id], []).append(node_id)
+    return tuple(tuple(grouped[i]) for i in sorted(grouped))
 
 
 def _lookup(key: str, spec: Any, memory: OutputCache | None, disk: DiskCache | None, types: TypeSystem) -> Mapping[str, Any] | None:

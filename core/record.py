@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -81,13 +82,43 @@ class RunRecorder:
         self._fh.close()
 
 
-def write_record(folder: Path, provenance: dict[str, Any]) -> None:
+def write_record(folder: Path, provenance: Mapping[str, Any]) -> None:
     """Write ``workflow.yaml`` (resolved) and ``manifest.json`` into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "workflow.yaml").write_text(provenance["workflow"], encoding="utf-8")
     (folder / "manifest.json").write_text(json.dumps(provenance["manifest"], indent=2, default=str), encoding="utf-8")
 
 
-def provenance(plan: Plan, registry: Registry, run_id: str, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The resolved workflow YAML and the manifest of a run."""
-    return {"workflow": plan.validated.workflow.dump(), "manifest": manifest(plan, registry, run_id, sweep)}
+class Provenance(Mapping[str, Any]):
+    """``{"workflow": resolved YAML text, "manifest": dict}`` of a run, computed on first access.
+
+    Most runs never need it unless they write a record or a node embeds it in a file, and
+    dumping a large workflow costs more than running a thousand trivial nodes.
+    """
+
+    _KEYS = ("workflow", "manifest")
+
+    def __init__(self, plan: Plan, registry: Registry, run_id: str, sweep: dict[str, Any] | None = None) -> None:
+        self._plan, self._registry, self._run_id, self._sweep = plan, registry, run_id, sweep
+        self._values: dict[str, Any] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._KEYS:
+            raise KeyError(key)
+        if key not in self._values:
+            if key == "workflow":
+                self._values[key] = self._plan.validated.workflow.dump()
+            else:
+                self._values[key] = manifest(self._plan, self._registry, self._run_id, self._sweep)
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._KEYS)
+
+    def __len__(self) -> int:
+        return len(self._KEYS)
+
+
+def provenance(plan: Plan, registry: Registry, run_id: str, sweep: dict[str, Any] | None = None) -> Provenance:
+    """The resolved workflow YAML and the manifest of a run (lazily computed)."""
+    return Provenance(plan, registry, run_id, sweep)

@@ -89,7 +89,6 @@ def check(
             continue
         declared = [i.name for i in spec.inputs]
         for name, value in inst.inputs.items():
-            line = workflow.node_line(node_id, name)
             input_spec = spec.input(name)
             if input_spec is None:
                 problems.append(
@@ -99,7 +98,7 @@ def check(
                         f" (inputs: {', '.join(declared) or 'none'})",
                         node=node_id,
                         input=name,
-                        line=line,
+                        line=workflow.node_line(node_id, name),
                     )
                 )
                 continue
@@ -112,7 +111,7 @@ def check(
                             f"links to node {value.node!r}, which does not exist{_suggest(value.node, list(nodes))}",
                             node=node_id,
                             input=name,
-                            line=line,
+                            line=workflow.node_line(node_id, name),
                         )
                     )
                     continue
@@ -129,7 +128,7 @@ def check(
                             f"outputs {names}{_suggest(value.output, names)}",
                             node=node_id,
                             input=name,
-                            line=line,
+                            line=workflow.node_line(node_id, name),
                         )
                     )
                     continue
@@ -140,13 +139,13 @@ def check(
                             f"expected {input_spec.type_name}, got {output.type_name} from {value}",
                             node=node_id,
                             input=name,
-                            line=line,
+                            line=workflow.node_line(node_id, name),
                         )
                     )
                 continue
             problem = check_constant(registry, spec, input_spec.name, value, settings)
             if problem:
-                problems.append(Problem(problem[0], problem[1], node=node_id, input=name, line=line))
+                problems.append(Problem(problem[0], problem[1], node=node_id, input=name, line=workflow.node_line(node_id, name)))
         for input_spec in spec.inputs:
             if input_spec.required and input_spec.name not in inst.inputs:
                 problems.append(
