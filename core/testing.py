@@ -111,7 +111,9 @@ emits the example value, exactly as it would from an upstream node. Then:
   the engine's check that every returned value is an instance of its declared output type);
 - no output is ``None`` unless its type is ``ANY`` (``None`` fits no other socket type, so a
   downstream node would fail on it);
-- the node did not modify a linked input in place (unless that input declares ``mutates=True``);
+- the node did not modify an input in place (unless that input declares ``mutates=True``);
+  inputs are compared by content fingerprint, so values that cannot be fingerprinted (objects
+  without ``__dagfusion_fingerprint__``) are not checked;
 - pure nodes write no files into the output folder (side effects need ``pure=False``);
 - pure nodes are deterministic: a second run on fresh copies of the same example gives outputs
   with equal content fingerprints (tensors by bytes; outputs that cannot be fingerprinted are
@@ -587,7 +589,9 @@ def _run_example(
         if value is None and not types.value_matches(out_spec.type, None):
             problems.append(f"{label}: output {out_spec.name!r} is None, which is not a {out_spec.type_name} value")
     if spec.pure and out.exists() and any(out.iterdir()):
-        written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+        written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) or sorted(
+            str(p.relative_to(out)) for p in out.rglob("*")
+        )
         problems.append(f"{label}: a pure node wrote files {written[:5]} into the output folder; declare pure=False")
     return outputs
 
