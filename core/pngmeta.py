@@ -33,7 +33,11 @@ def read_png_text(path: str | os.PathLike[str]) -> dict[str, str]:
             text = dict(getattr(image, "text", {}) or {})
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
         return {}
-    return {k: v for k, v in text.items() if k in (WORKFLOW_KEY, MANIFEST_KEY) and isinstance(v, str) and len(v) <= MAX_CHUNK_CHARS}
+    return {
+        k: str(v)
+        for k, v in text.items()
+        if k in (WORKFLOW_KEY, MANIFEST_KEY) and isinstance(v, str) and len(v) <= MAX_CHUNK_CHARS
+    }
 
 
 def is_png(path: str | os.PathLike[str]) -> bool:

@@ -60,6 +60,7 @@ def load_yaml(text: str | bytes, source: str | None = None) -> tuple[Any, Source
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ValidationError([Problem("yaml-syntax", f"the file is not UTF-8 text: {exc}")], source) from None
+    text = str(text)  # the C parser accepts only exact str (not, e.g., PIL's iTXt subclass)
     if len(text) > MAX_BYTES:
         raise _too_large(f"the document has {len(text)} characters; the limit is {MAX_BYTES}", source)
     try:
