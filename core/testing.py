@@ -49,6 +49,12 @@ Functions
     traceback, unless ``raise_on_error=False``. Other keyword arguments go to
     :meth:`dagfusion.Engine.run` (``targets``, ``use_cache``, ``handler``, ``out`` …).
 
+``temporary_plugins(*plugins, builtins=True, entrypoints=False, settings=None)``
+    A context manager that makes ``make_registry(*plugins, …)`` dagfusion's process-wide
+    registry (what :func:`dagfusion.run`, :func:`dagfusion.default_registry`, ``Engine()`` and the
+    CLI called in-process use) and yields it; the previous registry and default engine are
+    restored on exit. With ``settings``, :func:`dagfusion.run` runs with them.
+
 ``check_node_contract(spec, registry, *, tmp_path=None, settings=None, run_examples=True, require_input_docs=False) -> list[str]``
     Every way a node breaks the contract below, as sentences; an empty list means it passes.
     ``spec`` is a :class:`~dagfusion.NodeSpec` or a type id registered in ``registry``; a spec
@@ -71,6 +77,10 @@ Fixtures
     :class:`~dagfusion.Engine` over ``make_registry(*plugins, …)`` and ``dagfusion_settings``.
 ``dagfusion_run``
     :func:`run_workflow` with ``tmp_path`` filled in.
+``dagfusion_plugins``
+    :func:`temporary_plugins` for one test: ``dagfusion_plugins(mypack)`` makes the process-wide
+    registry built-ins + ``mypack`` (and ``dagfusion.run`` use ``dagfusion_settings``) until the
+    test ends; returns the registry.
 
 The node contract
 =================
@@ -164,6 +174,7 @@ __all__ = [
     "make_registry",
     "make_settings",
     "run_workflow",
+    "temporary_plugins",
 ]
 
 #: Type id of the helper node that feeds example values over links.
@@ -241,6 +252,32 @@ def make_settings(folder: str | os.PathLike[str], **overrides: Any) -> Settings:
         source="dagfusion.testing",
     )
     return settings.with_overrides(**overrides) if overrides else settings
+
+
+@contextmanager
+def temporary_plugins(
+    *plugins: PluginArg,
+    builtins: bool = True,
+    entrypoints: bool = False,
+    settings: Settings | None = None,
+) -> Iterator[Registry]:
+    """Make ``make_registry(*plugins, …)`` the process-wide registry until the block ends.
+
+    :func:`dagfusion.run`, :func:`dagfusion.default_registry`, ``Engine()`` without a registry
+    and the CLI's ``main()`` see exactly these plugins inside the block. The default engine is
+    replaced too (over ``settings``, or built lazily from the usual settings when ``None``).
+    """
+    from dagfusion import engine as engine_module
+    from dagfusion import registry as registry_module
+
+    registry = make_registry(*plugins, builtins=builtins, entrypoints=entrypoints)
+    saved = (registry_module._default, engine_module._default_engine)
+    registry_module._default = registry
+    engine_module._default_engine = engine_module.Engine(registry, settings) if settings is not None else None
+    try:
+        yield registry
+    finally:
+        registry_module._default, engine_module._default_engine = saved
 
 
 def _load_source(workflow: Any) -> Workflow:
@@ -658,6 +695,21 @@ if pytest is not None:
             return Engine(make_registry(*plugins, builtins=builtins, entrypoints=entrypoints), dagfusion_settings)
 
         return factory
+
+    @pytest.fixture
+    def dagfusion_plugins(dagfusion_settings: Settings) -> Iterator[Callable[..., Registry]]:
+        """:func:`temporary_plugins` for the duration of one test (see the module docstring)."""
+        stack: list[Any] = []
+
+        def install(*plugins: PluginArg, builtins: bool = True, entrypoints: bool = False) -> Registry:
+            manager = temporary_plugins(*plugins, builtins=builtins, entrypoints=entrypoints, settings=dagfusion_settings)
+            registry = manager.__enter__()
+            stack.append(manager)
+            return registry
+
+        yield install
+        while stack:
+            stack.pop().__exit__(None, None, None)
 
     @pytest.fixture
     def dagfusion_run(tmp_path: Path) -> Callable[..., RunResult]:

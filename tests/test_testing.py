@@ -39,6 +39,7 @@ from dagfusion.testing import (
     make_registry,
     make_settings,
     run_workflow,
+    temporary_plugins,
 )
 
 
@@ -497,3 +498,32 @@ def test_plugin_module_is_cheap_to_import() -> None:
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_temporary_plugins_replace_the_process_wide_registry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import dagfusion
+    from dagfusion.cli import main
+
+    before = dagfusion.default_registry()
+    wf = load_workflow(YAML, text=True)
+    with temporary_plugins(("temp", TempPlugin()), settings=make_settings(tmp_path)) as registry:
+        assert dagfusion.default_registry() is registry and Engine().registry is registry
+        assert dagfusion.run(wf).output("b.y") == 10.0
+        assert main(["nodes"]) == 0
+        assert "contracttest.Scale" in capsys.readouterr().out
+    assert dagfusion.default_registry() is before and "contracttest.Scale" not in before
+
+
+def test_dagfusion_plugins_fixture(dagfusion_plugins: Any, dagfusion_settings: Settings) -> None:
+    import dagfusion
+
+    registry = dagfusion_plugins(("temp", TempPlugin()))
+    assert dagfusion.default_registry() is registry
+    result = dagfusion.run(load_workflow(YAML, text=True))
+    assert result.output("b.y") == 10.0 and dagfusion_settings.output_dir in result.output_dir.parents
+
+
+def test_dagfusion_plugins_fixture_was_undone() -> None:
+    import dagfusion
+
+    assert "contracttest.Scale" not in dagfusion.default_registry()
