@@ -17,6 +17,7 @@ A plugin package's test, in full::
 
     def test_blur_runs(tmp_path):
         result = run_workflow('''
+    format_version: 1
     nodes:
       noise: {type: dagfusion.tensor.Noise, inputs: {seed: 1, height: 16, width: 16}}
       blur:  {type: mypack.Blur, inputs: {tensor: {from: noise.tensor}}}
@@ -109,7 +110,7 @@ inside the allowed read folders) where it may write files a node reads::
         save_file({"tensor": torch.ones(2, 2)}, folder / "t.safetensors")
         return {"path": str(folder / "t.safetensors")}
 
-    @node("mypack.Load", ..., examples=[_example, lambda: {"path": "missing-is-fine-here"}])
+    @node("mypack.Load", ..., examples=[_example, {"path": "data/known.safetensors"}])
 
 Each example runs through the real engine, in a one-node workflow with ``check_mutation=True``
 and the cache off. Plain immutable values (numbers, strings, booleans, ``None``) are given as
