@@ -194,6 +194,13 @@ def default_engine() -> Engine:
     return _default_engine
 
 
+def set_default_engine(engine: Engine | None) -> Engine | None:
+    """Make ``engine`` the process-wide one (``None``: rebuild on next use); return the previous."""
+    global _default_engine
+    previous, _default_engine = _default_engine, engine
+    return previous
+
+
 def run(workflow: WorkflowSource, **options: Any) -> RunResult:
     """Run a workflow with the process-wide engine (see :meth:`Engine.run`)."""
     return default_engine().run(workflow, **options)

@@ -161,14 +161,14 @@ def execute(
         )
         try:
             inputs = _gather_inputs(node_id, spec, inst.inputs, values, registry)
-            before = _input_fingerprints(spec, inst.inputs, inputs) if check_mutation else None
+            before = _input_fingerprints(spec, inputs) if check_mutation else None
             hook.before_node_run(node_id=node_id, spec=spec, inputs=inputs, context=ctx)
             t0 = time.perf_counter()
             outputs = spec.normalize_outputs(spec.fn(ctx, **inputs))
             seconds = time.perf_counter() - t0
             _check_outputs(spec, outputs, registry)
             if before is not None:
-                _check_unchanged(spec, before, _input_fingerprints(spec, inst.inputs, inputs))
+                _check_unchanged(spec, before, _input_fingerprints(spec, inputs))
         except RunCancelled:
             result.status = "cancelled"
             handler.handle(RunCancelledEvent(run_id, node_id=node_id))
@@ -266,12 +266,17 @@ def _check_outputs(spec: NodeSpec, outputs: Mapping[str, Any], registry: Registr
             )
 
 
-def _input_fingerprints(spec: NodeSpec, given: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, str | None]:
+_IMMUTABLE = (type(None), bool, int, float, str, bytes)
+
+
+def _input_fingerprints(spec: NodeSpec, inputs: Mapping[str, Any]) -> dict[str, str | None]:
+    """Fingerprints of every input that could be changed in place (links, defaults, constants)."""
     out = {}
     for input_spec in spec.inputs:
-        if input_spec.mutates or not isinstance(given.get(input_spec.name), Link):
+        value = inputs.get(input_spec.name)
+        if input_spec.mutates or isinstance(value, _IMMUTABLE):
             continue
-        out[input_spec.name] = _deep_fingerprint(inputs[input_spec.name])
+        out[input_spec.name] = _deep_fingerprint(value)
     return out
 
 

@@ -126,6 +126,11 @@ class OutputSpec:
 #: Upgrades a node's inputs from one major version to the next.
 Migration = Callable[[dict[str, Any]], dict[str, Any]]
 
+#: Example inputs for the node contract (:mod:`dagfusion.testing`): a mapping, or a callable
+#: returning one (built lazily, so declaring a node imports no torch); a callable taking one
+#: argument receives a scratch folder inside the allowed read folders.
+Example = Mapping[str, Any] | Callable[..., Mapping[str, Any]]
+
 
 @dataclass(frozen=True)
 class NodeSpec:
@@ -144,7 +149,7 @@ class NodeSpec:
             and give their outputs a fresh cache key every run.
         persist: Pure and expensive (seeded training): its outputs are also written to the
             on-disk cache when every output type has a serializer.
-        examples: Input mappings the node contract test runs the node with.
+        examples: Inputs (or callables making them) the node contract test runs the node with.
         migrations: ``{major: fn}`` upgrades inputs written for ``major`` to ``major + 1``.
         ui: Node-level hints for the canvas (colour, width, preview output).
         output_node: The node exists for its effects (saving, previews): always a target.
@@ -159,7 +164,7 @@ class NodeSpec:
     fn: Callable[..., Any] = field(compare=False, repr=False)
     pure: bool = True
     persist: bool = False
-    examples: tuple[Mapping[str, Any], ...] = ()
+    examples: tuple[Example, ...] = ()
     migrations: Mapping[int, Migration] = field(default_factory=dict, compare=False, repr=False)
     ui: Mapping[str, Any] = field(default_factory=dict)
     output_node: bool = False
@@ -266,7 +271,7 @@ def node(
     description: str | None = None,
     pure: bool = True,
     persist: bool = False,
-    examples: Sequence[Mapping[str, Any]] = (),
+    examples: Sequence[Example] = (),
     migrations: Mapping[int, Migration] | None = None,
     ui: Mapping[str, Any] | None = None,
     output_node: bool = False,

@@ -8,6 +8,7 @@ registry is an ordinary object: make one with :meth:`Registry.from_plugins` (or
 
 from __future__ import annotations
 
+import copy
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -171,6 +172,17 @@ class Registry:
             return t
         return self.types.get(t if isinstance(t, str) else t.name)
 
+    def with_nodes(self, specs: Iterable[NodeSpec], plugin_name: str) -> Registry:
+        """A copy that also knows ``specs``, attributed to ``plugin_name`` (types, plugins and
+        hooks are shared with this registry); for tools and tests that add nodes on the fly."""
+        derived = copy.copy(self)
+        derived._nodes = dict(self._nodes)
+        derived._node_origin = dict(self._node_origin)
+        for spec in specs:
+            derived._nodes[spec.type_id] = spec
+            derived._node_origin[spec.type_id] = plugin_name
+        return derived
+
     @property
     def hook(self) -> Any:
         """The plugin manager's hook relay (lifecycle hooks)."""
@@ -188,7 +200,8 @@ def default_registry() -> Registry:
     return _default
 
 
-def reset_default_registry() -> None:
-    """Forget the process-wide registry (the next :func:`default_registry` rebuilds it)."""
+def set_default_registry(registry: Registry | None) -> Registry | None:
+    """Make ``registry`` the process-wide one (``None``: rebuild on next use); return the previous."""
     global _default
-    _default = None
+    previous, _default = _default, registry
+    return previous

@@ -272,13 +272,15 @@ def temporary_plugins(
     from dagfusion import registry as registry_module
 
     registry = make_registry(*plugins, builtins=builtins, entrypoints=entrypoints)
-    saved = (registry_module._default, engine_module._default_engine)
-    registry_module._default = registry
-    engine_module._default_engine = engine_module.Engine(registry, settings) if settings is not None else None
+    previous_registry = registry_module.set_default_registry(registry)
+    previous_engine = engine_module.set_default_engine(
+        engine_module.Engine(registry, settings) if settings is not None else None
+    )
     try:
         yield registry
     finally:
-        registry_module._default, engine_module._default_engine = saved
+        registry_module.set_default_registry(previous_registry)
+        engine_module.set_default_engine(previous_engine)
 
 
 def _load_source(workflow: Any) -> Workflow:
@@ -551,10 +553,7 @@ def _contract_registry(registry: Registry, spec: NodeSpec) -> Registry:
 
 def _registry_with(registry: Registry, specs: Sequence[NodeSpec]) -> Registry:
     """A shallow copy of ``registry`` that also knows ``specs`` (types and plugins are shared)."""
-    derived = copy.copy(registry)
-    derived._nodes = {**registry._nodes, **{s.type_id: s for s in specs}}
-    derived._node_origin = {**registry._node_origin, **{s.type_id: "dagfusion.testing" for s in specs}}
-    return derived
+    return registry.with_nodes(specs, "dagfusion.testing")
 
 
 def _feeder(values: Mapping[str, Any]) -> NodeSpec:
