@@ -9,5 +9,6 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "basic": "dagfusion.nodes.basic",
     "tensor": "dagfusion.nodes.tensor",
     "io": "dagfusion.nodes.io",
+    "diffusion": "dagfusion.nodes.diffusion",
 }
 """Short name → module of every built-in pack, in registration order."""

@@ -1,0 +1,363 @@
+"""Handles: what flows between diffusion nodes instead of raw modules.
+
+A handle is light: a *reference* to shared weights (in the process-wide model cache, or held
+in memory) plus, for the denoiser, an immutable tuple of patches. Cloning a handle to add a
+patch copies no weights, and two handles built from the same load share the same module
+object but never their patches::
+
+    patched = model.with_patch(MyPatch())      # model itself is unchanged
+    assert patched.denoiser is model.denoiser  # same weights
+    assert model.patches == ()
+
+Patches are applied only while a sampler runs (see :mod:`dagfusion.nodes.diffusion.hooks`).
+Handles are safe to reuse across runs: they hold no per-run state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+from dagfusion.nodes.diffusion.data import SchedulerSpec, _fingerprint, _plain
+from dagfusion.nodes.diffusion.model_cache import Loader, ModelCache, default_cache
+
+
+class ComponentRef:
+    """One component of a model-cache entry: ``cache[key][name]``, loaded by ``loader`` if absent.
+
+    ``fingerprint`` identifies the weights' content (the model file or folder hash, dtype and
+    placement), so equal loads fingerprint equally across processes.
+    """
+
+    __slots__ = ("key", "name", "loader", "fingerprint", "cache")
+
+    def __init__(
+        self, key: Any, name: str, loader: Loader, fingerprint: str, cache: ModelCache | None = None
+    ) -> None:
+        self.key = key
+        self.name = name
+        self.loader = loader
+        self.fingerprint = fingerprint
+        self.cache = cache
+
+    def get(self) -> Any:
+        """The component (loaded now if it was never loaded or was evicted)."""
+        return (self.cache or default_cache()).get(self.key, self.name, self.loader)
+
+    def __repr__(self) -> str:
+        return f"ComponentRef({self.name!r}, key={self.key!r})"
+
+
+class StaticRef:
+    """A component held in memory (built in Python rather than loaded); never evicted."""
+
+    __slots__ = ("value", "_fingerprint")
+
+    def __init__(self, value: Any, fingerprint: str | None = None) -> None:
+        self.value = value
+        self._fingerprint = fingerprint
+
+    def get(self) -> Any:
+        return self.value
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is not None:
+            return self._fingerprint
+        return _fingerprint(self.value) if _is_fingerprintable(self.value) else f"object:{id(self.value)}"
+
+    def __repr__(self) -> str:
+        return f"StaticRef({type(self.value).__name__})"
+
+
+def _is_fingerprintable(value: Any) -> bool:
+    from dagfusion.fingerprint import fingerprint
+
+    return fingerprint(value) is not None
+
+
+Ref = ComponentRef | StaticRef
+
+
+def as_ref(value: Any) -> Ref:
+    """``value`` if it is already a reference, else a :class:`StaticRef` holding it."""
+    return value if isinstance(value, (ComponentRef, StaticRef)) else StaticRef(value)
+
+
+@contextlib.contextmanager
+def placed(module: Any, device: Any, enabled: bool) -> Iterator[Any]:
+    """Move ``module`` to ``device`` for the duration (CPU offload), then back; no-op unless ``enabled``."""
+    if not enabled:
+        yield module
+        return
+    import torch
+
+    target = torch.device(device)
+    try:
+        current = next(module.parameters()).device
+    except StopIteration:
+        yield module
+        return
+    if current == target:
+        yield module
+        return
+    module.to(target)
+    try:
+        yield module
+    finally:
+        module.to(current)
+        if target.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class _Handle:
+    """Common parts: device/dtype info, offload flag, fingerprint."""
+
+    def __init__(self, info: Mapping[str, Any] | None, offload: bool) -> None:
+        self.info: Mapping[str, Any] = MappingProxyType(dict(info or {}))
+        self.offload = bool(offload)
+
+    @property
+    def device(self) -> str:
+        """Where this component computes (weights may live on the CPU when offloaded)."""
+        return str(self.info.get("device", "cpu"))
+
+    def use(self, module: Any) -> contextlib.AbstractContextManager[Any]:
+        """Context in which ``module`` is on its compute device (moves it there if offloaded)."""
+        return placed(module, self.device, self.offload)
+
+
+class ModelHandle(_Handle):
+    """A denoiser (UNet or transformer) with its default scheduler and its patches.
+
+    Attributes:
+        ref: Where the denoiser's weights live (shared between clones).
+        scheduler: The model's own scheduler spec (from its folder), used when a Sample node
+            is given none.
+        patches: Immutable tuple of :class:`~dagfusion.nodes.diffusion.hooks.ModelPatch`,
+            applied in order (the first is the outermost) while sampling.
+        info: Plain data: ``source``, ``fingerprint``, ``dtype``, ``device``, ``pipeline``,
+            ``vae_scale_factor``.
+        offload: Weights live on the CPU and move to ``device`` only while sampling.
+    """
+
+    def __init__(
+        self,
+        ref: Ref,
+        *,
+        scheduler: SchedulerSpec | None = None,
+        patches: Sequence[Any] = (),
+        info: Mapping[str, Any] | None = None,
+        offload: bool = False,
+    ) -> None:
+        super().__init__(info, offload)
+        self.ref = ref
+        self.scheduler = scheduler
+        self.patches: tuple[Any, ...] = tuple(patches)
+
+    @classmethod
+    def from_module(
+        cls,
+        module: Any,
+        *,
+        scheduler: SchedulerSpec | None = None,
+        vae_scale_factor: int = 8,
+        info: Mapping[str, Any] | None = None,
+        offload: bool = False,
+    ) -> ModelHandle:
+        """A handle over a module built in Python (tests, benchmarks, other packs)."""
+        base = {"source": f"in-memory {type(module).__name__}", "vae_scale_factor": vae_scale_factor}
+        try:
+            param = next(module.parameters())
+            base.update(device=str(param.device), dtype=str(param.dtype).replace("torch.", ""))
+        except StopIteration:  # pragma: no cover - denoisers have parameters
+            pass
+        base.update(info or {})
+        return cls(StaticRef(module), scheduler=scheduler, info=base, offload=offload)
+
+    @property
+    def denoiser(self) -> Any:
+        """The shared denoiser module (unpatched: patches apply only while sampling)."""
+        return self.ref.get()
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.info.get("vae_scale_factor", 8))
+
+    def clone(self) -> ModelHandle:
+        """A new handle over the same weights with the same patches (no weight is copied)."""
+        return ModelHandle(
+            self.ref, scheduler=self.scheduler, patches=self.patches, info=self.info, offload=self.offload
+        )
+
+    def with_patch(self, patch: Any) -> ModelHandle:
+        """A clone with ``patch`` appended (innermost); this handle is unchanged."""
+        from dagfusion.nodes.diffusion.hooks import check_patch
+
+        check_patch(patch)
+        clone = self.clone()
+        clone.patches = (*self.patches, patch)
+        return clone
+
+    def without_patches(self) -> ModelHandle:
+        """A clone with no patches."""
+        clone = self.clone()
+        clone.patches = ()
+        return clone
+
+    def with_denoiser(self, module_or_ref: Any, **info: Any) -> ModelHandle:
+        """A clone computing with another module (a quantized copy, say); patches are kept."""
+        clone = self.clone()
+        clone.ref = as_ref(module_or_ref)
+        clone.info = MappingProxyType({**self.info, **info})
+        return clone
+
+    def with_scheduler(self, scheduler: SchedulerSpec) -> ModelHandle:
+        clone = self.clone()
+        clone.scheduler = scheduler
+        return clone
+
+    def __dagfusion_fingerprint__(self) -> str:
+        return _fingerprint(
+            {
+                "weights": self.ref.fingerprint,
+                "scheduler": None if self.scheduler is None else self.scheduler.__dagfusion_fingerprint__(),
+                "patches": [patch_key(p) for p in self.patches],
+                "info": _plain(self.info),
+                "offload": self.offload,
+            }
+        )
+
+    def __repr__(self) -> str:
+        names = ", ".join(type(p).__name__ for p in self.patches)
+        return f"ModelHandle({self.info.get('source', '?')!r}, patches=[{names}])"
+
+
+def patch_key(patch: Any) -> str:
+    key = getattr(patch, "key", None)
+    if callable(key):
+        key = key()
+    return str(key) if key is not None else f"{type(patch).__module__}.{type(patch).__qualname__}"
+
+
+class VAEHandle(_Handle):
+    """A VAE (``AutoencoderKL`` and relatives) by reference."""
+
+    def __init__(self, ref: Ref, *, info: Mapping[str, Any] | None = None, offload: bool = False) -> None:
+        super().__init__(info, offload)
+        self.ref = ref
+
+    @classmethod
+    def from_module(cls, module: Any, *, info: Mapping[str, Any] | None = None, offload: bool = False) -> VAEHandle:
+        base: dict[str, Any] = {"source": f"in-memory {type(module).__name__}"}
+        try:
+            param = next(module.parameters())
+            base.update(device=str(param.device), dtype=str(param.dtype).replace("torch.", ""))
+        except StopIteration:  # pragma: no cover
+            pass
+        base.update(info or {})
+        return cls(StaticRef(module), info=base, offload=offload)
+
+    @property
+    def module(self) -> Any:
+        return self.ref.get()
+
+    def __dagfusion_fingerprint__(self) -> str:
+        return _fingerprint({"weights": self.ref.fingerprint, "info": _plain(self.info), "offload": self.offload})
+
+    def __repr__(self) -> str:
+        return f"VAEHandle({self.info.get('source', '?')!r})"
+
+
+class TextEncoderBundle(_Handle):
+    """Text encoder(s) with their tokenizer(s).
+
+    Attributes:
+        kind: ``"clip"`` (one CLIP, SD 1/2), ``"sdxl"`` (CLIP + CLIP with projection), ``"t5"``
+            (PixArt) or ``"none"`` (class-conditional models such as DiT: nothing to encode).
+        encoders, tokenizers: References, index-aligned.
+        options: ``force_zeros_for_empty_prompt`` (SDXL), ``max_length`` and ``lowercase`` (T5).
+    """
+
+    KINDS = ("clip", "sdxl", "t5", "none")
+
+    def __init__(
+        self,
+        kind: str,
+        encoders: Sequence[Ref] = (),
+        tokenizers: Sequence[Ref] = (),
+        *,
+        options: Mapping[str, Any] | None = None,
+        info: Mapping[str, Any] | None = None,
+        offload: bool = False,
+    ) -> None:
+        super().__init__(info, offload)
+        if kind not in self.KINDS:
+            raise ValueError(f"expected a text encoder kind in {list(self.KINDS)}, got {kind!r}")
+        if len(encoders) != len(tokenizers):
+            raise ValueError(f"{len(encoders)} text encoders but {len(tokenizers)} tokenizers; give one of each")
+        self.kind = kind
+        self.encoders: tuple[Ref, ...] = tuple(as_ref(e) for e in encoders)
+        self.tokenizers: tuple[Ref, ...] = tuple(as_ref(t) for t in tokenizers)
+        self.options: Mapping[str, Any] = MappingProxyType(dict(options or {}))
+
+    @classmethod
+    def from_modules(
+        cls,
+        kind: str,
+        encoders: Sequence[Any],
+        tokenizers: Sequence[Any],
+        *,
+        options: Mapping[str, Any] | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> TextEncoderBundle:
+        base: dict[str, Any] = {"source": "in-memory"}
+        if encoders:
+            try:
+                base["device"] = str(next(encoders[0].parameters()).device)
+            except StopIteration:  # pragma: no cover
+                pass
+        base.update(info or {})
+        return cls(
+            kind,
+            [StaticRef(e) for e in encoders],
+            [StaticRef(t, tokenizer_fingerprint(t)) for t in tokenizers],
+            options=options,
+            info=base,
+        )
+
+    def __dagfusion_fingerprint__(self) -> str:
+        return _fingerprint(
+            {
+                "kind": self.kind,
+                "encoders": [r.fingerprint for r in self.encoders],
+                "tokenizers": [r.fingerprint for r in self.tokenizers],
+                "options": _plain(self.options),
+                "info": _plain(self.info),
+                "offload": self.offload,
+            }
+        )
+
+    def __repr__(self) -> str:
+        return f"TextEncoderBundle({self.kind!r}, {self.info.get('source', '?')!r})"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A content fingerprint of a tokenizer (class, vocabulary, maximum length)."""
+    try:
+        vocab = dict(tokenizer.get_vocab())
+    except Exception:  # noqa: BLE001 - any tokenizer without a vocabulary API
+        return f"object:{id(tokenizer)}"
+    return _fingerprint(
+        {"class": type(tokenizer).__name__, "vocab": vocab, "max": int(getattr(tokenizer, "model_max_length", 0) or 0)}
+    )
+
+
+def loaded(refs: Sequence[Ref]) -> list[Any]:
+    """The objects behind ``refs`` (loading any that were evicted)."""
+    return [r.get() for r in refs]
+
+
+Factory = Callable[[], Any]

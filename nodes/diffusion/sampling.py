@@ -1,0 +1,308 @@
+"""dagfusion's denoising loop over diffusers schedulers, and the Sample node.
+
+The loop (:func:`sample`) is written once for every model family
+(:mod:`~dagfusion.nodes.diffusion.denoisers`) and every scheduler, and follows the diffusers
+pipelines step for step, so that the same seed, scheduler and step count give the same
+latents as ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``DiTPipeline`` and
+``PixArtAlphaPipeline`` (the equivalence tests check it):
+
+1. a fresh scheduler from the spec; ``set_timesteps(steps)``; for ``strength < 1`` the first
+   ``steps - int(steps * strength)`` steps are skipped (img2img);
+2. noise from a CPU generator seeded with ``seed`` (the same on every machine), drawn in the
+   model's dtype; text-to-image starts from ``noise * init_noise_sigma``, img2img from the input
+   latents noised to the first timestep (``add_noise``, or ``scale_noise`` for flow matching);
+3. each step: batch both guidance halves, ``scale_model_input``, call the denoiser through the
+   step-hook chain (:mod:`~dagfusion.nodes.diffusion.hooks`), combine with classifier-free
+   guidance (and optional rescale), ``scheduler.step`` (passing ``eta`` and the generator where
+   the scheduler takes them), report progress (which also checks for cancellation), preview.
+
+Patches of the model handle are applied for the duration of the loop only.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from dagfusion import FLOAT, INT, SEED, STRING, Input, Output, RunContext, node
+from dagfusion.nodes.diffusion.data import Conditioning, Latent, SchedulerSpec
+from dagfusion.nodes.diffusion.handle import ModelHandle, patch_key
+from dagfusion.nodes.diffusion.schedulers import SAMPLER_CHOICES, spec_for
+from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL, SCHEDULER
+
+_STEP_KWARGS: dict[type, tuple[bool, bool]] = {}
+
+
+def _step_kwargs(scheduler: Any, eta: float, generator: Any) -> dict[str, Any]:
+    cls = type(scheduler)
+    accepts = _STEP_KWARGS.get(cls)
+    if accepts is None:
+        params = inspect.signature(scheduler.step).parameters
+        accepts = _STEP_KWARGS[cls] = ("eta" in params, "generator" in params)
+    kwargs: dict[str, Any] = {}
+    if accepts[0]:
+        kwargs["eta"] = eta
+    if accepts[1]:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def module_dtype(module: Any) -> Any:
+    import torch
+
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def _set_timesteps(scheduler: Any, steps: int, device: Any, latent_shape: tuple[int, ...]) -> None:
+    kwargs: dict[str, Any] = {}
+    config = scheduler.config
+    if config.get("use_dynamic_shifting"):
+        # Flow-matching resolution-dependent shift, as SD3/Flux compute it (patch size 2).
+        seq = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+        base_seq, max_seq = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        slope = (max_shift - base_shift) / (max_seq - base_seq)
+        kwargs["mu"] = seq * slope + (base_shift - slope * base_seq)
+    scheduler.set_timesteps(steps, device=device, **kwargs)
+
+
+def _sigmas(scheduler: Any) -> list[float] | None:
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or not hasattr(sigmas, "tolist"):
+        return None
+    return [float(s) for s in sigmas.detach().float().cpu().tolist()]
+
+
+def sample(
+    model: ModelHandle,
+    conditioning: Conditioning,
+    latent: Latent,
+    *,
+    scheduler: SchedulerSpec | None = None,
+    sampler: str = "default",
+    steps: int = 20,
+    guidance_scale: float = 7.5,
+    guidance_rescale: float = 0.0,
+    eta: float = 0.0,
+    strength: float = 1.0,
+    seed: int = 0,
+    ctx: RunContext | None = None,
+    preview_every: int = 0,
+) -> Latent:
+    """Denoise ``latent`` with ``model`` under ``conditioning``; see the module docstring.
+
+    :param scheduler: Scheduler spec (default: the model's own); ``sampler`` switches its class.
+    :param strength: 1 starts from pure noise (text-to-image, the latent only gives the shape);
+        below 1 the latent is noised to the matching timestep and denoised from there (img2img).
+    :param ctx: Run context for progress, cancellation and previews (optional).
+    :raises ValueError: on inputs that cannot work together (explained in the message).
+    """
+    import torch
+
+    from dagfusion.nodes.diffusion.denoisers import family_for
+    from dagfusion.nodes.diffusion.hooks import DenoiserCall, SamplingRun, StepInfo, applied, chain
+    from dagfusion.nodes.diffusion.schedulers import is_flow_matching
+
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    module = model.denoiser
+    family = family_for(module)
+    spec = spec_for(scheduler or model.scheduler, sampler)
+    sched = spec.create()
+    device = torch.device(model.device)
+    dtype = module_dtype(module)
+    init = latent.samples
+    expected_dims = 5 if family.video else 4
+    if init.ndim != expected_dims:
+        raise ValueError(
+            f"a {family.name} model needs {'video latents (B, F, C, h, w)' if family.video else 'latents (B, C, h, w)'}, "
+            f"got a latent of shape {tuple(init.shape)}"
+        )
+    channels = family.latent_channels(module)
+    if init.shape[family.channel_dim] != channels:
+        raise ValueError(
+            f"the model works on {channels}-channel latents, got {init.shape[family.channel_dim]} channels "
+            f"(shape {tuple(init.shape)}); make the latent with this model's VAE or EmptyLatent"
+        )
+    shape = tuple(init.shape)
+    batch = shape[0]
+
+    with model.use(module), torch.no_grad():
+        _set_timesteps(sched, steps, device, shape)
+        timesteps = sched.timesteps
+        order = getattr(sched, "order", 1)
+        start = 0
+        if strength < 1.0:
+            init_steps = min(int(steps * strength), steps)
+            start = max(steps - init_steps, 0) * order
+            timesteps = timesteps[start:]
+            if len(timesteps) == 0:
+                raise ValueError(
+                    f"strength {strength} with {steps} steps leaves no step to run; raise strength or steps"
+                )
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start)
+
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
+        if strength < 1.0:
+            init = init.to(device=device, dtype=dtype)
+            first = timesteps[:1].repeat(batch)
+            if is_flow_matching(sched):
+                latents = sched.scale_noise(init, first, noise)
+            else:
+                latents = sched.add_noise(init, noise, first)
+        else:
+            latents = noise * sched.init_noise_sigma
+
+        cfg = guidance_scale > 1.0 and family.supports_cfg(module)
+        scale = model.vae_scale_factor
+        prepared = family.prepare(
+            module, conditioning, batch=batch, cfg=cfg, device=device, dtype=dtype,
+            latent_shape=shape, scale=scale, guidance_scale=guidance_scale,
+        )
+        kwargs, batches, concat = prepared.kwargs, prepared.batches, prepared.concat
+        step_kwargs = _step_kwargs(sched, eta, generator)
+        values = [float(t) for t in timesteps.detach().float().cpu().tolist()]
+        sigmas = _sigmas(sched)
+        total = len(values)
+        one_step_original = family.name == "pixart" and total == 1
+
+        with applied(model.patches, module):
+            run = SamplingRun(
+                handle=model, module=module, family=family.name, scheduler=sched, timesteps=tuple(values),
+                steps=total, guidance_scale=guidance_scale, cfg=cfg, seed=int(seed), shape=shape,
+                device=device, dtype=dtype,
+            )
+            hooks = [h for h in (p.begin(run) for p in model.patches if hasattr(p, "begin")) if h is not None]
+
+            def call_module(call: DenoiserCall) -> Any:
+                return family.call(call.module, call.sample, call.timestep, call.kwargs)
+
+            forward = chain(hooks, call_module) if hooks else call_module
+            try:
+                for i, t in enumerate(timesteps):
+                    model_input = torch.cat([latents] * 2) if cfg else latents
+                    model_input = sched.scale_model_input(model_input, t)
+                    if concat is not None:
+                        model_input = torch.cat([model_input, concat], dim=family.channel_dim)
+                    sigma = sigmas[start + i] if sigmas is not None and start + i < len(sigmas) else None
+                    info = StepInfo(i, total, t, values[i], sigma)
+                    call = DenoiserCall(
+                        info, module, model_input, family.timestep(t, model_input.shape[0], device),
+                        kwargs, batches, family.name,
+                    )
+                    out = forward(call)
+                    prediction = family.combine(out, module, cfg, batches, guidance_scale, guidance_rescale)
+                    result = sched.step(prediction, t, latents, **step_kwargs, return_dict=False)
+                    latents = result[1] if one_step_original and len(result) > 1 else result[0]
+                    for hook in hooks:
+                        hook.after_step(info, latents)
+                    if ctx is not None:
+                        ctx.progress(i + 1, total, timestep=values[i])
+                        if preview_every and ctx.handler is not None and ((i + 1) % preview_every == 0 or i + 1 == total):
+                            ctx.preview(latent_preview(latents), label=f"step {i + 1}/{total}")
+            finally:
+                for hook in hooks:
+                    hook.end()
+
+    lineage = {
+        **dict(latent.lineage),
+        "model": {k: model.info.get(k) for k in ("source", "fingerprint", "dtype", "pipeline") if k in model.info},
+        "patches": [patch_key(p) for p in model.patches],
+        "sampler": {"name": spec.name, "scheduler": spec.class_name, "steps": steps, "seed": int(seed),
+                    "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "eta": eta,
+                    "strength": strength},
+        "conditioning": {k: v for k, v in conditioning.meta.items() if k in ("prompt", "negative_prompt", "class_labels")},
+    }
+    return Latent(latents, lineage)
+
+
+def latent_preview(latents: Any) -> Any:
+    """A quick RGB picture of the first latent (first three channels, each stretched to 0..255)."""
+    import numpy as np
+    from PIL import Image
+
+    x = latents[0].detach().float()
+    if x.ndim == 4:  # video: first frame
+        x = x[0]
+    x = x[:3] if x.shape[0] >= 3 else x[:1].expand(3, -1, -1)
+    lo = x.amin(dim=(1, 2), keepdim=True)
+    hi = x.amax(dim=(1, 2), keepdim=True)
+    x = ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+    array = (x.permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def _sample_example() -> dict[str, Any]:
+    from dagfusion.nodes.diffusion import tiny
+
+    parts = tiny.sd_handles()
+    return {"model": parts["model"], "conditioning": parts["conditioning"], "latent": parts["latent"],
+            "steps": 2, "seed": 3, "guidance_scale": 4.0}
+
+
+@node(
+    "dagfusion.sampling.Sample",
+    version="1.0.0",
+    category="sampling",
+    inputs=[
+        Input("model", MODEL, link_only=True, description="The denoiser handle (with its patches)."),
+        Input("conditioning", CONDITIONING, link_only=True, description="Prompt or class conditioning, with its negative."),
+        Input("latent", LATENT, link_only=True,
+              description="Starting latent: only its shape counts at strength 1; img2img source below 1."),
+        Input("scheduler", SCHEDULER, optional=True, link_only=True,
+              description="Scheduler spec (default: the model's own); the sampler input can switch its class."),
+        Input("sampler", STRING, "default", choices=SAMPLER_CHOICES,
+              description="Sampler; 'default' uses the scheduler input (or the model's scheduler) as is."),
+        Input("seed", SEED, 0, min=0, max=2**63 - 1, description="Seed of the noise (a CPU generator: same on every machine)."),
+        Input("steps", INT, 20, min=1, max=1000, description="Number of denoising steps."),
+        Input("guidance_scale", FLOAT, 7.5, min=0.0, max=100.0,
+              description="Classifier-free guidance scale; 1 or less disables guidance."),
+        Input("guidance_rescale", FLOAT, 0.0, min=0.0, max=1.0,
+              description="Rescale guided predictions towards the conditional one's std (0 = off)."),
+        Input("eta", FLOAT, 0.0, min=0.0, max=1.0, description="DDIM eta (noise added per step; 0 = deterministic)."),
+        Input("strength", FLOAT, 1.0, min=0.0, max=1.0,
+              description="Denoising strength: 1 = from pure noise; lower keeps more of the input latent (img2img)."),
+        Input("preview_every", INT, 0, min=0, max=1000, description="Emit a latent preview every N steps (0 = none)."),
+    ],
+    outputs=[Output("latent", LATENT, "The denoised latents.")],
+    examples=[_sample_example],
+    ui={"color": "#7e57c2"},
+)
+def sample_node(
+    ctx: RunContext,
+    model: ModelHandle,
+    conditioning: Conditioning,
+    latent: Latent,
+    scheduler: SchedulerSpec | None,
+    sampler: str,
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    guidance_rescale: float,
+    eta: float,
+    strength: float,
+    preview_every: int,
+) -> Latent:
+    """Denoise a latent with dagfusion's sampling loop (CFG, seeded noise, step hooks for patches).
+
+    Runs the model handle's patches around every denoiser call, reports progress every step
+    (cancellable) and can emit latent previews. With strength below 1 it continues from the
+    input latent (img2img).
+    """
+    if strength <= 0.0:
+        raise ValueError("strength must be greater than 0 (0 would run no step)")
+    return sample(
+        model, conditioning, latent, scheduler=scheduler, sampler=sampler, steps=steps,
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, strength=strength,
+        seed=seed, ctx=ctx, preview_every=preview_every,
+    )
+
+
+NODES = (sample_node,)

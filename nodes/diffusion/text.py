@@ -1,0 +1,232 @@
+"""Text encoding: prompts to CONDITIONING through CLIP (SD 1/2), dual CLIP (SDXL) or T5 (PixArt).
+
+Each path tokenizes and encodes like the matching diffusers pipeline, so embeddings are equal:
+
+- ``clip``: padded to the tokenizer's maximum length; last hidden state (or, with
+  ``clip_skip = k``, the hidden state ``k`` layers before the last, through the final layer norm);
+  the negative prompt (``""`` if empty) is encoded the same way.
+- ``sdxl``: both encoders' penultimate hidden states concatenated, pooled output of the second;
+  an empty negative prompt gives zero embeddings when the model asks for it
+  (``force_zeros_for_empty_prompt``), otherwise it is encoded.
+- ``t5``: lower-cased and stripped (PixArt's convention), padded to ``max_length`` (120 by
+  default) with an attention mask.
+
+Prompts longer than the encoder takes are truncated, and a warning names what was cut.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from dagfusion import INT, STRING, Input, Output, RunContext, node
+from dagfusion.nodes.diffusion.data import Conditioning
+from dagfusion.nodes.diffusion.handle import TextEncoderBundle
+from dagfusion.nodes.diffusion.types import CLIP, CONDITIONING
+
+_logger = logging.getLogger("dagfusion.node")
+
+
+def _tokenize(tokenizer: Any, text: str, max_length: int, warn: Any, label: str, **extra: Any) -> Any:
+    """Tokenize ``text`` padded/truncated to ``max_length``; warn (once) about what was cut."""
+    tokens = tokenizer(text, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt", **extra)
+    full = tokenizer(text, padding="longest", return_tensors="pt").input_ids
+    if full.shape[-1] > tokens.input_ids.shape[-1]:
+        removed = tokenizer.batch_decode(full[:, max_length - 1 : -1])[0]
+        warn(
+            f"the prompt is longer than the {label} text encoder takes ({full.shape[-1]} tokens, maximum "
+            f"{max_length}); this part was cut: {removed!r}"
+        )
+    return tokens
+
+
+def _device_of(module: Any) -> Any:
+    return next(module.parameters()).device
+
+
+def encode_prompt(
+    bundle: TextEncoderBundle,
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    prompt_2: str = "",
+    clip_skip: int = 0,
+    max_length: int = 0,
+    logger: logging.Logger | None = None,
+) -> Conditioning:
+    """Encode ``prompt`` and ``negative_prompt`` with ``bundle`` (see the module docstring)."""
+    import torch
+
+    log = logger or _logger
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        if message not in warnings:
+            warnings.append(message)
+            log.warning(message)
+
+    if bundle.kind == "none":
+        raise ValueError(
+            "this model has no text encoder (it is class-conditional, like DiT); "
+            "use dagfusion.conditioning.ClassLabel instead of a text encode node"
+        )
+    encoders = [r.get() for r in bundle.encoders]
+    tokenizers = [r.get() for r in bundle.tokenizers]
+    meta: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "encoder": bundle.kind}
+    with torch.no_grad():
+        with _all_placed(bundle, encoders):
+            if bundle.kind == "clip":
+                positive, negative = _encode_clip(encoders[0], tokenizers[0], prompt, negative_prompt, clip_skip, warn)
+            elif bundle.kind == "sdxl":
+                positive, negative = _encode_sdxl(
+                    encoders, tokenizers, prompt, prompt_2 or prompt, negative_prompt, clip_skip,
+                    bool(bundle.options.get("force_zeros_for_empty_prompt", True)), warn,
+                )
+            else:
+                limit = max_length or int(bundle.options.get("max_length", 120))
+                lowercase = bool(bundle.options.get("lowercase", True))
+                positive, negative = _encode_t5(encoders[0], tokenizers[0], prompt, negative_prompt, limit, lowercase, warn)
+    meta["truncated"] = bool(warnings)
+    if warnings:
+        meta["warnings"] = warnings
+    return Conditioning(bundle.kind, positive, negative, meta)
+
+
+class _all_placed:  # noqa: N801 - a context manager used like a function
+    """Put every encoder of an offloaded bundle on its compute device for the duration."""
+
+    def __init__(self, bundle: TextEncoderBundle, encoders: list[Any]) -> None:
+        self._contexts = [bundle.use(e) for e in encoders]
+
+    def __enter__(self) -> None:
+        for context in self._contexts:
+            context.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for context in reversed(self._contexts):
+            context.__exit__(*exc)
+
+
+def _clip_hidden(encoder: Any, ids: Any, mask: Any, clip_skip: int) -> Any:
+    if clip_skip <= 0:
+        return encoder(ids, attention_mask=mask)[0]
+    out = encoder(ids, attention_mask=mask, output_hidden_states=True)
+    hidden = out.hidden_states[-(clip_skip + 1)]
+    text_model = getattr(encoder, "text_model", encoder)
+    return text_model.final_layer_norm(hidden)
+
+
+def _encode_clip(encoder: Any, tokenizer: Any, prompt: str, negative: str, clip_skip: int, warn: Any) -> tuple[dict, dict]:
+    device = _device_of(encoder)
+    use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
+    tokens = _tokenize(tokenizer, prompt, tokenizer.model_max_length, warn, "CLIP")
+    mask = tokens.attention_mask.to(device) if use_mask else None
+    hidden = _clip_hidden(encoder, tokens.input_ids.to(device), mask, clip_skip)
+    neg_tokens = _tokenize(tokenizer, negative, hidden.shape[1], warn, "CLIP")
+    neg_mask = neg_tokens.attention_mask.to(device) if use_mask else None
+    neg_hidden = _clip_hidden(encoder, neg_tokens.input_ids.to(device), neg_mask, clip_skip)
+    return {"encoder_hidden_states": hidden}, {"encoder_hidden_states": neg_hidden}
+
+
+def _encode_sdxl(
+    encoders: list[Any],
+    tokenizers: list[Any],
+    prompt: str,
+    prompt_2: str,
+    negative: str,
+    clip_skip: int,
+    force_zeros: bool,
+    warn: Any,
+) -> tuple[dict, dict]:
+    import torch
+
+    def run(texts: list[str], lengths: list[int] | None, layer: int) -> tuple[Any, Any]:
+        hidden_states, pooled = [], None
+        for index, (text, tokenizer, encoder) in enumerate(zip(texts, tokenizers, encoders)):
+            limit = tokenizer.model_max_length if lengths is None else lengths[index]
+            tokens = _tokenize(tokenizer, text, limit, warn, "CLIP")
+            out = encoder(tokens.input_ids.to(_device_of(encoder)), output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:
+                pooled = out[0]
+            hidden_states.append(out.hidden_states[layer])
+        if pooled is None:
+            raise ValueError("the SDXL text encoders gave no pooled embedding (expected a CLIP with projection last)")
+        return torch.concat(hidden_states, dim=-1), pooled
+
+    texts = [prompt, prompt_2][: len(encoders)]
+    hidden, pooled = run(texts, None, -(clip_skip + 2))
+    if not negative and force_zeros:
+        neg_hidden, neg_pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+    else:
+        neg_hidden, neg_pooled = run([negative] * len(encoders), [hidden.shape[1]] * len(encoders), -2)
+    return (
+        {"encoder_hidden_states": hidden, "text_embeds": pooled},
+        {"encoder_hidden_states": neg_hidden, "text_embeds": neg_pooled},
+    )
+
+
+def _encode_t5(
+    encoder: Any, tokenizer: Any, prompt: str, negative: str, max_length: int, lowercase: bool, warn: Any
+) -> tuple[dict, dict]:
+    device = _device_of(encoder)
+
+    def clean(text: str) -> str:
+        return text.lower().strip() if lowercase else text
+
+    tokens = _tokenize(tokenizer, clean(prompt), max_length, warn, "T5", add_special_tokens=True)
+    mask = tokens.attention_mask.to(device)
+    hidden = encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+    neg_tokens = _tokenize(tokenizer, clean(negative), hidden.shape[1], warn, "T5", add_special_tokens=True)
+    neg_mask = neg_tokens.attention_mask.to(device)
+    neg_hidden = encoder(neg_tokens.input_ids.to(device), attention_mask=neg_mask)[0]
+    return (
+        {"encoder_hidden_states": hidden, "encoder_attention_mask": mask},
+        {"encoder_hidden_states": neg_hidden, "encoder_attention_mask": neg_mask},
+    )
+
+
+def _encode_example() -> dict[str, Any]:
+    from dagfusion.nodes.diffusion import tiny
+
+    return {"clip": tiny.sd_handles()["clip"], "prompt": "a red fox in the snow", "negative_prompt": "blurry"}
+
+
+@node(
+    "dagfusion.text.Encode",
+    version="1.0.0",
+    category="conditioning",
+    inputs=[
+        Input("clip", CLIP, link_only=True, description="Text encoder bundle from a model loader."),
+        Input("prompt", STRING, "", ui={"multiline": True}, description="What the picture should show."),
+        Input("negative_prompt", STRING, "", ui={"multiline": True},
+              description="What to steer away from under guidance; empty means the model's unconditional embedding."),
+        Input("prompt_2", STRING, "", ui={"multiline": True},
+              description="SDXL only: prompt for the second text encoder (empty: same as prompt)."),
+        Input("clip_skip", INT, 0, min=0, max=12,
+              description="CLIP only: use the hidden state this many layers before the last (0 = last)."),
+        Input("max_length", INT, 0, min=0, max=4096,
+              description="T5 only: maximum tokens (0 = the model's default, 120 for PixArt-alpha)."),
+    ],
+    outputs=[Output("conditioning", CONDITIONING, "Prompt and negative-prompt embeddings for a sampler.")],
+    examples=[_encode_example],
+)
+def encode_node(
+    ctx: RunContext,
+    clip: TextEncoderBundle,
+    prompt: str,
+    negative_prompt: str,
+    prompt_2: str,
+    clip_skip: int,
+    max_length: int,
+) -> Conditioning:
+    """Encode a prompt and a negative prompt into conditioning (CLIP, SDXL dual CLIP or T5).
+
+    Prompts longer than the text encoder takes are truncated with a warning that names the cut text.
+    """
+    return encode_prompt(
+        clip, prompt, negative_prompt, prompt_2=prompt_2, clip_skip=clip_skip, max_length=max_length,
+        logger=ctx.logger,
+    )
+
+
+NODES = (encode_node,)
