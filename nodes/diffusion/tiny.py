@@ -22,7 +22,7 @@ _MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("o", "r"), ("e", "r</w>"), 
 _T5_WORDS = ["a", "the", "of", "red", "fox", "cat", "dog", "tiny", "photo", "painting", "blue", "sky", "squirrel"]
 
 
-def clip_vocab() -> tuple[dict[str, int], list[str]]:
+def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A byte-level BPE vocabulary: specials, each character (plain and word-final), a few merges."""
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in _CHARS:
@@ -31,7 +31,7 @@ def clip_vocab() -> tuple[dict[str, int], list[str]]:
     merges = []
     for left, right in _MERGES:
         vocab.setdefault(left + right, len(vocab))
-        merges.append(f"{left} {right}")
+        merges.append((left, right))
     return vocab, merges
 
 
@@ -82,8 +82,8 @@ def tiny_vae(seed: int = 0) -> Any:
 
 def sd_scheduler_config() -> dict[str, Any]:
     return dict(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+        steps_offset=1, timestep_spacing="leading",
     )
 
 
@@ -131,7 +131,7 @@ def build_sdxl(seed: int = 0) -> Any:
     return StableDiffusionXLPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
         tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"),
-        scheduler=EulerDiscreteScheduler(**{k: v for k, v in sd_scheduler_config().items() if k not in ("clip_sample", "set_alpha_to_one")}),
+        scheduler=EulerDiscreteScheduler(**{k: v for k, v in sd_scheduler_config().items() if k != "set_alpha_to_one"}),
     )
 
 
