@@ -158,7 +158,7 @@ def sample(
             else:
                 latents = sched.add_noise(init, noise, first)
         else:
-            latents = noise * sched.init_noise_sigma
+            latents = noise * getattr(sched, "init_noise_sigma", 1.0)
 
         cfg = guidance_scale > 1.0 and family.supports_cfg(module)
         scale = model.vae_scale_factor
@@ -172,6 +172,7 @@ def sample(
         sigmas = _sigmas(sched)
         total = len(values)
         one_step_original = family.name == "pixart" and total == 1
+        scale_input = getattr(sched, "scale_model_input", None)
 
         with applied(model.patches, module):
             run = SamplingRun(
@@ -187,8 +188,11 @@ def sample(
             forward = chain(hooks, call_module) if hooks else call_module
             try:
                 for i, t in enumerate(timesteps):
+                    if ctx is not None:
+                        ctx.check_cancelled()
                     model_input = torch.cat([latents] * 2) if cfg else latents
-                    model_input = sched.scale_model_input(model_input, t)
+                    if scale_input is not None:
+                        model_input = scale_input(model_input, t)
                     if concat is not None:
                         model_input = torch.cat([model_input, concat], dim=family.channel_dim)
                     sigma = sigmas[start + i] if sigmas is not None and start + i < len(sigmas) else None

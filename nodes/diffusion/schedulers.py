@@ -83,8 +83,10 @@ def spec_for(
         class_name, preset = SAMPLERS[sampler]
         name = sampler
     config = {**base.config, **preset}
+    keys = accepted_keys(class_name)
+    if class_name != base.class_name:  # keep the training schedule, drop what the new class does not take
+        config = {k: v for k, v in config.items() if k in keys}
     if overrides:
-        keys = accepted_keys(class_name)
         refused = sorted(k for k in overrides if k not in keys)
         if refused:
             raise ValueError(f"{class_name} has no option(s) {refused}; it takes {sorted(keys)}")
