@@ -44,7 +44,7 @@ class ComponentRef:
 
     def get(self) -> Any:
         """The component (loaded now if it was never loaded or was evicted)."""
-        return (self.cache or default_cache()).get(self.key, self.name, self.loader)
+        return (self.cache if self.cache is not None else default_cache()).get(self.key, self.name, self.loader)
 
     def __repr__(self) -> str:
         return f"ComponentRef({self.name!r}, key={self.key!r})"

@@ -213,7 +213,7 @@ def load_diffusers_folder(
     torch_dtype(dtype)  # validate early
     content = fingerprint_path(folder)
     placement = "cpu" if offload else device
-    cache = cache or default_cache()
+    cache = cache if cache is not None else default_cache()
 
     def ref(name: str) -> ComponentRef:
         library, class_name = index[name]

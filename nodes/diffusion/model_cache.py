@@ -72,6 +72,9 @@ class ModelCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __bool__(self) -> bool:  # an empty cache is still a cache
+        return True
+
     @property
     def used_bytes(self) -> int:
         with self._lock:

@@ -167,7 +167,7 @@ def load_single_file(
     config_fp = fingerprint_path(configs)
     tokenizer_fp = fingerprint_path(tokenizer_dir)
     placement = "cpu" if offload else device
-    cache = cache or default_cache()
+    cache = cache if cache is not None else default_cache()
     key = ("single-file", str(path), content, config_fp, tokenizer_fp, dtype, placement)
 
     def loader() -> dict[str, Any]:
