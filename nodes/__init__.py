@@ -10,5 +10,6 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "tensor": "dagfusion.nodes.tensor",
     "io": "dagfusion.nodes.io",
     "diffusion": "dagfusion.nodes.diffusion",
+    "shapes": "dagfusion.nodes.shapes",
 }
 """Short name → module of every built-in pack, in registration order."""

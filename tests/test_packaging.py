@@ -36,10 +36,14 @@ def test_wheel_contains_package_data_and_no_generic_modules(wheel: zipfile.ZipFi
         "dagfusion/nodes/__init__.py",
         "dagfusion/ui/__init__.py",
         "dagfusion/workflows/quickstart.yaml",
+        "dagfusion/nodes/shapes/weights/shapeeval.safetensors",
+        "dagfusion/nodes/diffusion/configs/sdxl/unet/config.json",
     ):
         assert required in names, required
     shipped = {p.name for p in (REPO / "workflows").glob("*.yaml")}
     assert shipped <= {Path(n).name for n in names if n.startswith("dagfusion/workflows/")}
+    sources = {f"dagfusion/nodes/{p.relative_to(REPO / 'nodes').as_posix()}" for p in (REPO / "nodes").rglob("*.py")}
+    assert sources <= names, f"modules missing from the wheel: {sorted(sources - names)}"
 
 
 def test_wheel_entry_points(wheel: zipfile.ZipFile) -> None:

@@ -198,11 +198,43 @@ def train_evaluator(ctx: RunContext, steps: int, batch_size: int, learning_rate:
     return model, report.final_loss
 
 
-def _scored_example() -> dict[str, Any]:
+@node(
+    "dagfusion.metrics.SaveShapeEval",
+    version="1.0.0",
+    category="metrics",
+    inputs=[
+        Input("evaluator", SHAPE_EVALUATOR, link_only=True),
+        Input("filename", STRING, "shapeeval.safetensors", description="Name inside the run's output folder."),
+        Input("half", BOOLEAN, True, description="Store fp16 weights (the shipped form, < 1 MB)."),
+    ],
+    outputs=[Output("path", STRING)],
+    pure=False,
+    output_node=True,
+)
+def save_evaluator(ctx: RunContext, evaluator: Any, filename: str, half: bool) -> str:
+    """Save a ShapeEval classifier as safetensors with its attribute vocabulary."""
+    import torch
+
+    from dagfusion.nodes.shapes.evaluator import save_shapeeval
+
+    path = ctx.output_path(filename)
+    save_shapeeval(evaluator, path, dtype=torch.float16 if half else torch.float32)
+    return str(path)
+
+
+def _untrained_evaluator() -> Any:
+    """A seeded, untrained ShapeEval (examples must not depend on the shipped weights)."""
+    import torch
+
     from dagfusion.nodes.shapes.evaluator import ShapeEvalNet
 
+    torch.manual_seed(0)
+    return ShapeEvalNet().eval()
+
+
+def _scored_example() -> dict[str, Any]:
     data = _dataset(split="eval", resolution=32).batch(0, 2)
-    return {"images": data.images, "prompts": list(data.captions), "evaluator": ShapeEvalNet()}
+    return {"images": data.images, "prompts": list(data.captions), "evaluator": _untrained_evaluator()}
 
 
 @node(
@@ -267,10 +299,8 @@ def fidelity(ctx: RunContext, images: Any, reference: Any) -> dict[str, Any]:
 
 
 def _fd_example() -> dict[str, Any]:
-    from dagfusion.nodes.shapes.evaluator import ShapeEvalNet
-
     data = _dataset(split="eval", resolution=32)
-    return {"images": data.batch(0, 4).images, "reference": data.batch(4, 4).images, "evaluator": ShapeEvalNet()}
+    return {"images": data.batch(0, 4).images, "reference": data.batch(4, 4).images, "evaluator": _untrained_evaluator()}
 
 
 @node(
@@ -292,11 +322,10 @@ def fd_shapes(ctx: RunContext, images: Any, reference: Any, evaluator: Any) -> f
     from dagfusion.nodes.shapes.metrics import frechet_distance
 
     with torch.no_grad():
-        evaluator.eval()
         return frechet_distance(evaluator.embed(images), evaluator.embed(reference))
 
 
-NODES = (dataset, render, prompts, load_evaluator, train_evaluator, shape_eval, fidelity, fd_shapes)
+NODES = (dataset, render, prompts, load_evaluator, train_evaluator, save_evaluator, shape_eval, fidelity, fd_shapes)
 
 
 @hookimpl

@@ -139,8 +139,8 @@ def train_shapeeval(
 
 @torch.no_grad()
 def predict(model: ShapeEvalNet, images: torch.Tensor, batch_size: int = 256) -> list[dict[str, str]]:
-    """The attribute labels the classifier reads from each image."""
-    model.eval()
+    """The attribute labels the classifier reads from each image (the model is not modified;
+    it has no dropout or batch statistics, so train and eval mode agree)."""
     out: list[dict[str, str]] = []
     for chunk in images.split(batch_size):
         logits = model(chunk.to(next(model.parameters()).device))
@@ -171,11 +171,14 @@ def score(model: ShapeEvalNet, images: torch.Tensor, prompts: list[str]) -> dict
     return result
 
 
-def save_shapeeval(model: ShapeEvalNet, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Save weights as fp16 safetensors with the attribute vocabulary in the metadata."""
+def save_shapeeval(
+    model: ShapeEvalNet, path: str | Path, extra: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32
+) -> None:
+    """Save weights as safetensors (``dtype``; the shipped file is fp16) with the attribute
+    vocabulary in the metadata."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "dagfusion.shapeeval/1", "attributes": json.dumps(ATTRIBUTES), **{k: str(v) for k, v in (extra or {}).items()}}
     save_file(state, str(path), metadata=metadata)
 
