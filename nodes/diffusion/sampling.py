@@ -248,7 +248,7 @@ def _sample_example() -> dict[str, Any]:
 
     parts = tiny.sd_handles()
     return {"model": parts["model"], "conditioning": parts["conditioning"], "latent": parts["latent"],
-            "steps": 2, "seed": 3, "guidance_scale": 4.0}
+            "steps": 1, "seed": 3, "guidance_scale": 4.0, "sampler": "euler"}
 
 
 @node(

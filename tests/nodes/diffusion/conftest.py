@@ -20,7 +20,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _one_thread() -> Iterator[None]:
     """Tiny models run fastest on one thread (OpenMP spinning costs 100x on a shared 2-core box)."""
     before = torch.get_num_threads()
