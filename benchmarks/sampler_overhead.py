@@ -110,6 +110,7 @@ def build_cpu_models() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="SD 1.5-size random UNet on CUDA, fp16, 512 px")
+    parser.add_argument("--full", action="store_true", help="SD 1.5-size random models on the CPU (fp32; slow)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 512 on GPU, 32 on CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per side (default 5 GPU, 9 CPU)")
@@ -140,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.set_num_threads(args.threads)
         device, dtype = torch.device("cpu"), torch.float32
-        models = build_cpu_models()
-        size, repeats = args.size or 32, args.repeats or 9
+        models = build_gpu_models(dtype, device) if args.full else build_cpu_models()
+        size, repeats = args.size or (512 if args.full else 32), args.repeats or 9
     unet, vae, scale = models["unet"], models["vae"], models["scale"]
 
     spec = spec_for(SchedulerSpec("PNDMScheduler", models["scheduler_config"]), args.sampler)
