@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,13 +60,26 @@ def from_vae_space(module: Any, latents: Any) -> Any:
     return config.scaling_factor * latents
 
 
-@contextlib.contextmanager
-def _compute_dtype(module: Any) -> Iterator[Any]:
-    """fp16 VAEs that ask for it (``force_upcast``) decode in fp32, restored afterwards."""
+def needs_upcast(vae: VAEHandle, module: Any) -> bool:
+    """Whether ``precision="auto"`` decodes in fp32: an fp16 VAE whose config asks for it
+    (``force_upcast``) in an SDXL model — exactly when diffusers' pipelines upcast."""
     import torch
 
     dtype = next(module.parameters()).dtype
-    if dtype == torch.float16 and getattr(module.config, "force_upcast", False):
+    return (
+        dtype == torch.float16
+        and bool(getattr(module.config, "force_upcast", False))
+        and "XL" in str(vae.info.get("pipeline", ""))
+    )
+
+
+@contextlib.contextmanager
+def _compute_dtype(module: Any, upcast: bool) -> Iterator[Any]:
+    """Run the block with ``module`` in fp32 if ``upcast`` (restored afterwards)."""
+    import torch
+
+    dtype = next(module.parameters()).dtype
+    if upcast and dtype != torch.float32:
         module.to(torch.float32)
         try:
             yield torch.float32
@@ -137,22 +151,48 @@ def tiled_decode(module: Any, z: Any, tile: int, overlap: int, frames: int | Non
     return out / weight
 
 
-def decode(vae: VAEHandle, latent: Latent, *, tiled: bool = False, tile_size: int = 64, tile_overlap: int = 16) -> Any:
-    """Images ``(B, 3, H, W)`` in [0, 1] (float32, CPU) from ``latent``; video latents give ``B*F`` frames."""
+def decode(
+    vae: VAEHandle,
+    latent: Latent,
+    *,
+    tiled: bool = False,
+    tile_size: int = 64,
+    tile_overlap: int = 16,
+    precision: str = "auto",
+    logger: Any = None,
+) -> Any:
+    """Images ``(B, 3, H, W)`` in [0, 1] (float32, CPU) from ``latent``; video latents give ``B*F`` frames.
+
+    ``precision="auto"`` decodes in the VAE's dtype (fp32 where diffusers upcasts, see
+    :func:`needs_upcast`) and decodes again in fp32 if half precision overflowed;
+    ``"fp32"`` always decodes in fp32.
+    """
     import torch
 
+    if precision not in ("auto", "fp32"):
+        raise ValueError(f"expected precision 'auto' or 'fp32', got {precision!r}")
     module = vae.module
     samples = latent.samples
     frames = None
     if samples.ndim == 5:
         frames = samples.shape[1]
         samples = samples.reshape(-1, *samples.shape[2:])
-    with vae.use(module), torch.no_grad(), _compute_dtype(module) as dtype:
-        z = to_vae_space(module, samples.to(device=next(module.parameters()).device, dtype=dtype))
-        if tiled:
-            image = tiled_decode(module, z, tile_size, tile_overlap, frames)
-        else:
-            image = _decode_raw(module, z, frames)
+
+    def run(upcast: bool) -> Any:
+        with _compute_dtype(module, upcast) as dtype:
+            z = to_vae_space(module, samples.to(device=next(module.parameters()).device, dtype=dtype))
+            if tiled:
+                return tiled_decode(module, z, tile_size, tile_overlap, frames)
+            return _decode_raw(module, z, frames)
+
+    with vae.use(module), torch.no_grad():
+        upcast = precision == "fp32" or needs_upcast(vae, module)
+        image = run(upcast)
+        if not upcast and image.dtype != torch.float32 and not bool(torch.isfinite(image).all()):
+            (logger or logging.getLogger("dagfusion.node")).warning(
+                "the VAE overflowed in %s; decoding again in fp32", str(image.dtype).replace("torch.", "")
+            )
+            image = run(True)
     image = (image.float() / 2 + 0.5).clamp(0, 1).cpu()
     setattr(image, LINEAGE_ATTR, {**dict(latent.lineage), "vae": vae.info.get("source")})
     return image
@@ -173,7 +213,7 @@ def encode(vae: VAEHandle, image: Any, *, mode: str = "mode", seed: int = 0) -> 
     elif image.shape[1] != 3:
         raise ValueError(f"expected 1, 3 or 4 image channels, got {image.shape[1]}")
     module = vae.module
-    with vae.use(module), torch.no_grad(), _compute_dtype(module) as dtype:
+    with vae.use(module), torch.no_grad(), _compute_dtype(module, needs_upcast(vae, module)) as dtype:
         device = next(module.parameters()).device
         x = (image.to(device=device, dtype=dtype) * 2 - 1)
         dist = module.encode(x).latent_dist
@@ -214,15 +254,20 @@ def _encode_example() -> dict[str, Any]:
         Input("tiled", BOOLEAN, False, description="Decode in overlapping tiles (for pictures too large to decode at once)."),
         Input("tile_size", INT, 64, min=4, max=4096, description="Tile size in latent pixels (x8 for most VAEs)."),
         Input("tile_overlap", INT, 16, min=0, max=4095, description="Overlap of neighbouring tiles in latent pixels."),
+        Input("precision", STRING, "auto", choices=("auto", "fp32"),
+              description="'auto': the VAE's dtype (fp32 for SDXL fp16 VAEs, and again in fp32 on overflow); 'fp32': always."),
     ],
     outputs=[Output("image", IMAGE, "Decoded images (B, 3, H, W) in [0, 1].")],
     examples=[_decode_example],
 )
-def decode_node(ctx: RunContext, vae: VAEHandle, latent: Latent, tiled: bool, tile_size: int, tile_overlap: int) -> Any:
+def decode_node(
+    ctx: RunContext, vae: VAEHandle, latent: Latent, tiled: bool, tile_size: int, tile_overlap: int, precision: str
+) -> Any:
     """Decode latents into images with a VAE, optionally in feathered tiles to bound memory."""
     if tiled and tile_overlap >= tile_size:
         raise ValueError(f"tile_overlap ({tile_overlap}) must be smaller than tile_size ({tile_size})")
-    return decode(vae, latent, tiled=tiled, tile_size=tile_size, tile_overlap=tile_overlap)
+    return decode(vae, latent, tiled=tiled, tile_size=tile_size, tile_overlap=tile_overlap, precision=precision,
+                  logger=ctx.logger)
 
 
 @node(

@@ -213,3 +213,26 @@ def _png(folder: Any) -> Any:
     path = folder / "p.png"
     Image.new("RGB", (5, 5), (10, 20, 30)).save(path)
     return path
+
+
+def test_decode_precision_follows_diffusers_and_recovers_from_overflow(caplog):
+    import copy
+
+    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.nodes.diffusion.handle import VAEHandle
+    from dagfusion.nodes.diffusion.vae import decode, needs_upcast
+
+    module = tiny.tiny_vae().to(torch.float16)
+    sd = VAEHandle.from_module(module, info={"pipeline": "StableDiffusionPipeline"})
+    xl = VAEHandle.from_module(module, info={"pipeline": "StableDiffusionXLPipeline"})
+    assert module.config.force_upcast and not needs_upcast(sd, module) and needs_upcast(xl, module)
+    latent = Latent(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    exact = decode(VAEHandle.from_module(copy.deepcopy(module).float()), latent)  # same (rounded) weights in fp32
+    upcast = decode(xl, latent)
+    assert module.dtype == torch.float16  # restored after decoding in fp32
+    assert torch.equal(upcast, exact)
+    assert torch.equal(decode(sd, latent, precision="fp32"), upcast)
+    assert (decode(sd, latent) - exact).abs().max() < 0.02  # half precision, as StableDiffusionPipeline does
+    with caplog.at_level(logging.WARNING, logger="dagfusion.node"):
+        huge = decode(sd, Latent(latent.samples * 3e4))
+    assert "overflowed" in caplog.text and torch.isfinite(huge).all()
