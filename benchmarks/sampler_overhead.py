@@ -16,6 +16,7 @@ Measured variants:
 Modes::
 
     python benchmarks/sampler_overhead.py            # CPU: the tiny SD model of dagfusion.nodes.diffusion.tiny
+    python benchmarks/sampler_overhead.py --stub     # CPU: a no-op denoiser, to isolate each loop's per-step cost
     python benchmarks/sampler_overhead.py --gpu      # CUDA: SD 1.5-size UNet + VAE, random weights, fp16,
                                                      # 512 x 512, 25 steps (configs shipped in the package)
 
@@ -100,6 +101,27 @@ def build_gpu_models(dtype: torch.dtype, device: torch.device) -> dict[str, Any]
     return {"unet": unet, "vae": vae, "scheduler_config": scheduler_config, "hidden": 768, "scale": 8}
 
 
+def build_stub_models() -> dict[str, Any]:
+    """The tiny SD VAE with a denoiser that costs (almost) nothing: isolates the loops' own overhead."""
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+
+    class UNet2DConditionModel(ModelMixin, ConfigMixin):  # the name makes both sides treat it as a UNet
+        @register_to_config
+        def __init__(self, in_channels: int = 4, out_channels: int = 4, sample_size: int = 16,
+                     time_cond_proj_dim: Any = None, addition_embed_type: Any = None) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.full((), 0.5))
+
+        def forward(self, sample: Any, timestep: Any, encoder_hidden_states: Any = None, timestep_cond: Any = None,
+                    cross_attention_kwargs: Any = None, added_cond_kwargs: Any = None, return_dict: bool = True) -> Any:
+            return (sample * self.scale,)
+
+    models = build_cpu_models()
+    models["unet"] = UNet2DConditionModel().eval()
+    return models
+
+
 def build_cpu_models() -> dict[str, Any]:
     from dagfusion.nodes.diffusion import tiny
 
@@ -111,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="SD 1.5-size random UNet on CUDA, fp16, 512 px")
     parser.add_argument("--full", action="store_true", help="SD 1.5-size random models on the CPU (fp32; slow)")
+    parser.add_argument("--stub", action="store_true",
+                        help="a denoiser that does nothing, to measure each loop's own per-step overhead")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 512 on GPU, 32 on CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per side (default 5 GPU, 9 CPU)")
@@ -141,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.set_num_threads(args.threads)
         device, dtype = torch.device("cpu"), torch.float32
-        models = build_gpu_models(dtype, device) if args.full else build_cpu_models()
-        size, repeats = args.size or (512 if args.full else 32), args.repeats or 9
+        models = build_gpu_models(dtype, device) if args.full else build_stub_models() if args.stub else build_cpu_models()
+        size, repeats = args.size or (512 if args.full else 32), args.repeats or (41 if args.stub else 9)
     unet, vae, scale = models["unet"], models["vae"], models["scale"]
 
     spec = spec_for(SchedulerSpec("PNDMScheduler", models["scheduler_config"]), args.sampler)
@@ -223,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:12s} time dagfusion {r['dagfusion_s'] * 1000:9.2f} ms  diffusers {r['diffusers_s'] * 1000:9.2f} ms"
               f"  ratio {r['time_ratio']:.3f} | peak dagfusion {r['dagfusion_peak_bytes'] / 2**20:8.1f} MiB"
               f"  diffusers {r['diffusers_peak_bytes'] / 2**20:8.1f} MiB  ratio {mem} | max |diff| {r['max_abs_diff']:.3g}")
+    if args.stub:
+        per_step = (results["loop"]["dagfusion_s"] - results["loop"]["diffusers_s"]) / args.steps
+        results["loop_overhead_per_step_us"] = per_step * 1e6
+        print(f"  loop overhead per step (dagfusion - diffusers, no-op denoiser): {per_step * 1e6:+.1f} us; "
+              f"dagfusion {results['loop']['dagfusion_s'] / args.steps * 1e6:.1f} us/step, "
+              f"diffusers {results['loop']['diffusers_s'] / args.steps * 1e6:.1f} us/step")
     print("RESULT " + json.dumps({k: v for k, v in results.items()}, default=str))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))

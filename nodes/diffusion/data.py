@@ -27,6 +27,14 @@ def _fingerprint(value: Any) -> str:
     return fp
 
 
+def _tensor_bytes(values: Any) -> int:
+    total = 0
+    for value in values:
+        if hasattr(value, "element_size") and hasattr(value, "numel"):
+            total += int(value.numel()) * int(value.element_size())
+    return total
+
+
 def _plain(value: Any) -> Any:
     """``value`` with mapping proxies turned into dicts (for fingerprints and JSON)."""
     if isinstance(value, Mapping):
@@ -93,6 +101,11 @@ class Conditioning:
         object.__setattr__(self, "meta", _freeze(self.meta))
 
     @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensors (the engine's output cache budgets with this)."""
+        return _tensor_bytes(self.positive.values()) + _tensor_bytes((self.negative or {}).values())
+
+    @property
     def batch_size(self) -> int:
         """Number of prompts (or labels) in this conditioning."""
         for value in self.positive.values():
@@ -135,6 +148,11 @@ class Latent:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.samples.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the samples (the engine's output cache budgets with this)."""
+        return _tensor_bytes([self.samples])
 
     def __dagfusion_fingerprint__(self) -> str:
         return _fingerprint(

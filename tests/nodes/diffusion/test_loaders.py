@@ -250,3 +250,30 @@ def test_shipped_configs_describe_the_real_architectures(arch, unet, vae, text):
                 counts.append(count(cls(transformers.CLIPTextConfig.from_pretrained(folder / name))))
     assert counts == text
     assert (folder / "scheduler" / "scheduler_config.json").is_file()
+
+
+def test_device_and_cache_budget_settings_are_checked(monkeypatch):
+    from dagfusion.nodes.diffusion.loading import resolve_device
+    from dagfusion.nodes.diffusion.model_cache import DEFAULT_BUDGET_BYTES
+
+    assert resolve_device("auto", "cpu") == "cpu" and resolve_device("cpu", "cuda") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            resolve_device("cuda", "cpu")
+    monkeypatch.delenv("DAGFUSION_MODEL_CACHE_BYTES", raising=False)
+    assert ModelCache().budget_bytes == DEFAULT_BUDGET_BYTES
+    monkeypatch.setenv("DAGFUSION_MODEL_CACHE_BYTES", "1000")
+    assert ModelCache().budget_bytes == 1000
+    monkeypatch.setenv("DAGFUSION_MODEL_CACHE_BYTES", "lots")
+    with pytest.raises(ValueError, match="DAGFUSION_MODEL_CACHE_BYTES"):
+        ModelCache()
+
+
+def test_values_report_their_size_to_the_output_cache():
+    from dagfusion.cache import estimate_nbytes
+    from dagfusion.nodes.diffusion.data import Conditioning, Latent
+
+    assert estimate_nbytes(Latent(torch.zeros(2, 4, 8, 8))) == 2 * 4 * 8 * 8 * 4
+    cond = Conditioning("clip", {"encoder_hidden_states": torch.zeros(1, 77, 32)},
+                        {"encoder_hidden_states": torch.zeros(1, 77, 32)})
+    assert estimate_nbytes(cond) == 2 * 77 * 32 * 4
