@@ -14,7 +14,7 @@ Settings file: ``$DAGFUSION_CONFIG`` if set, else ``./dagfusion.toml`` if it exi
     allow_pickle = false
 
 Environment: ``DAGFUSION_MODEL_DIRS`` and ``DAGFUSION_READ_DIRS`` (``os.pathsep``-separated),
-``DAGFUSION_OUTPUT_DIR``, ``DAGFUSION_CACHE_DIR``, ``DAGFUSION_CACHE_BYTES``,
+``DAGFUSION_OUTPUT_DIR``, ``DAGFUSION_CACHE_DIR``, ``DAGFUSION_CACHE_BYTES``, ``DAGFUSION_MODEL_CACHE_BYTES``,
 ``DAGFUSION_DEVICE``, ``DAGFUSION_ALLOW_PICKLE`` (``1``/``true``).
 """
 
@@ -30,6 +30,7 @@ from dagfusion.context import is_within
 from dagfusion.errors import UnsafeOperationError, WorkflowError
 
 DEFAULT_CACHE_BYTES = 4 * 1024**3
+DEFAULT_MODEL_CACHE_BYTES = 16 * 1024**3
 
 
 class SettingsError(WorkflowError):
@@ -46,6 +47,7 @@ class Settings:
         output_dir: Where runs write their output folders.
         cache_dir: Where pure ``persist`` nodes keep outputs between processes.
         cache_bytes: Byte budget of the in-memory output cache (LRU eviction beyond it).
+        model_cache_bytes: Byte budget of loaded model weights shared across nodes and runs.
         device: ``"auto"`` (cuda > mps > cpu) or a torch device string.
         allow_pickle: Security opt-in: allow loading pickle-based checkpoints.
         source: Where the settings came from (for ``dagfusion plugins``/diagnostics).
@@ -56,6 +58,7 @@ class Settings:
     output_dir: Path = Path("outputs")
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "dagfusion")
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    model_cache_bytes: int = DEFAULT_MODEL_CACHE_BYTES
     device: str = "auto"
     allow_pickle: bool = False
     source: str = "defaults"
@@ -139,9 +142,9 @@ def _from_mapping(data: dict[str, Any], where: str) -> dict[str, Any]:
             if not isinstance(value, (str, os.PathLike)):
                 raise SettingsError(f"{where}: {key} must be a folder path")
             out[key] = Path(value).expanduser()
-        elif key == "cache_bytes":
+        elif key in ("cache_bytes", "model_cache_bytes"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise SettingsError(f"{where}: cache_bytes must be a non-negative integer, got {value!r}")
+                raise SettingsError(f"{where}: {key} must be a non-negative integer, got {value!r}")
             out[key] = value
         elif key == "allow_pickle":
             if not isinstance(value, bool):
@@ -164,12 +167,14 @@ def _from_environment(env: Any) -> dict[str, Any]:
         raw = env.get(f"DAGFUSION_{key.upper()}")
         if raw:
             out[key] = Path(raw).expanduser()
-    raw = env.get("DAGFUSION_CACHE_BYTES")
-    if raw:
-        try:
-            out["cache_bytes"] = int(raw)
-        except ValueError as exc:
-            raise SettingsError(f"DAGFUSION_CACHE_BYTES must be an integer, got {raw!r}") from exc
+    for key in ("cache_bytes", "model_cache_bytes"):
+        name = f"DAGFUSION_{key.upper()}"
+        raw = env.get(name)
+        if raw:
+            try:
+                out[key] = int(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
     raw = env.get("DAGFUSION_DEVICE")
     if raw:
         out["device"] = raw

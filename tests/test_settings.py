@@ -12,8 +12,9 @@ from dagfusion.settings import SettingsError
 def test_precedence_file_then_environment_then_overrides(tmp_path: Path, monkeypatch) -> None:
     config = tmp_path / "dagfusion.toml"
     config.write_text('output_dir = "from-file"\ncache_bytes = 123\nmodel_dirs = ["/models/a"]\n')
-    env = {"DAGFUSION_CONFIG": str(config), "DAGFUSION_CACHE_BYTES": "456"}
+    env = {"DAGFUSION_CONFIG": str(config), "DAGFUSION_CACHE_BYTES": "456", "DAGFUSION_MODEL_CACHE_BYTES": "789"}
     settings = Settings.load(environ=env)
+    assert settings.model_cache_bytes == 789
     assert settings.output_dir == Path("from-file")
     assert settings.cache_bytes == 456
     assert settings.model_dirs == (Path("/models/a"),)

@@ -33,7 +33,9 @@ _OUTPUTS = [
 
 def _placement(ctx: RunContext, device: str, dtype: str) -> tuple[str, str]:
     from dagfusion.nodes.diffusion.loading import resolve_device
+    from dagfusion.nodes.diffusion.model_cache import default_cache
 
+    default_cache().set_budget(ctx.settings.model_cache_bytes)
     resolved = resolve_device(device, ctx.device)
     if dtype == "auto":
         dtype = "fp32" if resolved == "cpu" else "fp16"
