@@ -1,0 +1,89 @@
+"""Fixtures of the canvas tests: a registry with two slow test nodes, and a canvas backend."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dagfusion import FLOAT, INT, TENSOR, Engine, Input, Output, Settings, hookimpl, node
+from dagfusion.registry import Registry
+from dagfusion.ui.handlers import CanvasBackend
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@node(
+    "uitest.Slow",
+    version="1.0.0",
+    category="uitest",
+    inputs=[
+        Input("steps", INT, 5, min=1, max=10_000, description="How many steps to take."),
+        Input("delay", FLOAT, 0.02, min=0.0, max=5.0, description="Seconds per step."),
+        Input("x", FLOAT, 0.0, description="Passed through."),
+    ],
+    outputs=[Output("y", FLOAT)],
+    pure=False,
+)
+def slow(ctx: Any, steps: int, delay: float, x: float) -> float:
+    """Sleep ``delay`` seconds per step, reporting progress (and so checking for cancellation)."""
+    for i in range(steps):
+        time.sleep(delay)
+        ctx.progress(i + 1, steps, message="sleeping")
+    return x
+
+
+@node(
+    "uitest.Picture",
+    version="1.0.0",
+    category="uitest",
+    inputs=[Input("frames", INT, 1, min=1, max=8), Input("value", FLOAT, 0.5, min=0.0, max=1.0)],
+    outputs=[Output("tensor", TENSOR)],
+)
+def picture(ctx: Any, frames: int, value: float) -> Any:
+    """A grey picture shown as a preview (several frames: a short video preview)."""
+    import torch
+
+    t = torch.full((3, 16, 24), value)
+    ctx.preview([t] * frames if frames > 1 else t, label="grey")
+    return t
+
+
+class UiTestPlugin:
+    @hookimpl
+    def register_nodes(self, register: Any) -> None:
+        register(slow)
+        register(picture)
+
+
+@pytest.fixture(scope="session")
+def ui_registry() -> Registry:
+    return Registry.from_plugins(load_entrypoints=False, extra_plugins=[("uitest", UiTestPlugin())])
+
+
+@pytest.fixture
+def ui_settings(tmp_path: Path) -> Settings:
+    return Settings.load(
+        overrides={
+            "output_dir": str(tmp_path / "outputs"),
+            "cache_dir": str(tmp_path / "cache"),
+            "read_dirs": [str(tmp_path)],
+            "device": "cpu",
+        },
+        environ={},
+    )
+
+
+@pytest.fixture
+def backend(ui_registry: Registry, ui_settings: Settings) -> Iterator[CanvasBackend]:
+    backend = CanvasBackend(Engine(ui_registry, ui_settings))
+    yield backend
+    backend.queue.shutdown()
+
+
+@pytest.fixture
+def quickstart_yaml() -> str:
+    return (REPO / "workflows" / "quickstart.yaml").read_text(encoding="utf-8")
