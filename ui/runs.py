@@ -165,8 +165,11 @@ class Run:
             if isinstance(event, RunStarted):
                 self.point += 1
                 planned = set(event.nodes)
+                covered = self._upstream(planned) - planned
                 for node_id in self.nodes:
-                    self.nodes[node_id] = "queued" if node_id in planned else "idle"
+                    # Upstream of a planned node but not planned: a cached result downstream
+                    # already covers it, so it counts as cached; anything else is not needed.
+                    self.nodes[node_id] = "queued" if node_id in planned else "cached" if node_id in covered else "idle"
                 self.progress.clear()
                 self.errors.clear()
             elif isinstance(event, NodeStarted):
@@ -194,6 +197,18 @@ class Run:
                 self.previews.append(Preview(index, event.node_id, event.label, url, width, height, kind))
                 if len(self.previews) > MAX_PREVIEWS:
                     del self.previews[0]
+
+    def _upstream(self, node_ids: set[str]) -> set[str]:
+        """``node_ids`` and every node feeding them."""
+        seen: set[str] = set()
+        stack = list(node_ids)
+        while stack:
+            node_id = stack.pop()
+            if node_id in seen or node_id not in self.workflow.nodes:
+                continue
+            seen.add(node_id)
+            stack.extend(link.node for _, link in self.workflow.nodes[node_id].links())
+        return seen
 
     def _mark_cancelled(self) -> None:
         for node_id, status in self.nodes.items():
