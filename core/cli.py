@@ -2,7 +2,7 @@
 
 ``dagfusion run WF.yaml|PICTURE.png [--set node.input=value]… [--out DIR] [--no-cache] [--json-events]``,
 ``dagfusion validate``, ``dagfusion nodes [--json]``, ``dagfusion plugins``, ``dagfusion schema``,
-``dagfusion docs``, ``dagfusion inspect PICTURE.png``.
+``dagfusion docs``, ``dagfusion inspect PICTURE.png``, ``dagfusion ui [WF.yaml|PICTURE.png]``.
 
 Exit codes: 0 ok, 1 a node failed, 2 invalid workflow or usage, 130 cancelled (Ctrl-C cancels
 the run cleanly; a second Ctrl-C aborts). Importing this module, ``--help`` and ``validate``
@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect_ = sub.add_parser("inspect", help="print the workflow and manifest embedded in a dagfusion PNG")
     inspect_.add_argument("picture")
+
+    ui = sub.add_parser("ui", help="open the visual canvas (a Gradio app on 127.0.0.1 only)")
+    ui.add_argument("workflow", nargs="?", help="workflow YAML file or dagfusion PNG to open")
+    ui.add_argument("--port", type=int, help="port to serve on (default: 7860 or the next free one)")
+    ui.add_argument("--read-dir", action="append", default=[], metavar="DIR", help="also allow reading files under DIR")
+    ui.add_argument("--model-dir", action="append", default=[], metavar="DIR", help="also search models in DIR")
+    ui.add_argument("--device", help="torch device (default: auto, cuda > mps > cpu)")
     return parser
 
 
@@ -385,6 +392,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_ui(args: argparse.Namespace) -> int:
+    try:
+        from dagfusion.ui.app import main as ui_main  # imports Gradio: only for this command
+    except ImportError as exc:
+        _err(f"the canvas needs the ui extra (pip install 'dagfusion[ui]'): {exc}")
+        return EXIT_INVALID
+    from dagfusion.engine import Engine
+
+    return ui_main(args.workflow, engine=Engine(settings=_settings(args)), port=args.port)
+
+
 _COMMANDS = {
     "run": _cmd_run,
     "validate": _cmd_validate,
@@ -393,6 +411,7 @@ _COMMANDS = {
     "schema": _cmd_schema,
     "docs": _cmd_docs,
     "inspect": _cmd_inspect,
+    "ui": _cmd_ui,
 }
 
 
