@@ -22,6 +22,7 @@ import os
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio is imported: no phoning home
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,10 @@ def launch(demo: gr.Blocks, *, port: int | None = None, block: bool = True, quie
 
 def main(workflow: str | None, *, engine: Any, port: int | None = None) -> int:
     """``dagfusion ui [WF.yaml|PICTURE.png]``: open the canvas and serve it until Ctrl-C."""
+    problem = vendor_problem()
+    if problem:
+        print(f"dagfusion ui: {problem}", file=sys.stderr)
+        return 2
     backend = CanvasBackend(engine)
     graph, notice = initial_graph(backend, workflow)
     demo = build_app(backend, graph, notice)
