@@ -11,5 +11,6 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "io": "dagfusion.nodes.io",
     "diffusion": "dagfusion.nodes.diffusion",
     "shapes": "dagfusion.nodes.shapes",
+    "training": "dagfusion.nodes.training",
 }
 """Short name → module of every built-in pack, in registration order."""
