@@ -113,6 +113,7 @@
       this.addCount = 0;
       this.toastTimer = null;
       this.refusals = [];
+      this.seq = 0;
     }
 
     /* --- start-up ---------------------------------------------------------------------- */
@@ -269,6 +270,7 @@
       lgc.onNodeDeselected = () => this.renderInspector();
       this.graph.onNodeAdded = (node) => {
         if (node.dfEntry) {
+          node.dfSeq = ++this.seq;
           if (!node.dfId || this.nodeById(node.dfId, node)) node.dfId = this.freshId(node.dfEntry);
           node.updateTitle();
         }
@@ -811,8 +813,9 @@
     toGraph() {
       const nodes = [];
       const links = [];
-      for (const node of this.graph._nodes) {
-        if (!node.dfEntry) continue;
+      // File order is creation order (litegraph reorders _nodes to draw the selected on top).
+      const ordered = this.graph._nodes.filter((n) => n.dfEntry).sort((a, b) => a.dfSeq - b.dfSeq);
+      for (const node of ordered) {
         const inputs = {};
         for (const [name, value] of Object.entries(node.dfInputs)) {
           if (!node.isLinked(name)) inputs[name] = value;
@@ -1411,7 +1414,7 @@
     /* --- helpers for tests and scripts ------------------------------------------------------ */
 
     nodeIds() {
-      return this.graph._nodes.map((n) => n.dfId);
+      return this.toGraph().nodes.map((n) => n.id);
     }
 
     slotClientPos(id, kind, name) {
