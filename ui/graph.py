@@ -11,6 +11,7 @@ two exchange this small, documented schema (``GRAPH_VERSION``)::
          "inputs": {"sigma": 3.0},          # constants the user set (defaults are left out)
          "order": ["tensor", "sigma"],      # optional: the order inputs are written in
          "pos": [320, 80],                  # canvas position, saved as the node's ui.pos
+         "auto_pos": true,                  # optional: pos was laid out, not read from ui.pos
          "ui": {}}                          # any other ui keys of the node, kept as they are
       ],
       "links": [{"from": ["noise", "tensor"], "to": ["blur", "tensor"]}],
@@ -41,7 +42,7 @@ MAX_NODES = 5000
 """A graph larger than this is refused (the canvas is not meant for generated giants)."""
 
 #: Columns and rows of the automatic layout for nodes without ``ui.pos``.
-COLUMN_WIDTH = 320
+COLUMN_WIDTH = 280
 ROW_HEIGHT = 200
 ORIGIN = (40, 40)
 
@@ -351,7 +352,7 @@ def workflow_to_graph(workflow: Workflow) -> dict[str, Any]:
     links = []
     for node_id, inst in workflow.nodes.items():
         ui = {k: jsonable(v) for k, v in inst.ui.items() if k != "pos"}
-        pos = _pos(inst.ui.get("pos")) or layout[node_id]
+        pos = _pos(inst.ui.get("pos"))
         constants = {}
         for name, value in inst.inputs.items():
             if isinstance(value, Link):
@@ -365,8 +366,9 @@ def workflow_to_graph(workflow: Workflow) -> dict[str, Any]:
                 "version": inst.version,
                 "inputs": constants,
                 "order": list(inst.inputs),
-                "pos": pos,
+                "pos": pos or layout[node_id],
                 "ui": ui,
+                **({} if pos else {"auto_pos": True}),  # the canvas may tidy these up
             }
         )
     return {

@@ -446,6 +446,10 @@
           const b = (this.outputs || [])[i];
           width = Math.max(width, (a ? measure(a.name) : 0) + (b ? measure(b.name) : 0) + 60);
         }
+        for (const w of this.widgets || []) {
+          const value = w.type === "number" ? short(w.value) : String(w.value ?? "").slice(0, 30);
+          width = Math.max(width, Math.min(360, measure(w.name) + measure(value) + 80));
+        }
         if (this.size && this.size[0] > width) width = this.size[0];
         const widgets = (this.widgets || []).length;
         let height = (this.widgets_start_y || socketRows * SLOT_H() + 6) + (widgets ? widgets * WIDGET_STEP() + 4 : 0);
@@ -547,7 +551,7 @@
       if (!this.accepts(input.type, output.type)) {
         const allowed = (this.catalog.accepts[input.type] || []).filter((t) => t !== "ANY");
         return `Cannot connect ${src} (${output.type}) to ${dst}: ${input.name} expects ${input.type}` +
-          (allowed.length ? ` (accepts ${allowed.join(", ")})` : "");
+          (allowed.length > 1 ? ` (it accepts ${allowed.join(", ")})` : "");
       }
       // A link that closes a loop: does `target` already feed `source`?
       const seen = new Set();
@@ -744,6 +748,7 @@
       node.pos = options.pos ? [options.pos[0], options.pos[1]] : [40, 40];
       node.updateTitle();
       node.refreshWidgets();
+      node.size = node.computeSize();
       this.graph.add(node);
       return node;
     }
@@ -781,7 +786,8 @@
       if (value === undefined) delete node.dfInputs[name];
       else node.dfInputs[name] = value;
       if (spec && !opts?.fromWidget) node.refreshWidgets();
-      else node.setDirtyCanvas(true, true);
+      node.size = node.computeSize();
+      node.setDirtyCanvas(true, true);
       if (!opts || !opts.fromInspector) {
         if (this.selectedNode() === node) this.renderInspector();
       }
@@ -868,6 +874,7 @@
           src.connect(out, dst, inp);
         }
         for (const node of this.graph._nodes) node.refreshWidgets && node.refreshWidgets();
+        this.tidy((graph.nodes || []).filter((gn) => gn.auto_pos && byId[gn.id]).map((gn) => byId[gn.id]));
       } finally {
         this.loading = false;
       }
@@ -880,6 +887,29 @@
       if (send) this.syncNow();
       else this.lastSent = JSON.stringify(graph);
       this.checkNow();
+    }
+
+    tidy(nodes) {
+      // Nodes the server laid out by depth (one column per x): respace the columns and rows
+      // with the real node sizes, so wide or tall nodes do not overlap.
+      if (!nodes.length) return;
+      const columns = new Map();
+      for (const node of nodes) {
+        const key = node.pos[0];
+        if (!columns.has(key)) columns.set(key, []);
+        columns.get(key).push(node);
+      }
+      let x = Math.min(...nodes.map((n) => n.pos[0]));
+      const top = Math.min(...nodes.map((n) => n.pos[1]));
+      for (const key of [...columns.keys()].sort((a, b) => a - b)) {
+        const column = columns.get(key).sort((a, b) => a.pos[1] - b.pos[1]);
+        let y = top;
+        for (const node of column) {
+          node.pos = [x, y];
+          y += node.size[1] + TITLE_H() + 60;
+        }
+        x += Math.max(...column.map((n) => n.size[0])) + 70;
+      }
     }
 
     fitView() {
@@ -901,7 +931,8 @@
       const rect = this.canvasEl.getBoundingClientRect();
       const width = rect.width || 800;
       const height = rect.height || 600;
-      const scale = Math.max(0.35, Math.min(1, (width - 40) / (x1 - x0), (height - 40) / (y1 - y0)));
+      // Not below 0.6: litegraph stops drawing socket names there.
+      const scale = Math.max(0.6, Math.min(1, (width - 40) / (x1 - x0), (height - 40) / (y1 - y0)));
       ds.scale = scale;
       ds.offset = [20 / scale - x0, 20 / scale - y0];
       this.lgc.setDirty(true, true);
@@ -1030,7 +1061,11 @@
         const name = holder.dataset.problemFor;
         const messages = (node.dfProblems || []).filter((p) => p.input === name).map((p) => p.message);
         holder.textContent = messages.join("; ");
-        holder.closest(".df-field").classList.toggle("df-invalid", messages.length > 0);
+        const field = holder.closest(".df-field");
+        field.classList.toggle("df-invalid", messages.length > 0);
+        // The server's verdict replaces the instant bounds check made while typing.
+        const local = field.querySelector("[data-testid=df-field-error]");
+        if (local && local.dataset.kind === "bound") local.textContent = "";
       }
     }
 
@@ -1082,6 +1117,7 @@
       const set = (v) => {
         const why = v === undefined ? null : this.boundProblem(spec, v);
         errorEl.textContent = why || "";
+        errorEl.dataset.kind = "bound";
         this.setConstant(node, spec.name, v, { fromInspector: true });
       };
       const attrs = { "data-testid": "df-input", name: spec.name, "aria-label": spec.name };
@@ -1119,6 +1155,7 @@
             const number = Number(text);
             if (!Number.isFinite(number) || (integer && !Number.isInteger(number))) {
               errorEl.textContent = integer ? "expected a whole number" : "expected a number";
+              errorEl.dataset.kind = "parse";
               return;
             }
             set(number);
