@@ -112,8 +112,8 @@ class WorkflowCanvas(gr.HTML):
     def example_value(self) -> Any:
         return empty_graph()
 
-    @property
-    def backend(self) -> CanvasBackend:
+    def _server(self) -> CanvasBackend:
+        # Not a `backend` attribute: Gradio would put it into the page's config.
         if self._backend is None:
             raise RuntimeError("this canvas has no backend")
         return self._backend
@@ -122,36 +122,36 @@ class WorkflowCanvas(gr.HTML):
 
     @server
     def df_catalog(self, _data: Any = None) -> dict[str, Any]:
-        return self.backend.catalog()
+        return self._server().catalog()
 
     @server
     def df_check(self, graph: Any) -> dict[str, Any]:
-        return self.backend.check(graph)
+        return self._server().check(graph)
 
     @server
     def df_save(self, graph: Any) -> dict[str, Any]:
-        return self.backend.save(graph)
+        return self._server().save(graph)
 
     @server
     def df_open(self, payload: Any) -> dict[str, Any]:
-        return self.backend.open_upload(payload)
+        return self._server().open_upload(payload)
 
     @server
     def df_submit(self, graph: Any) -> dict[str, Any]:
-        return self.backend.submit(graph)
+        return self._server().submit(graph)
 
     @server
     def df_poll(self, data: Any) -> dict[str, Any]:
         data = data if isinstance(data, dict) else {}
-        return self.backend.poll(data.get("run"), data.get("since", 0))
+        return self._server().poll(data.get("run"), data.get("since", 0))
 
     @server
     def df_cancel(self, run_id: Any) -> dict[str, Any]:
-        return self.backend.cancel(run_id)
+        return self._server().cancel(run_id)
 
     @server
     def df_paths(self, prefix: Any) -> list[str]:
-        return self.backend.paths(prefix if isinstance(prefix, str) else "")
+        return self._server().paths(prefix if isinstance(prefix, str) else "")
 
 
 def initial_graph(backend: CanvasBackend, path: str | os.PathLike[str] | None) -> tuple[dict[str, Any], str]:
