@@ -237,6 +237,7 @@ def train(
     resume: Path | None = None,
     key: str | None = None,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    check_cancelled: Callable[[], None] | None = None,
     logger: logging.Logger | None = None,
 ) -> TrainResult:
     """Train a copy of ``model``'s denoiser; see the module docstring.
@@ -247,7 +248,9 @@ def train(
     :param resume: A checkpoint folder to continue from.
     :param key: The training's identity (written into checkpoints and the output's fingerprint).
     :param progress: ``progress(step, total, values)`` after every step; it may raise
-        :class:`~dagfusion.RunCancelled` (a checkpoint is written first when checkpointing).
+        :class:`~dagfusion.RunCancelled`.
+    :param check_cancelled: Called before every step; it may raise :class:`~dagfusion.RunCancelled`.
+        On a cancel from either, the last finished step is checkpointed (when checkpointing) first.
     :raises TrainingPaused: the policy's time limit was reached (a checkpoint was written).
     """
     import torch
@@ -321,10 +324,15 @@ def train(
             document["final_loss"] = _mean(recent)
         return {"tensors": tensors, "document": document}
 
+    saved_step = -1
+
     def save(done: int) -> Path | None:
-        nonlocal last_checkpoint
+        nonlocal last_checkpoint, saved_step
         if policy.folder is None:
             return None
+        if saved_step == done:
+            return last_checkpoint
+        saved_step = done
         snapshot = state(done)
         last_checkpoint = ckpt.save(
             policy.folder, done, weights=weights(), ema=ema.state() if ema is not None else None,
@@ -375,6 +383,13 @@ def train(
         began = time.monotonic()
         with applied(patches, module):
             for step in range(start, total):
+                if check_cancelled is not None:
+                    try:
+                        check_cancelled()
+                    except RunCancelled:
+                        if step > start:
+                            save(step)
+                        raise
                 lr = lr_at(step, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -419,11 +434,10 @@ def train(
                 losses.append(value)
                 recent.append(value)
                 done = step + 1
-                saved = None
                 if done < total and policy.every > 0 and done % policy.every == 0:
-                    saved = save(done)
+                    save(done)
                 if done < total and policy.time_limit > 0 and time.monotonic() - began > policy.time_limit:
-                    path = saved or save(done)
+                    path = save(done)
                     raise TrainingPaused(
                         f"the time limit was reached at step {done} of {total}"
                         + (f"; the checkpoint is in {path}: run again to continue from it" if path else "")
@@ -432,8 +446,7 @@ def train(
                     try:
                         progress(done, total, values)
                     except RunCancelled:
-                        if saved is None and done < total:
-                            save(done)
+                        save(done)
                         raise
             if start < total or last_checkpoint is None:
                 save(total)

@@ -201,7 +201,7 @@ def train_node(
     result = train(
         model, source, clip, vae, objective, config,
         checkpoints=CheckpointPolicy(folder=folder, every=checkpoint_every, keep=keep_checkpoints, time_limit=time_limit * 60.0),
-        resume=start_from, key=key, progress=progress, logger=ctx.logger,
+        resume=start_from, key=key, progress=progress, check_cancelled=ctx.check_cancelled, logger=ctx.logger,
     )
     return {"model": result.model, "final_loss": result.final_loss, "checkpoint_dir": str(folder) if folder else ""}
 
