@@ -52,6 +52,14 @@ def test_plugin_guide_examples_run() -> None:
         exec(compile(block, "docs/plugins.md", "exec"), namespace)
 
 
+def test_accelerator_guide_example_runs() -> None:
+    namespace: dict[str, object] = {"__name__": "accelerator_guide"}
+    blocks = _blocks((DOCS / "accelerators.md").read_text(encoding="utf-8"), "python")
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "docs/accelerators.md", "exec"), namespace)
+
+
 def test_format_reference_example_is_valid(registry: Registry) -> None:
     (example,) = _blocks((DOCS / "format.md").read_text(encoding="utf-8"), "yaml")
     workflow, problems = parse_workflow(example)
