@@ -15,7 +15,8 @@ two exchange this small, documented schema (``GRAPH_VERSION``)::
          "ui": {}}                          # any other ui keys of the node, kept as they are
       ],
       "links": [{"from": ["noise", "tensor"], "to": ["blur", "tensor"]}],
-      "workflow": {"metadata": {}, "outputs": null, "sweep": [], "ui": {}}
+      "workflow": {"metadata": {}, "outputs": null, "sweep": [], "ui": {},
+                   "source": "blur.yaml"}        # optional: the file it was opened from
     }
 
 :func:`graph_to_workflow` gives exactly the :class:`Workflow` the CLI runs (its ``dump()`` is the
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from dagfusion.errors import Problem, ValidationError
@@ -299,15 +301,60 @@ def graph_to_data(graph: Any) -> tuple[dict[str, Any] | None, list[Problem]]:
     return data, problems
 
 
-def graph_to_workflow(graph: Any, source: str | None = None) -> tuple[Workflow | None, list[Problem]]:
+def _is_float_type(t: Any, registry: Any) -> bool:
+    if isinstance(t, UnionType):
+        return False
+    name = type_name(t)
+    types = registry.types
+    return name in types and types.accepts("FLOAT", name) and not types.accepts("INT", name) and name != "ANY"
+
+
+def restore_floats(data: dict[str, Any], registry: Any) -> None:
+    """Make whole numbers given to ``FLOAT`` inputs floats again, in place.
+
+    JSON (and so the browser) cannot tell ``3.0`` from ``3``; without this a file opened and
+    saved on the canvas would turn ``sigma: 3.0`` into ``sigma: 3``. Constants and sweep values
+    of inputs declared ``FLOAT`` (or a subtype that is not an ``INT``) are converted.
+    """
+
+    def fix(spec: NodeSpec | None, name: str, value: Any) -> Any:
+        found = spec.input(name) if spec is not None else None
+        if found is not None and isinstance(value, int) and not isinstance(value, bool) and _is_float_type(found.type, registry):
+            return float(value)
+        return value
+
+    nodes = data.get("nodes") or {}
+    for entry in nodes.values():
+        spec = registry.get(entry.get("type", ""))
+        inputs = entry.get("inputs")
+        if spec is not None and isinstance(inputs, dict):
+            for name, value in inputs.items():
+                inputs[name] = fix(spec, name, value)
+    for group in data.get("sweep") or []:
+        for key, values in group.items():
+            node_id, _, name = key.partition(".")
+            node = nodes.get(node_id)
+            spec = registry.get(node.get("type", "")) if isinstance(node, dict) else None
+            if isinstance(values, list):
+                group[key] = [fix(spec, name, v) for v in values]
+
+
+def graph_to_workflow(graph: Any, source: str | None = None, registry: Any = None) -> tuple[Workflow | None, list[Problem]]:
     """The :class:`Workflow` a canvas graph describes, or ``None`` plus the reasons it has none.
 
     The result is what the CLI would read from the saved file; registry checks are left to
-    :func:`dagfusion.validate.check`.
+    :func:`dagfusion.validate.check`. With a ``registry``, whole numbers sent for ``FLOAT``
+    inputs become floats again (see :func:`restore_floats`).
     """
     data, problems = graph_to_data(graph)
     if data is None:
         return None, problems
+    if registry is not None:
+        restore_floats(data, registry)
+    if source is None:  # the name of the file the graph was opened from, if any
+        meta = graph.get("workflow") if isinstance(graph, Mapping) else None
+        named = meta.get("source") if isinstance(meta, Mapping) else None
+        source = named if isinstance(named, str) and named else None
     try:
         workflow = workflow_from_dict(data, source)
     except ValidationError as exc:
@@ -380,6 +427,7 @@ def workflow_to_graph(workflow: Workflow) -> dict[str, Any]:
             "outputs": list(workflow.outputs) if workflow.outputs is not None else None,
             "sweep": [{k: _plain(list(v)) for k, v in group.items()} for group in workflow.sweep],
             "ui": _plain(dict(workflow.ui)),
+            "source": Path(workflow.source).name if workflow.source else None,
         },
     }
 
@@ -408,6 +456,7 @@ __all__ = [
     "graph_to_workflow",
     "jsonable",
     "node_entry",
+    "restore_floats",
     "widget_for",
     "workflow_to_graph",
 ]

@@ -85,7 +85,7 @@ class CanvasBackend:
 
     def check(self, graph: Any) -> dict[str, Any]:
         """Every problem of the canvas's graph, as ``dagfusion validate`` would report it."""
-        workflow, problems = graph_to_workflow(graph)
+        workflow, problems = graph_to_workflow(graph, registry=self.registry)
         if workflow is None:
             return {"ok": False, "problems": problems_json(problems), "warnings": []}
         problems, warnings, validated = self._problems(workflow, problems)
@@ -102,7 +102,7 @@ class CanvasBackend:
         An incomplete workflow is still saved (problems are returned alongside, as a warning);
         only a graph that is not a workflow at all is refused.
         """
-        workflow, problems = graph_to_workflow(graph)
+        workflow, problems = graph_to_workflow(graph, registry=self.registry)
         if workflow is None:
             return _refusal("cannot save", problems)
         problems, warnings, _ = self._problems(workflow, problems)
@@ -164,7 +164,7 @@ class CanvasBackend:
 
     def submit(self, graph: Any) -> dict[str, Any]:
         """Validate and queue a run; refused (with every problem) if the graph is invalid."""
-        workflow, problems = graph_to_workflow(graph)
+        workflow, problems = graph_to_workflow(graph, registry=self.registry)
         if workflow is None:
             return _refusal("cannot run", problems)
         problems, warnings, validated = self._problems(workflow, problems)

@@ -192,3 +192,31 @@ def test_graph_round_trip_property(nodes: list[tuple[str, int, int, float]], edg
     assert problems == [] and wf is not None
     again, problems = graph_to_workflow(workflow_to_graph(wf))
     assert problems == [] and again is not None and again.dump() == wf.dump()
+
+
+def _like_javascript(value: object) -> object:
+    """What a value looks like after a trip through the browser: JSON has one number type."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _like_javascript(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_like_javascript(v) for v in value]
+    return value
+
+
+def test_whole_floats_survive_the_browser(registry: Registry) -> None:
+    text = (
+        "format_version: 1\nnodes:\n"
+        "  noise: {type: dagfusion.tensor.Noise, inputs: {seed: 7}, ui: {pos: [0, 0]}}\n"
+        "  blur: {type: dagfusion.tensor.Blur, inputs: {tensor: {from: noise.tensor}, sigma: 3.0}, ui: {pos: [300, 0]}}\n"
+        "sweep:\n- {blur.sigma: [1.0, 2.5], noise.seed: [1, 2]}\n"
+    )
+    wf, _ = parse_workflow(text)
+    assert wf is not None
+    graph = _like_javascript(workflow_to_graph(wf))
+    assert graph["nodes"][1]["inputs"]["sigma"] == 3 and isinstance(graph["nodes"][1]["inputs"]["sigma"], int)
+    back, problems = graph_to_workflow(graph, registry=registry)
+    assert problems == [] and back is not None
+    assert back.dump() == wf.dump()
+    assert isinstance(back.nodes["noise"].inputs["seed"], int)

@@ -74,6 +74,12 @@ def test_an_incomplete_workflow_is_still_saved_with_its_problems(backend: Canvas
     assert not backend.save({"nodes": [{"id": "9"}]})["ok"]
 
 
+def test_a_file_without_a_name_is_saved_under_the_name_it_was_opened_with(backend: CanvasBackend) -> None:
+    opened = backend.open_text("format_version: 1\nnodes: {a: {type: dagfusion.util.Number}}\n", "my-draft.yaml")
+    assert backend.save(opened["graph"])["filename"] == "my-draft.yaml"
+    assert backend.save(empty_graph() | {"nodes": [{"id": "a", "type": "dagfusion.util.Number"}]})["filename"] == "workflow.yaml"
+
+
 def test_open_a_valid_file(backend: CanvasBackend, quickstart_yaml: str) -> None:
     opened = backend.open_text(quickstart_yaml, "quickstart.yaml")
     assert opened["ok"] and opened["problems"] == [] and opened["name"] == "quickstart"
