@@ -283,7 +283,8 @@ def test_quickstart_runs_and_bad_files_keep_the_canvas(canvas: Canvas, tmp_path:
     page.wait_for_selector("[data-testid=df-preview][data-node=save_image] img")
     shot = os.environ.get("DAGFUSION_UI_SCREENSHOT")
     if shot:
-        page.mouse.click(5, 5)  # nothing focused or hovered
+        canvas.select("noise")  # the inspector shows its widgets
+        page.mouse.move(5, 5)  # nothing hovered
         page.wait_for_timeout(300)
         page.screenshot(path=shot)
     before = canvas.js("JSON.stringify(app.toGraph())")

@@ -1172,7 +1172,7 @@
               input.value = String(seed);
               set(seed);
             },
-          }, "🎲");
+          }, "random");
           return el("div", { class: "df-row" }, input, dice);
         }
         case "multiline": {
