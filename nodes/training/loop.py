@@ -35,7 +35,7 @@ import copy
 import logging
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -153,13 +153,15 @@ def amp_dtype(precision: str, device: Any) -> Any:
 
 
 class _TextCache:
-    """Embeddings of each distinct caption, computed once with the frozen text encoder."""
+    """Embeddings of recent distinct captions (at most ``limit``, least recently used dropped),
+    computed with the frozen text encoder; recomputing one gives the same tensors."""
 
-    def __init__(self, clip: Any, device: Any) -> None:
+    def __init__(self, clip: Any, device: Any, limit: int = 4096) -> None:
         self.clip = clip
         self.device = device
         self.kind = clip.kind
-        self._cache: dict[str, dict[str, Any]] = {}
+        self.limit = limit
+        self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     def conditioning(self, captions: tuple[str, ...]) -> Any:
         import torch
@@ -167,12 +169,18 @@ class _TextCache:
         from dagfusion.nodes.diffusion.data import Conditioning
         from dagfusion.nodes.diffusion.text import encode_prompt
 
+        rows = {}
         for caption in dict.fromkeys(captions):
-            if caption not in self._cache:
+            if caption in self._cache:
+                self._cache.move_to_end(caption)
+            else:
                 encoded = encode_prompt(self.clip, caption, "")
                 self._cache[caption] = {k: v.detach().to(self.device) for k, v in encoded.positive.items()}
-        keys = self._cache[captions[0]].keys()
-        positive = {k: torch.cat([self._cache[c][k] for c in captions]) for k in keys}
+            rows[caption] = self._cache[caption]
+        while len(self._cache) > self.limit:
+            self._cache.popitem(last=False)
+        keys = rows[captions[0]].keys()
+        positive = {k: torch.cat([rows[c][k] for c in captions]) for k in keys}
         return Conditioning(self.kind, positive, None, {})
 
 

@@ -171,3 +171,14 @@ def test_learning_rate_schedules():
     assert lr_at(9, dataclasses.replace(config, schedule="constant")) == 1.0
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="linear")
+
+
+def test_caption_embeddings_are_cached_with_a_bound(parts):
+    from dagfusion.nodes.training.loop import _TextCache
+
+    cache = _TextCache(parts["clip"], torch.device("cpu"), limit=2)
+    first = cache.conditioning(("a red circle", "a blue square", "", "a red circle"))
+    hidden = first.positive["encoder_hidden_states"]
+    assert hidden.shape[0] == 4 and torch.equal(hidden[0], hidden[3]) and len(cache._cache) == 2
+    again = cache.conditioning(("a blue square",))  # evicted or not, the same embedding
+    assert torch.equal(again.positive["encoder_hidden_states"][0], hidden[1])
