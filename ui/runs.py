@@ -45,9 +45,11 @@ logger = logging.getLogger("dagfusion.ui")
 #: Longest side of a preview sent to the browser (bigger pictures are scaled down).
 PREVIEW_SIDE = 768
 #: Previews kept per run (the oldest are dropped beyond it).
-MAX_PREVIEWS = 64
+MAX_PREVIEWS = 32
 #: Finished runs kept in the queue's history.
 MAX_HISTORY = 50
+#: Finished runs that keep their previews (older ones keep only their statuses): bounds memory.
+PREVIEW_HISTORY = 8
 
 ACTIVE = ("queued", "running")
 
@@ -197,6 +199,10 @@ class Run:
                 self.previews.append(Preview(index, event.node_id, event.label, url, width, height, kind))
                 if len(self.previews) > MAX_PREVIEWS:
                     del self.previews[0]
+
+    def drop_previews(self) -> None:
+        with self._lock:
+            self.previews.clear()
 
     def _upstream(self, node_ids: set[str]) -> set[str]:
         """``node_ids`` and every node feeding them."""
@@ -385,6 +391,9 @@ class RunQueue:
             if oldest is not None and oldest.active:
                 break
             self._runs.pop(self._order.popleft(), None)
+        finished = [self._runs[i] for i in reversed(self._order) if i in self._runs and not self._runs[i].active]
+        for run in finished[PREVIEW_HISTORY:]:
+            run.drop_previews()
 
     def _next(self) -> Run | None:
         with self._lock:

@@ -129,3 +129,18 @@ def test_previews_arrive_in_order_and_bad_ones_do_not_fail_the_run(queue: RunQue
 
     run.handle(NodePreview(run.id, node_id="one", preview=object()))  # not a picture: logged, ignored
     assert len(run.snapshot()["previews"]) == 2
+
+
+def test_old_runs_keep_their_statuses_but_not_their_previews(ui_registry: Registry, ui_settings: Settings) -> None:
+    from dagfusion.ui import runs as runs_module
+
+    queue = RunQueue(Engine(ui_registry, ui_settings), max_history=runs_module.PREVIEW_HISTORY + 1)
+    try:
+        pictures = [_wf(f"nodes:\n  p: {{type: uitest.Picture, inputs: {{value: {i / 20}}}}}\n") for i in range(runs_module.PREVIEW_HISTORY + 2)]
+        submitted = [_finish(queue, queue.submit(p)) for p in pictures]  # different values: no cache hits
+        assert len(queue.summary()) == runs_module.PREVIEW_HISTORY + 1  # the history is bounded
+        kept = [len(r.previews) for r in submitted[1:]]  # the first left the history
+        assert kept[0] == 0 and set(kept[1:]) == {1}
+        assert all(r.status == "done" for r in submitted)
+    finally:
+        queue.shutdown()
