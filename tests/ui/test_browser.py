@@ -271,6 +271,14 @@ def test_build_connect_refuse_edit_run_save_and_reopen(canvas: Canvas, tmp_path:
     assert canvas.state(blur)["inputs"] == {"sigma": 1.5} and canvas.state(save)["linked"] == ["tensor"]
     assert canvas.state(noise)["inputs"]["distribution"] == "uniform"
 
+    # Edits survive a page reload.
+    canvas.node_ids()  # (let the canvas store its state)
+    page.wait_for_timeout(400)
+    page.reload()
+    page.wait_for_selector(READY)
+    assert canvas.node_ids() == [noise, blur, save] and canvas.state(blur)["inputs"] == {"sigma": 1.5}
+    assert "restored" in page.locator("[data-testid=df-message]").inner_text()
+
 
 def test_quickstart_runs_and_bad_files_keep_the_canvas(canvas: Canvas, tmp_path: Path) -> None:
     page = canvas.page

@@ -80,6 +80,15 @@
     return lines;
   }
 
+  function hashText(text) {
+    let h = 0x811c9dc5; // FNV-1a, 32 bits: a short key, not a security measure
+    for (let i = 0; i < text.length; i++) {
+      h ^= text.charCodeAt(i);
+      h = Math.imul(h, 0x01000193) >>> 0;
+    }
+    return h.toString(16);
+  }
+
   function toBase64(buffer) {
     const bytes = new Uint8Array(buffer);
     let binary = "";
@@ -135,17 +144,44 @@
       this.setupLiteGraph();
       this.buildPalette();
       const initial = this.props.value;
-      if (initial && typeof initial === "object" && Array.isArray(initial.nodes)) {
-        this.loadGraph(initial, { send: false });
+      // Edits survive a page reload: they are kept in the browser under a key naming the
+      // graph the server opened with (a server started on another file starts afresh).
+      this.storageKey = "dagfusion.canvas." + hashText(JSON.stringify(initial || null));
+      const kept = this.restore();
+      if (kept) {
+        this.loadGraph(kept, { send: true });
+        this.setMessage("restored the canvas as you left it (Clear or Open… to start over)", "ok");
       } else {
-        this.meta = { metadata: {}, outputs: null, sweep: [], ui: {} };
-        this.scheduleSync();
+        if (initial && typeof initial === "object" && Array.isArray(initial.nodes)) {
+          this.loadGraph(initial, { send: false });
+        } else {
+          this.meta = { metadata: {}, outputs: null, sweep: [], ui: {} };
+          this.scheduleSync();
+        }
+        if (this.props.notice) this.setMessage(this.props.notice, "warn");
+        else this.setMessage("ready");
       }
-      if (this.props.notice) this.setMessage(this.props.notice, "warn");
-      else this.setMessage("ready");
       this.watch("value", () => this.onValueFromServer());
       this.pollSoon(0);
       this.root.dataset.ready = "true";
+    }
+
+    restore() {
+      try {
+        const text = window.localStorage.getItem(this.storageKey);
+        const graph = text ? JSON.parse(text) : null;
+        return graph && Array.isArray(graph.nodes) && text !== JSON.stringify(this.props.value) ? graph : null;
+      } catch (err) {
+        return null;
+      }
+    }
+
+    keep(text) {
+      try {
+        window.localStorage.setItem(this.storageKey, text);
+      } catch (err) {
+        /* storage full or disabled: reloading then starts from the server's graph */
+      }
     }
 
     async call(name, arg) {
@@ -963,6 +999,7 @@
       if (text === this.lastSent) return graph;
       this.lastSent = text;
       this.props.value = graph; // the component's value: what Python event handlers receive
+      if (this.storageKey) this.keep(text);
       return graph;
     }
 
