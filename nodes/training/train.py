@@ -157,7 +157,8 @@ def train_node(
     """Train a diffusion model's denoiser on a dataset with a pluggable objective (AdamW, EMA, checkpoints).
 
     The input model is copied, never changed; the output is a new handle over the trained copy
-    whose scheduler matches the objective. Seeded training is deterministic (bit-exact on the
+    whose scheduler matches the objective. Training runs where the model handle computes (its
+    loader's device); the text encoder and VAE stay frozen. Seeded training is deterministic (bit-exact on the
     CPU) and cached in memory; checkpoints (safetensors + JSON, never pickle) go to a work folder
     in the cache folder keyed by the training's inputs, so running the same training again
     resumes where it stopped — after a cancel (which saves the step it finished), a crash or the
