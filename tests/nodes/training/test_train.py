@@ -5,6 +5,7 @@ objective defined here training through the unchanged loop."""
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import pytest
 
@@ -53,7 +54,7 @@ def test_progress_cache_checkpoints_and_a_new_process(registry, settings, helper
     assert all("loss" in e.values and "lr" in e.values for e in progress)
     folder = result.output("train.checkpoint_dir")
     assert folder.startswith(str(settings.cache_dir / "training"))
-    assert [s for s, _ in ckpt.steps(ckpt.Path(folder))] == [2, 4]
+    assert [s for s, _ in ckpt.steps(Path(folder))] == [2, 4]
     assert not any(p.suffix == ".safetensors" for p in (tmp_path / "run1").rglob("*"))  # nothing in the output folder
     trained = helpers.state(result.output("train.model").denoiser)
 
@@ -68,7 +69,7 @@ def test_progress_cache_checkpoints_and_a_new_process(registry, settings, helper
     assert reloaded.output("train.final_loss") == result.output("train.final_loss")
 
     # resuming explicitly from the middle checkpoint reaches the same weights
-    middle = ckpt.Path(folder) / "step-00000002"
+    middle = Path(folder) / "step-00000002"
     events = EventCollector()
     resumed = helpers.run_ok(fresh, _text(extra=f"\n      resume: '{middle}'"), tmp_path / "run4", handler=events)
     assert [e.step for e in _train_progress(events)] == [3, 4]
