@@ -87,8 +87,9 @@ def export(model: Any, clip: Any, vae: Any, scheduler: Any, folder: Path, *, dty
         raise ValueError("the model has no scheduler; connect one to the scheduler input")
     encoders = [r.get() for r in clip.encoders] if clip is not None else []
     tokenizers = [r.get() for r in clip.tokenizers] if clip is not None else []
+    denoiser = _cast(model.denoiser, target)
     offer: dict[str, Any] = {
-        "unet": _cast(model.denoiser, target), "transformer": _cast(model.denoiser, target),
+        "unet": denoiser, "transformer": denoiser,
         "vae": _cast(vae.module, target) if vae is not None else None, "scheduler": spec.create(),
         "requires_safety_checker": False,
     }
