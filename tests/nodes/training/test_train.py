@@ -135,3 +135,21 @@ def test_a_plugin_objective_trains_without_touching_the_loop(settings, helpers, 
     assert trained.scheduler.class_name == "DDIMScheduler"  # the default keeps the model's scheduler
     built = result.output("build.model").denoiser
     assert not torch.equal(trained.denoiser.conv_out.weight, built.conv_out.weight)
+
+
+def test_any_training_data_source_connects(engine, helpers, tmp_path):
+    text = """
+    nodes:
+      build: {type: dagfusion.train.NewModel, inputs: {config: tiny-sd-pixel, device: cpu}}
+      shapes: {type: dagfusion.shapes.Dataset, inputs: {resolution: 32}}
+      render: {type: dagfusion.shapes.Render, inputs: {dataset: {from: shapes.dataset}, count: 3}}
+      data: {type: dagfusion.train.ImageData, inputs: {images: {from: render.images}, captions: {from: render.captions}}}
+      objective: {type: dagfusion.train.RectifiedFlow}
+      train:
+        type: dagfusion.train.Train
+        inputs: {model: {from: build.model}, data: {from: data.data}, clip: {from: build.clip}, vae: {from: build.vae},
+                 objective: {from: objective.objective}, steps: 2, batch_size: 2, checkpoint_every: 0}
+    """
+    result = helpers.run_ok(engine, text, tmp_path / "run", check_mutation=True)
+    assert result.output("train.checkpoint_dir") == ""
+    assert result.output("train.model").scheduler.class_name == "FlowMatchEulerDiscreteScheduler"
