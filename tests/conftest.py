@@ -6,10 +6,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings as hypothesis_settings
 
 from dagfusion import Engine, Settings
 from dagfusion.registry import Registry
+
+# One intra-op thread: tests use tiny tensors, and on a small shared machine (CI has 2 cores)
+# thread oversubscription makes tiny ops many times slower.
+torch.set_num_threads(1)
 
 hypothesis_settings.register_profile(
     "dagfusion",
