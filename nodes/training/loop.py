@@ -43,7 +43,7 @@ from typing import Any
 
 from dagfusion import RunCancelled
 from dagfusion.nodes.training import checkpoint as ckpt
-from dagfusion.nodes.training.params import patch_name, patch_parameters, select
+from dagfusion.nodes.training.params import patch_parameters, select
 
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
