@@ -30,7 +30,7 @@ chromium:
 
 setup: $(STAMP) $(UI_ASSETS) chromium
 
-run: setup
+run: $(STAMP) $(UI_ASSETS)
 	$(VENV)/bin/dagfusion run workflows/quickstart.yaml --out outputs/quickstart
 
 test: setup
