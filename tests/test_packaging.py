@@ -38,10 +38,14 @@ def test_wheel_contains_package_data_and_no_generic_modules(wheel: zipfile.ZipFi
         "dagfusion/workflows/quickstart.yaml",
         "dagfusion/nodes/shapes/weights/shapeeval.safetensors",
         "dagfusion/nodes/diffusion/configs/sdxl/unet/config.json",
+        "dagfusion/ui/static/canvas.js",
+        "dagfusion/ui/static/vendor/manifest.json",
     ):
         assert required in names, required
     shipped = {p.name for p in (REPO / "workflows").glob("*.yaml")}
     assert shipped <= {Path(n).name for n in names if n.startswith("dagfusion/workflows/")}
+    vendored = [n for n in names if n.startswith("dagfusion/ui/static/vendor/") and n.endswith(".js")]
+    assert vendored, "the canvas's pinned JavaScript (built from ui/package-lock.json) is missing"
     sources = {f"dagfusion/nodes/{p.relative_to(REPO / 'nodes').as_posix()}" for p in (REPO / "nodes").rglob("*.py")}
     assert sources <= names, f"modules missing from the wheel: {sorted(sources - names)}"
 
