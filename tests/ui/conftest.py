@@ -65,16 +65,9 @@ def ui_registry() -> Registry:
 
 
 @pytest.fixture
-def ui_settings(tmp_path: Path) -> Settings:
-    return Settings.load(
-        overrides={
-            "output_dir": str(tmp_path / "outputs"),
-            "cache_dir": str(tmp_path / "cache"),
-            "read_dirs": [str(tmp_path)],
-            "device": "cpu",
-        },
-        environ={},
-    )
+def ui_settings(settings: Settings) -> Settings:
+    """The suite's isolated settings (outputs and cache under tmp_path, tmp_path readable)."""
+    return settings
 
 
 @pytest.fixture
