@@ -153,6 +153,12 @@ class Canvas:
             "s => document.querySelector('[data-testid=dagfusion-canvas]').dataset.runStatus === s", arg=status, timeout=timeout
         )
 
+    def wait_state(self, node_id: str, key: str, value: Any) -> None:
+        self.page.wait_for_function(
+            "([id, key, value]) => { const s = window.DagfusionCanvas.app.nodeState(id); return s && s[key] === value; }",
+            arg=[node_id, key, value],
+        )
+
     def wait_problems(self, count: int) -> None:
         self.page.wait_for_function(
             "n => document.querySelector('[data-testid=dagfusion-canvas]').dataset.problems === String(n)", arg=count
@@ -239,7 +245,7 @@ def test_build_connect_refuse_edit_run_save_and_reopen(canvas: Canvas, tmp_path:
     page.click("[data-testid=df-run]")
     canvas.wait_run("done")
     assert {canvas.state(n)["status"] for n in (noise, blur, save)} == {"done"}
-    assert canvas.state(save)["preview"]
+    canvas.wait_state(save, "preview", True)  # drawn on the node once the picture has decoded
     assert page.locator(f"[data-testid=df-preview][data-node='{save}'] img").count() == 1
     assert page.locator("[data-testid=df-run-entry][data-status=done]").count() >= 1
 
@@ -285,7 +291,8 @@ def test_quickstart_runs_and_bad_files_keep_the_canvas(canvas: Canvas, tmp_path:
     page.wait_for_function("() => window.DagfusionCanvas.app.nodeIds().length === 7")
     page.click("[data-testid=df-run]")
     canvas.wait_run("done")
-    assert canvas.state("save_image")["status"] in ("done",) and canvas.state("save_image")["preview"]
+    assert canvas.state("save_image")["status"] == "done"
+    canvas.wait_state("save_image", "preview", True)
     assert canvas.state("noise")["status"] in ("done", "cached")
     page.wait_for_selector("[data-testid=df-preview][data-node=save_image] img")
     shot = os.environ.get("DAGFUSION_UI_SCREENSHOT")
@@ -356,7 +363,7 @@ def test_progress_queue_and_cancel_only_this_run(canvas: Canvas, tmp_path: Path)
     second = canvas.root.get_attribute("data-run-id")
     page.wait_for_selector(f"[data-testid=df-run-entry][data-run='{second}'][data-status=queued]")
     page.wait_for_selector(f"[data-testid=df-run-entry][data-run='{first}'][data-status=running]")
-    assert canvas.state("slow")["status"] == "queued"
+    canvas.wait_state("slow", "status", "queued")  # the canvas now shows the queued run
 
     # Cancel cancels the run the canvas shows (the queued one), and only it.
     page.click("[data-testid=df-cancel]")
