@@ -48,10 +48,6 @@ class Plan:
     hits: Mapping[str, Mapping[str, Any]] = field(repr=False)
     path_fingerprints: Mapping[str, str] = field(default_factory=dict)
 
-    @property
-    def cached(self) -> tuple[str, ...]:
-        return tuple(n for n in self.order if n in self.hits)
-
 
 def resolve_targets(validated: ValidatedWorkflow, requested: Iterable[str] | None = None) -> tuple[str, ...]:
     """Target node ids: ``requested`` (``node`` or ``node.output``), else the workflow's

@@ -17,9 +17,6 @@ from dagfusion.plan import Plan
 from dagfusion.registry import Registry
 from dagfusion.workflow import Link
 
-RECORD_FILES = ("workflow.yaml", "events.jsonl", "manifest.json")
-
-
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)

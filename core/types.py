@@ -19,7 +19,6 @@ whose module was never imported cannot be an instance of them.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -143,17 +142,6 @@ def _instance_of(value: Any, refs: tuple[ClassRef, ...]) -> bool:
         if cls is not None and isinstance(value, cls):
             return True
     return False
-
-
-def import_class(ref: ClassRef) -> type:
-    """Import and return the class a reference names (used by documentation, not checks)."""
-    if isinstance(ref, type):
-        return ref
-    module_name, _, attr = ref.rpartition(".")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class TypeSystem:

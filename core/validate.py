@@ -12,14 +12,13 @@ sweep keys.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
 
-from dagfusion.errors import Problem, UnsafeOperationError, ValidationError
+from dagfusion.errors import Problem, UnsafeOperationError, ValidationError, did_you_mean
 from dagfusion.node import NodeSpec
 from dagfusion.registry import Registry
 from dagfusion.semver import parse_version
@@ -40,11 +39,6 @@ class ValidatedWorkflow:
     graph: nx.DiGraph = field(repr=False)
     order: tuple[str, ...]
     warnings: tuple[str, ...] = ()
-
-
-def _suggest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check(
@@ -70,7 +64,7 @@ def check(
                 problems.append(
                     Problem(
                         "unknown-node-type",
-                        f"unknown node type {inst.type!r}{_suggest(inst.type, known_types)}",
+                        f"unknown node type {inst.type!r}{did_you_mean(inst.type, known_types)}",
                         node=node_id,
                         line=workflow.line("nodes", node_id, "type") or line,
                     )
@@ -94,7 +88,7 @@ def check(
                 problems.append(
                     Problem(
                         "unknown-input",
-                        f"{spec.type_id} has no input {name!r}{_suggest(name, declared)}"
+                        f"{spec.type_id} has no input {name!r}{did_you_mean(name, declared)}"
                         f" (inputs: {', '.join(declared) or 'none'})",
                         node=node_id,
                         input=name,
@@ -108,7 +102,7 @@ def check(
                     problems.append(
                         Problem(
                             "dangling-reference",
-                            f"links to node {value.node!r}, which does not exist{_suggest(value.node, list(nodes))}",
+                            f"links to node {value.node!r}, which does not exist{did_you_mean(value.node, list(nodes))}",
                             node=node_id,
                             input=name,
                             line=workflow.node_line(node_id, name),
@@ -125,7 +119,7 @@ def check(
                         Problem(
                             "dangling-reference",
                             f"links to output {value.output!r} of {value.node!r} ({source_spec.type_id}), which has "
-                            f"outputs {names}{_suggest(value.output, names)}",
+                            f"outputs {names}{did_you_mean(value.output, names)}",
                             node=node_id,
                             input=name,
                             line=workflow.node_line(node_id, name),
@@ -185,7 +179,7 @@ def check(
             problems.append(
                 Problem(
                     "dangling-reference",
-                    f"output target {target!r} names no node{_suggest(node_id, list(nodes))}",
+                    f"output target {target!r} names no node{did_you_mean(node_id, list(nodes))}",
                     line=workflow.line("outputs", index),
                 )
             )

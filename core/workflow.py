@@ -28,7 +28,6 @@ YAML comments are not preserved.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import os
 import re
@@ -40,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from dagfusion.errors import Problem, ValidationError
+from dagfusion.errors import Problem, ValidationError, did_you_mean
 from dagfusion.yamlsource import SourceMap, load_yaml
 
 FORMAT_VERSION = 1
@@ -233,10 +232,6 @@ _Dumper.add_representer(str, _represent_str)
 # --- parsing --------------------------------------------------------------------------
 
 
-def _suggest(word: str, options: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
 
 def parse_workflow(text: str | bytes, source: str | None = None) -> tuple[Workflow | None, list[Problem]]:
     """Parse YAML text into a :class:`Workflow`, collecting every structural problem.
@@ -274,7 +269,7 @@ def _from_data(data: dict[str, Any], smap: SourceMap, problems: list[Problem], s
 
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            add("unknown-key", f"unknown top-level key {key!r}{_suggest(key, TOP_LEVEL_KEYS)}", key)
+            add("unknown-key", f"unknown top-level key {key!r}{did_you_mean(key, TOP_LEVEL_KEYS)}", key)
 
     fmt = data.get("format_version")
     format_version = FORMAT_VERSION
@@ -357,7 +352,7 @@ def _parse_node(node_id: Any, raw: Any, smap: SourceMap, problems: list[Problem]
         return None
     for key in raw:
         if key not in NODE_KEYS:
-            add("unknown-key", f"unknown node key {key!r}{_suggest(key, NODE_KEYS)}", key)
+            add("unknown-key", f"unknown node key {key!r}{did_you_mean(key, NODE_KEYS)}", key)
     node_type = raw.get("type")
     if not isinstance(node_type, str) or not node_type:
         add("missing-key" if node_type is None else "bad-value", "every node needs a 'type' (e.g. dagfusion.math.Add)", "type")
@@ -495,7 +490,7 @@ def apply_overrides(workflow: Workflow, assignments: list[str] | tuple[str, ...]
             continue
         if node_id not in workflow.nodes:
             problems.append(
-                Problem("unknown-node", f"--set {text!r}: no node {node_id!r}{_suggest(node_id, list(workflow.nodes))}", node=node_id)
+                Problem("unknown-node", f"--set {text!r}: no node {node_id!r}{did_you_mean(node_id, list(workflow.nodes))}", node=node_id)
             )
             continue
         values[(node_id, input_name)] = value
