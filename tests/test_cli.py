@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dagfusion.cli import EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, main
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "workflows" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[1] / "workflows" / "blurred_noise.yaml"
 
 
 def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -42,7 +42,7 @@ def test_run_quickstart_writes_outputs_and_record(tmp_path: Path) -> None:
     done = cli("run", str(QUICKSTART), "--out", "run1", "--set", "noise.seed=3", cwd=tmp_path)
     assert done.returncode == EXIT_OK, done.stderr
     out = tmp_path / "run1"
-    for name in ("quickstart.png", "report.txt", "workflow.yaml", "events.jsonl", "manifest.json"):
+    for name in ("blurred_noise.png", "report.txt", "workflow.yaml", "events.jsonl", "manifest.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "manifest.json").read_text())["seeds"]["noise.seed"] == 3
     assert (out / "report.txt").read_text().startswith("blurred noise: mean=")
@@ -147,7 +147,7 @@ def test_run_from_png_and_inspect(tmp_path: Path) -> None:
     assert done.returncode == EXIT_OK and "dagfusion.tensor.Noise" in done.stdout and '"noise.seed": 7' in done.stdout
     done = cli("run", str(picture), "--out", "again", cwd=tmp_path)
     assert done.returncode == EXIT_OK, done.stderr
-    assert (tmp_path / "again" / "quickstart.png").is_file()
+    assert (tmp_path / "again" / "blurred_noise.png").is_file()
     plain = tmp_path / "plain.png"
     Image.new("RGB", (2, 2)).save(plain)
     assert cli("run", str(plain), cwd=tmp_path).returncode == EXIT_INVALID

@@ -26,7 +26,7 @@ def test_shipped_workflows_match_the_schema(validator, path: Path) -> None:
 
 
 def test_schema_flags_editor_mistakes(validator) -> None:
-    good = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflows" / "quickstart.yaml").read_text())
+    good = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflows" / "blurred_noise.yaml").read_text())
     typo = copy.deepcopy(good)
     typo["nodes"]["blur"]["inputs"]["sigmaa"] = 1.0
     bad_choice = copy.deepcopy(good)

@@ -325,7 +325,45 @@ def fd_shapes(ctx: RunContext, images: Any, reference: Any, evaluator: Any) -> f
         return frechet_distance(evaluator.embed(images), evaluator.embed(reference))
 
 
-NODES = (dataset, render, prompts, load_evaluator, train_evaluator, save_evaluator, shape_eval, fidelity, fd_shapes)
+def _embedded_example() -> dict[str, Any]:
+    return {"model": "shapes-sd", "device": "cpu", "dtype": "fp32"}
+
+
+@node(
+    "dagfusion.models.LoadEmbedded",
+    version="1.0.0",
+    category="models",
+    inputs=[
+        Input("model", STRING, "shapes-sd", choices=("shapes-sd", "shapes-dit"),
+              description="'shapes-sd' (Stable Diffusion 1 layout) or 'shapes-dit' (PixArt-alpha layout): the shapes-world models shipped with dagfusion."),
+        Input("device", STRING, "auto", choices=("auto", "cpu", "cuda", "mps"),
+              description="Where to compute; 'auto' takes the settings' device, else cuda > mps > cpu."),
+        Input("dtype", STRING, "auto", choices=("auto", "fp32", "fp16", "bf16"),
+              description="Weight precision; 'auto' is fp16 on a GPU and fp32 on the CPU."),
+    ],
+    outputs=[
+        Output("model", "MODEL", "The denoiser handle with the model's scheduler."),
+        Output("clip", "CLIP", "The text encoder and the shapes world's tokenizer."),
+        Output("vae", "VAE", "The VAE."),
+        Output("scheduler", "SCHEDULER", "The model's own scheduler configuration."),
+    ],
+    examples=[_embedded_example],
+)
+def load_embedded(ctx: RunContext, model: str, device: str, dtype: str) -> dict[str, Any]:
+    """Load an embedded shapes-world model (trained by dagfusion, shipped in the package) offline."""
+    from dagfusion.nodes.diffusion.loading import load_diffusers_folder, resolve_device
+    from dagfusion.nodes.diffusion.model_cache import default_cache
+    from dagfusion.nodes.shapes.models import folder
+
+    default_cache().set_budget(ctx.settings.model_cache_bytes)
+    resolved = resolve_device(device, ctx.device)
+    if dtype == "auto":
+        dtype = "fp32" if resolved == "cpu" else "fp16"
+    loaded = load_diffusers_folder(folder(model), dtype=dtype, device=resolved, source=f"embedded:{model}")
+    return {"model": loaded.model, "clip": loaded.clip, "vae": loaded.vae, "scheduler": loaded.scheduler}
+
+
+NODES = (dataset, render, prompts, load_embedded, load_evaluator, train_evaluator, save_evaluator, shape_eval, fidelity, fd_shapes)
 
 
 @hookimpl

@@ -2,7 +2,8 @@
 
 Node ids (all version 1.0.0):
 
-- training: ``dagfusion.train.Train`` (the loop), ``dagfusion.train.NewModel`` (an untrained
+- training: ``dagfusion.train.Train`` (the loop), ``dagfusion.train.TrainVAE`` (an autoencoder),
+  ``dagfusion.train.NewModel`` (an untrained
   model from a shipped or given config), ``dagfusion.train.ImageData`` (images + captions as a
   data source), ``dagfusion.train.SaveDiffusers`` (export a diffusers pipeline folder)
 - objectives: ``dagfusion.train.Epsilon``, ``dagfusion.train.VPrediction``,
@@ -24,11 +25,12 @@ from __future__ import annotations
 from typing import Any
 
 from dagfusion import hookimpl
-from dagfusion.nodes.training import build, data, export, objectives, train
+from dagfusion.nodes.training import autoencoder, build, data, export, objectives, train
 from dagfusion.nodes.training.types import TYPES
 
 NODES = (
     *train.NODES,
+    *autoencoder.NODES,
     *build.NODES,
     *data.NODES,
     *export.NODES,

@@ -1,13 +1,22 @@
 """Untrained models from a config: the starting point of training from scratch.
 
-Built-in configs (tiny, for tests, examples and quick CPU runs; Stable Diffusion layout):
+Built-in configs:
 
 - ``tiny-sd``: ``UNet2DConditionModel`` (32/64 channels, cross-attention at the low resolution,
   4 latent channels), a tiny ``AutoencoderKL`` (x2 downsampling: 32 px images, 16 x 16 latents),
   a 2-layer ``CLIPTextModel`` of width 32 with a character-level tokenizer (it spells any
-  lower-case caption), and a DDIM scheduler with the SD noise schedule.
+  lower-case caption), and a DDIM scheduler with the SD noise schedule. For tests and examples.
 - ``tiny-sd-pixel``: the same UNet on 3-channel pixels (32 x 32) and no VAE — train it without a
   VAE (pixel space); its ``vae`` output is empty.
+- ``shapes-sd``: the architecture of the shipped ``shapes-sd`` model (Stable Diffusion 1 layout
+  at 64 px): a 6.6 M-parameter ``UNet2DConditionModel`` (64/128/128 channels, cross-attention
+  only at the 8 x 8 and 4 x 4 resolutions), an ``AutoencoderKL`` with x4 downsampling (16 x 16 x 4
+  latents of 64 px images), a 2-layer ``CLIPTextModel`` of width 64 and the shapes world's
+  word-level CLIP tokenizer (:mod:`~dagfusion.nodes.shapes.tokenizers`).
+- ``shapes-dit``: the shipped ``shapes-dit`` architecture (PixArt-α layout): a 5.1 M-parameter
+  ``PixArtTransformer2DModel`` (8 blocks of width 192, patch 2 over the 16 x 16 latents), a
+  2-layer ``T5EncoderModel`` of width 64 with the shapes world's T5 tokenizer, and the same VAE
+  architecture as ``shapes-sd`` (train the DiT on ``shapes-sd``'s trained VAE).
 
 Or any diffusers folder of *configs* (``model_index.json`` with ``unet``/``transformer``,
 ``vae``, text encoder, tokenizer and scheduler folders): every model component is built from its
@@ -57,13 +66,72 @@ _SCHEDULER = {
     "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
 }
 
+_SHAPES_VAE = {
+    "_class_name": "AutoencoderKL",
+    "block_out_channels": [16, 32, 32],
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "sample_size": 64,
+}
+_SHAPES_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "block_out_channels": [64, 128, 128],
+    "layers_per_block": 1,
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 64,
+    "attention_head_dim": 32,
+    "norm_num_groups": 32,
+}
+_SHAPES_DIT = {
+    "_class_name": "PixArtTransformer2DModel",
+    "sample_size": 16, "num_layers": 8, "patch_size": 2, "attention_head_dim": 64, "num_attention_heads": 3,
+    "caption_channels": 64, "in_channels": 4, "out_channels": 4, "cross_attention_dim": 192, "attention_bias": True,
+    "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_single",
+    "norm_elementwise_affine": False, "norm_eps": 1e-6,
+}
+_SHAPES_CLIP = {
+    "architectures": ["CLIPTextModel"],
+    "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1, "hidden_size": 64, "intermediate_size": 256,
+    "layer_norm_eps": 1e-05, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 256,
+    "max_position_embeddings": 32,
+}
+_SHAPES_T5 = {
+    "architectures": ["T5EncoderModel"],
+    "vocab_size": 128, "d_model": 64, "d_kv": 16, "d_ff": 256, "num_layers": 2, "num_heads": 4,
+    "relative_attention_num_buckets": 16, "dropout_rate": 0.0, "decoder_start_token_id": 0, "pad_token_id": 0,
+    "eos_token_id": 1, "is_encoder_decoder": False, "use_cache": False,
+}
+_PIXART_SCHEDULER = {**_SCHEDULER, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
+
 CONFIGS: dict[str, dict[str, Any]] = {
     "tiny-sd": {"pipeline": "StableDiffusionPipeline", "unet": _UNET, "vae": _VAE, "text_encoder": _TEXT,
-                "scheduler": _SCHEDULER},
+                "scheduler": _SCHEDULER, "tokenizer": "tiny-clip"},
     "tiny-sd-pixel": {"pipeline": "StableDiffusionPipeline", "unet": {**_UNET, "in_channels": 3, "out_channels": 3, "sample_size": 32},
-                      "vae": None, "text_encoder": _TEXT, "scheduler": _SCHEDULER},
+                      "vae": None, "text_encoder": _TEXT, "scheduler": _SCHEDULER, "tokenizer": "tiny-clip"},
+    "shapes-sd": {"pipeline": "StableDiffusionPipeline", "unet": _SHAPES_UNET, "vae": _SHAPES_VAE,
+                  "text_encoder": _SHAPES_CLIP, "scheduler": _SCHEDULER, "tokenizer": "shapes-clip"},
+    "shapes-dit": {"pipeline": "PixArtAlphaPipeline", "transformer": _SHAPES_DIT, "vae": _SHAPES_VAE,
+                   "text_encoder": _SHAPES_T5, "scheduler": _PIXART_SCHEDULER, "tokenizer": "shapes-t5"},
 }
 """Built-in configs: component name → diffusers/transformers config (``None``: absent)."""
+
+
+def _tokenizer(name: str) -> Any:
+    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.nodes.shapes import tokenizers
+
+    makers = {"tiny-clip": tiny.clip_tokenizer, "shapes-clip": tokenizers.clip_tokenizer,
+              "shapes-t5": tokenizers.t5_tokenizer}
+    return makers[name]()
 
 
 def _seeded(seed: int, offset: int, make: Any) -> Any:
@@ -71,7 +139,7 @@ def _seeded(seed: int, offset: int, make: Any) -> Any:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1000 + offset)
-        return make()
+        return make().eval()
 
 
 def _diffusers_model(config: dict[str, Any]) -> Any:
@@ -95,23 +163,28 @@ def _transformers_model(class_name: str, config: Any) -> Any:
 
 def build_builtin(name: str, seed: int) -> dict[str, Any]:
     """The components of built-in config ``name``: ``{"pipeline", "denoiser_name", "denoiser", "vae",
-    "text_kind", "text_encoders", "tokenizers", "scheduler"}`` (modules in eval mode, CPU, fp32)."""
-    from transformers import CLIPTextConfig
+    "text_kind", "text_encoders", "tokenizers", "text_options", "scheduler"}`` (modules in eval
+    mode, CPU, fp32)."""
+    import transformers
 
-    from dagfusion.nodes.diffusion import tiny
     from dagfusion.nodes.diffusion.data import SchedulerSpec
 
     if name not in CONFIGS:
         raise ValueError(f"expected a config in {list(CONFIGS)}, got {name!r}")
     spec = CONFIGS[name]
-    unet = _seeded(seed, 0, lambda: _diffusers_model(spec["unet"]))
+    denoiser_name = "unet" if "unet" in spec else "transformer"
+    denoiser = _seeded(seed, 0, lambda: _diffusers_model(spec[denoiser_name]))
     vae = _seeded(seed, 1, lambda: _diffusers_model(spec["vae"])) if spec["vae"] else None
-    text_config = CLIPTextConfig(**{k: v for k, v in spec["text_encoder"].items() if k != "architectures"})
-    text = _seeded(seed, 2, lambda: _transformers_model("CLIPTextModel", text_config))
+    text_spec = spec["text_encoder"]
+    class_name = text_spec["architectures"][0]
+    config_class = transformers.T5Config if class_name.startswith("T5") else transformers.CLIPTextConfig
+    text_config = config_class(**{k: v for k, v in text_spec.items() if k != "architectures"})
+    text = _seeded(seed, 2, lambda: _transformers_model(class_name, text_config))
+    kind, options = ("t5", {"max_length": 120, "lowercase": True}) if class_name.startswith("T5") else ("clip", {})
     scheduler = SchedulerSpec(spec["scheduler"]["_class_name"], {k: v for k, v in spec["scheduler"].items() if k != "_class_name"})
     return {
-        "pipeline": spec["pipeline"], "denoiser_name": "unet", "denoiser": unet, "vae": vae, "text_kind": "clip",
-        "text_encoders": [text], "tokenizers": [tiny.clip_tokenizer()], "text_options": {}, "scheduler": scheduler,
+        "pipeline": spec["pipeline"], "denoiser_name": denoiser_name, "denoiser": denoiser, "vae": vae, "text_kind": kind,
+        "text_encoders": [text], "tokenizers": [_tokenizer(spec["tokenizer"])], "text_options": options, "scheduler": scheduler,
     }
 
 
@@ -184,7 +257,7 @@ def handles(parts: dict[str, Any], ident: str, device: str) -> dict[str, Any]:
     category="training",
     inputs=[
         Input("config", STRING, "tiny-sd", choices=tuple(CONFIGS),
-              description="A built-in architecture: 'tiny-sd' (latent, tiny VAE) or 'tiny-sd-pixel' (pixel space, no VAE)."),
+              description="A built-in architecture: 'tiny-sd' (latent, tiny VAE), 'tiny-sd-pixel' (pixel space, no VAE), 'shapes-sd' or 'shapes-dit' (the shipped shapes models' architectures)."),
         Input("config_folder", PATH, optional=True,
               description="A diffusers folder of configs to build instead (weights in it are ignored; tokenizers are loaded)."),
         Input("seed", SEED, 0, min=0, max=2**32 - 1, description="Seeds the initial weights."),

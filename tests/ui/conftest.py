@@ -79,4 +79,4 @@ def backend(ui_registry: Registry, ui_settings: Settings) -> Iterator[CanvasBack
 
 @pytest.fixture
 def quickstart_yaml() -> str:
-    return (REPO / "workflows" / "quickstart.yaml").read_text(encoding="utf-8")
+    return (REPO / "workflows" / "blurred_noise.yaml").read_text(encoding="utf-8")

@@ -19,7 +19,7 @@ pytest.importorskip("gradio", reason="the canvas needs the ui extra: pip install
 from dagfusion.ui import app  # noqa: E402  (after the skip: imports Gradio)
 
 REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = REPO / "workflows" / "quickstart.yaml"
+QUICKSTART = REPO / "workflows" / "blurred_noise.yaml"
 
 
 def test_importing_the_cli_or_validating_never_imports_gradio() -> None:

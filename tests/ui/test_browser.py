@@ -31,7 +31,7 @@ pytest.importorskip("gradio", reason="the canvas needs the ui extra: pip install
 sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need playwright (the dev extra)")
 
 REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = REPO / "workflows" / "quickstart.yaml"
+QUICKSTART = REPO / "workflows" / "blurred_noise.yaml"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",

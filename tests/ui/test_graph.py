@@ -42,7 +42,7 @@ def test_every_example_survives_the_round_trip(path: Path) -> None:
 
 
 def test_a_laid_out_workflow_round_trips_byte_for_byte() -> None:
-    first, _ = graph_to_workflow(workflow_to_graph(load_workflow(REPO / "workflows" / "quickstart.yaml")))
+    first, _ = graph_to_workflow(workflow_to_graph(load_workflow(REPO / "workflows" / "blurred_noise.yaml")))
     assert first is not None
     text = first.dump()
     parsed, problems = parse_workflow(text)
@@ -120,7 +120,7 @@ def test_two_links_into_one_input_are_refused() -> None:
 
 
 def test_auto_layout_puts_each_depth_in_a_column() -> None:
-    wf = load_workflow(REPO / "workflows" / "quickstart.yaml")
+    wf = load_workflow(REPO / "workflows" / "blurred_noise.yaml")
     layout = auto_layout(wf)
     assert layout["noise"][0] < layout["blur"][0] < layout["normalize"][0] == layout["stats"][0]
     assert layout["normalize"][1] != layout["stats"][1]  # same column, different rows

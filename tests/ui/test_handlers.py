@@ -56,7 +56,7 @@ def test_check_reports_problems_on_their_nodes(backend: CanvasBackend, quickstar
 def test_save_writes_the_clis_format(backend: CanvasBackend, quickstart_yaml: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     graph = _graph(quickstart_yaml)
     saved = backend.save(graph)
-    assert saved["ok"] and saved["filename"] == "quickstart.yaml" and saved["problems"] == []
+    assert saved["ok"] and saved["filename"] == "blurred-noise.yaml" and saved["problems"] == []
     wf, problems = parse_workflow(saved["yaml"])
     assert problems == [] and wf is not None and wf.dump() == saved["yaml"]
     path = tmp_path / saved["filename"]
@@ -82,7 +82,7 @@ def test_a_file_without_a_name_is_saved_under_the_name_it_was_opened_with(backen
 
 def test_open_a_valid_file(backend: CanvasBackend, quickstart_yaml: str) -> None:
     opened = backend.open_text(quickstart_yaml, "quickstart.yaml")
-    assert opened["ok"] and opened["problems"] == [] and opened["name"] == "quickstart"
+    assert opened["ok"] and opened["problems"] == [] and opened["name"] == "blurred-noise"
     assert [n["id"] for n in opened["graph"]["nodes"]][:2] == ["noise", "blur"]
 
 
@@ -160,7 +160,7 @@ def test_run_reports_statuses_previews_and_cache(backend: CanvasBackend, quickst
     (preview,) = state["previews"]
     assert preview["node"] == "save_image" and preview["url"].startswith("data:image/png;base64,")
     assert backend.poll(submitted["run"]["id"], since=preview["index"] + 1)["run"]["previews"] == []
-    assert Path(state["output_dirs"][0], "quickstart.png").is_file()
+    assert Path(state["output_dirs"][0], "blurred_noise.png").is_file()
     # The same graph again: pure nodes come from the engine's cache.
     again = _wait(backend, backend.submit(graph)["run"]["id"])
     assert again["nodes"]["noise"] == "cached" and again["nodes"]["save_image"] == "done"

@@ -1,0 +1,100 @@
+"""The embedded shapes models: shipped in the package, small, loadable by dagfusion and by
+diffusers' own pipeline classes, and drawing what their prompts say on held-out prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from dagfusion.nodes.shapes import models  # noqa: E402
+from dagfusion.nodes.shapes.dataset import ShapesDataset  # noqa: E402
+from dagfusion.nodes.shapes.evaluator import SHIPPED, load_shapeeval, score  # noqa: E402
+
+NAMES = tuple(models.EMBEDDED)
+HELD_OUT = ShapesDataset(split="eval").prompts()[::8]  # 12 prompts spread over the held-out split
+# Measured on the shipped models at 25 steps (benchmarks/shapes_models.py); the floor leaves room
+# for other CPUs and torch versions, whose kernels round differently.
+FLOOR = {"shapes-sd": 0.6, "shapes-dit": 0.5}
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return load_shapeeval(SHIPPED)
+
+
+def _run(name: str, prompts: list[str], steps: int = 25):
+    from dagfusion.nodes.diffusion.latents import empty_latent
+    from dagfusion.nodes.diffusion.loading import load_diffusers_folder
+    from dagfusion.nodes.diffusion.sampling import sample
+    from dagfusion.nodes.diffusion.text import encode_prompt
+    from dagfusion.nodes.diffusion.vae import decode
+
+    loaded = load_diffusers_folder(models.folder(name), dtype="fp32", device="cpu")
+    images = []
+    for i, prompt in enumerate(prompts):
+        latent = sample(loaded.model, encode_prompt(loaded.clip, prompt, ""), empty_latent(loaded.model, 64, 64, 1),
+                        steps=steps, guidance_scale=4.0, seed=i)
+        images.append(decode(loaded.vae, latent))
+    return torch.cat(images)
+
+
+def test_shipped_weights_are_fp16_and_small() -> None:
+    from safetensors import safe_open
+
+    total = 0
+    for name in NAMES:
+        files = list(models.folder(name).rglob("*.safetensors"))
+        assert {f.parent.name for f in files} >= {"vae", "text_encoder"}
+        for file in files:
+            total += file.stat().st_size
+            with safe_open(str(file), "pt") as handle:
+                dtypes = {handle.get_slice(k).get_dtype() for k in handle.keys()}
+            assert dtypes <= {"F16", "I64"}, (file, dtypes)
+    assert total < 40 * 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_held_out_prompts_come_out_right(name: str, evaluator) -> None:
+    images = _run(name, HELD_OUT)
+    assert images.shape == (len(HELD_OUT), 3, 64, 64)
+    assert score(evaluator, images, HELD_OUT)["all_correct"] >= FLOOR[name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_diffusers_own_pipeline_samples_the_folder(name: str, evaluator) -> None:
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(models.folder(name)), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    expected = {"shapes-sd": "StableDiffusionPipeline", "shapes-dit": "PixArtAlphaPipeline"}[name]
+    assert type(pipe).__name__ == expected
+    extra = {"clean_caption": False} if name == "shapes-dit" else {}
+    prompts = HELD_OUT[:6]
+    out = pipe(prompts, num_inference_steps=25, guidance_scale=4.0, height=64, width=64,
+               generator=torch.Generator().manual_seed(0), output_type="pt", **extra)
+    assert score(evaluator, out.images, prompts)["all_correct"] >= FLOOR[name] - 0.2
+
+
+def test_a_missing_model_is_named_with_the_way_to_make_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    with pytest.raises(models.EmbeddedModelMissing, match="train_shapes_dit.yaml"):
+        models.folder("shapes-dit")
+    with pytest.raises(ValueError, match="expected an embedded model"):
+        models.folder("shapes-xl")
+
+
+def test_load_embedded_node(engine) -> None:
+    from dagfusion import load_workflow
+
+    wf = load_workflow("nodes:\n  load: {type: dagfusion.models.LoadEmbedded, inputs: {model: shapes-dit, device: cpu}}\n", text=True)
+    result = engine.run(wf)
+    model = result.output("load.model")
+    assert type(model.denoiser).__name__ == "PixArtTransformer2DModel"
+    assert result.output("load.clip").kind == "t5"
+    assert model.info["source"] == "embedded:shapes-dit"
