@@ -15,7 +15,7 @@ from dagfusion.registry import Registry
 from dagfusion.validate import check
 from dagfusion.workflow import parse_workflow, workflow_from_dict
 
-QUICKSTART = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflows" / "quickstart.yaml").read_text())
+QUICKSTART = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflows" / "blurred_noise.yaml").read_text())
 
 _REGISTRY = Registry.from_plugins(load_entrypoints=False)
 
