@@ -12,5 +12,6 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "diffusion": "dagfusion.nodes.diffusion",
     "shapes": "dagfusion.nodes.shapes",
     "training": "dagfusion.nodes.training",
+    "cache": "dagfusion.nodes.cache",
 }
 """Short name → module of every built-in pack, in registration order."""
