@@ -1,0 +1,129 @@
+"""Quality of cache schedulers on the embedded shapes models, against the uncached run.
+
+For each scheduler setting, on the held-out prompts of the shapes world with the same seeds as
+the uncached run (25 steps by default):
+
+- **MAC ratio**: multiply-accumulates the denoiser computed uncached / cached, counted
+  (:func:`dagfusion.nodes.cache.macs.count_macs`) over the whole run — the compute speedup;
+- **PSNR / SSIM** of the final images against the uncached images;
+- **ShapeEval** all-correct of the cached images and of the uncached ones (against the prompts);
+- **FD-shapes** of the cached images against the uncached ones.
+
+Wall-clock on this CPU with 6 M-parameter models is not a speedup figure (see
+``benchmarks/cache_speed.py`` for real-size architectures on a GPU); only MAC ratios are.
+
+Usage::
+
+    python benchmarks/cache_quality.py                       # both models
+    python benchmarks/cache_quality.py --models shapes-sd --steps 50 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from shapes_models import batch_conditioning  # noqa: E402
+
+
+def variants(name: str, steps: int) -> list[tuple[str, Any]]:
+    """``(label, patch)`` pairs to measure for embedded model ``name`` at ``steps`` steps (``None``:
+    uncached; the non-uniform DeepCache schedule centres on 30 % of the steps, as 15 of 50 in the paper)."""
+    from dagfusion.nodes.cache.deepcache import DeepCachePatch
+    from dagfusion.nodes.cache.diffusers_caches import CacheSettings, DiffusersCachePatch
+
+    if name == "shapes-sd":
+        out: list[tuple[str, Any]] = [("uncached", None)]
+        for interval in (2, 3, 4, 5):
+            out.append((f"DeepCache N={interval}", DeepCachePatch(interval=interval)))
+        out.append(("DeepCache non-uniform N=3", DeepCachePatch(interval=3, schedule="non-uniform", center=int(0.3 * steps))))
+        out.append(("DeepCache N=3 branch 1", DeepCachePatch(interval=3, branch=1)))
+        out.append(("PAB (diffusers) 2/6", DiffusersCachePatch(CacheSettings("pyramid_attention_broadcast"))))
+        return out
+    out = [("uncached", None)]
+    for threshold in (0.05, 0.1, 0.2):
+        out.append((f"FBC (diffusers) {threshold}", DiffusersCachePatch(CacheSettings("first_block_cache", threshold=threshold))))
+    out.append(("PAB (diffusers) 2/6", DiffusersCachePatch(CacheSettings("pyramid_attention_broadcast"))))
+    out.append(("PAB (diffusers) 3/6", DiffusersCachePatch(CacheSettings("pyramid_attention_broadcast", spatial_attention_block_skip_range=3))))
+    for interval in (2, 3):
+        out.append((f"TaylorSeer (diffusers) {interval}", DiffusersCachePatch(CacheSettings("taylorseer", cache_interval=interval, disable_cache_before_step=2))))
+    return out
+
+
+def run(loaded: Any, model: Any, prompts: list[str], steps: int, guidance: float) -> tuple[Any, int]:
+    """Images for ``prompts`` with ``model`` (a handle, maybe patched) and the MACs it computed."""
+    from dagfusion.nodes.cache.macs import count_macs
+    from dagfusion.nodes.diffusion.latents import empty_latent
+    from dagfusion.nodes.diffusion.sampling import sample
+    from dagfusion.nodes.diffusion.vae import decode
+
+    cond = batch_conditioning(loaded.clip, prompts)
+    with torch.no_grad(), count_macs(model.denoiser, records=False) as counter:
+        latents = sample(model, cond, empty_latent(model, 64, 64, len(prompts)), steps=steps, guidance_scale=guidance, seed=0)
+    return decode(loaded.vae, latents), counter.total
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dagfusion.nodes.diffusion.loading import load_diffusers_folder
+    from dagfusion.nodes.shapes.dataset import ShapesDataset
+    from dagfusion.nodes.shapes.evaluator import SHIPPED, load_shapeeval, score
+    from dagfusion.nodes.shapes.metrics import frechet_distance, psnr, ssim
+    from dagfusion.nodes.shapes.models import EMBEDDED, folder
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(EMBEDDED), choices=list(EMBEDDED))
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--limit", type=int, default=0, help="use only this many held-out prompts (0: all 96)")
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args(argv)
+
+    evaluator = load_shapeeval(SHIPPED)
+    prompts = ShapesDataset(split="eval").prompts()
+    if args.limit:
+        prompts = prompts[:: max(1, len(prompts) // args.limit)][: args.limit]
+    print(f"# cache schedulers on {len(prompts)} held-out prompts, {args.steps} steps, guidance {args.guidance}, "
+          "same seeds; quality vs the uncached run of the same model")
+    results: dict[str, Any] = {}
+    for name in args.models:
+        loaded = load_diffusers_folder(folder(name), dtype="fp32", device="cpu", source=f"embedded:{name}")
+        reference, full_macs = run(loaded, loaded.model, prompts, args.steps, args.guidance)
+        with torch.no_grad():
+            reference_features = evaluator.embed(reference)
+        base_score = score(evaluator, reference, prompts)["all_correct"]
+        rows = []
+        for label, patch in variants(name, args.steps):
+            model = loaded.model if patch is None else loaded.model.with_patch(patch)
+            images, macs = (reference, full_macs) if patch is None else run(loaded, model, prompts, args.steps, args.guidance)
+            p = psnr(images, reference)
+            finite = [v for v in p.tolist() if math.isfinite(v)]
+            with torch.no_grad():
+                fd = frechet_distance(evaluator.embed(images), reference_features) if patch is not None else 0.0
+            rows.append({
+                "scheduler": label, "mac_ratio": round(full_macs / max(macs, 1), 3),
+                "psnr": round(sum(finite) / len(finite), 2) if finite else float("inf"),
+                "ssim": round(float(ssim(images, reference).mean()), 4),
+                "shapeeval": round(score(evaluator, images, prompts)["all_correct"], 4),
+                "fd_vs_uncached": round(fd, 3),
+            })
+        results[name] = {"uncached_shapeeval": base_score, "rows": rows}
+        print(f"\n## {name} (uncached ShapeEval all-correct {base_score:.3f})")
+        print("| scheduler | MAC speedup | PSNR dB | SSIM | ShapeEval | FD-shapes vs uncached |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['scheduler']} | {r['mac_ratio']:.2f}x | {r['psnr']} | {r['ssim']:.4f} | {r['shapeeval']:.3f} | {r['fd_vs_uncached']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
