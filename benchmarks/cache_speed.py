@@ -151,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['scheduler']} | {r['uncached_s']} | {r['cached_s']} | {r['wall_speedup']:.2f}x | {r['mac_speedup']:.2f}x |")
-        del module, base, built
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
