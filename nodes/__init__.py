@@ -13,5 +13,6 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "shapes": "dagfusion.nodes.shapes",
     "training": "dagfusion.nodes.training",
     "cache": "dagfusion.nodes.cache",
+    "quant": "dagfusion.nodes.quant",
 }
 """Short name → module of every built-in pack, in registration order."""
