@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from dagfusion import hookimpl
-from dagfusion.nodes.cache import deepcache, diffusers_caches
+from dagfusion.nodes.cache import deepcache, diffusers_caches, lazydit
 
-NODES = (*deepcache.NODES, *diffusers_caches.NODES)
+NODES = (*deepcache.NODES, *diffusers_caches.NODES, *lazydit.NODES)
 """Every node of the pack, in palette order."""
 
 

@@ -1,0 +1,383 @@
+"""LazyDiT: learned lazy gates on the tiny DiT and PixArt models.
+
+Skipping is checked against the plain sampler (exact when nothing may skip), the counted
+module computations (forward hooks on each attention's query projection and each MLP's first
+projection, which run only when the module really computes, once per batch row), and across
+runs (state per run, the module restored). Training goes through the real Train node with
+``trainable: patches``; files round-trip; wrong models are refused with clear errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from dagfusion.context import CancelToken, RunContext
+from dagfusion.nodes.cache import lazydit as ld
+from dagfusion.nodes.cache.lazydit import LazyGates, architecture, new_gates
+from dagfusion.nodes.cache.lazydit_objective import LazyGateObjective
+from dagfusion.nodes.diffusion.hooks import FunctionPatch, applied
+from dagfusion.nodes.diffusion.sampling import sample
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, tuple[Any, Any, Any]]:
+    """kind -> (model handle, conditioning, latent) over the shared tiny pipelines."""
+    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.nodes.diffusion.conditioning import class_conditioning
+    from dagfusion.nodes.diffusion.data import Latent, SchedulerSpec
+    from dagfusion.nodes.diffusion.handle import ModelHandle
+
+    pixart = ld._tiny_pixart()
+    pipe = tiny._cached_pipeline("dit", 0)
+    dit = ModelHandle.from_module(
+        pipe.transformer, scheduler=SchedulerSpec(type(pipe.scheduler).__name__, dict(pipe.scheduler.config)),
+        vae_scale_factor=2,
+    )
+    return {
+        "pixart": (pixart["model"], pixart["conditioning"], pixart["latent"]),
+        "dit": (dit, class_conditioning([1]), Latent(torch.zeros(1, 4, 8, 8))),
+    }
+
+
+def run(model: Any, conditioning: Any, latent: Any, **options: Any) -> Any:
+    options = {"steps": STEPS, "guidance_scale": 4.0, "sampler": "euler", "seed": 3, **options}
+    return sample(model, conditioning, latent, **options).samples
+
+
+def gates_for(model: Any, seed: int = 0, **settings: Any) -> LazyGates:
+    arch = architecture(model.denoiser)
+    return LazyGates(new_gates(arch, seed=seed), arch, **settings)
+
+
+def relative(a: Any, b: Any) -> float:
+    return float((a - b).abs().mean() / b.abs().mean())
+
+
+@contextlib.contextmanager
+def counting(module: Any):  # type: ignore[no-untyped-def]
+    """Rows each gated module kind really computed (hooks inside attn1 and ff)."""
+    counts = {"attn": 0, "mlp": 0}
+    handles = []
+
+    def counter(kind: str) -> Any:
+        def hook(mod: Any, args: Any, out: Any) -> None:
+            counts[kind] += int(args[0].shape[0])
+
+        return hook
+
+    for block in module.transformer_blocks:
+        handles.append(block.attn1.to_q.register_forward_hook(counter("attn")))
+        handles.append(block.ff.net[0].register_forward_hook(counter("mlp")))
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def assert_clean(module: Any) -> None:
+    """No LazyDiT leftovers: no instance forward, no hooks, no registered controller."""
+    for block in module.transformer_blocks:
+        for sub in (block.attn1, block.ff):
+            assert "forward" not in sub.__dict__
+            assert not sub._forward_hooks and not sub._forward_pre_hooks
+    with pytest.raises(ValueError, match="no LazyDiT gates"):
+        ld.controller(module)
+
+
+def context(settings: Any, tmp_path: Path) -> RunContext:
+    return RunContext("test", "run", settings, tmp_path / "outputs", CancelToken())
+
+
+# --- sampling -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["pixart", "dit"])
+def test_nothing_skipped_reproduces_the_plain_sampler_exactly(models: Any, kind: str) -> None:
+    model, conditioning, latent = models[kind]
+    plain = run(model, conditioning, latent)
+    gates = gates_for(model)
+    assert torch.equal(run(model.with_patch(gates), conditioning, latent), plain)  # gates present, rule off
+    for settings in ({"rule": "laziness", "laziness": 0.0}, {"rule": "threshold", "threshold": 1.0}):
+        patch = gates.configured(**settings)
+        with counting(model.denoiser) as counts:
+            out = run(model.with_patch(patch), conditioning, latent)
+        assert torch.equal(out, plain), settings
+        stats = patch.last_stats
+        assert stats["skipped"] == 0 and stats["skip_fraction"] == 0.0
+        assert stats["evaluated"] == counts["attn"] + counts["mlp"] == STEPS * len(stats_slots(model)) * 2
+
+
+def stats_slots(model: Any) -> list[Any]:
+    return [(i, k) for i in range(len(model.denoiser.transformer_blocks)) for k in ld.KINDS]
+
+
+@pytest.mark.parametrize("kind", ["pixart", "dit"])
+@pytest.mark.parametrize("laziness", [0.25, 0.5, 1.0])
+def test_laziness_skips_about_its_fraction_and_counts_exactly(models: Any, kind: str, laziness: float) -> None:
+    model, conditioning, latent = models[kind]
+    plain = run(model, conditioning, latent)
+    other_seed = run(model, conditioning, latent, seed=4)
+    patch = gates_for(model, seed=1, rule="laziness", laziness=laziness)
+    with counting(model.denoiser) as counts:
+        out = run(model.with_patch(patch), conditioning, latent)
+    stats = patch.last_stats
+    assert torch.isfinite(out).all()
+    # Much closer to the plain run than another seed's plain run is.
+    assert relative(out, plain) < 0.1 * relative(other_seed, plain)
+    # What was computed is exactly what was not skipped, per kind.
+    rows = 2  # both guidance halves
+    blocks = len(model.denoiser.transformer_blocks)
+    for name in ld.KINDS:
+        evaluated = STEPS * blocks * rows
+        assert counts[name] == evaluated - round(stats[f"{name}_skip_fraction"] * evaluated)
+    assert stats["evaluated"] - stats["skipped"] == counts["attn"] + counts["mlp"]
+    assert stats["skip_fraction"] == stats["skipped"] / stats["evaluated"]
+    # Step 0 computes everything; later steps skip about the target fraction (the threshold is the
+    # previous step's score quantile, so scores drifting between steps and the few modules of the
+    # tiny models make it approximate).
+    assert stats["steps"][0]["skipped"] == 0 and stats["steps"][0]["threshold"] is None
+    assert stats["calls"] == STEPS and stats["rule"] == "laziness" and stats["laziness"] == laziness
+    later = stats["steps"][1:]
+    fraction = sum(s["skipped"] for s in later) / sum(s["total"] for s in later)
+    assert abs(fraction - laziness) <= (0.0 if laziness == 1.0 else 0.2)
+    if laziness == 1.0:
+        assert stats["skipped_calls"] == (STEPS - 1) * blocks * 2
+
+
+def test_fixed_threshold_skips_where_the_score_is_above_it(models: Any) -> None:
+    model, conditioning, latent = models["pixart"]
+    low = gates_for(model, rule="threshold", threshold=0.0)  # every score is above 0
+    with counting(model.denoiser) as counts:
+        run(model.with_patch(low), conditioning, latent)
+    blocks = len(model.denoiser.transformer_blocks)
+    assert counts == {"attn": blocks * 2, "mlp": blocks * 2}  # step 0 only
+    late = gates_for(model, rule="threshold", threshold=0.0, start_step=4)
+    run(model.with_patch(late), conditioning, latent)
+    assert [c["skipped"] for c in late.last_stats["steps"]] == [0, 0, 0, 0, blocks * 4, blocks * 4]
+    mid = gates_for(model, rule="threshold", threshold=0.5)
+    run(model.with_patch(mid), conditioning, latent)
+    assert 0 < mid.last_stats["skip_fraction"] < 1
+
+
+def test_sampling_twice_gives_identical_results_and_leaves_the_module_unchanged(models: Any) -> None:
+    model, conditioning, latent = models["pixart"]
+    before = run(model, conditioning, latent)
+    patch = gates_for(model, seed=2, rule="laziness", laziness=0.5)
+    lazy = model.with_patch(patch)
+    first = run(lazy, conditioning, latent)
+    stats = patch.last_stats
+    second = run(lazy, conditioning, latent)
+    assert torch.equal(first, second)
+    assert patch.last_stats == stats
+    assert_clean(model.denoiser)
+    assert torch.equal(run(model, conditioning, latent), before)
+
+    def boom(call: Any, forward: Any) -> Any:
+        if call.step.index == 2:
+            raise RuntimeError("boom")
+        return forward(call)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run(lazy.with_patch(FunctionPatch(boom, key="test.boom")), conditioning, latent)
+    assert_clean(model.denoiser)
+    assert torch.equal(run(lazy, conditioning, latent), first)
+
+
+def test_stats_node_finds_the_run_that_made_a_latent(models: Any, settings: Any, tmp_path: Path) -> None:
+    model, conditioning, latent = models["pixart"]
+    patch = gates_for(model, rule="laziness", laziness=0.5)
+    lazy = model.with_patch(patch)
+    made = sample(lazy, conditioning, latent, steps=STEPS, guidance_scale=4.0, sampler="euler", seed=3)
+    sample(lazy, conditioning, latent, steps=3, guidance_scale=4.0, sampler="euler", seed=5)  # a later run
+    fraction, text = ld.lazydit_stats.fn(context(settings, tmp_path), model=lazy, latent=made)
+    assert json.loads(text)["calls"] == STEPS and fraction == json.loads(text)["skip_fraction"] > 0
+    assert patch.last_stats["calls"] == 3
+    with pytest.raises(ValueError, match="no LazyDiT sampling run"):
+        ld.lazydit_stats.fn(context(settings, tmp_path), model=lazy, latent=latent)
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+
+def fixed_batch_loss(module: Any, patch: LazyGates, objective: LazyGateObjective, clip: Any) -> tuple[float, dict[str, float]]:
+    """The gate loss on a fixed batch and timesteps, with ``patch`` applied to ``module``."""
+    from dagfusion.nodes.diffusion.denoisers import family_for
+    from dagfusion.nodes.diffusion.text import encode_prompt
+    from dagfusion.nodes.training.objectives import ModelCall, TrainBatch, TrainStep
+
+    family = family_for(module)
+    x0 = torch.randn((4, 4, 16, 16), generator=torch.Generator().manual_seed(0)) * 0.8
+    cond = encode_prompt(clip, "a large red circle on the left on a black background", "")
+    prepared = family.prepare(module, cond, batch=4, cfg=False, device=torch.device("cpu"), dtype=torch.float32,
+                              latent_shape=tuple(x0.shape), scale=2, guidance_scale=1.0)
+    call = ModelCall(module, family, prepared.kwargs, contextlib.nullcontext)
+    with applied([patch], module), torch.no_grad():
+        loss, values = objective.loss(call, TrainBatch(x0, ("",) * 4), TrainStep(0, 1), torch.Generator().manual_seed(1))
+    return float(loss), values
+
+
+def test_training_through_the_train_node_changes_only_the_gates(engine: Any, tmp_path: Path) -> None:
+    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.workflow import load_workflow
+
+    folder = tiny.write_model("pixart", tmp_path / "pixart", seed=0)
+    workflow = load_workflow(f"""
+format_version: 1
+nodes:
+  load: {{type: dagfusion.models.LoadDiffusers, inputs: {{path: "{folder}", dtype: fp32}}}}
+  data: {{type: dagfusion.shapes.Dataset, inputs: {{resolution: 32}}}}
+  gates: {{type: dagfusion.cache.LazyDiTGates, inputs: {{model: {{from: load.model}}, seed: 0}}}}
+  objective:
+    type: dagfusion.train.LazyGateLoss
+    inputs: {{sampling_steps: 10, target_laziness: 0.5, laziness_weight: 1.0, beta_schedule: linear,
+              beta_start: 0.0001, beta_end: 0.02}}
+  train:
+    type: dagfusion.train.Train
+    inputs: {{model: {{from: gates.model}}, data: {{from: data.dataset}}, clip: {{from: load.clip}},
+              vae: {{from: load.vae}}, objective: {{from: objective.objective}}, trainable: patches, steps: 12,
+              batch_size: 2, learning_rate: 0.01, weight_decay: 0.0, caption_dropout: 0.0, checkpoint_every: 0}}
+""", text=True)
+    result = engine.run(workflow, out=tmp_path / "out")
+    assert result.ok, result.errors
+    loaded, gated, trained = (result.output(f"{n}.model") for n in ("load", "gates", "train"))
+    objective = result.output("objective.objective")
+    assert isinstance(objective, LazyGateObjective)
+    assert objective.stride == 100
+
+    # The transformer is bit-identical; its scheduler is unchanged.
+    original = loaded.denoiser.state_dict()
+    after = trained.denoiser.state_dict()
+    assert original.keys() == after.keys()
+    assert all(torch.equal(original[k], after[k]) for k in original)
+    assert trained.scheduler == loaded.scheduler
+    # Only the gates changed (the input handle's gates are untouched copies).
+    (_, fresh), (_, learnt) = ld.find_gates(gated), ld.find_gates(trained)
+    assert learnt.arch == fresh.arch and learnt.gates is not fresh.gates
+    assert fresh.digest() == ld.find_gates(gated)[1].digest() != learnt.digest()
+    changed = [k for k, v in fresh.state_dict().items() if not torch.equal(v, learnt.state_dict()[k])]
+    assert changed and all(k.split(".")[0] in ld.KINDS for k in changed)
+    assert torch.isfinite(torch.tensor(result.output("train.final_loss")))
+
+    # The gate loss on a fixed batch is lower with the trained gates than with the fresh ones.
+    clip = result.output("load.clip")
+    start, start_values = fixed_batch_loss(trained.denoiser, fresh, objective, clip)
+    end, end_values = fixed_batch_loss(trained.denoiser, learnt, objective, clip)
+    assert start_values["penalty"] > 0
+    assert end < start
+    assert end_values["laziness"] > start_values["laziness"]
+
+
+def test_the_objective_mixes_previous_and_current_outputs(models: Any) -> None:
+    model, _, _ = models["pixart"]
+    clip = _tiny_clip()
+    module = model.denoiser
+    objective = LazyGateObjective(laziness_weight=0.0, sampling_steps=10)
+    arch = architecture(module)
+    never = LazyGates(new_gates(arch, init_bias=-40.0, init_std=0.0), arch)  # s = 0: the full model
+    always = LazyGates(new_gates(arch, init_bias=40.0, init_std=0.0), arch)  # s = 1: all previous outputs
+    loss, values = fixed_batch_loss(module, never, objective, clip)
+    assert loss < 1e-12 and values["laziness"] < 1e-12
+    loss, values = fixed_batch_loss(module, always, objective, clip)
+    assert loss > 1e-8 and values["laziness"] == pytest.approx(1.0)
+    assert_clean(module)
+
+
+def _tiny_clip() -> Any:
+    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.nodes.diffusion.handle import TextEncoderBundle
+
+    pipe = tiny._cached_pipeline("pixart", 0)
+    return TextEncoderBundle.from_modules("t5", [pipe.text_encoder], [pipe.tokenizer],
+                                          options={"max_length": 120, "lowercase": True})
+
+
+def test_the_objective_refuses_models_it_cannot_train(models: Any) -> None:
+    from dagfusion.nodes.diffusion.denoisers import family_for
+    from dagfusion.nodes.training.objectives import ModelCall, TrainBatch, TrainStep
+
+    model, _, _ = models["pixart"]
+    module = model.denoiser
+    objective = LazyGateObjective()
+    call = ModelCall(module, family_for(module), {}, contextlib.nullcontext)
+    batch = TrainBatch(torch.zeros(1, 4, 8, 8), ("",))
+    with pytest.raises(ValueError, match="LazyDiTGates"):
+        objective.loss(call, batch, TrainStep(0, 1), torch.Generator())
+    weight = module.transformer_blocks[0].attn1.to_q.weight
+    weight.requires_grad_(True)
+    try:
+        with applied([gates_for(model)], module), pytest.raises(ValueError, match="trainable input to 'patches'"):
+            objective.loss(call, batch, TrainStep(0, 1), torch.Generator())
+    finally:
+        weight.requires_grad_(False)
+    assert objective.sampling_scheduler("base") == "base"
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        LazyGateObjective(zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="sampling_steps"):
+        LazyGateObjective(sampling_steps=1)
+
+
+# --- files and errors -----------------------------------------------------------------------------------
+
+
+def test_save_and_load_round_trip_gives_identical_outputs(models: Any, settings: Any, tmp_path: Path) -> None:
+    model, conditioning, latent = models["pixart"]
+    ctx = context(settings, tmp_path)
+    gated = ld.lazydit_gates.fn(ctx, model=model, seed=5, init_bias=0.5)
+    lazy = ld.lazydit.fn(ctx, model=gated, rule="laziness", laziness=0.5, threshold=0.5, start_step=1)
+    expected = run(lazy, conditioning, latent)
+    path = ld.save_lazy_gates.fn(ctx, model=lazy, filename="gates/pixart.safetensors")
+    assert Path(path).is_file() and Path(path).is_relative_to(tmp_path / "outputs")
+
+    loaded = ld.load_lazy_gates.fn(ctx, model=model, path=path)
+    (_, original), (_, copy) = ld.find_gates(lazy), ld.find_gates(loaded)
+    assert copy.rule == "off" and copy.digest() == original.digest()
+    relazy = ld.lazydit.fn(ctx, model=loaded, rule="laziness", laziness=0.5, threshold=0.5, start_step=1)
+    assert relazy.__dagfusion_fingerprint__() == lazy.__dagfusion_fingerprint__()
+    assert torch.equal(run(relazy, conditioning, latent), expected)
+    # Loading onto a model that already has gates replaces them and keeps their settings.
+    replaced = ld.load_lazy_gates.fn(ctx, model=ld.lazydit_gates.fn(ctx, model=model, seed=9, init_bias=0.0), path=path)
+    assert len(replaced.patches) == 1 and ld.find_gates(replaced)[1].digest() == original.digest()
+    assert torch.equal(run(ld.lazydit.fn(ctx, model=replaced, rule="laziness", laziness=0.5, threshold=0.5,
+                                         start_step=1), conditioning, latent), expected)
+    assert model.patches == ()
+
+
+def test_gates_refuse_another_architecture_and_unets(models: Any, settings: Any, tmp_path: Path) -> None:
+    from dagfusion.nodes.diffusion import tiny
+
+    pixart, dit = models["pixart"][0], models["dit"][0]
+    ctx = context(settings, tmp_path)
+    path = ld.save_lazy_gates.fn(ctx, model=ld.lazydit_gates.fn(ctx, model=pixart, seed=0, init_bias=0.0),
+                                 filename="pixart.safetensors")
+    with pytest.raises(ValueError, match=r"made for a PixArtTransformer2DModel with 2 blocks of width 24.*DiTTransformer2DModel"):
+        ld.load_lazy_gates.fn(ctx, model=dit, path=path)
+    with pytest.raises(ValueError, match="made for"):
+        run(dit.with_patch(gates_for(pixart, rule="laziness")), *models["dit"][1:])
+    assert_clean(dit.denoiser)
+
+    from safetensors.torch import save_file
+
+    other = tmp_path / "outputs" / "other.safetensors"
+    save_file({"x": torch.zeros(1)}, str(other))
+    with pytest.raises(ValueError, match="not a LazyDiT gate file"):
+        ld.load_lazy_gates.fn(ctx, model=pixart, path=str(other))
+
+    unet = tiny.sd_handles()["model"]
+    with pytest.raises(TypeError, match="DeepCache"):
+        ld.lazydit_gates.fn(ctx, model=unet, seed=0, init_bias=0.0)
+    with pytest.raises(ValueError, match="no LazyDiT gates"):
+        ld.lazydit.fn(ctx, model=pixart, rule="laziness", laziness=0.5, threshold=0.5, start_step=1)
+    with pytest.raises(ValueError, match="already has LazyDiT gates"):
+        ld.lazydit_gates.fn(ctx, model=pixart.with_patch(gates_for(pixart)), seed=0, init_bias=0.0)
