@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dagfusion.cli import EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, main
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "workflows" / "blurred_noise.yaml"
+BLURRED_NOISE = Path(__file__).resolve().parents[1] / "workflows" / "blurred_noise.yaml"
 
 
 def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -29,7 +29,7 @@ def test_help_and_validate_do_not_import_torch(tmp_path: Path) -> None:
         "import sys; from dagfusion.cli import main; rc = main(['validate', sys.argv[1]]); "
         "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
     )
-    done = subprocess.run([sys.executable, "-c", probe, str(QUICKSTART)], capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-c", probe, str(BLURRED_NOISE)], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "valid (7 nodes)" in done.stdout
     done = subprocess.run(
@@ -38,8 +38,8 @@ def test_help_and_validate_do_not_import_torch(tmp_path: Path) -> None:
     assert done.returncode == 0
 
 
-def test_run_quickstart_writes_outputs_and_record(tmp_path: Path) -> None:
-    done = cli("run", str(QUICKSTART), "--out", "run1", "--set", "noise.seed=3", cwd=tmp_path)
+def test_run_writes_outputs_and_record(tmp_path: Path) -> None:
+    done = cli("run", str(BLURRED_NOISE), "--out", "run1", "--set", "noise.seed=3", cwd=tmp_path)
     assert done.returncode == EXIT_OK, done.stderr
     out = tmp_path / "run1"
     for name in ("blurred_noise.png", "report.txt", "workflow.yaml", "events.jsonl", "manifest.json"):
@@ -48,8 +48,18 @@ def test_run_quickstart_writes_outputs_and_record(tmp_path: Path) -> None:
     assert (out / "report.txt").read_text().startswith("blurred noise: mean=")
 
 
+def test_quickstart_draws_its_prompt_with_the_embedded_model(tmp_path: Path) -> None:
+    workflow = Path(__file__).resolve().parents[1] / "workflows" / "quickstart.yaml"
+    done = cli("run", str(workflow), "--out", "qs", cwd=tmp_path)
+    assert done.returncode == EXIT_OK, done.stderr
+    out = tmp_path / "qs"
+    assert (out / "quickstart_00000.png").is_file()
+    # ShapeEval reads the picture as the prompt: a large red circle on the left on a black background
+    assert "'all_correct': 1.0" in (out / "report.txt").read_text()
+
+
 def test_json_events(tmp_path: Path) -> None:
-    done = cli("run", str(QUICKSTART), "--out", "r", "--json-events", cwd=tmp_path)
+    done = cli("run", str(BLURRED_NOISE), "--out", "r", "--json-events", cwd=tmp_path)
     assert done.returncode == EXIT_OK
     events = [json.loads(line) for line in done.stdout.splitlines()]
     assert events[0]["event"] == "RunStarted" and events[-1]["event"] == "RunFinished"
@@ -142,7 +152,7 @@ def test_run_from_png_and_inspect(tmp_path: Path) -> None:
     from PIL import Image
 
     picture = tmp_path / "pic.png"
-    Image.new("RGB", (4, 4)).save(picture, pnginfo=png_info(QUICKSTART.read_text(), {"seeds": {"noise.seed": 7}}))
+    Image.new("RGB", (4, 4)).save(picture, pnginfo=png_info(BLURRED_NOISE.read_text(), {"seeds": {"noise.seed": 7}}))
     done = cli("inspect", str(picture), cwd=tmp_path)
     assert done.returncode == EXIT_OK and "dagfusion.tensor.Noise" in done.stdout and '"noise.seed": 7' in done.stdout
     done = cli("run", str(picture), "--out", "again", cwd=tmp_path)

@@ -15,7 +15,7 @@ from dagfusion.registry import Registry
 from dagfusion.validate import check
 from dagfusion.workflow import parse_workflow, workflow_from_dict
 
-QUICKSTART = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflows" / "blurred_noise.yaml").read_text())
+BLURRED_NOISE = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflows" / "blurred_noise.yaml").read_text())
 
 _REGISTRY = Registry.from_plugins(load_entrypoints=False)
 
@@ -55,7 +55,7 @@ def test_arbitrary_yaml_documents(document: Any) -> None:
 
 @st.composite
 def mutated_workflows(draw: st.DrawFn) -> dict[str, Any]:
-    data = copy.deepcopy(QUICKSTART)
+    data = copy.deepcopy(BLURRED_NOISE)
     for _ in range(draw(st.integers(1, 4))):
         node_id = draw(st.sampled_from(sorted(data["nodes"]) or ["x"]))
         where = draw(st.sampled_from(["input", "type", "version", "drop", "top", "node", "link"]))
