@@ -98,7 +98,7 @@ def pipeline_check(name: str, prompts: list[str], guidance: float, evaluator: An
 
     pipe = DiffusionPipeline.from_pretrained(str(folder(name)), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    extra = {"clean_caption": False} if "PixArt" in type(pipe).__name__ else {}
+    extra = {"clean_caption": False, "use_resolution_binning": False} if "PixArt" in type(pipe).__name__ else {}
     images = []
     for i in range(0, len(prompts), 48):
         out = pipe(prompts[i:i + 48], num_inference_steps=25, guidance_scale=guidance, height=64, width=64,
