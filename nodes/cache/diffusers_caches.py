@@ -50,7 +50,6 @@ outputs the ratios as text for the ``mag_ratios`` input.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import threading
 from collections.abc import Iterator
@@ -58,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dagfusion import FLOAT, INT, SEED, STRING, Input, Output, RunContext, node
+from dagfusion.nodes.diffusion import tiny
 from dagfusion.nodes.diffusion.hooks import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook
 from dagfusion.nodes.diffusion.schedulers import SAMPLER_CHOICES
 from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL
@@ -664,37 +664,16 @@ def parse_mag_ratios(text: str) -> tuple[float, ...]:
 # --- the nodes --------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _tiny_pixart() -> dict[str, Any]:
-    """Handles over the tiny PixArt model (node examples): model, conditioning and an 8 x 8 latent."""
-    import torch
-
-    from dagfusion.nodes.diffusion import tiny
-    from dagfusion.nodes.diffusion.data import Latent, SchedulerSpec
-    from dagfusion.nodes.diffusion.handle import ModelHandle, TextEncoderBundle
-    from dagfusion.nodes.diffusion.text import encode_prompt
-
-    pipe = tiny._cached_pipeline("pixart", 0)
-    scheduler = SchedulerSpec(type(pipe.scheduler).__name__, dict(pipe.scheduler.config))
-    model = ModelHandle.from_module(pipe.transformer, scheduler=scheduler, vae_scale_factor=2)
-    clip = TextEncoderBundle.from_modules("t5", [pipe.text_encoder], [pipe.tokenizer],
-                                          options={"max_length": 120, "lowercase": True})
-    return {"model": model, "conditioning": encode_prompt(clip, "a tiny red fox", ""),
-            "latent": Latent(torch.zeros(1, 4, 8, 8))}
-
-
 def _example_pab_unet() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
-
     return {"model": tiny.sd_handles()["model"], "method": "pyramid_attention_broadcast"}
 
 
 def _example_fbc_pixart() -> dict[str, Any]:
-    return {"model": _tiny_pixart()["model"], "method": "first_block_cache", "threshold": 0.1}
+    return {"model": tiny.pixart_handles()["model"], "method": "first_block_cache", "threshold": 0.1}
 
 
 def _example_mag_pixart() -> dict[str, Any]:
-    return {"model": _tiny_pixart()["model"], "method": "mag_cache", "mag_ratios": "1.0, 0.94, 1.01, 1.0, 0.99, 1.01"}
+    return {"model": tiny.pixart_handles()["model"], "method": "mag_cache", "mag_ratios": "1.0, 0.94, 1.01, 1.0, 0.99, 1.01"}
 
 
 @node(
@@ -796,7 +775,7 @@ def diffusers_cache(
 
 
 def _example_calibrate() -> dict[str, Any]:
-    return {**_tiny_pixart(), "steps": 3,
+    return {**tiny.pixart_handles(), "steps": 3,
             "guidance_scale": 4.0, "sampler": "euler", "seed": 1}
 
 

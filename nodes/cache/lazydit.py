@@ -76,6 +76,7 @@ from typing import Any
 
 from dagfusion import FLOAT, INT, PATH, SEED, STRING, Input, Output, RunContext, node
 from dagfusion.nodes.cache.lazydit_objective import lazy_gate_loss
+from dagfusion.nodes.diffusion import tiny
 from dagfusion.nodes.diffusion.hooks import (
     DenoiserCall,
     Forward,
@@ -717,20 +718,14 @@ class LazyDiTHook(LazySession, StepHook):
 # --- the nodes ------------------------------------------------------------------------------------------
 
 
-def _tiny_pixart() -> dict[str, Any]:
-    from dagfusion.nodes.cache import diffusers_caches
-
-    return diffusers_caches._tiny_pixart()
-
-
 def _gated_pixart(seed: int = 0) -> Any:
-    model = _tiny_pixart()["model"]
+    model = tiny.pixart_handles()["model"]
     arch = architecture(model.denoiser)
     return model.with_patch(LazyGates(new_gates(arch, seed=seed), arch))
 
 
 def _gates_example() -> dict[str, Any]:
-    return {"model": _tiny_pixart()["model"], "seed": 1, "init_bias": 0.5}
+    return {"model": tiny.pixart_handles()["model"], "seed": 1, "init_bias": 0.5}
 
 
 @node(
@@ -806,7 +801,7 @@ def lazydit(ctx: RunContext, model: Any, rule: str, laziness: float, threshold: 
 def _stats_example() -> dict[str, Any]:
     from dagfusion.nodes.diffusion.sampling import sample
 
-    parts = _tiny_pixart()
+    parts = tiny.pixart_handles()
     _, gates = find_gates(_gated_pixart())
     model = parts["model"].with_patch(gates.configured(rule="laziness", laziness=0.5))
     latent = sample(model, parts["conditioning"], parts["latent"], steps=3, guidance_scale=1.0, seed=0, sampler="ddim")
@@ -873,7 +868,7 @@ def _load_example(folder: Any) -> dict[str, Any]:
     path = folder / "gates.safetensors"
     _, gates = find_gates(_gated_pixart(seed=3))
     gates.save(path)
-    return {"model": _tiny_pixart()["model"], "path": str(path)}
+    return {"model": tiny.pixart_handles()["model"], "path": str(path)}
 
 
 @node(

@@ -234,6 +234,37 @@ def sd_handles() -> dict[str, Any]:
             "image": image, "scheduler": scheduler}
 
 
+@functools.lru_cache(maxsize=1)
+def pixart_handles() -> dict[str, Any]:
+    """Handles over the tiny PixArt model (node examples and tests): ``model``, ``conditioning``
+    (one prompt) and an 8 x 8 ``latent``."""
+    import torch
+
+    from dagfusion.nodes.diffusion.data import Latent
+    from dagfusion.nodes.diffusion.handle import TextEncoderBundle
+    from dagfusion.nodes.diffusion.text import encode_prompt
+
+    pipe = _cached_pipeline("pixart", 0)
+    clip = TextEncoderBundle.from_modules("t5", [pipe.text_encoder], [pipe.tokenizer],
+                                          options={"max_length": 120, "lowercase": True})
+    return {"model": _handle(pipe.transformer, pipe.scheduler), "conditioning": encode_prompt(clip, "a tiny red fox", ""),
+            "latent": Latent(torch.zeros(1, 4, 8, 8))}
+
+
+def dit_model() -> Any:
+    """A handle over the tiny class-conditional DiT model (8 x 8 latents)."""
+    pipe = _cached_pipeline("dit", 0)
+    return _handle(pipe.transformer, pipe.scheduler)
+
+
+def _handle(module: Any, scheduler: Any) -> Any:
+    from dagfusion.nodes.diffusion.data import SchedulerSpec
+    from dagfusion.nodes.diffusion.handle import ModelHandle
+
+    spec = SchedulerSpec(type(scheduler).__name__, dict(scheduler.config))
+    return ModelHandle.from_module(module, scheduler=spec, vae_scale_factor=2)
+
+
 def write_single_file(kind: str, folder: str | os.PathLike[str], seed: int = 0) -> dict[str, Path]:
     """The tiny SD 1 model as one original-layout ``.safetensors`` file plus a config folder.
 

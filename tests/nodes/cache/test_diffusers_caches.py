@@ -57,16 +57,11 @@ def models() -> dict[str, tuple[Any, Any, Any]]:
     """kind -> (model handle, conditioning, latent) over the shared tiny pipelines."""
     from dagfusion.nodes.diffusion import tiny
     from dagfusion.nodes.diffusion.conditioning import class_conditioning
-    from dagfusion.nodes.diffusion.data import Latent, SchedulerSpec
-    from dagfusion.nodes.diffusion.handle import ModelHandle
+    from dagfusion.nodes.diffusion.data import Latent
 
     sd = tiny.sd_handles()
-    pixart = dc._tiny_pixart()
-    pipe = tiny._cached_pipeline("dit", 0)
-    dit = ModelHandle.from_module(
-        pipe.transformer, scheduler=SchedulerSpec(type(pipe.scheduler).__name__, dict(pipe.scheduler.config)),
-        vae_scale_factor=2,
-    )
+    pixart = tiny.pixart_handles()
+    dit = tiny.dit_model()
     return {
         "sd": (sd["model"], sd["conditioning"], sd["latent"]),
         "pixart": (pixart["model"], pixart["conditioning"], pixart["latent"]),
