@@ -31,7 +31,9 @@ _OUTPUTS = [
 ]
 
 
-def _placement(ctx: RunContext, device: str, dtype: str) -> tuple[str, str]:
+def placement(ctx: RunContext, device: str, dtype: str) -> tuple[str, str]:
+    """``(device, dtype)`` a loader places weights at (``"auto"`` resolved; fp32 on the CPU, else
+    fp16), after giving the shared model cache the settings' budget."""
     from dagfusion.nodes.diffusion.loading import resolve_device
     from dagfusion.nodes.diffusion.model_cache import default_cache
 
@@ -68,7 +70,7 @@ def load_diffusers(ctx: RunContext, path: str, device: str, dtype: str, offload:
     from dagfusion.nodes.diffusion.loading import load_diffusers_folder
 
     folder = ctx.input_path(path)
-    device, dtype = _placement(ctx, device, dtype)
+    device, dtype = placement(ctx, device, dtype)
     return _outputs(
         load_diffusers_folder(folder, dtype=dtype, device=device, offload=offload, allow_pickle=ctx.settings.allow_pickle)
     )
@@ -107,7 +109,7 @@ def load_from_hf_cache(
 
     cache = ctx.input_path(cache_dir) if cache_dir else None
     snapshot = resolve_hf_snapshot(repo_id, revision, cache)
-    device, dtype = _placement(ctx, device, dtype)
+    device, dtype = placement(ctx, device, dtype)
     return _outputs(
         load_diffusers_folder(
             snapshot, dtype=dtype, device=device, offload=offload, allow_pickle=ctx.settings.allow_pickle,
@@ -153,7 +155,7 @@ def load_single_file_node(
     """Load a single-file Stable Diffusion checkpoint (SD 1.x, 2.x, SDXL) with shipped configs, offline."""
     from dagfusion.nodes.diffusion.single_file import load_single_file
 
-    device, dtype = _placement(ctx, device, dtype)
+    device, dtype = placement(ctx, device, dtype)
     return _outputs(
         load_single_file(
             ctx.input_path(path),

@@ -351,15 +351,12 @@ def _embedded_example() -> dict[str, Any]:
 )
 def load_embedded(ctx: RunContext, model: str, device: str, dtype: str) -> dict[str, Any]:
     """Load an embedded shapes-world model (trained by dagfusion, shipped in the package) offline."""
-    from dagfusion.nodes.diffusion.loading import load_diffusers_folder, resolve_device
-    from dagfusion.nodes.diffusion.model_cache import default_cache
+    from dagfusion.nodes.diffusion.loaders import placement
+    from dagfusion.nodes.diffusion.loading import load_diffusers_folder
     from dagfusion.nodes.shapes.models import folder
 
-    default_cache().set_budget(ctx.settings.model_cache_bytes)
-    resolved = resolve_device(device, ctx.device)
-    if dtype == "auto":
-        dtype = "fp32" if resolved == "cpu" else "fp16"
-    loaded = load_diffusers_folder(folder(model), dtype=dtype, device=resolved, source=f"embedded:{model}")
+    device, dtype = placement(ctx, device, dtype)
+    loaded = load_diffusers_folder(folder(model), dtype=dtype, device=device, source=f"embedded:{model}")
     return {"model": loaded.model, "clip": loaded.clip, "vae": loaded.vae, "scheduler": loaded.scheduler}
 
 
