@@ -31,7 +31,7 @@ from typing import Any
 
 from dagfusion import BOOLEAN, FLOAT, INT, SEED, Input, Output, RunContext, RunCancelled, node, union
 from dagfusion.nodes.training import checkpoint as ckpt
-from dagfusion.nodes.training.loop import CheckpointPolicy, TrainingPaused, _rng_state, _set_rng_state
+from dagfusion.nodes.training.loop import CheckpointPolicy, TrainingPaused, _rng_state, _set_rng_state, scheduled_lr
 from dagfusion.nodes.training.types import TRAINING_DATA
 
 TYPE_ID = "dagfusion.train.TrainVAE"
@@ -61,11 +61,7 @@ class VAETrainConfig:
 
     def lr_at(self, step: int) -> float:
         """Linear warmup, then cosine decay to 0 at ``steps``."""
-        if self.warmup_steps > 0 and step < self.warmup_steps:
-            return self.learning_rate * (step + 1) / self.warmup_steps
-        span = max(self.steps - self.warmup_steps, 1)
-        progress = min(max(step - self.warmup_steps, 0) / span, 1.0)
-        return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return scheduled_lr(step, self.learning_rate, self.warmup_steps, self.steps)
 
 
 @dataclass

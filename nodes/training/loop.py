@@ -130,13 +130,16 @@ class TrainResult:
 def lr_at(step: int, config: TrainConfig) -> float:
     """The learning rate of optimizer step ``step`` (0-based): linear warmup over ``warmup_steps``,
     then constant, or a cosine decay to 0 at ``steps``."""
-    base = config.learning_rate
-    warmup = config.warmup_steps
+    return scheduled_lr(step, config.learning_rate, config.warmup_steps, config.steps, config.schedule)
+
+
+def scheduled_lr(step: int, base: float, warmup: int, total: int, schedule: str = "cosine") -> float:
+    """``base`` warmed up linearly over ``warmup`` steps, then constant or cosine-decayed to 0 at ``total``."""
     if warmup > 0 and step < warmup:
         return base * (step + 1) / warmup
-    if config.schedule == "constant":
+    if schedule == "constant":
         return base
-    span = max(config.steps - warmup, 1)
+    span = max(total - warmup, 1)
     progress = min(max(step - warmup, 0) / span, 1.0)
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
