@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +36,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes_models import batch_conditioning  # noqa: E402
 
 
-def variants(name: str, steps: int) -> list[tuple[str, Any]]:
+def calibration(loaded: Any, steps: int, guidance: float, count: int = 8) -> Callable[..., Any]:
+    """``schedule(**options)``: a CacheQuant schedule calibrated on ``count`` *training-split* prompts
+    (never the evaluated ones), one seed, the benchmark's step count and guidance."""
+    from dagfusion.nodes.cache.cachequant import calibrate
+    from dagfusion.nodes.diffusion.latents import empty_latent
+    from dagfusion.nodes.shapes.dataset import ShapesDataset
+
+    train = ShapesDataset(split="train").prompts()
+    prompts = train[:: max(1, len(train) // count)][:count]
+    cond = batch_conditioning(loaded.clip, prompts)
+
+    def schedule(**options: Any) -> Any:
+        with torch.no_grad():
+            return calibrate(loaded.model, cond, empty_latent(loaded.model, 64, 64, len(prompts)), steps=steps,
+                             guidance_scale=guidance, seed=123, **options)
+
+    return schedule
+
+
+def variants(name: str, steps: int, loaded: Any = None, guidance: float = 4.0) -> list[tuple[str, Any]]:
     """``(label, patch)`` pairs to measure for embedded model ``name`` at ``steps`` steps (``None``:
-    uncached; the non-uniform DeepCache schedule centres on 30 % of the steps, as 15 of 50 in the paper)."""
+    uncached; the non-uniform DeepCache schedule centres on 30 % of the steps, as 15 of 50 in the paper).
+    CacheQuant schedules are calibrated on ``loaded`` (skipped when it is ``None``)."""
+    from dagfusion.nodes.cache.blockcache import BlockCachePatch
+    from dagfusion.nodes.cache.cachequant import schedule_patch
     from dagfusion.nodes.cache.deepcache import DeepCachePatch
     from dagfusion.nodes.cache.diffusers_caches import CacheSettings, DiffusersCachePatch
 
+    calibrated = calibration(loaded, steps, guidance) if loaded is not None else None
     if name == "shapes-sd":
         out: list[tuple[str, Any]] = [("uncached", None)]
         for interval in (2, 3, 4, 5):
             out.append((f"DeepCache N={interval}", DeepCachePatch(interval=interval)))
+        if calibrated is not None:
+            for interval in (3, 5):
+                schedule = calibrated(interval=interval)
+                out.append((f"CacheQuant DPS K={len(schedule.full_steps)}, no correction", schedule_patch(schedule, correct=False)))
+                out.append((f"CacheQuant DPS K={len(schedule.full_steps)} + DEC", schedule_patch(schedule)))
+            schedule = calibrated(interval=5, objective="corrected")
+            out.append((f"CacheQuant DPS (corrected objective) K={len(schedule.full_steps)} + DEC", schedule_patch(schedule)))
         out.append(("DeepCache non-uniform N=3", DeepCachePatch(interval=3, schedule="non-uniform", center=int(0.3 * steps))))
         out.append(("DeepCache N=3 branch 1", DeepCachePatch(interval=3, branch=1)))
         out.append(("PAB (diffusers) 2/6", DiffusersCachePatch(CacheSettings("pyramid_attention_broadcast"))))
         return out
     out = [("uncached", None)]
+    for interval in (2, 3):
+        out.append((f"BlockCache N={interval} blocks 1-7", BlockCachePatch(span=(1, 7), interval=interval)))
+    out.append(("BlockCache N=3, Δ-DiT: blocks 4-8 then 0-4 from step 10", BlockCachePatch(span=(4, 8), late_span=(0, 4), boundary=10, interval=3)))
+    if calibrated is not None:
+        for interval in (2, 3):
+            schedule = calibrated(interval=interval, span=(1, 7))
+            out.append((f"CacheQuant DPS K={len(schedule.full_steps)} blocks 1-7, no correction", schedule_patch(schedule, correct=False)))
+            out.append((f"CacheQuant DPS K={len(schedule.full_steps)} blocks 1-7 + DEC", schedule_patch(schedule)))
     for threshold in (0.05, 0.1, 0.2):
         out.append((f"FBC (diffusers) {threshold}", DiffusersCachePatch(CacheSettings("first_block_cache", threshold=threshold))))
     out.append(("PAB (diffusers) 2/6", DiffusersCachePatch(CacheSettings("pyramid_attention_broadcast"))))
@@ -84,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--limit", type=int, default=0, help="use only this many held-out prompts (0: all 96)")
     parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--only", help="measure only schedulers whose label matches this regular expression")
     args = parser.parse_args(argv)
 
     evaluator = load_shapeeval(SHIPPED)
@@ -100,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             reference_features = evaluator.embed(reference)
         base_score = score(evaluator, reference, prompts)["all_correct"]
         rows = []
-        for label, patch in variants(name, args.steps):
+        for label, patch in variants(name, args.steps, loaded, args.guidance):
+            if args.only and patch is not None and not re.search(args.only, label):
+                continue
             model = loaded.model if patch is None else loaded.model.with_patch(patch)
             images, macs = (reference, full_macs) if patch is None else run(loaded, model, prompts, args.steps, args.guidance)
             p = psnr(images, reference)

@@ -12,10 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from dagfusion import hookimpl
-from dagfusion.nodes.cache import deepcache, diffusers_caches, lazydit
+from dagfusion.nodes.cache import blockcache, cachequant, deepcache, diffusers_caches, lazydit
 
-NODES = (*deepcache.NODES, *diffusers_caches.NODES, *lazydit.NODES)
+NODES = (*deepcache.NODES, *blockcache.NODES, *cachequant.NODES, *diffusers_caches.NODES, *lazydit.NODES)
 """Every node of the pack, in palette order."""
+
+
+@hookimpl
+def register_types(register: Any) -> None:
+    for socket_type in cachequant.TYPES:
+        register(socket_type)
 
 
 @hookimpl

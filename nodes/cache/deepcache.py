@@ -318,6 +318,8 @@ class DeepCacheHook(StepHook):
         self.cache: tuple[Any, Any] | None = None  # (batch layout, deep feature)
         self.calls: list[tuple[int, str, Any]] = []  # (step index, "full" | "partial", batch layout)
         self.measured: dict[tuple[str, Any], int] = {}  # MACs of one call, by (mode, layout)
+        # correct(step index, cached feature) -> the feature to reuse (CacheQuant's error correction)
+        self.correct: Any = None
 
     @staticmethod
     def layout(call: DenoiserCall) -> Any:
@@ -330,7 +332,7 @@ class DeepCacheHook(StepHook):
         full = self.plan[index] if 0 <= index < len(self.plan) else True
         layout = self.layout(call)
         if not full and self.cache is not None and self.cache[0] == layout:
-            deep = self.cache[1]
+            deep = self.cache[1] if self.correct is None else self.correct(index, self.cache[1])
             out = self._measure(
                 "partial", layout,
                 lambda: unet_partial_forward(self.unet, call.sample, call.timestep, call.kwargs, self.branch, deep),

@@ -1,0 +1,393 @@
+"""Block caching for diffusion transformers: reuse the residual of a span of transformer blocks.
+
+The transformer counterpart of DeepCache. A DiT or PixArt denoiser is a stack of blocks on a
+residual stream; the *change* a span of blocks ``start … end-1`` makes to that stream,
+``Δ = h_end - h_start``, varies slowly from one sampling step to the next (Δ-DiT, Chen et al.
+2024, caches exactly this deviation rather than the blocks' output). So:
+
+- on a **full** step every block runs and ``Δ`` of the span is cached;
+- on a **partial** step the blocks before the span run, the span is replaced by
+  ``h_start + Δ_cached`` (optionally corrected, ``a ⊙ Δ + b`` per channel, by CacheQuant's
+  decoupled error correction), and the blocks after it run.
+
+Which span is cached may depend on the step: Δ-DiT caches the *back* blocks in the early steps
+(which shape the outline) and the *front* blocks in the late steps (which refine details),
+switching at a boundary step. :func:`spans_for` builds such a per-step span list.
+
+Mechanics: nothing changes on the module outside a denoiser call. For each call the hook swaps
+the ``forward`` of the span's blocks for the capturing or the reusing version (instance
+attributes, removed right after the call, also after an error), calls the rest of the chain
+(inner hooks and the denoiser, which runs its own ``forward`` code unchanged), and keeps the
+captured ``Δ``. The swapped forwards act only for calls from the sampling thread. Inner hooks run
+on every step (the denoiser is called every step; only the span's blocks are skipped). A call
+whose batch layout differs from the cached one runs in full.
+
+MACs of one full and one partial call per batch layout are counted
+(:func:`~dagfusion.nodes.cache.macs.count_macs`) and each run's statistics are left in
+``patch.last_stats``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from dagfusion import INT, STRING, Input, Output, RunContext, node
+from dagfusion.nodes.cache import schedules
+from dagfusion.nodes.diffusion.hooks import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook
+from dagfusion.nodes.diffusion.types import MODEL
+
+Span = tuple[int, int]
+"""``(start, end)``: blocks ``start … end - 1`` of ``transformer_blocks``."""
+
+
+def blocks_of(module: Any) -> Any:
+    """The ``transformer_blocks`` of the DiT/PixArt denoiser behind ``module`` (through ``torch.compile``).
+
+    :raises TypeError: naming the class, for UNets and denoisers without ``transformer_blocks``.
+    """
+    inner = getattr(module, "_orig_mod", module)
+    names = {cls.__name__ for cls in type(inner).__mro__}
+    if any("UNet" in name for name in names):
+        raise TypeError(
+            f"block caching works on diffusion transformers (DiT, PixArt); this model's denoiser is a "
+            f"{type(inner).__name__}, a UNet: use dagfusion.cache.DeepCache"
+        )
+    blocks = getattr(inner, "transformer_blocks", None)
+    if blocks is None or len(blocks) < 2:
+        raise TypeError(
+            f"block caching needs a transformer denoiser with at least 2 transformer_blocks (DiT, PixArt); "
+            f"this model's denoiser is a {type(inner).__name__}"
+        )
+    return blocks
+
+
+def check_span(span: Span, count: int) -> None:
+    """:raises ValueError: unless ``0 <= start < end <= count`` and the span leaves at least one block to run."""
+    start, end = span
+    if not 0 <= start < end <= count:
+        raise ValueError(
+            f"block span {start}-{end} is out of range: this transformer has {count} blocks, so a span is "
+            f"start-end with 0 <= start < end <= {count}"
+        )
+    if end - start >= count:
+        raise ValueError(f"block span {start}-{end} covers all {count} blocks: keep at least one block computing")
+
+
+def parse_span(text: str, count: int | None = None, what: str = "span") -> Span:
+    """``"1-7"`` -> ``(1, 7)`` (end exclusive); ``"1:7"`` also works.
+
+    :raises ValueError: naming ``what``, on text that is not two integers.
+    """
+    cleaned = text.replace(":", "-").replace(" ", "")
+    parts = cleaned.split("-")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        span = (int(parts[0]), int(parts[1]))
+    except ValueError:
+        raise ValueError(f"{what}: expected 'start-end' block indices like '1-7' (end exclusive), got {text!r}") from None
+    if count is not None:
+        check_span(span, count)
+    return span
+
+
+def spans_for(steps: int, early: Span, late: Span | None = None, boundary: int | None = None) -> list[Span]:
+    """The cached span of each of ``steps`` steps: ``early`` before ``boundary``, ``late`` from it on."""
+    if late is None or boundary is None:
+        return [early] * steps
+    return [early if index < boundary else late for index in range(steps)]
+
+
+# --- swapping the span's forwards ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _swapped(blocks: Any, forwards: dict[int, Callable[..., Any]]) -> Iterator[None]:
+    """Install ``forwards`` as instance ``forward`` of the given blocks; restore exactly on exit."""
+    saved: list[tuple[Any, Any]] = []
+    try:
+        for index, fn in forwards.items():
+            block = blocks[index]
+            saved.append((block, block.__dict__.get("forward")))
+            block.forward = fn
+        yield
+    finally:
+        for block, previous in reversed(saved):
+            if previous is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = previous
+
+
+def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def capturing(blocks: Any, span: Span, into: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
+    """Blocks that record the span's input (``into["input"]``) and output (``into["output"]``)
+    when called from this thread, computing as usual."""
+    start, end = span
+    owner = threading.get_ident()
+    first, last = blocks[start], blocks[end - 1]
+    first_forward, last_forward = first.forward, last.forward  # what runs now (another patch's, or the class's)
+
+    def first_fn(*args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() == owner:
+            into["input"] = _hidden(args, kwargs)
+        out = first_forward(*args, **kwargs)
+        if start == end - 1 and threading.get_ident() == owner:
+            into["output"] = out
+        return out
+
+    def last_fn(*args: Any, **kwargs: Any) -> Any:
+        out = last_forward(*args, **kwargs)
+        if threading.get_ident() == owner:
+            into["output"] = out
+        return out
+
+    forwards = {start: first_fn}
+    if end - 1 != start:
+        forwards[end - 1] = last_fn
+    return _swapped(blocks, forwards)
+
+
+def reusing(blocks: Any, span: Span, delta: Any) -> contextlib.AbstractContextManager[None]:
+    """Blocks whose span returns ``input + delta`` without computing (for calls from this thread)."""
+    start, end = span
+    owner = threading.get_ident()
+    forwards: dict[int, Callable[..., Any]] = {}
+    for index in range(start, end):
+        block = blocks[index]
+        original = block.forward
+
+        def fn(*args: Any, _original: Any = original, _first: bool = index == start, **kwargs: Any) -> Any:
+            if threading.get_ident() != owner:
+                return _original(*args, **kwargs)
+            hidden = _hidden(args, kwargs)
+            return hidden + delta.to(hidden.dtype) if _first else hidden
+
+        forwards[index] = fn
+    return _swapped(blocks, forwards)
+
+
+# --- the patch and its per-run hook -------------------------------------------------------------
+
+Correction = Callable[[int, Any], Any]
+"""``correct(step index, cached Δ) -> the Δ to use`` on a partial step."""
+
+
+class BlockCachePatch(ModelPatch):
+    """Block-cache settings attached to a model handle (see the module docstring).
+
+    Subclasses change :meth:`plan`, :meth:`spans` and :meth:`correction` (CacheQuant).
+
+    Attributes:
+        interval: A full step every ``interval`` steps (uniform schedule).
+        span, late_span, boundary: The cached span; from step ``boundary`` on, ``late_span``
+            (Δ-DiT's stage-dependent caching; ``None``: one span throughout).
+        explicit: Full-step indices (explicit schedule; empty: uniform).
+        measure: Count MACs.
+        last_stats: Statistics of the last finished run (read-only reporting).
+    """
+
+    method = "dagfusion.cache.BlockCache"
+
+    def __init__(
+        self,
+        *,
+        span: Span,
+        interval: int = 2,
+        late_span: Span | None = None,
+        boundary: int | None = None,
+        explicit: Sequence[int] = (),
+        measure: bool = True,
+    ) -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be at least 1, got {interval}")
+        self.span = (int(span[0]), int(span[1]))
+        self.late_span = None if late_span is None else (int(late_span[0]), int(late_span[1]))
+        self.boundary = None if boundary is None or late_span is None else int(boundary)
+        self.interval = int(interval)
+        self.explicit = tuple(sorted({int(i) for i in explicit}))
+        self.measure = bool(measure)
+        self.last_stats: dict[str, Any] | None = None
+        self.key = self.method + ":" + json.dumps(self.settings(), sort_keys=True)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as plain data (what the key is made of)."""
+        out: dict[str, Any] = {"span": list(self.span)}
+        if self.explicit:
+            out["full_steps"] = list(self.explicit)
+        else:
+            out["interval"] = self.interval
+        if self.late_span is not None:
+            out.update(late_span=list(self.late_span), boundary=self.boundary)
+        return out
+
+    def plan(self, steps: int) -> list[bool]:
+        """Which of ``steps`` steps run in full."""
+        if self.explicit:
+            return schedules.full_steps("explicit", steps, explicit=self.explicit)
+        return schedules.full_steps("uniform", steps, self.interval)
+
+    def spans(self, steps: int) -> list[Span]:
+        """The cached span of each step."""
+        return spans_for(steps, self.span, self.late_span, self.boundary)
+
+    def correction(self, run: SamplingRun) -> Correction | None:
+        """How a cached Δ is corrected before reuse (``None``: used as is)."""
+        return None
+
+    def begin(self, run: SamplingRun) -> BlockCacheHook:
+        blocks = blocks_of(run.module)
+        spans = self.spans(run.steps)
+        for span in set(spans):
+            check_span(span, len(blocks))
+        inner = getattr(run.module, "_orig_mod", run.module)
+        return BlockCacheHook(self, inner, blocks, self.plan(run.steps), spans, self.correction(run),
+                              measure=self.measure and inner is run.module)
+
+
+class BlockCacheHook(StepHook):
+    """The per-run state of a :class:`BlockCachePatch`: the cached Δ and the run's statistics."""
+
+    def __init__(self, patch: BlockCachePatch, transformer: Any, blocks: Any, plan: list[bool], spans: list[Span],
+                 correct: Correction | None, *, measure: bool = True) -> None:
+        self.patch = patch
+        self.transformer = transformer
+        self.blocks = blocks
+        self.plan = plan
+        self.spans = spans
+        self.correct = correct
+        self.measure = measure
+        self.cache: tuple[Any, Span, Any] | None = None  # (batch layout, span, Δ)
+        self.calls: list[tuple[int, str, Any]] = []
+        self.measured: dict[tuple[str, Any], int] = {}
+
+    @staticmethod
+    def layout(call: DenoiserCall) -> Any:
+        sample = call.sample
+        return (tuple(sample.shape), tuple(call.batches), str(sample.dtype), str(sample.device))
+
+    def denoise(self, call: DenoiserCall, forward: Forward) -> Any:
+        index = call.step.index
+        inside = 0 <= index < len(self.plan)
+        full = self.plan[index] if inside else True
+        span = self.spans[index] if inside else self.spans[-1]
+        layout = self.layout(call)
+        if not full and self.cache is not None and self.cache[0] == layout and self.cache[1] == span:
+            delta = self.cache[2]
+            if self.correct is not None:
+                delta = self.correct(index, delta)
+
+            def partial() -> Any:
+                with reusing(self.blocks, span, delta):
+                    return forward(call)
+
+            out = self._measure("partial", layout, partial)
+            self.calls.append((index, "partial", layout))
+            return out
+        captured: dict[str, Any] = {}
+
+        def whole() -> Any:
+            with capturing(self.blocks, span, captured):
+                return forward(call)
+
+        out = self._measure("full", layout, whole)
+        if "input" in captured and "output" in captured and captured["output"].shape[0] == call.sample.shape[0]:
+            self.cache = (layout, span, (captured["output"] - captured["input"]).detach())
+        else:
+            self.cache = None
+        self.calls.append((index, "full", layout))
+        return out
+
+    def _measure(self, mode: str, layout: Any, fn: Callable[[], Any]) -> Any:
+        if not self.measure or (mode, layout) in self.measured:
+            return fn()
+        from dagfusion.nodes.cache.macs import count_macs
+
+        with count_macs(self.transformer, records=False) as counter:
+            out = fn()
+        self.measured[(mode, layout)] = counter.total
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """This run: ``calls``, ``full_calls``, ``partial_calls``, ``full_fraction``, ``plan``,
+        ``modes`` and, when measured, ``macs``, ``macs_uncached``, ``mac_fraction``."""
+        total = len(self.calls)
+        full = sum(1 for _, mode, _ in self.calls if mode == "full")
+        stats: dict[str, Any] = {
+            "calls": total, "full_calls": full, "partial_calls": total - full,
+            "full_fraction": full / total if total else 0.0, "plan": list(self.plan),
+            "modes": [[index, mode] for index, mode, _ in self.calls],
+        }
+        costs = [(self.measured.get((mode, layout)), self.measured.get(("full", layout))) for _, mode, layout in self.calls]
+        if total and all(a is not None and b is not None for a, b in costs):
+            macs = sum(a for a, _ in costs)
+            uncached = sum(b for _, b in costs)
+            stats.update(macs=macs, macs_uncached=uncached, mac_fraction=macs / uncached if uncached else 1.0)
+        return stats
+
+    def end(self) -> None:
+        self.patch.last_stats = self.stats()
+        self.cache = None
+
+
+# --- the node -----------------------------------------------------------------------------------
+
+
+def _example() -> dict[str, Any]:
+    from dagfusion.nodes.diffusion import tiny
+
+    return {"model": tiny.pixart_handles()["model"], "interval": 2, "span": "0-1"}
+
+
+def _delta_dit_example() -> dict[str, Any]:
+    from dagfusion.nodes.diffusion import tiny
+
+    return {"model": tiny.dit_model(), "interval": 2, "span": "1-2", "late_span": "0-1", "boundary": 2}
+
+
+@node(
+    "dagfusion.cache.BlockCache",
+    version="1.0.0",
+    category="cache",
+    inputs=[
+        Input("model", MODEL, link_only=True, description="A diffusion transformer (DiT, PixArt)."),
+        Input("interval", INT, 2, min=1, max=1000, description="A full step every N steps; the span is reused in between."),
+        Input("span", STRING, "", description="Blocks whose residual is cached, 'start-end' (end exclusive), e.g. '1-27'; "
+                                              "empty: all but the first and the last block."),
+        Input("late_span", STRING, "", description="Δ-DiT: the span cached from 'boundary' on (e.g. the front blocks); "
+                                                   "empty: 'span' throughout."),
+        Input("boundary", INT, 0, min=0, max=10000, description="Δ-DiT: the step where 'late_span' takes over."),
+    ],
+    outputs=[Output("model", MODEL, "The model with block caching applied while sampling.")],
+    examples=[_example, _delta_dit_example],
+    ui={"color": "#26a69a"},
+)
+def block_cache(ctx: RunContext, model: Any, interval: int, span: str, late_span: str, boundary: int) -> Any:
+    """Speed up a DiT/PixArt by reusing the residual of a span of transformer blocks between full steps.
+
+    On full steps every block runs and the change the span makes to the residual stream is
+    cached; in between, the span is replaced by that cached change (Δ-DiT's block caching). With
+    'late_span' and 'boundary', the back blocks can be cached in the early steps and the front
+    blocks in the late ones, as Δ-DiT does. Compare against the plain model with the same seed
+    (dagfusion.metrics.Fidelity).
+    """
+    blocks = blocks_of(model.denoiser)
+    count = len(blocks)
+    early = parse_span(span, count, "span") if span.strip() else (1, count - 1)
+    if not span.strip():
+        check_span(early, count)
+    late = parse_span(late_span, count, "late_span") if late_span.strip() else None
+    if late is not None and boundary < 1:
+        raise ValueError("boundary must be at least 1 when late_span is given (the step where late_span takes over)")
+    return model.with_patch(BlockCachePatch(span=early, interval=interval, late_span=late, boundary=boundary))
+
+
+NODES = (block_cache,)
+"""The nodes of this module."""

@@ -1,0 +1,191 @@
+"""CacheQuant's schedule: the dynamic programme, the correction fit, calibration, sampling with it, errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from dagfusion.nodes.cache import cachequant as cq
+from dagfusion.nodes.cache.cachequant import PairStatistics, calibrate, optimal_full_steps, schedule_cost, schedule_patch
+from dagfusion.nodes.diffusion.sampling import sample
+
+# --- the dynamic programme ---------------------------------------------------------------------
+
+
+def brute_force(distance: Any, steps: int, full: int, max_segment: int) -> float:
+    best = float("inf")
+    for rest in itertools.combinations(range(1, steps), full - 1):
+        starts = [0, *rest]
+        ends = [*rest, steps]
+        if any(e - s > max_segment for s, e in zip(starts, ends)):
+            continue
+        best = min(best, schedule_cost(distance, steps, starts))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_dynamic_programme_finds_the_cheapest_schedule(seed: int) -> None:
+    rng = random.Random(seed)
+    steps = rng.randint(3, 10)
+    full = rng.randint(1, steps)
+    max_segment = rng.randint(-(-steps // full), steps)
+    table = {(s, t): rng.random() * (t - s) for s in range(steps) for t in range(s + 1, steps)}
+    chosen = optimal_full_steps(lambda s, t: table[(s, t)], steps, full, max_segment)
+    assert chosen[0] == 0 and len(chosen) == full and chosen == sorted(set(chosen))
+    assert all(e - s <= max_segment for s, e in zip(chosen, [*chosen[1:], steps]))
+    assert schedule_cost(lambda s, t: table[(s, t)], steps, chosen) == pytest.approx(
+        brute_force(lambda s, t: table[(s, t)], steps, full, max_segment))
+
+
+def test_the_schedule_puts_full_steps_where_the_features_change() -> None:
+    # Features change fast early and slowly late: full steps where they change, then one splitting the calm tail.
+    change = [5.0, 4.0, 3.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+
+    def distance(s: int, t: int) -> float:
+        return sum(change[s + 1:t + 1])
+
+    assert optimal_full_steps(distance, 10, 4, 10) == [0, 1, 2, 6]
+    with pytest.raises(ValueError, match="cannot cover 10 steps"):
+        optimal_full_steps(distance, 10, 2, 4)
+    with pytest.raises(ValueError, match="between 1 and"):
+        optimal_full_steps(distance, 10, 11, 10)
+
+
+# --- the statistics and the correction -----------------------------------------------------------
+
+
+def test_the_correction_recovers_a_per_channel_linear_map_exactly() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, generator=g)
+    a = torch.tensor([0.5, 2.0, -1.0])
+    b = torch.tensor([0.1, -0.3, 2.0])
+    y = x * a.view(1, 3, 1, 1) + b.view(1, 3, 1, 1)
+    stats = PairStatistics(window=3, channel_dim=1)
+    stats.add(0, x)
+    stats.add(1, y)
+    fa, fb = stats.fit(0, 1)
+    torch.testing.assert_close(fa, a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fb, b, rtol=1e-4, atol=1e-4)
+    assert stats.corrected_distance(0, 1) < 1e-8
+    direct = float(((y.double() - x.double()) ** 2).sum() / (y.double() ** 2).sum())
+    assert stats.distance(0, 1) == pytest.approx(direct, rel=1e-9)
+    # Channels last (transformer residuals) work the same way.
+    last = PairStatistics(window=2, channel_dim=-1)
+    last.add(0, x.movedim(1, -1))
+    last.add(1, y.movedim(1, -1))
+    torch.testing.assert_close(last.fit(0, 1)[0], a, rtol=1e-4, atol=1e-4)
+
+
+def test_only_pairs_inside_the_window_are_kept() -> None:
+    stats = PairStatistics(window=2, channel_dim=1)
+    for t in range(4):
+        stats.add(t, torch.full((1, 2, 1, 1), float(t + 1)))
+    assert set(stats.sums) == {(0, 1), (1, 2), (2, 3)}
+    with pytest.raises(ValueError, match="changed shape"):
+        stats.add(4, torch.ones(1, 3, 1, 1))
+
+
+# --- calibration and sampling ------------------------------------------------------------------------
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, tuple[Any, Any, Any]]:
+    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.nodes.diffusion.data import Latent
+
+    sd = tiny.sd_handles()
+    pixart = tiny.pixart_handles()
+    return {
+        "sd": (sd["model"], sd["conditioning"], Latent(torch.zeros(2, 4, 16, 16))),
+        "pixart": (pixart["model"], pixart["conditioning"], Latent(torch.zeros(2, 4, 8, 8))),
+    }
+
+
+def run(model: Any, conditioning: Any, latent: Any, steps: int = STEPS) -> Any:
+    with torch.no_grad():
+        return sample(model, conditioning, latent, steps=steps, guidance_scale=4.0, seed=5).samples
+
+
+@pytest.fixture(scope="module")
+def schedules(models: Any) -> dict[str, Any]:
+    out = {}
+    for kind, (model, conditioning, latent) in models.items():
+        span = (0, 1) if kind == "pixart" else None
+        with torch.no_grad():
+            out[kind] = calibrate(model, conditioning, latent, steps=STEPS, interval=3, span=span,
+                                  guidance_scale=4.0, seed=11)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sd", "pixart"])
+def test_calibration_chooses_k_full_steps_no_worse_than_uniform(schedules: Any, kind: str) -> None:
+    schedule = schedules[kind]
+    calls = schedule.calls
+    assert calls >= STEPS  # PNDM (the tiny SD model) adds PLMS's warm-up call
+    assert len(schedule.full_steps) == -(-calls // 3) and schedule.full_steps[0] == 0
+    report = schedule.report
+    assert report["cost"] <= report["uniform_cost"] + 1e-12
+    assert set(schedule.correction) == set(range(calls)) - set(schedule.full_steps)
+    assert all(a.shape == (schedule.architecture["channels"],) for a, _ in schedule.correction.values())
+    json.dumps(report, default=float)
+
+
+@pytest.mark.parametrize("kind", ["sd", "pixart"])
+def test_sampling_follows_the_schedule_and_the_correction_changes_reused_steps(models: Any, schedules: Any,
+                                                                               kind: str) -> None:
+    model, conditioning, latent = models[kind]
+    schedule = schedules[kind]
+    plain = run(model, conditioning, latent)
+    corrected_patch = schedule_patch(schedule)
+    corrected = run(model.with_patch(corrected_patch), conditioning, latent)
+    raw_patch = schedule_patch(schedule, correct=False)
+    raw = run(model.with_patch(raw_patch), conditioning, latent)
+    stats = corrected_patch.last_stats
+    full = [index for index, mode in stats["modes"] if mode == "full"]
+    assert full == list(schedule.full_steps)
+    assert stats["mac_fraction"] < 1.0 and stats["mac_fraction"] == raw_patch.last_stats["mac_fraction"]
+    assert not torch.equal(corrected, raw)
+    assert torch.isfinite(corrected).all() and not torch.equal(corrected, plain)
+    assert corrected_patch.key != raw_patch.key
+    # Same handle, second run: identical (no state carried over).
+    assert torch.equal(run(model.with_patch(corrected_patch), conditioning, latent), corrected)
+
+
+@pytest.mark.parametrize("kind", ["sd", "pixart"])
+def test_an_all_full_schedule_reproduces_the_plain_sampler(models: Any, kind: str) -> None:
+    model, conditioning, latent = models[kind]
+    span = (0, 1) if kind == "pixart" else None
+    with torch.no_grad():
+        schedule = calibrate(model, conditioning, latent, steps=4, interval=1, span=span, guidance_scale=4.0)
+    assert schedule.correction == {}
+    assert torch.equal(run(model.with_patch(schedule_patch(schedule)), conditioning, latent, steps=4),
+                       run(model, conditioning, latent, steps=4))
+
+
+def test_mismatches_are_reported_clearly(models: Any, schedules: Any) -> None:
+    model, conditioning, latent = models["sd"]
+    with pytest.raises(ValueError, match=f"calibrated for {STEPS} sampling steps"):
+        run(model.with_patch(schedule_patch(schedules["sd"])), conditioning, latent, steps=STEPS + 2)
+    with pytest.raises(ValueError, match="calibrated on a UNet2DConditionModel"):
+        cq.check_fits(schedules["sd"], models["pixart"][0].denoiser)
+    with pytest.raises(ValueError, match="either the number of full steps or the interval"):
+        calibrate(model, conditioning, latent, steps=4, full=2, interval=2)
+    with pytest.raises(ValueError, match="objective"):
+        calibrate(model, conditioning, latent, steps=4, interval=2, objective="psnr")
+
+
+def test_the_schedule_fingerprint_follows_its_content(schedules: Any) -> None:
+    from dagfusion.fingerprint import fingerprint
+
+    sd, pixart = schedules["sd"], schedules["pixart"]
+    assert fingerprint(sd) == fingerprint(sd) and fingerprint(sd) != fingerprint(pixart)
+    assert sd.plan().count(True) == len(sd.full_steps)
