@@ -369,6 +369,7 @@ def quantize_module(
     keep: Iterable[str] = DEFAULT_KEEP,
     min_params: int = DEFAULT_MIN_PARAMS,
     progress: Callable[[int, int], None] | None = None,
+    layer_specs: Mapping[str, QuantSpec] | None = None,
 ) -> WeightQuantPatch:
     """Quantize ``module``'s selected layers (reading its weights, never changing them).
 
@@ -377,6 +378,10 @@ def quantize_module(
     :param keep: Module-name glob patterns kept in 16 bits (see :func:`parse_keep`).
     :param min_params: Layers with fewer weight elements are kept in 16 bits.
     :param progress: Called as ``progress(done, total)`` after each quantized layer.
+    :param layer_specs: Mixed precision: ``{layer: QuantSpec}`` for layers quantized in another
+        format than ``spec`` (layers not named use ``spec``). The patch's settings then record
+        ``format`` ``"mixed"`` and ``layer_bits`` ``{layer: bits}`` of every quantized layer.
+    :raises ValueError: when ``layer_specs`` names a layer that is not selected for quantization.
     """
     import torch
 
@@ -384,13 +389,20 @@ def quantize_module(
         spec = QuantSpec.parse(spec)
     patterns = tuple(keep)
     plan = plan_layers(module, patterns, min_params)
+    specs = dict(layer_specs or {})
+    unknown = sorted(set(specs) - set(plan.quantize))
+    if unknown:
+        raise ValueError(
+            f"layer_specs names {len(unknown)} layer(s) that are not quantized with keep={list(patterns)} and "
+            f"min_params={min_params}, e.g. {unknown[:3]}"
+        )
     params = parameters_of(module)
     layers: dict[str, QuantizedTensor] = {}
     errors: dict[str, float] = {}
     with torch.no_grad():
         for index, name in enumerate(plan.quantize):
             weight = params[f"{name}.weight"].value
-            layers[name] = quantize(weight, spec)
+            layers[name] = quantize(weight, specs.get(name, spec))
             errors[name] = relative_error(weight, layers[name])
             if progress is not None:
                 progress(index + 1, len(plan.quantize))
@@ -400,12 +412,15 @@ def quantize_module(
             for name, param in params.items()
             if name not in quantized
         }
-    settings = {
+    settings: dict[str, Any] = {
         "format": spec.name,
         "spec": spec.to_dict(),
         "keep": list(patterns),
         "min_params": int(min_params),
     }
+    if layer_specs is not None:
+        settings["format"] = "mixed"
+        settings["layer_bits"] = {name: qt.spec.bits for name, qt in layers.items()}
     return WeightQuantPatch(
         layers, kept, architecture=architecture_of(module), settings=settings, errors=errors, kept_layers=plan.kept
     )
