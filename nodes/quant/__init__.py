@@ -8,11 +8,19 @@ Nodes:
   or torchao's kernels on CUDA (``pip install dagfusion[gpu]``).
 - ``dagfusion.quant.Save`` — write a quantized model as one packed safetensors file.
 - ``dagfusion.quant.Load`` — load such a file onto a model of the same architecture, bit-exactly.
+- ``dagfusion.quant.Sensitivity`` — per layer and candidate bit width, how much quantizing only
+  that layer changes the denoiser output (BitsFusion's sensitivity), from recorded calibration
+  calls.
+- ``dagfusion.quant.MixedPrecision`` — bits per layer chosen from a sensitivity to meet an
+  average-bits budget exactly as WeightOnly counts it (a knapsack), then quantized; savable
+  with Save.
+
+Types: ``QUANT_SENSITIVITY`` (:mod:`~dagfusion.nodes.quant.types`).
 
 Modules: :mod:`~dagfusion.nodes.quant.formats` (the tensor maths and bit packing),
 :mod:`~dagfusion.nodes.quant.patch` (the patch, layer selection, average bits),
 :mod:`~dagfusion.nodes.quant.storage` (the file format), :mod:`~dagfusion.nodes.quant.backend`
-(torch or torchao).
+(torch or torchao), :mod:`~dagfusion.nodes.quant.mixed` (sensitivity and bit allocation).
 
 Registering this pack imports neither torch nor diffusers: each node imports them when it runs.
 """
@@ -23,9 +31,16 @@ from typing import Any
 
 from dagfusion import hookimpl
 from dagfusion.nodes.quant import nodes
+from dagfusion.nodes.quant.types import TYPES
 
 NODES = nodes.NODES
 """Every node of the pack, in palette order."""
+
+
+@hookimpl
+def register_types(register: Any) -> None:
+    for socket_type in TYPES:
+        register(socket_type)
 
 
 @hookimpl

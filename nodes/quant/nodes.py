@@ -1,14 +1,17 @@
-"""The nodes of the quantization pack: WeightOnly, Save and Load."""
+"""The nodes of the quantization pack: WeightOnly, Save, Load, Sensitivity and MixedPrecision."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from dagfusion import DICT, FLOAT, INT, PATH, STRING, Input, Output, RunContext, node
-from dagfusion.nodes.diffusion.types import MODEL
+from dagfusion import DICT, FLOAT, INT, PATH, SEED, STRING, Input, Output, RunContext, node
+from dagfusion.nodes.diffusion.schedulers import SAMPLER_CHOICES
+from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL
 from dagfusion.nodes.quant.backend import BACKENDS
 from dagfusion.nodes.quant.formats import FORMATS
+from dagfusion.nodes.quant.mixed import DEFAULT_BITS_TEXT
 from dagfusion.nodes.quant.patch import DEFAULT_KEEP_TEXT, DEFAULT_MIN_PARAMS
+from dagfusion.nodes.quant.types import QUANT_SENSITIVITY
 
 # --- shared checks ----------------------------------------------------------------------------
 
@@ -263,5 +266,212 @@ def load_quantized(ctx: RunContext, model: Any, path: str) -> Any:
     return replacing_quantization(model, patch)
 
 
-NODES = (weight_only, save_quantized, load_quantized)
+# --- Sensitivity ------------------------------------------------------------------------------
+
+
+def _sensitivity_example() -> dict[str, Any]:
+    from dagfusion.nodes.diffusion import tiny
+
+    parts = tiny.sd_handles()
+    return {"model": parts["model"], "conditioning": parts["conditioning"], "latent": parts["latent"],
+            "steps": 3, "calibration_steps": 2, "guidance_scale": 4.0, "sampler": "euler", "seed": 1,
+            "bits": "2,8", "min_params": 16384}
+
+
+@node(
+    "dagfusion.quant.Sensitivity",
+    version="1.0.0",
+    category="quantization",
+    inputs=[
+        Input("model", MODEL, link_only=True,
+              description="A diffusers denoiser (UNet or transformer); measured without its patches."),
+        Input("conditioning", CONDITIONING, link_only=True,
+              description="Calibration prompt(s) or class labels, as you will sample (a batch of prompts is used whole)."),
+        Input("latent", LATENT, link_only=True, description="A latent of the size you will sample (only its shape counts)."),
+        Input("sampler", STRING, "default", choices=SAMPLER_CHOICES, description="The sampler of the calibration run."),
+        Input("steps", INT, 20, min=1, max=1000, description="Steps of the calibration run."),
+        Input("calibration_steps", INT, 4, min=1, max=1000,
+              description="How many of the run's denoiser calls are recorded (evenly spaced from the first step to "
+                          "the last) and replayed for every layer and bit width; the run stops after the last."),
+        Input("guidance_scale", FLOAT, 7.5, min=0.0, max=100.0, description="Guidance scale, as you will sample."),
+        Input("seed", SEED, 0, min=0, max=2**63 - 1, description="Seed of the calibration run's noise."),
+        Input("bits", STRING, DEFAULT_BITS_TEXT,
+              description="Candidate bit widths, comma-separated, each 1 to 8: up to 4 bits asymmetric with a "
+                          "scale and zero-point per group, 5 to 8 bits symmetric per output channel."),
+        Input("group_size", INT, 64, min=0, max=65536,
+              description="Inputs sharing one scale and zero-point at 4 bits and below (0 = one per output channel)."),
+        Input("keep", STRING, DEFAULT_KEEP_TEXT,
+              description="Comma-separated glob patterns over module names kept in 16 bits (as in "
+                          "dagfusion.quant.WeightOnly); 'default' stands for the built-in list."),
+        Input("min_params", INT, DEFAULT_MIN_PARAMS, min=0, max=2**40,
+              description="Linear/Conv layers with fewer weight elements stay in 16 bits."),
+    ],
+    outputs=[
+        Output("sensitivity", QUANT_SENSITIVITY,
+               "Per quantizable layer and bit width: the mean squared error of the denoiser output with only that "
+               "layer quantized, against full precision; with the layers' shapes and the settings."),
+        Output("report", STRING, "The same as JSON: summed error per bit width, per layer its size and errors "
+                                 "(also relative to the output's mean square), and the calibration run."),
+    ],
+    persist=True,
+    examples=[_sensitivity_example],
+    ui={"color": "#7e57c2"},
+)
+def sensitivity(
+    ctx: RunContext, model: Any, conditioning: Any, latent: Any, sampler: str, steps: int, calibration_steps: int,
+    guidance_scale: float, seed: int, bits: str, group_size: int, keep: str, min_params: int,
+) -> dict[str, Any]:
+    """Measure how much each layer's quantization hurts the denoiser output, per candidate bit width (BitsFusion).
+
+    One calibration sampling run of the plain denoiser (its patches left out) records the
+    denoiser's inputs at calibration_steps evenly spaced steps. Then, for every layer that
+    dagfusion.quant.WeightOnly would quantize (keep, min_params) and every width in bits, only
+    that layer is quantized — its weight swapped for the dequantized one and put back right
+    after, also on errors; the shared weights are never written — and the recorded calls are
+    replayed: the result is the mean squared error of the output against full precision.
+    Cost: one forward pass of the recorded calls per layer and width. Feed the sensitivity to
+    dagfusion.quant.MixedPrecision; it is kept in the disk cache (persist).
+    """
+    import json
+    import math
+
+    from dagfusion.nodes.quant.mixed import measure_sensitivity, parse_bits, record_calls
+    from dagfusion.nodes.quant.patch import parse_keep
+
+    node_id = "dagfusion.quant.Sensitivity"
+    module = require_denoiser(model, node_id)
+    widths = parse_bits(bits, where=f"{node_id} input 'bits'")
+    patterns = parse_keep(keep)
+    calls = record_calls(model, conditioning, latent, steps=steps, count=calibration_steps, sampler=sampler,
+                         guidance_scale=guidance_scale, seed=seed)
+    calibration = {
+        "sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "seed": int(seed),
+        "recorded_steps": [c.step for c in calls], "timesteps": [c.timestep_value for c in calls],
+        "weights": str(model.ref.fingerprint),
+    }
+    with model.use(module):
+        result = measure_sensitivity(
+            module, calls, bits=widths, group_size=group_size, keep=patterns, min_params=min_params,
+            calibration=calibration,
+            progress=lambda done, total: ctx.progress(done, total, message="measuring layer sensitivity"),
+        )
+
+    def finite(value: Any) -> Any:  # JSON has no inf/NaN
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [finite(v) for v in value]
+        return value
+
+    return {"sensitivity": result, "report": json.dumps(finite(result.report()), indent=1)}
+
+
+# --- MixedPrecision ---------------------------------------------------------------------------
+
+
+def _proxy_sensitivity(module: Any, bits: tuple[int, ...], min_params: int) -> Any:
+    """A stand-in sensitivity for examples: each layer's squared weight error at each width."""
+    import torch
+
+    from dagfusion.nodes.quant.formats import quantize
+    from dagfusion.nodes.quant.mixed import QuantSensitivity, spec_for_bits
+    from dagfusion.nodes.quant.patch import DEFAULT_KEEP, parameters_of, plan_layers
+
+    params = parameters_of(module)
+    errors: dict[str, dict[int, float]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in plan_layers(module, DEFAULT_KEEP, min_params).quantize:
+        weight = params[f"{name}.weight"].value.detach()
+        shapes[name] = tuple(weight.shape)
+        errors[name] = {
+            b: float(torch.sum((quantize(weight, spec_for_bits(b, 64)).dequantize(dtype=torch.float32) - weight.float()) ** 2))
+            for b in bits
+        }
+    return QuantSensitivity(errors, shapes, bits, 64, DEFAULT_KEEP, min_params, type(module).__name__)
+
+
+def _mixed_example(target: float, bits: tuple[int, ...] = (2, 3, 4, 8)) -> Any:
+    def make() -> dict[str, Any]:
+        from dagfusion.nodes.diffusion import tiny
+
+        model = tiny.sd_handles()["model"]
+        return {"model": model, "sensitivity": _proxy_sensitivity(model.denoiser, bits, DEFAULT_MIN_PARAMS),
+                "target_bits": target}
+
+    return make
+
+
+@node(
+    "dagfusion.quant.MixedPrecision",
+    version="1.0.0",
+    category="quantization",
+    inputs=[
+        Input("model", MODEL, link_only=True,
+              description="The denoiser the sensitivity was measured on (or one of the same architecture)."),
+        Input("sensitivity", QUANT_SENSITIVITY, link_only=True, description="From dagfusion.quant.Sensitivity."),
+        Input("target_bits", FLOAT, 3.0, min=1.0, max=32.0,
+              description="Average bits per denoiser parameter, counting codes, scales, zero-points and the "
+                          "16-bit layers (as WeightOnly's average_bits); the result never exceeds it."),
+    ],
+    outputs=[
+        Output("model", MODEL, "The model with mixed-precision weights while sampling (savable with dagfusion.quant.Save)."),
+        Output("bits", DICT, "The bit width chosen for each quantized layer."),
+        Output("average_bits", FLOAT, "Bits per denoiser parameter actually stored (at most target_bits)."),
+        Output("report", DICT, "WeightOnly's report plus the allocation: target, summed predicted error, layers "
+                               "and parameters per bit width, whether the knapsack was solved exactly."),
+    ],
+    examples=[_mixed_example(3.0), _mixed_example(4.5, (1, 2, 4))],
+    ui={"color": "#7e57c2"},
+)
+def mixed_precision(ctx: RunContext, model: Any, sensitivity: Any, target_bits: float) -> dict[str, Any]:
+    """Mixed-precision weights (BitsFusion): bits per layer chosen from a sensitivity to meet an average-bits budget.
+
+    Allocation and quantization in one node, so the budget is checked against the model it
+    quantizes. Chooses one of the sensitivity's bit widths for every layer it measured,
+    minimising the summed per-layer output errors (the layers' errors are assumed to add up)
+    subject to the stored size — every byte, as average_bits counts it — staying at or below
+    target_bits per parameter: a multiple-choice knapsack solved by dynamic programming, exact
+    up to 2^18 budget cells and otherwise with costs rounded up (so the budget always holds)
+    and the remainder spent greedily. Then quantizes the layers with those widths (group size
+    and keep patterns from the sensitivity) into a new handle; the input handle is unchanged.
+    A target below what the 16-bit layers and the narrowest width allow is an error that
+    names the least feasible average.
+    """
+    from dagfusion.nodes.quant.mixed import allocate, quantize_allocation
+    from dagfusion.nodes.quant.patch import average_bits, report
+
+    node_id = "dagfusion.quant.MixedPrecision"
+    module = require_denoiser(model, node_id)
+    allocation = allocate(module, sensitivity, target_bits, node=node_id)
+    patch = quantize_allocation(
+        module, sensitivity, allocation,
+        progress=lambda done, total: ctx.progress(done, total, message="quantizing layers"),
+    )
+    achieved = average_bits(module, patch)
+    summary = report(module, patch, backend="torch")
+    for name, b in allocation.bits.items():
+        summary["layers"][name]["sensitivity"] = sensitivity.errors[name][b]
+    summary["allocation"] = {
+        "target_bits": float(target_bits),
+        "average_bits": achieved,
+        "minimum_average_bits": allocation.minimum_average_bits,
+        "maximum_average_bits": allocation.maximum_average_bits,
+        "predicted_error": allocation.predicted_error,
+        "candidate_bits": list(sensitivity.bits),
+        "group_size": sensitivity.group_size,
+        "bits_histogram": allocation.histogram(sensitivity.sizes),
+        "exact": allocation.exact,
+        "measured_on_these_weights": sensitivity.calibration.get("weights") in (None, str(model.ref.fingerprint)),
+    }
+    return {
+        "model": replacing_quantization(model, patch),
+        "bits": dict(allocation.bits),
+        "average_bits": achieved,
+        "report": summary,
+    }
+
+
+NODES = (weight_only, save_quantized, load_quantized, sensitivity, mixed_precision)
 """The nodes of this module, in palette order."""
