@@ -445,6 +445,8 @@ def swapped_weight(module: Any, layer: str, value: Any) -> contextlib.AbstractCo
     The weight is replaced by a new ``Parameter`` in every place that holds it (tied weights
     included); on exit — also after an error — the original ``Parameter`` objects are put back,
     so the module is the same objects with the same values. The original weight is never written.
+    Like a patch's ``apply``, the swap is visible to anything else running the same module at
+    that moment (the engine runs one node at a time).
 
     :raises KeyError: when the module has no parameter ``f"{layer}.weight"``.
     """
@@ -615,10 +617,10 @@ def choose_bits(
     weights = [[-(-extra // unit) for extra in row] for row in extras]
 
     best = np.zeros(capacity + 1)
-    choice = np.zeros((len(names), capacity + 1), dtype=np.int16)
+    choice = np.zeros((len(names), capacity + 1), dtype=np.int8)
     for i, (name, opts) in enumerate(zip(names, options)):
         new = np.full(capacity + 1, np.inf)
-        arg = np.zeros(capacity + 1, dtype=np.int16)
+        arg = np.zeros(capacity + 1, dtype=np.int8)
         for j, option in enumerate(opts):
             w = weights[i][j]
             if w > capacity:
