@@ -82,15 +82,23 @@ def pixart(device: Any) -> dict[str, Any]:
 BUILDERS = {"sd15": sd15, "dit": dit, "pixart": pixart}
 
 
-def variants(name: str) -> list[tuple[str, Any]]:
+def variants(name: str, calibrate: Any, blocks: int) -> list[tuple[str, Any]]:
+    """``(label, patch)`` per scheduler; ``calibrate(**options)`` makes a CacheQuant schedule on the
+    (random-weight) model itself — its full steps then differ from a trained model's, its cost does not."""
+    from dagfusion.nodes.cache.blockcache import BlockCachePatch
+    from dagfusion.nodes.cache.cachequant import schedule_patch
     from dagfusion.nodes.cache.deepcache import DeepCachePatch
     from dagfusion.nodes.cache.diffusers_caches import CacheSettings, DiffusersCachePatch
 
     pab = [("PAB 2/6", DiffusersCachePatch(CacheSettings("pyramid_attention_broadcast")))]
     if name == "sd15":
-        return [*[(f"DeepCache N={n}", DeepCachePatch(interval=n, measure=False)) for n in (2, 3, 5)], *pab]
+        return [*[(f"DeepCache N={n}", DeepCachePatch(interval=n, measure=False)) for n in (2, 3, 5)],
+                ("CacheQuant DPS K=ceil(T/5) + DEC", schedule_patch(calibrate(interval=5))), *pab]
     extra = [("PAB 3/6", DiffusersCachePatch(CacheSettings("pyramid_attention_broadcast", spatial_attention_block_skip_range=3)))] if name == "pixart" else []
-    return [*pab, *extra, ("TaylorSeer 3", DiffusersCachePatch(CacheSettings("taylorseer", cache_interval=3, disable_cache_before_step=2)))]
+    span = (1, blocks - 1)
+    cached = [(f"BlockCache N={n} blocks {span[0]}-{span[1]}", BlockCachePatch(span=span, interval=n, measure=False)) for n in (2, 3)]
+    cached.append(("CacheQuant DPS K=ceil(T/3) + DEC", schedule_patch(calibrate(interval=3, span=span))))
+    return [*pab, *extra, *cached, ("TaylorSeer 3", DiffusersCachePatch(CacheSettings("taylorseer", cache_interval=3, disable_cache_before_step=2)))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         once(base)
         full_macs = macs(base)
         rows = []
-        for label, patch in variants(name):
+        def calibrate(**options: Any) -> Any:
+            from dagfusion.nodes.cache.cachequant import calibrate as run_calibration
+
+            with torch.no_grad():
+                return run_calibration(base, built["conditioning"], latent, steps=built["steps"], guidance_scale=4.5,
+                                       seed=1, **options)
+
+        blocks = len(getattr(module, "transformer_blocks", ())) or 0
+        for label, patch in variants(name, calibrate, blocks):
             handle = base.with_patch(patch)
             once(handle)
             ours, theirs = [], []

@@ -14,6 +14,12 @@ Nodes:
 - ``dagfusion.quant.MixedPrecision`` — bits per layer chosen from a sensitivity to meet an
   average-bits budget exactly as WeightOnly counts it (a knapsack), then quantized; savable
   with Save.
+- ``dagfusion.quant.Trainable``, ``dagfusion.train.QuantDistillLoss``, ``dagfusion.quant.Freeze``,
+  ``dagfusion.quant.ErrorProfile`` — BitsFusion's quantization-aware distillation through the
+  ordinary training loop: latent weights and scales train through a straight-through estimator
+  against the full-precision teacher (stage I: CFG-aware output distillation; stage II: the
+  noise-prediction loss with timesteps weighted by the measured quantization error), then are
+  packed again (:mod:`~dagfusion.nodes.quant.qat`, :mod:`~dagfusion.nodes.quant.distill`).
 
 Types: ``QUANT_SENSITIVITY`` (:mod:`~dagfusion.nodes.quant.types`).
 
@@ -30,10 +36,10 @@ from __future__ import annotations
 from typing import Any
 
 from dagfusion import hookimpl
-from dagfusion.nodes.quant import nodes
+from dagfusion.nodes.quant import distill, nodes, qat_nodes
 from dagfusion.nodes.quant.types import TYPES
 
-NODES = nodes.NODES
+NODES = (*nodes.NODES, *qat_nodes.NODES, *distill.NODES)
 """Every node of the pack, in palette order."""
 
 

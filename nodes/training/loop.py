@@ -417,7 +417,13 @@ def train(
                 )
                 if prepared.concat is not None:
                     raise ValueError(f"training {family.name} models (with concatenated image latents) is not supported")
-                call = ModelCall(module, family, prepared.kwargs, autocast)
+                def unconditional(rows: int = x0.shape[0], shape: tuple[int, ...] = tuple(x0.shape)) -> Any:
+                    return family.prepare(
+                        module, text.conditioning(("",) * rows), batch=rows, cfg=False, device=device,
+                        dtype=torch.float32, latent_shape=shape, scale=scale, guidance_scale=1.0,
+                    ).kwargs
+
+                call = ModelCall(module, family, prepared.kwargs, autocast, unconditional)
                 loss, logs = objective.loss(call, TrainBatch(x0, captions, examples), TrainStep(step, total), generator)
                 value = float(loss.detach())
                 if not math.isfinite(value):

@@ -102,13 +102,32 @@ class ModelCall:
         family: The sampler family adapter (:mod:`~dagfusion.nodes.diffusion.denoisers`).
         inputs: Keyword inputs bound for this batch (``encoder_hidden_states`` …).
         autocast: A callable returning the run's autocast context (or a null context).
+        unconditional: A callable returning the keyword inputs of the *empty* caption for the
+            batch (classifier-free guidance's unconditional half), or ``None`` when the caller
+            cannot make them; use :meth:`unconditional_inputs`.
     """
 
-    def __init__(self, module: Any, family: Any, inputs: Mapping[str, Any], autocast: Any) -> None:
+    def __init__(self, module: Any, family: Any, inputs: Mapping[str, Any], autocast: Any,
+                 unconditional: Any = None) -> None:
         self.module = module
         self.family = family
         self.inputs = dict(inputs)
         self.autocast = autocast
+        self._unconditional = unconditional
+        self._unconditional_inputs: dict[str, Any] | None = None
+
+    def unconditional_inputs(self) -> dict[str, Any]:
+        """The keyword inputs of the empty caption for this batch (made once per batch), to pass as
+        ``model_call(sample, t, **model_call.unconditional_inputs())``.
+
+        :raises ValueError: when this call was made without a way to build them.
+        """
+        if self._unconditional_inputs is None:
+            if self._unconditional is None:
+                raise ValueError("this objective needs the unconditional (empty-caption) inputs, which this training "
+                                 "loop does not provide")
+            self._unconditional_inputs = dict(self._unconditional())
+        return self._unconditional_inputs
 
     def __call__(self, sample: Any, timesteps: Any, **inputs: Any) -> Any:
         """The module's prediction for ``sample`` at ``timesteps`` (one per row), in float32.

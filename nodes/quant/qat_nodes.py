@@ -1,0 +1,223 @@
+"""Nodes of quantization-aware distillation: Trainable, Freeze and ErrorProfile.
+
+A distillation workflow reads::
+
+    WeightOnly / MixedPrecision ──► Trainable ──► Train (QuantDistillLoss stage I) ──► Train (stage II) ──► Freeze ──► Save
+                                └─► ErrorProfile ─(timestep_weights)─┘
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dagfusion import BOOLEAN, FLOAT, INT, SEED, STRING, Input, Output, RunContext, node
+from dagfusion.nodes.diffusion.hooks import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook
+from dagfusion.nodes.diffusion.schedulers import SAMPLER_CHOICES
+from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL
+
+
+def _qat_patches(model: Any) -> list[Any]:
+    from dagfusion.nodes.quant.qat import QATPatch
+
+    return [p for p in model.patches if isinstance(p, QATPatch)]
+
+
+def full_precision(model: Any) -> Any:
+    """``model`` without its weight-quantization and quantization-aware patches (others kept, in order)."""
+    from dagfusion.nodes.quant.patch import WeightQuantPatch
+    from dagfusion.nodes.quant.qat import QATPatch
+
+    base = model.without_patches()
+    for patch in model.patches:
+        if not isinstance(patch, (WeightQuantPatch, QATPatch)):
+            base = base.with_patch(patch)
+    return base
+
+
+def _quantized_example(bits: str = "int4") -> Any:
+    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.nodes.quant.patch import quantize_module
+
+    model = tiny.sd_handles()["model"]
+    return model.with_patch(quantize_module(model.denoiser, bits, min_params=64))
+
+
+@node(
+    "dagfusion.quant.Trainable",
+    version="1.0.0",
+    category="quantization",
+    inputs=[
+        Input("model", MODEL, link_only=True, description="A weight-quantized model (WeightOnly, MixedPrecision or Load)."),
+        Input("train_weights", BOOLEAN, True,
+              description="Train the latent weights as well as the scales (off: scales only)."),
+    ],
+    outputs=[Output("model", MODEL, "The model with trainable latent weights and scales (fake-quantized while it runs).")],
+    examples=[lambda: {"model": _quantized_example()}],
+    ui={"color": "#7e57c2"},
+)
+def trainable(ctx: RunContext, model: Any, train_weights: bool) -> Any:
+    """Make a weight-quantized model trainable for quantization-aware distillation.
+
+    Each integer-format layer gets a latent weight (the full-precision weight) and its scales as
+    trainable parameters; while the model runs it computes with the fake-quantized weight
+    (straight-through rounding), and the full-precision weights act as the teacher. Train it with
+    dagfusion.train.Train (trainable: patches) and dagfusion.train.QuantDistillLoss, then pack it
+    again with dagfusion.quant.Freeze.
+    """
+    from dagfusion.nodes.quant.nodes import quant_patches
+    from dagfusion.nodes.quant.qat import QATPatch
+
+    found = quant_patches(model)
+    if len(found) != 1:
+        raise ValueError(
+            f"{ctx.node_id} input 'model': expected a model quantized by the torch backend (one weight-quantization "
+            f"patch, from dagfusion.quant.WeightOnly, MixedPrecision or Load), got one with {len(found)}"
+        )
+    patch = QATPatch(found[0], model.denoiser, train_weights=train_weights)
+    return full_precision(model).with_patch(patch)
+
+
+def _freeze_example() -> dict[str, Any]:
+    from dagfusion.nodes.quant.qat import QATPatch
+    from dagfusion.nodes.quant.nodes import quant_patches
+
+    model = _quantized_example()
+    patch = QATPatch(quant_patches(model)[0], model.denoiser)
+    return {"model": full_precision(model).with_patch(patch)}
+
+
+@node(
+    "dagfusion.quant.Freeze",
+    version="1.0.0",
+    category="quantization",
+    inputs=[Input("model", MODEL, link_only=True, description="A model from dagfusion.quant.Trainable, usually trained.")],
+    outputs=[
+        Output("model", MODEL, "The packed weight-quantized model (saves with dagfusion.quant.Save)."),
+        Output("average_bits", FLOAT, "Average bits per parameter of the denoiser, everything counted."),
+    ],
+    examples=[_freeze_example],
+    ui={"color": "#7e57c2"},
+)
+def freeze_node(ctx: RunContext, model: Any) -> tuple[Any, float]:
+    """Pack a quantization-aware-trained model into low-bit codes again (the trained scales rounded up to fp16)."""
+    from dagfusion.nodes.quant.patch import average_bits
+    from dagfusion.nodes.quant.qat import freeze
+
+    found = _qat_patches(model)
+    if len(found) != 1:
+        raise ValueError(
+            f"{ctx.node_id} input 'model': expected a model from dagfusion.quant.Trainable (one quantization-aware "
+            f"patch), got one with {len(found)}"
+        )
+    packed = freeze(found[0])
+    return full_precision(model).with_patch(packed), float(average_bits(model.denoiser, packed))
+
+
+# --- the error profile ----------------------------------------------------------------------------
+
+
+class _Recorder(ModelPatch):
+    """Records ``(timestep value, output)`` of every denoiser call of a run."""
+
+    def __init__(self, tag: str) -> None:
+        self.key = f"dagfusion.quant.ErrorProfile:record:{tag}"
+        self.calls: list[tuple[float, Any]] = []
+
+    def begin(self, run: SamplingRun) -> StepHook:
+        recorder = self
+        recorder.calls = []
+
+        class _Hook(StepHook):
+            def denoise(self, call: DenoiserCall, forward: Forward) -> Any:
+                out = forward(call)
+                recorder.calls.append((call.step.timestep_value, out.detach().float().clone()))
+                return out
+
+        return _Hook()
+
+
+def error_profile(per_step: list[tuple[float, float]], bins: int, train_timesteps: int) -> list[float]:
+    """Per-bin mean of the relative errors ``(timestep, error)``, bins over ``[0, train_timesteps)``;
+    empty bins take the value of the nearest measured bin; normalised to mean 1."""
+    sums = [0.0] * bins
+    counts = [0] * bins
+    for timestep, error in per_step:
+        index = min(bins - 1, max(0, int(timestep / train_timesteps * bins)))
+        sums[index] += error
+        counts[index] += 1
+    measured = [i for i in range(bins) if counts[i]]
+    if not measured:
+        raise ValueError("no denoiser calls were recorded")
+    values = []
+    for i in range(bins):
+        nearest = min(measured, key=lambda j: (abs(j - i), j))
+        values.append(sums[nearest] / counts[nearest])
+    mean = sum(values) / bins
+    return [v / mean if mean > 0 else 1.0 for v in values]
+
+
+def _profile_example() -> dict[str, Any]:
+    from dagfusion.nodes.diffusion import tiny
+
+    handles = tiny.sd_handles()
+    return {"model": _quantized_example("int3"), "conditioning": handles["conditioning"], "latent": handles["latent"],
+            "steps": 4, "bins": 5, "guidance_scale": 4.0}
+
+
+@node(
+    "dagfusion.quant.ErrorProfile",
+    version="1.0.0",
+    category="quantization",
+    inputs=[
+        Input("model", MODEL, link_only=True, description="A quantized model (its full-precision self is the reference)."),
+        Input("conditioning", CONDITIONING, link_only=True, description="Calibration prompt(s)."),
+        Input("latent", LATENT, link_only=True, description="A latent of the size to measure at; its batch is the calibration batch."),
+        Input("steps", INT, 25, min=1, max=1000, description="Sampling steps of the two runs."),
+        Input("bins", INT, 10, min=1, max=1000, description="Equal timestep bins over [0, train_timesteps)."),
+        Input("train_timesteps", INT, 1000, min=1, max=100_000, description="The model's number of training timesteps T."),
+        Input("sampler", STRING, "default", choices=SAMPLER_CHOICES, description="Sampler of the two runs."),
+        Input("guidance_scale", FLOAT, 7.5, min=0.0, max=100.0, description="Guidance scale of the two runs."),
+        Input("seed", SEED, 0, min=0, max=2**63 - 1, description="Seed of the two runs' noise."),
+    ],
+    outputs=[
+        Output("timestep_weights", STRING, "Relative error per timestep bin (mean 1), for QuantDistillLoss's timestep_weights."),
+        Output("report", STRING, "JSON: the relative error of the denoiser output at every step."),
+    ],
+    examples=[_profile_example],
+    ui={"color": "#7e57c2"},
+)
+def error_profile_node(
+    ctx: RunContext, model: Any, conditioning: Any, latent: Any, steps: int, bins: int, train_timesteps: int,
+    sampler: str, guidance_scale: float, seed: int,
+) -> tuple[str, str]:
+    """Measure where in the noise schedule a quantized model departs from its full-precision self.
+
+    Samples twice with the same seed — the full-precision model and the quantized one — and
+    compares the denoiser outputs step by step (relative L2 error, which includes the drift the
+    error has caused so far); the per-bin means weight stage II's timestep sampling
+    (dagfusion.train.QuantDistillLoss).
+    """
+    import torch
+
+    from dagfusion.nodes.diffusion.sampling import sample
+    from dagfusion.nodes.quant.nodes import quant_patches
+
+    if not quant_patches(model) and not _qat_patches(model):
+        raise ValueError(f"{ctx.node_id} input 'model': expected a quantized model, got one without weight quantization")
+    reference, quantized = _Recorder("reference"), _Recorder("quantized")
+    options = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "seed": seed}
+    with torch.no_grad():
+        sample(full_precision(model).with_patch(reference), conditioning, latent, ctx=ctx, **options)
+        sample(model.with_patch(quantized), conditioning, latent, ctx=ctx, **options)
+    per_step = []
+    for (timestep, ref), (_, out) in zip(reference.calls, quantized.calls):
+        norm = float(torch.linalg.vector_norm(ref))
+        per_step.append((timestep, float(torch.linalg.vector_norm(out - ref)) / norm if norm > 0 else 0.0))
+    weights = error_profile(per_step, bins, train_timesteps)
+    report = {"per_step": [{"timestep": t, "relative_error": e} for t, e in per_step], "weights": weights}
+    return ", ".join(f"{w:.4f}" for w in weights), json.dumps(report)
+
+
+NODES = (trainable, freeze_node, error_profile_node)
+"""The nodes of this module."""
