@@ -127,26 +127,35 @@ def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def capturing(blocks: Any, span: Span, into: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
+def capturing(blocks: Any, span: Span, into: dict[str, Any], transform: Callable[[Any], Any] | None = None
+              ) -> contextlib.AbstractContextManager[None]:
     """Blocks that record the span's input (``into["input"]``) and output (``into["output"]``)
-    when called from this thread, computing as usual."""
+    when called from this thread, computing as usual — or, with ``transform``, continuing from
+    ``input + transform(output - input)`` (CacheQuant's quantization-error correction; the
+    recorded output stays the computed one)."""
     start, end = span
     owner = threading.get_ident()
     first, last = blocks[start], blocks[end - 1]
     first_forward, last_forward = first.forward, last.forward  # what runs now (another patch's, or the class's)
+
+    def finish(out: Any) -> Any:
+        into["output"] = out
+        if transform is None or "input" not in into:
+            return out
+        return into["input"] + transform(out - into["input"])
 
     def first_fn(*args: Any, **kwargs: Any) -> Any:
         if threading.get_ident() == owner:
             into["input"] = _hidden(args, kwargs)
         out = first_forward(*args, **kwargs)
         if start == end - 1 and threading.get_ident() == owner:
-            into["output"] = out
+            return finish(out)
         return out
 
     def last_fn(*args: Any, **kwargs: Any) -> Any:
         out = last_forward(*args, **kwargs)
         if threading.get_ident() == owner:
-            into["output"] = out
+            return finish(out)
         return out
 
     forwards = {start: first_fn}
@@ -242,14 +251,21 @@ class BlockCachePatch(ModelPatch):
         """How a cached Δ is corrected before reuse (``None``: used as is)."""
         return None
 
+    def full_correction(self, run: SamplingRun) -> Correction | None:
+        """How the span's Δ is corrected on *every* step, after :meth:`correction` on reused ones
+        (``None``: not at all)."""
+        return None
+
     def begin(self, run: SamplingRun) -> BlockCacheHook:
         blocks = blocks_of(run.module)
         spans = self.spans(run.steps)
         for span in set(spans):
             check_span(span, len(blocks))
         inner = getattr(run.module, "_orig_mod", run.module)
-        return BlockCacheHook(self, inner, blocks, self.plan(run.steps), spans, self.correction(run),
+        hook = BlockCacheHook(self, inner, blocks, self.plan(run.steps), spans, self.correction(run),
                               measure=self.measure and inner is run.module)
+        hook.correct_full = self.full_correction(run)
+        return hook
 
 
 class BlockCacheHook(StepHook):
@@ -263,6 +279,7 @@ class BlockCacheHook(StepHook):
         self.plan = plan
         self.spans = spans
         self.correct = correct
+        self.correct_full: Correction | None = None
         self.measure = measure
         self.cache: tuple[Any, Span, Any] | None = None  # (batch layout, span, Δ)
         self.calls: list[tuple[int, str, Any]] = []
@@ -283,6 +300,8 @@ class BlockCacheHook(StepHook):
             delta = self.cache[2]
             if self.correct is not None:
                 delta = self.correct(index, delta)
+            if self.correct_full is not None:
+                delta = self.correct_full(index, delta)
 
             def partial() -> Any:
                 with reusing(self.blocks, span, delta):
@@ -293,8 +312,10 @@ class BlockCacheHook(StepHook):
             return out
         captured: dict[str, Any] = {}
 
+        transform = None if self.correct_full is None else (lambda d: self.correct_full(index, d))
+
         def whole() -> Any:
-            with capturing(self.blocks, span, captured):
+            with capturing(self.blocks, span, captured, transform):
                 return forward(call)
 
         out = self._measure("full", layout, whole)

@@ -139,6 +139,14 @@ class PairStatistics:
         f = feature.detach().to(torch.float64)
         return f.movedim(self.channel_dim, -1).reshape(-1, f.shape[self.channel_dim])
 
+    def cross(self, x: Any, y: Any) -> Any:
+        """The per-channel sums of the pair ``(x, y)`` (two features of one shape), as :meth:`fit_sums` takes them."""
+        import torch
+
+        fx, fy = self._flat(x), self._flat(y)
+        n = torch.full((fy.shape[1],), float(fy.shape[0]), dtype=torch.float64, device=fy.device)
+        return torch.stack([n, fx.sum(0), fy.sum(0), (fx * fx).sum(0), (fx * fy).sum(0), (fy * fy).sum(0)]).cpu()
+
     def add(self, index: int, feature: Any) -> None:
         """Record step ``index``'s feature (any shape with the channel at ``channel_dim``)."""
         import torch
@@ -168,9 +176,14 @@ class PairStatistics:
 
     def fit(self, s: int, t: int) -> tuple[Any, Any]:
         """Per-channel least squares ``(a, b)`` with ``a ⊙ f_s + b ≈ f_t`` (float32 tensors, CPU)."""
+        return self.fit_sums(self.sums[(s, t)])
+
+    @staticmethod
+    def fit_sums(sums: Any) -> tuple[Any, Any]:
+        """Per-channel least squares ``(a, b)`` with ``a ⊙ x + b ≈ y`` from the sums of ``(x, y)``."""
         import torch
 
-        n, sx, sy, sxx, sxy, syy = self.sums[(s, t)]
+        n, sx, sy, sxx, sxy, syy = sums
         mx, my = sx / n, sy / n
         var_x = sxx / n - mx * mx
         cov = sxy / n - mx * my
@@ -202,7 +215,12 @@ class CacheSchedule:
         full_steps: The full-step indices (step 0 first).
         branch: The DeepCache branch (UNets) or ``None``.
         span: The cached block span ``(start, end)`` (transformers) or ``None``.
-        correction: ``{reused step: (a, b)}`` per-channel float32 tensors (``f̂ = a ⊙ f + b``).
+        correction: ``{reused step: (a, b)}`` per-channel float32 tensors (``f̂ = a ⊙ f + b``): the
+            cache error, from the feature cached at the segment's start to the step's own.
+        quant_correction: ``{step: (a, b)}`` for every step when calibrated against a
+            full-precision reference (a quantized model): the quantization error, from the
+            model's feature to the reference's; applied after ``correction`` on reused steps and
+            to the computed feature on full steps. Empty otherwise.
         channel_dim: Where the channels are in the cached feature (1: UNet, -1: transformer).
         architecture: The denoiser's class name and channel count it was calibrated on.
         report: Plain data: the calibration settings, the chosen schedule's cost, the uniform
@@ -219,6 +237,7 @@ class CacheSchedule:
     channel_dim: int
     architecture: Mapping[str, Any]
     report: Mapping[str, Any] = field(default_factory=dict)
+    quant_correction: Mapping[int, tuple[Any, Any]] = field(default_factory=dict)
 
     def digest(self) -> str:
         """A content hash of the schedule and its correction (the patch key and the fingerprint)."""
@@ -226,11 +245,12 @@ class CacheSchedule:
         head = {"kind": self.kind, "steps": self.steps, "calls": self.calls, "full": list(self.full_steps), "branch": self.branch,
                 "span": list(self.span) if self.span else None, "architecture": dict(self.architecture)}
         h.update(json.dumps(head, sort_keys=True).encode())
-        for index in sorted(self.correction):
-            a, b = self.correction[index]
-            h.update(str(index).encode())
-            h.update(a.contiguous().numpy().tobytes())
-            h.update(b.contiguous().numpy().tobytes())
+        for tag, table in (("c", self.correction), ("q", self.quant_correction)):
+            for index in sorted(table):
+                a, b = table[index]
+                h.update(f"{tag}{index}".encode())
+                h.update(a.contiguous().numpy().tobytes())
+                h.update(b.contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def __dagfusion_fingerprint__(self) -> str:
@@ -241,12 +261,16 @@ class CacheSchedule:
         chosen = set(self.full_steps)
         return [index in chosen for index in range(self.calls)]
 
-    def corrector(self) -> Callable[[int, Any], Any]:
-        """``correct(step, feature) -> a ⊙ feature + b`` (unchanged for steps without a fit)."""
-        shapes: dict[int, Any] = {}
+    def corrector(self, which: str = "cache") -> Callable[[int, Any], Any] | None:
+        """``correct(step, feature) -> a ⊙ feature + b`` with the ``"cache"`` or ``"quant"`` fits
+        (unchanged for steps without a fit); ``None`` when there are none."""
+        table = self.correction if which == "cache" else self.quant_correction
+        if not table:
+            return None
+        shapes: dict[Any, Any] = {}
 
         def correct(index: int, feature: Any) -> Any:
-            pair = self.correction.get(index)
+            pair = table.get(index)
             if pair is None:
                 return feature
             dim = self.channel_dim % feature.dim()
@@ -321,6 +345,7 @@ def calibrate(
     branch: int = 0,
     span: tuple[int, int] | None = None,
     objective: str = "feature",
+    reference: Any = None,
     ctx: RunContext | None = None,
     **sample_options: Any,
 ) -> CacheSchedule:
@@ -330,6 +355,10 @@ def calibrate(
     :param interval: ``K = ceil(denoiser steps / interval)``, the full steps of a uniform schedule
         with this interval (the same speedup).
     :param max_segment: Longest segment; 0: twice the uniform interval ``ceil(steps / full)``.
+    :param reference: The full-precision model when ``model`` is a quantized one (CacheQuant's
+        joint setting): it samples once with the same seed and options, its feature at every
+        step is kept (on the CPU), and the quantization-error correction of every step is fitted
+        from the model's feature to the reference's.
     :param sample_options: ``sampler``, ``guidance_scale``, ``seed`` … as for
         :func:`~dagfusion.nodes.diffusion.sampling.sample`.
     """
@@ -352,7 +381,24 @@ def calibrate(
         raise ValueError(f"full steps must be between 1 and steps ({steps}), got {full}")
     # The window is set once the run's call count is known (PLMS adds a warm-up call).
     stats = PairStatistics(max_segment or steps + 1, 1 if kind == "unet" else -1)
-    recorder = _RecordingPatch(kind, branch, used_span or (0, 1), stats.add)
+    reference_features: dict[int, Any] = {}
+    quant_sums: dict[int, Any] = {}
+    if reference is not None:
+        if denoiser_kind(reference.denoiser) != kind:
+            raise ValueError("the reference model must be the same kind of denoiser as the calibrated one")
+
+        def keep(index: int, feature: Any) -> None:
+            reference_features[index] = feature.detach().float().cpu()
+
+        sample(reference.with_patch(_RecordingPatch(kind, branch, used_span or (0, 1), keep)), conditioning, latent,
+               steps=steps, ctx=ctx, **sample_options)
+
+    def record(index: int, feature: Any) -> None:
+        stats.add(index, feature)
+        if index in reference_features:
+            quant_sums[index] = stats.cross(feature, reference_features.pop(index).to(feature.device))
+
+    recorder = _RecordingPatch(kind, branch, used_span or (0, 1), record)
     sample(model.with_patch(recorder), conditioning, latent, steps=steps, ctx=ctx, **sample_options)
     calls = recorder.calls or 0
     recorded = len(stats.energy)
@@ -373,8 +419,10 @@ def calibrate(
     for s, e in zip(starts, starts[1:]):
         for t in range(s + 1, e):
             correction[t] = stats.fit(s, t)
+    quant_correction = {index: PairStatistics.fit_sums(sums) for index, sums in quant_sums.items()}
     report = {
         "objective": objective,
+        "quantization_correction": bool(quant_correction),
         "steps": steps,
         "full_steps": chosen,
         "max_segment": window,
@@ -389,6 +437,7 @@ def calibrate(
         kind=kind, steps=steps_requested, calls=calls, full_steps=tuple(chosen), branch=branch if kind == "unet" else None, span=used_span,
         correction=correction, channel_dim=1 if kind == "unet" else -1,
         architecture={"class": type(inner).__name__, "channels": stats.channels}, report=report,
+        quant_correction=quant_correction,
     )
 
 
@@ -419,7 +468,8 @@ class CacheQuantUNetPatch(DeepCachePatch):
     def begin(self, run: SamplingRun) -> DeepCacheHook:
         _check_run(self.calibrated, run)
         hook = super().begin(run)
-        hook.correct = self.calibrated.corrector() if self.correct else None
+        hook.correct = self.calibrated.corrector("cache") if self.correct else None
+        hook.correct_full = self.calibrated.corrector("quant") if self.correct else None
         return hook
 
 
@@ -439,7 +489,10 @@ class CacheQuantDiTPatch(blockcache.BlockCachePatch):
         return self.calibrated.plan()
 
     def correction(self, run: SamplingRun) -> blockcache.Correction | None:
-        return self.calibrated.corrector() if self.correct else None
+        return self.calibrated.corrector("cache") if self.correct else None
+
+    def full_correction(self, run: SamplingRun) -> blockcache.Correction | None:
+        return self.calibrated.corrector("quant") if self.correct else None
 
     def begin(self, run: SamplingRun) -> blockcache.BlockCacheHook:
         _check_run(self.calibrated, run)
@@ -506,6 +559,9 @@ def _calibrate_example_dit() -> dict[str, Any]:
         Input("model", MODEL, link_only=True, description="The UNet or DiT/PixArt model to calibrate (as you will sample it)."),
         Input("conditioning", CONDITIONING, link_only=True, description="Calibration prompt(s)."),
         Input("latent", LATENT, link_only=True, description="A latent of the size you will sample; its batch is the calibration batch."),
+        Input("reference", MODEL, link_only=True, optional=True,
+              description="CacheQuant's joint setting: the full-precision model when 'model' is quantized; the "
+                          "quantization error of the cached feature is then corrected too."),
         Input("steps", INT, 25, min=2, max=1000, description="The step count you will sample with."),
         Input("interval", INT, 3, min=1, max=1000,
               description="Speedup target: as many full steps as a uniform schedule with this interval (ceil(steps / interval))."),
@@ -529,8 +585,9 @@ def _calibrate_example_dit() -> dict[str, Any]:
     ui={"color": "#26a69a"},
 )
 def cachequant_calibrate(
-    ctx: RunContext, model: Any, conditioning: Any, latent: Any, steps: int, interval: int, full_count: int,
-    max_segment: int, objective: str, branch: int, span: str, sampler: str, guidance_scale: float, seed: int,
+    ctx: RunContext, model: Any, conditioning: Any, latent: Any, reference: Any, steps: int, interval: int,
+    full_count: int, max_segment: int, objective: str, branch: int, span: str, sampler: str, guidance_scale: float,
+    seed: int,
 ) -> tuple[CacheSchedule, str, str]:
     """Calibrate CacheQuant's cache schedule: one full sampling run, a dynamic-programming choice of
     full steps and a per-channel linear correction of every reused step's feature.
@@ -539,6 +596,10 @@ def cachequant_calibrate(
     at its segment's start; the correction ``a ⊙ f + b`` is fitted by least squares per step.
     UNets cache DeepCache's deep feature (``branch``); DiT/PixArt cache the residual of a span of
     transformer blocks. Apply it with dagfusion.cache.CacheQuant, sampling with the same step count.
+
+    With a quantized model and its full-precision 'reference' (CacheQuant's joint cache +
+    quantization setting), a second per-channel correction maps every step's feature to the
+    reference's: on reused steps the cache error is corrected first, then the quantization error.
     """
     if full_count > steps:
         raise ValueError(f"full_count ({full_count}) is more than steps ({steps})")
@@ -549,7 +610,7 @@ def cachequant_calibrate(
     schedule = calibrate(
         model, conditioning, latent, steps=steps, full=full_count, interval=0 if full_count else interval,
         max_segment=max_segment, branch=branch, span=used_span,
-        objective=objective, ctx=ctx, sampler=sampler, guidance_scale=guidance_scale, seed=seed,
+        objective=objective, reference=reference, ctx=ctx, sampler=sampler, guidance_scale=guidance_scale, seed=seed,
     )
     return schedule, ", ".join(str(i) for i in schedule.full_steps), json.dumps(schedule.report, default=float)
 

@@ -209,12 +209,14 @@ def unet_partial_forward(unet: Any, sample: Any, timestep: Any, kwargs: dict[str
     return unet.conv_out(sample)
 
 
-def capture_deep_feature(unet: Any, branch: int, run: Any) -> tuple[Any, Any]:
+def capture_deep_feature(unet: Any, branch: int, run: Any, transform: Any = None) -> tuple[Any, Any]:
     """``run()`` with the input of up-block ``len(up_blocks) - 1 - branch`` captured.
 
     Registers a forward pre-hook for the duration of ``run()`` only (removed on exit, also after
     an error) that records the block's ``hidden_states`` when called from this thread.
 
+    :param transform: Optional ``transform(feature) -> feature`` the block computes with instead
+        (CacheQuant's correction of the quantization error); the *untransformed* feature is returned.
     :returns: ``(what run() returned, the last captured feature or None)``.
     """
     unet = getattr(unet, "_orig_mod", unet)
@@ -222,11 +224,16 @@ def capture_deep_feature(unet: Any, branch: int, run: Any) -> tuple[Any, Any]:
     owner = threading.get_ident()
     captured: list[Any] = []
 
-    def hook(module: Any, args: Any, kwargs: Any) -> None:
+    def hook(module: Any, args: Any, kwargs: Any) -> Any:
         if threading.get_ident() == owner:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             if hidden is not None:
                 captured.append(hidden)
+                if transform is not None:
+                    if "hidden_states" in kwargs:
+                        return args, {**kwargs, "hidden_states": transform(hidden)}
+                    return (transform(hidden), *args[1:]), kwargs
+        return None
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -318,8 +325,11 @@ class DeepCacheHook(StepHook):
         self.cache: tuple[Any, Any] | None = None  # (batch layout, deep feature)
         self.calls: list[tuple[int, str, Any]] = []  # (step index, "full" | "partial", batch layout)
         self.measured: dict[tuple[str, Any], int] = {}  # MACs of one call, by (mode, layout)
-        # correct(step index, cached feature) -> the feature to reuse (CacheQuant's error correction)
+        # correct(step index, cached feature) -> the feature to reuse (CacheQuant's cache-error correction);
+        # correct_full(step index, feature) -> the feature the up path computes with, on every step
+        # (CacheQuant's quantization-error correction; applied after ``correct`` on reused steps)
         self.correct: Any = None
+        self.correct_full: Any = None
 
     @staticmethod
     def layout(call: DenoiserCall) -> Any:
@@ -333,6 +343,8 @@ class DeepCacheHook(StepHook):
         layout = self.layout(call)
         if not full and self.cache is not None and self.cache[0] == layout:
             deep = self.cache[1] if self.correct is None else self.correct(index, self.cache[1])
+            if self.correct_full is not None:
+                deep = self.correct_full(index, deep)
             out = self._measure(
                 "partial", layout,
                 lambda: unet_partial_forward(self.unet, call.sample, call.timestep, call.kwargs, self.branch, deep),
@@ -340,7 +352,10 @@ class DeepCacheHook(StepHook):
             self.calls.append((index, "partial", layout))
             return out
         out, deep = self._measure(
-            "full", layout, lambda: capture_deep_feature(self.unet, self.branch, lambda: forward(call))
+            "full", layout, lambda: capture_deep_feature(
+                self.unet, self.branch, lambda: forward(call),
+                None if self.correct_full is None else (lambda f: self.correct_full(index, f)),
+            ),
         )
         # A feature of another batch (an inner hook changed the call) cannot be reused.
         self.cache = (layout, deep.clone()) if deep is not None and deep.shape[0] == call.sample.shape[0] else None

@@ -189,3 +189,40 @@ def test_the_schedule_fingerprint_follows_its_content(schedules: Any) -> None:
     sd, pixart = schedules["sd"], schedules["pixart"]
     assert fingerprint(sd) == fingerprint(sd) and fingerprint(sd) != fingerprint(pixart)
     assert sd.plan().count(True) == len(sd.full_steps)
+
+
+# --- the joint cache + quantization setting -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sd", "pixart"])
+def test_against_itself_the_quantization_correction_is_the_identity(models: Any, kind: str) -> None:
+    model, conditioning, latent = models[kind]
+    span = (0, 1) if kind == "pixart" else None
+    with torch.no_grad():
+        schedule = calibrate(model, conditioning, latent, steps=4, interval=2, span=span, reference=model,
+                             guidance_scale=4.0, seed=2)
+    assert set(schedule.quant_correction) == set(range(schedule.calls))
+    for a, b in schedule.quant_correction.values():
+        torch.testing.assert_close(a, torch.ones_like(a), rtol=0, atol=1e-5)
+        torch.testing.assert_close(b, torch.zeros_like(b), rtol=0, atol=1e-5)
+    assert schedule.report["quantization_correction"] is True
+
+
+@pytest.mark.parametrize("kind", ["sd", "pixart"])
+def test_a_quantized_model_calibrated_against_full_precision_corrects_every_step(models: Any, kind: str) -> None:
+    from dagfusion.nodes.quant.patch import quantize_module
+
+    model, conditioning, latent = models[kind]
+    span = (0, 1) if kind == "pixart" else None
+    quantized = model.with_patch(quantize_module(model.denoiser, "int3", min_params=64))
+    with torch.no_grad():
+        joint = calibrate(quantized, conditioning, latent, steps=STEPS, interval=1, span=span, reference=model,
+                          guidance_scale=4.0, seed=11)
+        alone = calibrate(quantized, conditioning, latent, steps=STEPS, interval=1, span=span, guidance_scale=4.0, seed=11)
+    assert joint.correction == {} and alone.quant_correction == {} and len(joint.quant_correction) == joint.calls
+    assert joint.digest() != alone.digest()
+    # No step is reused, so only the quantization correction acts: it changes every full step's result.
+    plain = run(quantized, conditioning, latent)
+    assert torch.equal(run(quantized.with_patch(schedule_patch(alone)), conditioning, latent), plain)
+    assert not torch.equal(run(quantized.with_patch(schedule_patch(joint)), conditioning, latent), plain)
+    assert torch.equal(run(quantized.with_patch(schedule_patch(joint, correct=False)), conditioning, latent), plain)
