@@ -55,7 +55,19 @@ def calibration(loaded: Any, steps: int, guidance: float, count: int = 8) -> Cal
     return schedule
 
 
-def variants(name: str, steps: int, loaded: Any = None, guidance: float = 4.0) -> list[tuple[str, Any]]:
+def lazydit_variants(path: str | None) -> list[tuple[str, Any]]:
+    """LazyDiT at a few target laziness values with the gates trained into ``path`` (none without a file)."""
+    if not path:
+        return []
+    from dagfusion.nodes.cache.lazydit import LazyGates
+
+    arch, gates = LazyGates.read(path)
+    return [(f"LazyDiT laziness {lazy:g} (trained gates)", LazyGates(gates, arch, rule="laziness", laziness=lazy, start_step=1))
+            for lazy in (0.3, 0.5, 0.7)]
+
+
+def variants(name: str, steps: int, loaded: Any = None, guidance: float = 4.0, gates: str | None = None
+             ) -> list[tuple[str, Any]]:
     """``(label, patch)`` pairs to measure for embedded model ``name`` at ``steps`` steps (``None``:
     uncached; the non-uniform DeepCache schedule centres on 30 % of the steps, as 15 of 50 in the paper).
     CacheQuant schedules are calibrated on ``loaded`` (skipped when it is ``None``)."""
@@ -89,6 +101,7 @@ def variants(name: str, steps: int, loaded: Any = None, guidance: float = 4.0) -
             schedule = calibrated(interval=interval, span=(1, 7))
             out.append((f"CacheQuant DPS K={len(schedule.full_steps)} blocks 1-7, no correction", schedule_patch(schedule, correct=False)))
             out.append((f"CacheQuant DPS K={len(schedule.full_steps)} blocks 1-7 + DEC", schedule_patch(schedule)))
+    out.extend(lazydit_variants(gates))
     for threshold in (0.05, 0.1, 0.2):
         out.append((f"FBC (diffusers) {threshold}", DiffusersCachePatch(CacheSettings("first_block_cache", threshold=threshold))))
     out.append(("PAB (diffusers) 2/6", DiffusersCachePatch(CacheSettings("pyramid_attention_broadcast"))))
@@ -125,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="use only this many held-out prompts (0: all 96)")
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--only", help="measure only schedulers whose label matches this regular expression")
+    parser.add_argument("--lazydit-gates", help="shapes-dit: LazyDiT gates trained by workflows/lazydit_shapes.yaml")
     args = parser.parse_args(argv)
 
     evaluator = load_shapeeval(SHIPPED)
@@ -141,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             reference_features = evaluator.embed(reference)
         base_score = score(evaluator, reference, prompts)["all_correct"]
         rows = []
-        for label, patch in variants(name, args.steps, loaded, args.guidance):
+        for label, patch in variants(name, args.steps, loaded, args.guidance, args.lazydit_gates):
             if args.only and patch is not None and not re.search(args.only, label):
                 continue
             model = loaded.model if patch is None else loaded.model.with_patch(patch)
