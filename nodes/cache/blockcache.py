@@ -37,6 +37,7 @@ from typing import Any
 
 from dagfusion import INT, STRING, Input, Output, RunContext, node
 from dagfusion.nodes.cache import schedules
+from dagfusion.nodes.cache.macs import CallCosts
 from dagfusion.nodes.diffusion.hooks import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook
 from dagfusion.nodes.diffusion.types import MODEL
 
@@ -280,10 +281,9 @@ class BlockCacheHook(StepHook):
         self.spans = spans
         self.correct = correct
         self.correct_full: Correction | None = None
-        self.measure = measure
+        self.costs = CallCosts(transformer, measure)
         self.cache: tuple[Any, Span, Any] | None = None  # (batch layout, span, Δ)
         self.calls: list[tuple[int, str, Any]] = []
-        self.measured: dict[tuple[str, Any], int] = {}
 
     @staticmethod
     def layout(call: DenoiserCall) -> Any:
@@ -307,7 +307,7 @@ class BlockCacheHook(StepHook):
                 with reusing(self.blocks, span, delta):
                     return forward(call)
 
-            out = self._measure("partial", layout, partial)
+            out = self.costs.run("partial", layout, partial)
             self.calls.append((index, "partial", layout))
             return out
         captured: dict[str, Any] = {}
@@ -318,22 +318,12 @@ class BlockCacheHook(StepHook):
             with capturing(self.blocks, span, captured, transform):
                 return forward(call)
 
-        out = self._measure("full", layout, whole)
+        out = self.costs.run("full", layout, whole)
         if "input" in captured and "output" in captured and captured["output"].shape[0] == call.sample.shape[0]:
             self.cache = (layout, span, (captured["output"] - captured["input"]).detach())
         else:
             self.cache = None
         self.calls.append((index, "full", layout))
-        return out
-
-    def _measure(self, mode: str, layout: Any, fn: Callable[[], Any]) -> Any:
-        if not self.measure or (mode, layout) in self.measured:
-            return fn()
-        from dagfusion.nodes.cache.macs import count_macs
-
-        with count_macs(self.transformer, records=False) as counter:
-            out = fn()
-        self.measured[(mode, layout)] = counter.total
         return out
 
     def stats(self) -> dict[str, Any]:
@@ -346,11 +336,7 @@ class BlockCacheHook(StepHook):
             "full_fraction": full / total if total else 0.0, "plan": list(self.plan),
             "modes": [[index, mode] for index, mode, _ in self.calls],
         }
-        costs = [(self.measured.get((mode, layout)), self.measured.get(("full", layout))) for _, mode, layout in self.calls]
-        if total and all(a is not None and b is not None for a, b in costs):
-            macs = sum(a for a, _ in costs)
-            uncached = sum(b for _, b in costs)
-            stats.update(macs=macs, macs_uncached=uncached, mac_fraction=macs / uncached if uncached else 1.0)
+        stats.update(self.costs.summary(self.calls))
         return stats
 
     def end(self) -> None:

@@ -42,6 +42,7 @@ from typing import Any
 
 from dagfusion import FLOAT, INT, STRING, Input, Output, RunContext, node
 from dagfusion.nodes.cache import schedules
+from dagfusion.nodes.cache.macs import CallCosts
 from dagfusion.nodes.diffusion.hooks import (
     DenoiserCall,
     Forward,
@@ -319,12 +320,11 @@ class DeepCacheHook(StepHook):
         self.patch = patch
         self.unet = unet
         # Forward hooks on the submodules of a torch.compile'd module would force recompiles: no MACs then.
-        self.measure = patch.measure and not compiled
+        self.costs = CallCosts(unet, patch.measure and not compiled)
         self.branch = patch.branch
         self.plan = plan
         self.cache: tuple[Any, Any] | None = None  # (batch layout, deep feature)
         self.calls: list[tuple[int, str, Any]] = []  # (step index, "full" | "partial", batch layout)
-        self.measured: dict[tuple[str, Any], int] = {}  # MACs of one call, by (mode, layout)
         # correct(step index, cached feature) -> the feature to reuse (CacheQuant's cache-error correction);
         # correct_full(step index, feature) -> the feature the up path computes with, on every step
         # (CacheQuant's quantization-error correction; applied after ``correct`` on reused steps)
@@ -345,13 +345,13 @@ class DeepCacheHook(StepHook):
             deep = self.cache[1] if self.correct is None else self.correct(index, self.cache[1])
             if self.correct_full is not None:
                 deep = self.correct_full(index, deep)
-            out = self._measure(
+            out = self.costs.run(
                 "partial", layout,
                 lambda: unet_partial_forward(self.unet, call.sample, call.timestep, call.kwargs, self.branch, deep),
             )
             self.calls.append((index, "partial", layout))
             return out
-        out, deep = self._measure(
+        out, deep = self.costs.run(
             "full", layout, lambda: capture_deep_feature(
                 self.unet, self.branch, lambda: forward(call),
                 None if self.correct_full is None else (lambda f: self.correct_full(index, f)),
@@ -360,17 +360,6 @@ class DeepCacheHook(StepHook):
         # A feature of another batch (an inner hook changed the call) cannot be reused.
         self.cache = (layout, deep.clone()) if deep is not None and deep.shape[0] == call.sample.shape[0] else None
         self.calls.append((index, "full", layout))
-        return out
-
-    def _measure(self, mode: str, layout: Any, fn: Any) -> Any:
-        """``fn()``, counting its MACs the first time this (mode, layout) runs (MACs depend on shapes only)."""
-        if not self.measure or (mode, layout) in self.measured:
-            return fn()
-        from dagfusion.nodes.cache.macs import count_macs
-
-        with count_macs(self.unet, records=False) as counter:
-            out = fn()
-        self.measured[(mode, layout)] = counter.total
         return out
 
     def stats(self) -> dict[str, Any]:
@@ -393,17 +382,13 @@ class DeepCacheHook(StepHook):
             "modes": [[index, mode] for index, mode, _ in self.calls],
             "branch": self.branch,
         }
-        costs = [(self.measured.get((mode, layout)), self.measured.get(("full", layout))) for _, mode, layout in self.calls]
-        if total and all(a is not None and b is not None for a, b in costs):
-            macs = sum(a for a, _ in costs)
-            uncached = sum(b for _, b in costs)
+        measured = self.costs.summary(self.calls)
+        if measured:
             first = self.calls[0][2]
             stats.update(
-                macs=macs,
-                macs_uncached=uncached,
-                mac_fraction=macs / uncached if uncached else 1.0,
-                macs_full_call=self.measured.get(("full", first)),
-                macs_partial_call=self.measured.get(("partial", first)),
+                measured,
+                macs_full_call=self.costs.measured.get(("full", first)),
+                macs_partial_call=self.costs.measured.get(("partial", first)),
             )
         return stats
 

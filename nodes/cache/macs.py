@@ -185,3 +185,36 @@ def count_macs(module: Any, *, records: bool = True) -> Iterator[MacCounter]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+class CallCosts:
+    """MACs of one denoiser call per ``(mode, batch layout)`` — counted the first time each runs (MACs
+    depend on shapes only) — and what a run of calls cost from them (cache schedulers' statistics).
+
+    Attributes:
+        measured: ``{(mode, layout): MACs of one call}``.
+    """
+
+    def __init__(self, module: Any, enabled: bool = True) -> None:
+        self.module = module
+        self.enabled = bool(enabled)
+        self.measured: dict[tuple[str, Any], int] = {}
+
+    def run(self, mode: str, layout: Any, fn: Any) -> Any:
+        """``fn()``, counting its MACs when this ``(mode, layout)`` has not been counted yet."""
+        if not self.enabled or (mode, layout) in self.measured:
+            return fn()
+        with count_macs(self.module, records=False) as counter:
+            out = fn()
+        self.measured[(mode, layout)] = counter.total
+        return out
+
+    def summary(self, calls: list[tuple[int, str, Any]]) -> dict[str, Any]:
+        """For ``calls`` (``(step, mode, layout)``, the uncached mode being ``"full"``): ``macs``,
+        ``macs_uncached`` (every call in full) and ``mac_fraction``; empty unless all were measured."""
+        costs = [(self.measured.get((mode, layout)), self.measured.get(("full", layout))) for _, mode, layout in calls]
+        if not calls or not all(a is not None and b is not None for a, b in costs):
+            return {}
+        macs = sum(a for a, _ in costs)
+        uncached = sum(b for _, b in costs)
+        return {"macs": macs, "macs_uncached": uncached, "mac_fraction": macs / uncached if uncached else 1.0}
