@@ -63,7 +63,7 @@ def lazydit_variants(path: str | None) -> list[tuple[str, Any]]:
 
     arch, gates = LazyGates.read(path)
     return [(f"LazyDiT laziness {lazy:g} (trained gates)", LazyGates(gates, arch, rule="laziness", laziness=lazy, start_step=1))
-            for lazy in (0.3, 0.5, 0.7)]
+            for lazy in (0.1, 0.2, 0.3, 0.5)]
 
 
 def variants(name: str, steps: int, loaded: Any = None, guidance: float = 4.0, gates: str | None = None
