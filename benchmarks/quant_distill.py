@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
           f"torch threads {torch.get_num_threads()}")
     reference = generate(loaded, loaded.model, prompts, args.seeds, args.steps, args.guidance)
     base = score(evaluator, reference, labels)["all_correct"]
+    from dagfusion.nodes.shapes.metrics import frechet_distance
+
+    with torch.no_grad():
+        reference_features = evaluator.embed(reference)
+    fp16_bytes = 2 * sum(p.numel() for p in loaded.model.denoiser.parameters())
     rows = [{"variant": "fp32", "bits": 32.0, "psnr": math.inf, "ssim": 1.0, "shapeeval": base}]
     sens = sensitivity_of(loaded, args)
     unet = loaded.model.denoiser
@@ -132,14 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         values = [v for v in psnr(images, reference).tolist() if math.isfinite(v)]
         row = {"variant": label, "bits": round(bits, 3), "psnr": round(sum(values) / len(values), 2) if values else math.inf,
                "ssim": round(float(ssim(images, reference).mean()), 4),
-               "shapeeval": round(score(evaluator, images, labels)["all_correct"], 3), "train_s": round(seconds)}
+               "shapeeval": round(score(evaluator, images, labels)["all_correct"], 3), "train_s": round(seconds),
+               "size_ratio": round(fp16_bytes / patch.nbytes, 2),
+               "fd": round(float(frechet_distance(evaluator.embed(images).detach(), reference_features)), 3)}
         rows.append(row)
-        print(f"| {row['variant']} | {row['bits']:.3f} | {row['psnr']} | {row['ssim']:.4f} | {row['shapeeval']:.3f} | {row['train_s']} |",
-              flush=True)
+        print(f"| {row['variant']} | {row['bits']:.3f} | {row['size_ratio']:.2f}x | {row['psnr']} | {row['ssim']:.4f} | "
+              f"{row['shapeeval']:.3f} | {row['fd']:.2f} | {row['train_s']} |", flush=True)
 
-    print("| variant | avg bits | PSNR dB vs fp32 | SSIM | ShapeEval all-correct | CPU training s |")
-    print("|---|---|---|---|---|---|")
-    print(f"| fp32 | 32 | — | 1.0000 | {base:.3f} | |", flush=True)
+    print("| variant | avg bits | fp16 size / size | PSNR dB vs fp32 | SSIM | ShapeEval all-correct | FD-shapes vs fp32 | CPU training s |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| fp32 | 32 | 0.50x | — | 1.0000 | {base:.3f} | 0.00 | |", flush=True)
     for target in args.targets:
         packed = quantize_allocation(unet, sens, allocate(unet, sens, target))
         bits = average_bits(unet, packed)

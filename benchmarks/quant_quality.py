@@ -153,7 +153,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         variants.append((label, quantize_allocation(unet, sens, allocation)))
 
-    rows = [{"variant": "fp32", "bits": 32.0, "psnr": math.inf, "ssim": 1.0, "shapeeval": round(base, 4), "histogram": ""}]
+    from dagfusion.nodes.shapes.metrics import frechet_distance
+
+    with torch.no_grad():
+        reference_features = evaluator.embed(reference)
+    fp16_bytes = 2 * sum(p.numel() for p in unet.parameters())
+    rows = [{"variant": "fp32", "bits": 32.0, "size_ratio": 0.5, "psnr": math.inf, "ssim": 1.0, "shapeeval": round(base, 4),
+             "fd": 0.0, "histogram": ""}]
     for label, patch in variants:
         start = time.perf_counter()
         images = generate(loaded, loaded.model.with_patch(patch), prompts, args.seeds, args.steps, args.guidance)
@@ -166,18 +172,21 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({
             "variant": label,
             "bits": round(average_bits(unet, patch), 4),
+            "size_ratio": round(fp16_bytes / patch.nbytes, 2),
             "psnr": round(sum(p) / len(p), 2) if p else math.inf,
             "ssim": round(float(ssim(images, reference).mean()), 4),
             "shapeeval": round(score(evaluator, images, labels)["all_correct"], 4),
+            "fd": round(float(frechet_distance(evaluator.embed(images).detach(), reference_features)), 3),
             "histogram": histogram,
         })
         print(f"# {label}: sampled in {time.perf_counter() - start:.0f} s", flush=True)
 
     print(f"\n## shapes-sd (fp32 ShapeEval all-correct {base:.3f})")
-    print("| variant | avg bits | PSNR dB vs fp32 | SSIM | ShapeEval all-correct | quantized weights by width |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | avg bits | fp16 size / size | PSNR dB vs fp32 | SSIM | ShapeEval all-correct | FD-shapes vs fp32 | quantized weights by width |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['bits']:.3f} | {r['psnr']} | {r['ssim']:.4f} | {r['shapeeval']:.3f} | {r['histogram']} |")
+        print(f"| {r['variant']} | {r['bits']:.3f} | {r['size_ratio']:.2f}x | {r['psnr']} | {r['ssim']:.4f} | {r['shapeeval']:.3f} | "
+              f"{r['fd']:.2f} | {r['histogram']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1), encoding="utf-8")
     return 0
