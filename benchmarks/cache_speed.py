@@ -17,6 +17,7 @@ after a warm-up, the uncached run timed alternately with the others, ratios agai
 Usage (needs CUDA; prints a note and exits 0 without it)::
 
     python benchmarks/cache_speed.py [--models sd15 dit pixart] [--repeats 3] [--json out.json]
+    python benchmarks/cache_speed.py --dry-run     # the same code on the CPU with tiny configs (no speed numbers)
 """
 
 from __future__ import annotations
@@ -31,20 +32,26 @@ from typing import Any
 import torch
 
 
-def sd15(device: Any) -> dict[str, Any]:
+def sd15(device: Any, tiny: bool = False) -> dict[str, Any]:
     from diffusers import UNet2DConditionModel
 
     from dagfusion.nodes.diffusion.data import Conditioning
     from dagfusion.nodes.diffusion.single_file import CONFIGS
 
     torch.manual_seed(0)
+    config = UNet2DConditionModel.load_config(str(CONFIGS / "sd1" / "unet"))
+    width = 768
+    if tiny:
+        width = 32
+        config = {**config, "block_out_channels": [32, 32, 64, 64], "cross_attention_dim": width, "attention_head_dim": 4,
+                  "layers_per_block": 1, "sample_size": 8, "norm_num_groups": 8}
     with torch.device(device):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(CONFIGS / "sd1" / "unet")))
-    cond = Conditioning("clip", {"encoder_hidden_states": torch.randn(1, 77, 768)}, {"encoder_hidden_states": torch.randn(1, 77, 768)})
-    return {"module": unet, "conditioning": cond, "size": 512, "scale": 8, "steps": 25}
+        unet = UNet2DConditionModel.from_config(config)
+    cond = Conditioning("clip", {"encoder_hidden_states": torch.randn(1, 77, width)}, {"encoder_hidden_states": torch.randn(1, 77, width)})
+    return {"module": unet, "conditioning": cond, "size": 64 if tiny else 512, "scale": 8, "steps": 6 if tiny else 25}
 
 
-def dit(device: Any) -> dict[str, Any]:
+def dit(device: Any, tiny: bool = False) -> dict[str, Any]:
     from diffusers import DiTTransformer2DModel
 
     from dagfusion.nodes.diffusion.data import Conditioning
@@ -52,31 +59,33 @@ def dit(device: Any) -> dict[str, Any]:
     torch.manual_seed(0)
     with torch.device(device):
         module = DiTTransformer2DModel(
-            num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, patch_size=2,
-            sample_size=32, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", activation_fn="gelu-approximate",
-            norm_elementwise_affine=False,
+            num_layers=4 if tiny else 28, num_attention_heads=2 if tiny else 16, attention_head_dim=8 if tiny else 72,
+            in_channels=4, out_channels=8, patch_size=2, sample_size=8 if tiny else 32, num_embeds_ada_norm=1000,
+            norm_type="ada_norm_zero", activation_fn="gelu-approximate", norm_elementwise_affine=False,
         )
     cond = Conditioning("class", {"class_labels": torch.tensor([207])}, {"class_labels": torch.tensor([1000])})
-    return {"module": module, "conditioning": cond, "size": 256, "scale": 8, "steps": 50}
+    return {"module": module, "conditioning": cond, "size": 64 if tiny else 256, "scale": 8, "steps": 6 if tiny else 50}
 
 
-def pixart(device: Any) -> dict[str, Any]:
+def pixart(device: Any, tiny: bool = False) -> dict[str, Any]:
     from diffusers import PixArtTransformer2DModel
 
     from dagfusion.nodes.diffusion.data import Conditioning
 
     torch.manual_seed(0)
+    caption = 32 if tiny else 4096
+    heads, head_dim = (2, 8) if tiny else (16, 72)
     with torch.device(device):
         module = PixArtTransformer2DModel(
-            sample_size=128, num_layers=28, attention_head_dim=72, num_attention_heads=16, caption_channels=4096,
-            cross_attention_dim=1152, in_channels=4, out_channels=8, patch_size=2, attention_bias=True,
-            activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-            norm_elementwise_affine=False, norm_eps=1e-6,
+            sample_size=8 if tiny else 128, num_layers=4 if tiny else 28, attention_head_dim=head_dim,
+            num_attention_heads=heads, caption_channels=caption, cross_attention_dim=heads * head_dim, in_channels=4,
+            out_channels=8, patch_size=2, attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
         )
     mask = torch.ones(1, 120, dtype=torch.long)
-    cond = Conditioning("t5", {"encoder_hidden_states": torch.randn(1, 120, 4096), "encoder_attention_mask": mask},
-                        {"encoder_hidden_states": torch.randn(1, 120, 4096), "encoder_attention_mask": mask})
-    return {"module": module, "conditioning": cond, "size": 1024, "scale": 8, "steps": 25}
+    cond = Conditioning("t5", {"encoder_hidden_states": torch.randn(1, 120, caption), "encoder_attention_mask": mask},
+                        {"encoder_hidden_states": torch.randn(1, 120, caption), "encoder_attention_mask": mask})
+    return {"module": module, "conditioning": cond, "size": 64 if tiny else 1024, "scale": 8, "steps": 6 if tiny else 25}
 
 
 BUILDERS = {"sd15": sd15, "dit": dit, "pixart": pixart}
@@ -112,27 +121,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run the same code on the CPU with tiny configs in fp32 (checks the script; no speed numbers)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.dry_run:
+        device, dtype = torch.device("cpu"), torch.float32
+        print("# DRY RUN on the CPU with tiny configs: these are not speed numbers")
+    elif not torch.cuda.is_available():
         print("no CUDA device: this benchmark measures GPU wall-clock; GPU numbers pending")
         return 0
-    device = torch.device("cuda")
-    print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}, fp16, CFG, DDIM; ratios vs uncached, one process")
+    else:
+        device, dtype = torch.device("cuda"), torch.float16
+        print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}, fp16, CFG, DDIM; ratios vs uncached, one process")
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     results: dict[str, Any] = {}
     scheduler = SchedulerSpec("DDIMScheduler", {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
                                                 "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False})
     for name in args.models:
-        built = BUILDERS[name](device)
-        module = built["module"].to(torch.float16).eval()
+        built = BUILDERS[name](device, tiny=args.dry_run)
+        module = built["module"].to(dtype).eval()
         base = ModelHandle.from_module(module, scheduler=scheduler, vae_scale_factor=built["scale"])
         latent = empty_latent(base, built["size"], built["size"], 1)
 
         def once(handle: Any) -> float:
-            torch.cuda.synchronize()
+            sync()
             began = time.perf_counter()
             with torch.no_grad():
                 sample(handle, built["conditioning"], latent, steps=built["steps"], guidance_scale=4.5, seed=0)
-            torch.cuda.synchronize()
+            sync()
             return time.perf_counter() - began
 
         def macs(handle: Any) -> int:
@@ -167,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['scheduler']} | {r['uncached_s']} | {r['cached_s']} | {r['wall_speedup']:.2f}x | {r['mac_speedup']:.2f}x |")
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=1)

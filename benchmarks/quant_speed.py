@@ -15,6 +15,7 @@ since the torch backend computes in fp16). Measured in one process:
 Usage::
 
     python benchmarks/quant_speed.py --json quant_speed.json
+    python benchmarks/quant_speed.py --dry-run     # the same code on the CPU with tiny configs (no speed numbers)
 """
 
 from __future__ import annotations
@@ -38,32 +39,51 @@ from cache_speed import pixart, sd15  # noqa: E402
 BUILDERS = {"pixart": pixart, "sd15": sd15}
 
 
-def inputs(name: str, built: dict[str, Any], device: Any) -> tuple[Any, Any, dict[str, Any]]:
+def inputs(name: str, built: dict[str, Any], device: Any, dtype: Any) -> tuple[Any, Any, dict[str, Any]]:
     """One CFG batch of denoiser inputs (batch 2) at the model's size."""
     size = built["size"] // built["scale"]
-    x = torch.randn(2, 4, size, size, device=device, dtype=torch.float16)
+    x = torch.randn(2, 4, size, size, device=device, dtype=dtype)
     t = torch.tensor([500, 500], device=device)
     cond = built["conditioning"]
     kwargs = {k: torch.cat([cond.negative[k], cond.positive[k]]).to(device) for k in cond.positive}
-    kwargs = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in kwargs.items()}
+    kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kwargs.items()}
     if name == "pixart":
         kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
     return x, t, kwargs
+
+
+def sync(device: Any) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def latency(module: Any, args: tuple[Any, Any, dict[str, Any]], repeats: int) -> float:
     x, t, kwargs = args
     with torch.no_grad():
         for _ in range(3):
-            module(x, t, **kwargs)
+            module(x, timestep=t, **kwargs)
         times = []
         for _ in range(repeats):
-            torch.cuda.synchronize()
+            sync(x.device)
             began = time.perf_counter()
-            module(x, t, **kwargs)
-            torch.cuda.synchronize()
+            module(x, timestep=t, **kwargs)
+            sync(x.device)
             times.append(time.perf_counter() - began)
     return statistics.median(times)
+
+
+def held_bytes(device: Any, build: Any) -> tuple[Any, int]:
+    """``(build(), bytes it holds)``: CUDA memory allocated while building, or (CPU) its tensors' bytes."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(device)
+        value = build()
+        return value, torch.cuda.memory_allocated(device) - before
+    value = build()
+    module = value["module"] if isinstance(value, dict) else value
+    tensors = [*module.parameters(), *module.buffers()]
+    return value, sum(t.numel() * t.element_size() for t in tensors)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,34 +95,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run the same code on the CPU with tiny configs (checks the script; no speed numbers)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.dry_run:
+        device = torch.device("cpu")
+        print("# DRY RUN on the CPU with tiny configs: these are not memory or speed numbers")
+    elif not torch.cuda.is_available():
         print("no CUDA device: this benchmark measures GPU memory and latency; GPU numbers pending")
         return 0
-    if not torchao_available():
-        print("torchao is not installed (pip install dagfusion[gpu]); GPU numbers pending")
-        return 0
-    device = torch.device("cuda")
-    print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}; random weights, fp16, CFG batch 2, one process")
+    else:
+        device = torch.device("cuda")
+        print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}; random weights, fp16, CFG batch 2, one process")
+    use_torchao = torchao_available()
+    if not use_torchao:
+        if not args.dry_run:
+            print("torchao is not installed (pip install dagfusion[gpu]); GPU numbers pending")
+            return 0
+        print("# torchao is not installed: its rows are left out of the dry run")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
     results: dict[str, Any] = {}
     for name in args.models:
-        gc.collect()
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated(device)
-        built = BUILDERS[name](device)
-        module = built["module"].to(torch.float16).eval()
-        fp16_bytes = torch.cuda.memory_allocated(device) - before
-        call = inputs(name, built, device)
+        built, fp16_bytes = held_bytes(device, lambda: BUILDERS[name](device, tiny=args.dry_run))
+        module = built["module"].to(dtype).eval()
+        call = inputs(name, built, device, dtype)
         fp16_s = latency(module, call, args.repeats)
         rows = [{"variant": "fp16", "weight_bytes": fp16_bytes, "memory_ratio": 1.0, "latency_s": fp16_s, "latency_ratio": 1.0}]
         layers = plan_layers(module, DEFAULT_KEEP).quantize
         linear = linear_layers(module, layers)
-        for fmt in ("int8", "fp8_e4m3"):
-            gc.collect()
-            torch.cuda.empty_cache()
-            before = torch.cuda.memory_allocated(device)
-            quantized = torchao_quantize(module, QuantSpec.parse(fmt), linear)
-            held = torch.cuda.memory_allocated(device) - before
+        for fmt in ("int8", "fp8_e4m3") if use_torchao else ():
+            quantized, held = held_bytes(device, lambda fmt=fmt, source=module: torchao_quantize(source, QuantSpec.parse(fmt), linear))
             seconds = latency(quantized, call, args.repeats)
             rows.append({"variant": f"torchao {fmt} weight-only ({len(linear)} Linear layers)", "weight_bytes": held,
                          "memory_ratio": fp16_bytes / held, "latency_s": seconds, "latency_ratio": seconds / fp16_s})
@@ -125,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             ratio = f"{r['latency_ratio']:.2f}x" if r["latency_ratio"] is not None else "—"
             print(f"| {r['variant']} | {r['weight_bytes'] / 2**20:.1f} | {r['memory_ratio']:.2f}x | {ms} | {ratio} |")
         del module, built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
     return 0
