@@ -50,6 +50,11 @@ Functions
     traceback, unless ``raise_on_error=False``. Other keyword arguments go to
     :meth:`dagfusion.Engine.run` (``targets``, ``use_cache``, ``handler``, ``out`` …).
 
+``NodeCallContext(folder, node_id="node")``
+    A stand-in for the run context when a test calls a node's function directly
+    (``spec.fn(NodeCallContext(tmp_path), **inputs)``): outputs under ``folder``, input paths as
+    given, progress calls recorded in ``.steps``.
+
 ``temporary_plugins(*plugins, builtins=True, entrypoints=False, settings=None)``
     A context manager that makes ``make_registry(*plugins, …)`` dagfusion's process-wide
     registry (what :func:`dagfusion.run`, :func:`dagfusion.default_registry`, ``Engine()`` and the
@@ -185,6 +190,38 @@ _FEEDER_ID = "example"
 _IMMUTABLE = (type(None), bool, int, float, str)
 
 PluginArg = tuple[str, object] | ModuleType | object
+
+
+class NodeCallContext:
+    """A stand-in for the :class:`~dagfusion.RunContext` a node's function receives, for calling
+    ``spec.fn(ctx, **inputs)`` directly in a test: files the node writes go under ``folder``
+    (``output_path`` creates the parent folders), input paths are used as given, and every
+    ``progress(step, total)`` call is kept in ``steps`` as ``(step, total)``.
+
+    Attributes:
+        folder: Where ``output_path`` puts files.
+        node_id: The id the node sees (``"node"``).
+        steps: The recorded progress calls.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], node_id: str = "node") -> None:
+        self.folder = Path(folder)
+        self.node_id = node_id
+        self.steps: list[tuple[int, int]] = []
+
+    def progress(self, step: int, total: int | None = None, message: str = "", **values: float) -> None:
+        self.steps.append((step, total or 0))
+
+    def output_path(self, relative: str) -> Path:
+        target = self.folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def input_path(self, path: str) -> Path:
+        return Path(path)
+
+    def check_cancelled(self) -> None:
+        """Never cancelled."""
 
 
 class WorkflowRunFailed(AssertionError):

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from dagfusion.testing import NodeCallContext
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
@@ -37,25 +39,6 @@ from dagfusion.nodes.quant.patch import DEFAULT_KEEP_TEXT, WeightQuantPatch, ave
 BITS = (1, 2, 4, 8)
 
 
-class _Ctx:
-    """The parts of RunContext the nodes use."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.steps: list[tuple[int, int]] = []
-
-    def progress(self, step: int, total: int | None = None, message: str = "", **values: float) -> None:
-        self.steps.append((step, total or 0))
-
-    def output_path(self, relative: str) -> Path:
-        target = self.folder / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target
-
-    def input_path(self, path: str) -> Path:
-        return Path(path)
-
-
 @pytest.fixture(scope="module")
 def handles() -> dict[str, Any]:
     return tiny.sd_handles()
@@ -72,7 +55,7 @@ def latent() -> Any:
 @pytest.fixture(scope="module")
 def measured(handles: dict[str, Any], latent: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The Sensitivity node on the tiny SD UNet (one recorded call of two rows, four widths)."""
-    ctx = _Ctx(tmp_path_factory.mktemp("sensitivity"))
+    ctx = NodeCallContext(tmp_path_factory.mktemp("sensitivity"))
     out = sensitivity.fn(
         ctx, model=handles["model"], conditioning=handles["conditioning"], latent=latent, sampler="euler",
         steps=4, calibration_steps=1, guidance_scale=4.0, seed=1, bits=",".join(map(str, BITS)), group_size=64,
@@ -231,7 +214,7 @@ def test_mixed_precision_returns_a_new_handle_and_keeps_the_input(
     other = FunctionPatch(lambda call, forward: forward(call), key="test.identity")
     model = handles["model"].with_patch(other)
     before = _snapshot(model.denoiser)
-    ctx = _Ctx(tmp_path)
+    ctx = NodeCallContext(tmp_path)
     out = mixed_precision.fn(ctx, model=model, sensitivity=measured["sensitivity"], target_bits=3.0)
     assert model.patches == (other,) and _unchanged(model.denoiser, before)
     quantized = out["model"]
@@ -253,7 +236,7 @@ def test_mixed_precision_returns_a_new_handle_and_keeps_the_input(
 def test_mixed_precision_saves_and_loads_bit_for_bit(
     handles: dict[str, Any], measured: dict[str, Any], tmp_path: Path
 ) -> None:
-    ctx = _Ctx(tmp_path)
+    ctx = NodeCallContext(tmp_path)
     quantized = mixed_precision.fn(ctx, model=handles["model"], sensitivity=measured["sensitivity"], target_bits=2.5)["model"]
     saved = save_quantized.fn(ctx, model=quantized, filename="mixed.safetensors")
     loaded = load_quantized.fn(ctx, model=handles["model"], path=saved["path"])
@@ -279,7 +262,7 @@ def test_an_infeasible_target_names_node_input_expected_and_received(
     lowest = allocate(handles["model"].denoiser, sens, 32.0).minimum_average_bits
     assert 1.0 < lowest < 2.0
     with pytest.raises(ValueError) as info:
-        mixed_precision.fn(_Ctx(tmp_path), model=handles["model"], sensitivity=sens, target_bits=1.0)
+        mixed_precision.fn(NodeCallContext(tmp_path), model=handles["model"], sensitivity=sens, target_bits=1.0)
     message = str(info.value)
     assert message.startswith("dagfusion.quant.MixedPrecision input 'target_bits': expected at least ")
     assert f"{lowest:.3f}" in message and "layers at 1 bit with scales" in message and message.endswith("got 1.0")
@@ -293,7 +276,7 @@ def test_a_sensitivity_of_another_model_is_refused(measured: dict[str, Any], tmp
     with pytest.raises(ValueError, match=r"MixedPrecision input 'sensitivity': expected a sensitivity measured on this "
                                          r"model's architecture \(PixArtTransformer2DModel.*got one measured on a "
                                          r"UNet2DConditionModel"):
-        mixed_precision.fn(_Ctx(tmp_path), model=pixart, sensitivity=measured["sensitivity"], target_bits=3.0)
+        mixed_precision.fn(NodeCallContext(tmp_path), model=pixart, sensitivity=measured["sensitivity"], target_bits=3.0)
 
 
 def test_quantize_module_takes_a_format_per_layer(handles: dict[str, Any]) -> None:

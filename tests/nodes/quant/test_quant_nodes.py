@@ -19,29 +19,10 @@ from dagfusion.nodes.quant import backend as backends
 from dagfusion.nodes.quant.formats import QuantSpec
 from dagfusion.nodes.quant.nodes import load_quantized, save_quantized, weight_only
 from dagfusion.nodes.quant.patch import DEFAULT_KEEP_TEXT, WeightQuantPatch
-from dagfusion.testing import make_settings, run_workflow
+from dagfusion.testing import NodeCallContext, make_settings, run_workflow
 
 HAS_TORCHAO = backends.torchao_available()
 HAS_CUDA = torch.cuda.is_available()
-
-
-class _Ctx:
-    """The parts of RunContext the nodes use."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.steps: list[tuple[int, int]] = []
-
-    def progress(self, step: int, total: int | None = None, message: str = "", **values: float) -> None:
-        self.steps.append((step, total or 0))
-
-    def output_path(self, relative: str) -> Path:
-        target = self.folder / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target
-
-    def input_path(self, path: str) -> Path:
-        return Path(path)
 
 
 def _quantize(model: Any, ctx: Any, **changes: Any) -> dict[str, Any]:
@@ -58,7 +39,7 @@ def handles() -> dict[str, Any]:
 
 def test_weight_only_returns_a_new_handle_bits_and_report(handles: dict[str, Any], tmp_path: Path) -> None:
     model = handles["model"]
-    ctx = _Ctx(tmp_path)
+    ctx = NodeCallContext(tmp_path)
     out = _quantize(model, ctx, format="int4", group_size=32)
     quantized = out["model"]
     assert model.patches == () and quantized.denoiser is model.denoiser
@@ -73,7 +54,7 @@ def test_weight_only_returns_a_new_handle_bits_and_report(handles: dict[str, Any
 
 
 def test_quantizing_again_replaces_the_quantization_but_keeps_other_patches(handles: dict[str, Any], tmp_path: Path) -> None:
-    ctx = _Ctx(tmp_path)
+    ctx = NodeCallContext(tmp_path)
     other = FunctionPatch(lambda call, forward: forward(call), key="test.identity")
     first = _quantize(handles["model"].with_patch(other), ctx, format="int8")["model"]
     second = _quantize(first, ctx, format="int4")["model"]
@@ -84,20 +65,20 @@ def test_quantizing_again_replaces_the_quantization_but_keeps_other_patches(hand
 def test_a_model_that_is_not_a_diffusers_denoiser_is_refused(tmp_path: Path) -> None:
     model = ModelHandle.from_module(torch.nn.Linear(4, 4))
     with pytest.raises(TypeError, match="input 'model': expected a diffusers denoiser.*got a Linear"):
-        _quantize(model, _Ctx(tmp_path))
+        _quantize(model, NodeCallContext(tmp_path))
     with pytest.raises(TypeError, match="dagfusion.quant.Load input 'model'.*got a Linear"):
-        load_quantized.fn(_Ctx(tmp_path), model=model, path=str(tmp_path / "x.safetensors"))
+        load_quantized.fn(NodeCallContext(tmp_path), model=model, path=str(tmp_path / "x.safetensors"))
 
 
 def test_save_needs_a_quantized_model(handles: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Save input 'model': expected a model quantized by .*WeightOnly.*got a model without"):
-        save_quantized.fn(_Ctx(tmp_path), model=handles["model"], filename="q.safetensors")
+        save_quantized.fn(NodeCallContext(tmp_path), model=handles["model"], filename="q.safetensors")
 
 
 def test_save_and_load_nodes_sample_identically(handles: dict[str, Any], tmp_path: Path) -> None:
     from dagfusion.nodes.diffusion.sampling import sample
 
-    ctx = _Ctx(tmp_path)
+    ctx = NodeCallContext(tmp_path)
     quantized = _quantize(handles["model"], ctx, format="int4")["model"]
     saved = save_quantized.fn(ctx, model=quantized, filename="models/q.safetensors")
     assert Path(saved["path"]) == tmp_path / "models" / "q.safetensors"
@@ -125,7 +106,7 @@ def test_backend_choice() -> None:
 @pytest.mark.skipif(HAS_TORCHAO, reason="torchao is installed")
 def test_asking_for_torchao_without_it_says_how_to_install(handles: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(ImportError, match=r"pip install dagfusion\[gpu\]"):
-        _quantize(handles["model"], _Ctx(tmp_path), backend="torchao")
+        _quantize(handles["model"], NodeCallContext(tmp_path), backend="torchao")
 
 
 def test_the_torchao_path_quantizes_linear_layers_of_a_copy(
@@ -164,7 +145,7 @@ def test_the_torchao_path_quantizes_linear_layers_of_a_copy(
     model = handles["model"]
     unet = model.denoiser
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
-    out = _quantize(model, _Ctx(tmp_path), format="fp8_e4m3", backend="torchao")
+    out = _quantize(model, NodeCallContext(tmp_path), format="fp8_e4m3", backend="torchao")
     (copied, config, chosen), = calls
     assert copied is out["model"].denoiser and copied is not unet
     assert isinstance(config, Float8WeightOnlyConfig) and config.weight_dtype == torch.float8_e4m3fn
@@ -179,7 +160,7 @@ def test_the_torchao_path_quantizes_linear_layers_of_a_copy(
     assert "Linear layers only" in report["layers"]["down_blocks.0.resnets.0.conv1"]["kept"]
     assert 8.0 < out["average_bits"] < 32.0  # the fp32 Conv layers stay fp32 here
     with pytest.raises(TypeError, match="already quantized by torchao"):
-        _quantize(quantized, _Ctx(tmp_path), format="int8", backend="torch")
+        _quantize(quantized, NodeCallContext(tmp_path), format="int8", backend="torch")
 
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TORCHAO), reason="needs CUDA and torchao")
@@ -190,7 +171,7 @@ def test_torchao_quantizes_a_copy_on_cuda(handles: dict[str, Any], tmp_path: Pat
     unet = copy.deepcopy(handles["model"].denoiser).to("cuda", torch.bfloat16)
     model = ModelHandle.from_module(unet, vae_scale_factor=2)
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
-    out = _quantize(model, _Ctx(tmp_path), format=format, backend="auto")
+    out = _quantize(model, NodeCallContext(tmp_path), format=format, backend="auto")
     quantized = out["model"]
     assert quantized.denoiser is not unet and quantized.patches == ()
     assert quantized.info["quantization"] == f"torchao:{format}"
@@ -205,7 +186,7 @@ def test_torchao_quantizes_a_copy_on_cuda(handles: dict[str, Any], tmp_path: Pat
         got = quantized.denoiser(x, t, encoder_hidden_states=context).sample.float()
     assert float((got - ref).abs().sum() / ref.abs().sum()) < 0.15
     with pytest.raises(ValueError, match="without a weight-quantization patch"):
-        save_quantized.fn(_Ctx(tmp_path), model=quantized, filename="q.safetensors")
+        save_quantized.fn(NodeCallContext(tmp_path), model=quantized, filename="q.safetensors")
 
 
 def test_workflow_quantize_save_then_load(tmp_path: Path) -> None:
