@@ -313,6 +313,13 @@ def train(
     recent: deque[float] = deque(maxlen=RECENT)
     losses: list[float] = []
     start = 0
+
+    def prepare(captions: tuple[str, ...], shape: tuple[int, ...]) -> Any:
+        """The denoiser's keyword inputs for ``captions`` at latent ``shape`` (no CFG doubling)."""
+        return family.prepare(
+            module, text.conditioning(captions), batch=len(captions), cfg=False, device=device,
+            dtype=torch.float32, latent_shape=shape, scale=scale, guidance_scale=1.0,
+        )
     last_checkpoint: Path | None = None
     fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
 
@@ -411,19 +418,13 @@ def train(
                     captions = tuple("" if d else c for c, d in zip(captions, drop.tolist()))
                 images = examples.images[:, :3] if examples.images.shape[1] == 4 else examples.images
                 x0 = encode(images, generator)
-                prepared = family.prepare(
-                    module, text.conditioning(captions), batch=x0.shape[0], cfg=False, device=device,
-                    dtype=torch.float32, latent_shape=tuple(x0.shape), scale=scale, guidance_scale=1.0,
-                )
+                shape = tuple(x0.shape)
+                prepared = prepare(captions, shape)
                 if prepared.concat is not None:
                     raise ValueError(f"training {family.name} models (with concatenated image latents) is not supported")
-                def unconditional(rows: int = x0.shape[0], shape: tuple[int, ...] = tuple(x0.shape)) -> Any:
-                    return family.prepare(
-                        module, text.conditioning(("",) * rows), batch=rows, cfg=False, device=device,
-                        dtype=torch.float32, latent_shape=shape, scale=scale, guidance_scale=1.0,
-                    ).kwargs
-
-                call = ModelCall(module, family, prepared.kwargs, autocast, unconditional)
+                empty = ("",) * len(captions)
+                call = ModelCall(module, family, prepared.kwargs, autocast,
+                                 lambda empty=empty, shape=shape: prepare(empty, shape).kwargs)
                 loss, logs = objective.loss(call, TrainBatch(x0, captions, examples), TrainStep(step, total), generator)
                 value = float(loss.detach())
                 if not math.isfinite(value):
