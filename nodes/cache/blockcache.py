@@ -37,7 +37,7 @@ from typing import Any
 
 from dagfusion import INT, STRING, Input, Output, RunContext, node
 from dagfusion.nodes.cache import schedules
-from dagfusion.nodes.cache.macs import CallCosts
+from dagfusion.nodes.cache.macs import CallCosts, call_layout
 from dagfusion.nodes.diffusion.hooks import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook
 from dagfusion.nodes.diffusion.types import MODEL
 
@@ -165,6 +165,22 @@ def capturing(blocks: Any, span: Span, into: dict[str, Any], transform: Callable
     return _swapped(blocks, forwards)
 
 
+def capture_delta(blocks: Any, span: Span, run: Callable[[], Any], transform: Callable[[Any], Any] | None = None
+                  ) -> tuple[Any, Any]:
+    """``run()`` with the change the span makes to the residual stream captured (the transformer
+    twin of :func:`~dagfusion.nodes.cache.deepcache.capture_deep_feature`).
+
+    :param transform: As for :func:`capturing`; the *untransformed* change is returned.
+    :returns: ``(what run() returned, Δ = output - input of the span, or None when the span did not run)``.
+    """
+    into: dict[str, Any] = {}
+    with capturing(blocks, span, into, transform):
+        out = run()
+    if "input" not in into or "output" not in into:
+        return out, None
+    return out, into["output"] - into["input"]
+
+
 def reusing(blocks: Any, span: Span, delta: Any) -> contextlib.AbstractContextManager[None]:
     """Blocks whose span returns ``input + delta`` without computing (for calls from this thread)."""
     start, end = span
@@ -285,10 +301,7 @@ class BlockCacheHook(StepHook):
         self.cache: tuple[Any, Span, Any] | None = None  # (batch layout, span, Δ)
         self.calls: list[tuple[int, str, Any]] = []
 
-    @staticmethod
-    def layout(call: DenoiserCall) -> Any:
-        sample = call.sample
-        return (tuple(sample.shape), tuple(call.batches), str(sample.dtype), str(sample.device))
+    layout = staticmethod(call_layout)
 
     def denoise(self, call: DenoiserCall, forward: Forward) -> Any:
         index = call.step.index
@@ -310,19 +323,12 @@ class BlockCacheHook(StepHook):
             out = self.costs.run("partial", layout, partial)
             self.calls.append((index, "partial", layout))
             return out
-        captured: dict[str, Any] = {}
-
         transform = None if self.correct_full is None else (lambda d: self.correct_full(index, d))
-
-        def whole() -> Any:
-            with capturing(self.blocks, span, captured, transform):
-                return forward(call)
-
-        out = self.costs.run("full", layout, whole)
-        if "input" in captured and "output" in captured and captured["output"].shape[0] == call.sample.shape[0]:
-            self.cache = (layout, span, (captured["output"] - captured["input"]).detach())
-        else:
-            self.cache = None
+        out, delta = self.costs.run(
+            "full", layout, lambda: capture_delta(self.blocks, span, lambda: forward(call), transform)
+        )
+        # A change of another batch (an inner hook changed the call) cannot be reused.
+        self.cache = (layout, span, delta.detach()) if delta is not None and delta.shape[0] == call.sample.shape[0] else None
         self.calls.append((index, "full", layout))
         return out
 

@@ -139,18 +139,20 @@ class PairStatistics:
         f = feature.detach().to(torch.float64)
         return f.movedim(self.channel_dim, -1).reshape(-1, f.shape[self.channel_dim])
 
-    def cross(self, x: Any, y: Any) -> Any:
-        """The per-channel sums of the pair ``(x, y)`` (two features of one shape), as :meth:`fit_sums` takes them."""
+    @staticmethod
+    def _sums(fx: Any, fy: Any) -> Any:
+        """``n, Σx, Σy, Σx², Σxy, Σy²`` per channel of flattened ``(elements, channels)`` features, on the CPU."""
         import torch
 
-        fx, fy = self._flat(x), self._flat(y)
         n = torch.full((fy.shape[1],), float(fy.shape[0]), dtype=torch.float64, device=fy.device)
         return torch.stack([n, fx.sum(0), fy.sum(0), (fx * fx).sum(0), (fx * fy).sum(0), (fy * fy).sum(0)]).cpu()
 
+    def cross(self, x: Any, y: Any) -> Any:
+        """The per-channel sums of the pair ``(x, y)`` (two features of one shape), as :meth:`fit_sums` takes them."""
+        return self._sums(self._flat(x), self._flat(y))
+
     def add(self, index: int, feature: Any) -> None:
         """Record step ``index``'s feature (any shape with the channel at ``channel_dim``)."""
-        import torch
-
         if self.shape is not None and tuple(feature.shape) != self.shape:
             raise ValueError(
                 f"the cached feature changed shape during calibration ({self.shape} at an earlier step, "
@@ -162,10 +164,7 @@ class PairStatistics:
         self.energy[index] = float((y * y).sum())
         for s, x in self.recent:
             if index - s < self.window:
-                n = torch.full((y.shape[1],), float(y.shape[0]), dtype=torch.float64, device=y.device)
-                self.sums[(s, index)] = torch.stack([
-                    n, x.sum(0), y.sum(0), (x * x).sum(0), (x * y).sum(0), (y * y).sum(0),
-                ]).cpu()
+                self.sums[(s, index)] = self._sums(x, y)
         self.recent.append((index, y))
         self.recent = [(s, x) for s, x in self.recent if index + 1 - s < self.window]
 
@@ -307,10 +306,8 @@ class _RecordingPatch(ModelPatch):
                 if patch.kind == "unet":
                     out, feature = capture_deep_feature(unet_of(call.module), patch.branch, lambda: forward(call))
                 else:
-                    into: dict[str, Any] = {}
-                    with blockcache.capturing(blockcache.blocks_of(call.module), patch.span, into):
-                        out = forward(call)
-                    feature = into["output"] - into["input"] if "input" in into and "output" in into else None
+                    out, feature = blockcache.capture_delta(blockcache.blocks_of(call.module), patch.span,
+                                                            lambda: forward(call))
                 if feature is None:
                     raise RuntimeError("CacheQuant calibration: the cached feature was not computed by this denoiser call")
                 patch.sink(call.step.index, feature)
@@ -379,8 +376,10 @@ def calibrate(
         raise ValueError("give either the number of full steps or the interval of the uniform schedule to match")
     if full and not 1 <= full <= steps:
         raise ValueError(f"full steps must be between 1 and steps ({steps}), got {full}")
-    # The window is set once the run's call count is known (PLMS adds a warm-up call).
-    stats = PairStatistics(max_segment or steps + 1, 1 if kind == "unet" else -1)
+    # The run may make one call more than ``steps`` (PLMS's warm-up); the statistics keep pairs up to
+    # the widest segment that call count can need, so memory does not grow with the step count.
+    most = full or math.ceil(steps / interval)
+    stats = PairStatistics(max_segment or min(steps + 1, 2 * math.ceil((steps + 1) / most)), 1 if kind == "unet" else -1)
     reference_features: dict[int, Any] = {}
     quant_sums: dict[int, Any] = {}
     if reference is not None:

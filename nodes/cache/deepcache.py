@@ -42,7 +42,7 @@ from typing import Any
 
 from dagfusion import FLOAT, INT, STRING, Input, Output, RunContext, node
 from dagfusion.nodes.cache import schedules
-from dagfusion.nodes.cache.macs import CallCosts
+from dagfusion.nodes.cache.macs import CallCosts, call_layout
 from dagfusion.nodes.diffusion.hooks import (
     DenoiserCall,
     Forward,
@@ -331,11 +331,7 @@ class DeepCacheHook(StepHook):
         self.correct: Any = None
         self.correct_full: Any = None
 
-    @staticmethod
-    def layout(call: DenoiserCall) -> Any:
-        """What must match between the cached call and a reusing call: batch shape, halves, dtype, device."""
-        sample = call.sample
-        return (tuple(sample.shape), tuple(call.batches), str(sample.dtype), str(sample.device))
+    layout = staticmethod(call_layout)
 
     def denoise(self, call: DenoiserCall, forward: Forward) -> Any:
         index = call.step.index

@@ -187,6 +187,13 @@ def count_macs(module: Any, *, records: bool = True) -> Iterator[MacCounter]:
             handle.remove()
 
 
+def call_layout(call: Any) -> tuple[Any, ...]:
+    """What must match between a cached denoiser call and a call reusing it (and what MACs depend
+    on besides the mode): the batch shape, its classifier-free-guidance halves, dtype and device."""
+    sample = call.sample
+    return (tuple(sample.shape), tuple(call.batches), str(sample.dtype), str(sample.device))
+
+
 class CallCosts:
     """MACs of one denoiser call per ``(mode, batch layout)`` — counted the first time each runs (MACs
     depend on shapes only) — and what a run of calls cost from them (cache schedulers' statistics).
