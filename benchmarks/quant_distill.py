@@ -63,24 +63,18 @@ def distill(loaded: Any, patch: Any, stage: str, steps: int, args: argparse.Name
 
 
 def error_weights(loaded: Any, packed: Any, bins: int) -> tuple[float, ...]:
-    """The error profile of the packed model on a calibration prompt of the training split."""
+    """The error profile of the packed model on 4 calibration prompts of the training split."""
     from dagfusion.nodes.diffusion.latents import empty_latent
-    from dagfusion.nodes.diffusion.sampling import sample
-    from dagfusion.nodes.quant.qat_nodes import _Recorder, error_profile
+    from dagfusion.nodes.quant.qat_nodes import measure_error_profile
     from dagfusion.nodes.shapes.dataset import ShapesDataset
     from shapes_models import batch_conditioning
 
     prompts = spread(ShapesDataset(split="train").prompts(), 4)
-    cond = batch_conditioning(loaded.clip, prompts)
-    reference, quantized = _Recorder("reference"), _Recorder("quantized")
-    latent = empty_latent(loaded.model, 64, 64, len(prompts))
-    with torch.no_grad():
-        sample(loaded.model.with_patch(reference), cond, latent, steps=25, guidance_scale=4.0, seed=99)
-        sample(loaded.model.with_patch(packed).with_patch(quantized), cond, latent, steps=25, guidance_scale=4.0, seed=99)
-    per_step = []
-    for (timestep, ref), (_, out) in zip(reference.calls, quantized.calls):
-        per_step.append((timestep, float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))))
-    return tuple(error_profile(per_step, bins, 1000))
+    weights, _ = measure_error_profile(
+        loaded.model.with_patch(packed), batch_conditioning(loaded.clip, prompts),
+        empty_latent(loaded.model, 64, 64, len(prompts)), bins=bins, steps=25, guidance_scale=4.0, seed=99,
+    )
+    return tuple(weights)
 
 
 def main(argv: list[str] | None = None) -> int:

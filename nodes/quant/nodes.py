@@ -44,14 +44,18 @@ def quant_patches(model: Any) -> list[Any]:
 
 
 def without_quantization(model: Any) -> Any:
-    """``model`` without its weight-quantization patches (other patches kept, in order)."""
+    """``model`` without its weight-quantization patches — packed (:class:`WeightQuantPatch`) or
+    quantization-aware (:class:`~dagfusion.nodes.quant.qat.QATPatch`) — other patches kept, in order:
+    the full-precision model."""
     from dagfusion.nodes.quant.patch import WeightQuantPatch
+    from dagfusion.nodes.quant.qat import QATPatch
 
-    if not quant_patches(model):
+    kinds = (WeightQuantPatch, QATPatch)
+    if not any(isinstance(p, kinds) for p in model.patches):
         return model
     base = model.without_patches()
     for other in model.patches:
-        if not isinstance(other, WeightQuantPatch):
+        if not isinstance(other, kinds):
             base = base.with_patch(other)
     return base
 

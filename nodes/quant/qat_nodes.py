@@ -15,24 +15,13 @@ from dagfusion import BOOLEAN, FLOAT, INT, SEED, STRING, Input, Output, RunConte
 from dagfusion.nodes.diffusion.hooks import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook
 from dagfusion.nodes.diffusion.schedulers import SAMPLER_CHOICES
 from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL
+from dagfusion.nodes.quant.nodes import quant_patches, without_quantization
 
 
 def _qat_patches(model: Any) -> list[Any]:
     from dagfusion.nodes.quant.qat import QATPatch
 
     return [p for p in model.patches if isinstance(p, QATPatch)]
-
-
-def full_precision(model: Any) -> Any:
-    """``model`` without its weight-quantization and quantization-aware patches (others kept, in order)."""
-    from dagfusion.nodes.quant.patch import WeightQuantPatch
-    from dagfusion.nodes.quant.qat import QATPatch
-
-    base = model.without_patches()
-    for patch in model.patches:
-        if not isinstance(patch, (WeightQuantPatch, QATPatch)):
-            base = base.with_patch(patch)
-    return base
 
 
 def _quantized_example(bits: str = "int4") -> Any:
@@ -65,7 +54,6 @@ def trainable(ctx: RunContext, model: Any, train_weights: bool) -> Any:
     dagfusion.train.Train (trainable: patches) and dagfusion.train.QuantDistillLoss, then pack it
     again with dagfusion.quant.Freeze.
     """
-    from dagfusion.nodes.quant.nodes import quant_patches
     from dagfusion.nodes.quant.qat import QATPatch
 
     found = quant_patches(model)
@@ -75,16 +63,15 @@ def trainable(ctx: RunContext, model: Any, train_weights: bool) -> Any:
             f"patch, from dagfusion.quant.WeightOnly, MixedPrecision or Load), got one with {len(found)}"
         )
     patch = QATPatch(found[0], model.denoiser, train_weights=train_weights)
-    return full_precision(model).with_patch(patch)
+    return without_quantization(model).with_patch(patch)
 
 
 def _freeze_example() -> dict[str, Any]:
     from dagfusion.nodes.quant.qat import QATPatch
-    from dagfusion.nodes.quant.nodes import quant_patches
 
     model = _quantized_example()
     patch = QATPatch(quant_patches(model)[0], model.denoiser)
-    return {"model": full_precision(model).with_patch(patch)}
+    return {"model": without_quantization(model).with_patch(patch)}
 
 
 @node(
@@ -111,7 +98,7 @@ def freeze_node(ctx: RunContext, model: Any) -> tuple[Any, float]:
             f"patch), got one with {len(found)}"
         )
     packed = freeze(found[0])
-    return full_precision(model).with_patch(packed), float(average_bits(model.denoiser, packed))
+    return without_quantization(model).with_patch(packed), float(average_bits(model.denoiser, packed))
 
 
 # --- the error profile ----------------------------------------------------------------------------
@@ -157,6 +144,32 @@ def error_profile(per_step: list[tuple[float, float]], bins: int, train_timestep
     return [v / mean if mean > 0 else 1.0 for v in values]
 
 
+def measure_error_profile(
+    model: Any, conditioning: Any, latent: Any, *, bins: int, train_timesteps: int = 1000, ctx: RunContext | None = None,
+    **sample_options: Any,
+) -> tuple[list[float], list[tuple[float, float]]]:
+    """Sample with ``model`` (quantized) and with its full-precision self with the same options and
+    compare the denoiser outputs step by step.
+
+    :param sample_options: ``steps``, ``sampler``, ``guidance_scale``, ``seed`` … as for
+        :func:`~dagfusion.nodes.diffusion.sampling.sample`.
+    :returns: ``(weights per timestep bin (see error_profile), [(timestep, relative L2 error)] per step)``.
+    """
+    import torch
+
+    from dagfusion.nodes.diffusion.sampling import sample
+
+    reference, quantized = _Recorder("reference"), _Recorder("quantized")
+    with torch.no_grad():
+        sample(without_quantization(model).with_patch(reference), conditioning, latent, ctx=ctx, **sample_options)
+        sample(model.with_patch(quantized), conditioning, latent, ctx=ctx, **sample_options)
+    per_step = []
+    for (timestep, ref), (_, out) in zip(reference.calls, quantized.calls):
+        norm = float(torch.linalg.vector_norm(ref))
+        per_step.append((timestep, float(torch.linalg.vector_norm(out - ref)) / norm if norm > 0 else 0.0))
+    return error_profile(per_step, bins, train_timesteps), per_step
+
+
 def _profile_example() -> dict[str, Any]:
     from dagfusion.nodes.diffusion import tiny
 
@@ -198,23 +211,12 @@ def error_profile_node(
     error has caused so far); the per-bin means weight stage II's timestep sampling
     (dagfusion.train.QuantDistillLoss).
     """
-    import torch
-
-    from dagfusion.nodes.diffusion.sampling import sample
-    from dagfusion.nodes.quant.nodes import quant_patches
-
-    if not quant_patches(model) and not _qat_patches(model):
+    if without_quantization(model) is model:
         raise ValueError(f"{ctx.node_id} input 'model': expected a quantized model, got one without weight quantization")
-    reference, quantized = _Recorder("reference"), _Recorder("quantized")
-    options = {"steps": steps, "sampler": sampler, "guidance_scale": guidance_scale, "seed": seed}
-    with torch.no_grad():
-        sample(full_precision(model).with_patch(reference), conditioning, latent, ctx=ctx, **options)
-        sample(model.with_patch(quantized), conditioning, latent, ctx=ctx, **options)
-    per_step = []
-    for (timestep, ref), (_, out) in zip(reference.calls, quantized.calls):
-        norm = float(torch.linalg.vector_norm(ref))
-        per_step.append((timestep, float(torch.linalg.vector_norm(out - ref)) / norm if norm > 0 else 0.0))
-    weights = error_profile(per_step, bins, train_timesteps)
+    weights, per_step = measure_error_profile(
+        model, conditioning, latent, bins=bins, train_timesteps=train_timesteps, ctx=ctx,
+        steps=steps, sampler=sampler, guidance_scale=guidance_scale, seed=seed,
+    )
     report = {"per_step": [{"timestep": t, "relative_error": e} for t, e in per_step], "weights": weights}
     return ", ".join(f"{w:.4f}" for w in weights), json.dumps(report)
 
