@@ -379,6 +379,17 @@ def fp8_dtype() -> Any:
     return dtype
 
 
+def zero_points(qt: QuantizedTensor) -> Any:
+    """``(rows, groups)`` float32 zero-points of an integer-format ``qt`` on its device: the unpacked
+    ``zeros``, or the code offset ``2^(bits-1)`` of a symmetric grid."""
+    import torch
+
+    rows, groups = qt.rows, qt.groups
+    if qt.zeros is None:
+        return torch.full((rows, groups), float(1 << (qt.spec.bits - 1)), device=qt.codes.device)
+    return unpack_bits(qt.zeros, qt.spec.bits, rows * groups).reshape(rows, groups).to(torch.float32)
+
+
 def dequantize(qt: QuantizedTensor, dtype: Any = None, device: Any = None) -> Any:
     """The float weight of ``qt``: ``(code - zero) · scale`` in float32, cast to ``dtype``.
 
@@ -396,13 +407,9 @@ def dequantize(qt: QuantizedTensor, dtype: Any = None, device: Any = None) -> An
         values = qt.codes.view(fp8_dtype()).to(torch.float32).reshape(rows, cols) * qt.scales.to(torch.float32)
         return values.reshape(qt.shape).to(dtype)
     group = qt.group
-    groups = qt.groups
     codes = unpack_bits(qt.codes, spec.bits, rows * cols).reshape(rows, cols).to(torch.float32)
     blocks = _grouped(codes, group)
-    if qt.zeros is None:
-        zero = torch.full((rows, groups, 1), float(1 << (spec.bits - 1)), device=codes.device)
-    else:
-        zero = unpack_bits(qt.zeros, spec.bits, rows * groups).reshape(rows, groups, 1).to(torch.float32)
+    zero = zero_points(qt).unsqueeze(-1)
     values = (blocks - zero) * qt.scales.to(torch.float32).unsqueeze(-1)
     return values.reshape(rows, -1)[:, :cols].reshape(qt.shape).to(dtype)
 

@@ -40,23 +40,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from dagfusion.nodes.diffusion.hooks import ModelPatch
-from dagfusion.nodes.quant.formats import QuantizedTensor, _grouped, pack_bits, unpack_bits
+from dagfusion.nodes.quant.formats import QuantizedTensor, _grouped, pack_bits, zero_points
 from dagfusion.nodes.quant.patch import WeightQuantPatch, parameters_of
 
 KEY_PREFIX = "dagfusion.quant.QAT:"
 
 _ACTIVE: weakref.WeakKeyDictionary[Any, QATPatch] = weakref.WeakKeyDictionary()
 """The QATPatch applied to each module right now (how an objective finds its teacher switch)."""
-
-
-def _zero_points(qt: QuantizedTensor) -> Any:
-    """``(rows, groups)`` float32 zero-points of ``qt`` (the offset ``2^(b-1)`` for symmetric grids)."""
-    import torch
-
-    rows, groups = qt.rows, qt.groups
-    if qt.zeros is None:
-        return torch.full((rows, groups), float(1 << (qt.spec.bits - 1)), device=qt.codes.device)
-    return unpack_bits(qt.zeros, qt.spec.bits, rows * groups).reshape(rows, groups).to(torch.float32)
 
 
 def _code_range(qt: QuantizedTensor) -> tuple[float, float]:
@@ -98,7 +88,7 @@ class _Layer:
         matrix = weight.detach().to(torch.float32).reshape(qt.rows, qt.cols).clone()
         self.latent = torch.nn.Parameter(matrix, requires_grad=train_weights)
         self.scale = torch.nn.Parameter(qt.scales.detach().to(torch.float32).clone())
-        self.zero = _zero_points(qt)
+        self.zero = zero_points(qt)
         self.lo, self.hi = _code_range(qt)
 
     def weight(self, dtype: Any) -> Any:
