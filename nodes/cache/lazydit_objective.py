@@ -27,15 +27,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dagfusion import BOOLEAN, FLOAT, INT, STRING, Input, Output, RunContext, node
+from dagfusion import FLOAT, INT, STRING, Input, Output, RunContext, node
 from dagfusion.nodes.training.objectives import (
-    BETA_SCHEDULES,
+    MODEL_SCHEDULE_INPUTS,
+    PREDICTIONS,
     NoiseScheduleObjective,
     mse,
 )
 from dagfusion.nodes.training.types import OBJECTIVE
 
-PREDICTIONS = ("epsilon", "v_prediction")
 
 
 @dataclass(frozen=True)
@@ -158,11 +158,7 @@ class LazyGateObjective(NoiseScheduleObjective):
               description="Sampling steps the gates are for: the previous step is t + train_timesteps // sampling_steps."),
         Input("prediction", STRING, "epsilon", choices=PREDICTIONS,
               description="What the model predicts (its scheduler's prediction_type), for the DDIM step between the two timesteps."),
-        Input("beta_schedule", STRING, "scaled_linear", choices=BETA_SCHEDULES, description="The model's noise schedule (diffusers names)."),
-        Input("beta_start", FLOAT, 0.00085, min=1e-8, max=0.5, description="First beta of the model's schedule."),
-        Input("beta_end", FLOAT, 0.012, min=1e-6, max=0.999, description="Last beta of the model's schedule."),
-        Input("train_timesteps", INT, 1000, min=4, max=100_000, description="Number of discrete timesteps T of the model's schedule."),
-        Input("zero_terminal_snr", BOOLEAN, False, description="The model's schedule is rescaled to zero terminal SNR."),
+        *MODEL_SCHEDULE_INPUTS,
     ],
     outputs=[Output("objective", OBJECTIVE, "The LazyDiT gate loss (train with trainable: patches).")],
     examples=[{}, {"prediction": "v_prediction", "zero_terminal_snr": True, "target_laziness": 1.0, "laziness_weight": 0.01}],

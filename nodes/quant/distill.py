@@ -25,12 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dagfusion import BOOLEAN, FLOAT, INT, STRING, Input, Output, RunContext, node
-from dagfusion.nodes.training.objectives import BETA_SCHEDULES, NoiseScheduleObjective, mse
+from dagfusion import FLOAT, STRING, Input, Output, RunContext, node
+from dagfusion.nodes.training.objectives import MODEL_SCHEDULE_INPUTS, PREDICTIONS, NoiseScheduleObjective, mse
 from dagfusion.nodes.training.types import OBJECTIVE
 
 STAGES = ("output", "noise")
-PREDICTIONS = ("epsilon", "v_prediction")
 
 
 def parse_weights(text: str, what: str = "timestep_weights") -> tuple[float, ...]:
@@ -162,11 +161,7 @@ class QuantDistillObjective(NoiseScheduleObjective):
         Input("timestep_weights", STRING, "",
               description="Weights of equal timestep bins over [0, T) (from dagfusion.quant.ErrorProfile); empty: uniform."),
         Input("prediction", STRING, "epsilon", choices=PREDICTIONS, description="The model's prediction type (its scheduler's)."),
-        Input("beta_schedule", STRING, "scaled_linear", choices=BETA_SCHEDULES, description="The model's noise schedule (diffusers names)."),
-        Input("beta_start", FLOAT, 0.00085, min=1e-8, max=0.5, description="First beta of the model's schedule."),
-        Input("beta_end", FLOAT, 0.012, min=1e-6, max=0.999, description="Last beta of the model's schedule."),
-        Input("train_timesteps", INT, 1000, min=4, max=100_000, description="Number of discrete timesteps T of the model's schedule."),
-        Input("zero_terminal_snr", BOOLEAN, False, description="The model's schedule is rescaled to zero terminal SNR."),
+        *MODEL_SCHEDULE_INPUTS,
     ],
     outputs=[Output("objective", OBJECTIVE, "The distillation loss (train with trainable: patches).")],
     examples=[{}, {"stage": "noise", "prediction": "v_prediction", "zero_terminal_snr": True, "timestep_weights": "1, 3, 2"}],

@@ -413,6 +413,19 @@ _SCHEDULE_INPUTS = [
     Input("train_timesteps", INT, 1000, min=2, max=100_000, description="Number of discrete training timesteps T."),
 ]
 
+PREDICTIONS = ("epsilon", "v_prediction")
+"""Prediction types of the objectives that work on a given model's noise schedule."""
+
+MODEL_SCHEDULE_INPUTS = [
+    Input("beta_schedule", STRING, "scaled_linear", choices=BETA_SCHEDULES, description="The model's noise schedule (diffusers names)."),
+    Input("beta_start", FLOAT, 0.00085, min=1e-8, max=0.5, description="First beta of the model's schedule."),
+    Input("beta_end", FLOAT, 0.012, min=1e-6, max=0.999, description="Last beta of the model's schedule."),
+    Input("train_timesteps", INT, 1000, min=4, max=100_000, description="Number of discrete timesteps T of the model's schedule."),
+    Input("zero_terminal_snr", BOOLEAN, False, description="The model's schedule is rescaled to zero terminal SNR."),
+]
+"""The inputs naming an existing model's noise schedule, for objectives that train something on a
+given model (gates, quantization) rather than choose a schedule to train a model for."""
+
 
 @node(
     "dagfusion.train.Epsilon",
