@@ -617,11 +617,9 @@ def cachequant_calibrate(
 def _apply_example() -> dict[str, Any]:
     from dagfusion.nodes.diffusion import tiny
 
-    example = _calibrate_example_unet()
-    options = {k: example.pop(k) for k in ("steps", "interval", "guidance_scale")}
-    schedule = calibrate(example["model"], example["conditioning"], example["latent"], steps=options["steps"],
-                         full=2, guidance_scale=options["guidance_scale"])
-    return {"model": tiny.sd_handles()["model"], "schedule": schedule}
+    handles = tiny.sd_handles()
+    schedule = calibrate(handles["model"], handles["conditioning"], handles["latent"], steps=6, full=2, guidance_scale=4.0)
+    return {"model": handles["model"], "schedule": schedule}
 
 
 @node(

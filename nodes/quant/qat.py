@@ -183,19 +183,16 @@ class QATPatch(ModelPatch):
                 original = owner._parameters[attr]
                 originals.append((owner, attr, original))
                 if name in self.layers:
-                    student = self.layers[name]
-
-                    def pre_hook(mod: Any, args: Any, _attr: str = attr, _original: Any = original,
-                                 _layer: _Layer = student) -> None:
-                        mod._parameters[_attr] = _original if self.teaching else _layer.weight(_original.dtype)
+                    student = self.layers[name].weight  # dtype -> fake-quantized weight
                 else:
                     with torch.no_grad():
                         value = torch.nn.Parameter(
                             fixed[name].dequantize(dtype=original.dtype, device=original.device), requires_grad=False)
+                    student = lambda dtype, _value=value: _value  # noqa: E731 - the fixed layers' counterpart
 
-                    def pre_hook(mod: Any, args: Any, _attr: str = attr, _original: Any = original,
-                                 _value: Any = value) -> None:
-                        mod._parameters[_attr] = _original if self.teaching else _value
+                def pre_hook(mod: Any, args: Any, _attr: str = attr, _original: Any = original, _student: Any = student) -> None:
+                    mod._parameters[_attr] = _original if self.teaching else _student(_original.dtype)
+
                 def post_hook(mod: Any, args: Any, out: Any, _attr: str = attr, _original: Any = original) -> None:
                     mod._parameters[_attr] = _original
 
