@@ -51,6 +51,7 @@ from dagfusion.nodes.quant.patch import (
     DEFAULT_KEEP,
     DEFAULT_MIN_PARAMS,
     WeightQuantPatch,
+    install,
     parameters_of,
     plan_layers,
     quantize_module,
@@ -427,12 +428,9 @@ class _Replay:
 def _swapped(param: Any, value: Any) -> Iterator[None]:
     import torch
 
-    replacement = torch.nn.Parameter(value, requires_grad=False)
     saved: list[tuple[Any, str, Any]] = []
     try:
-        for owner, attr in param.places:
-            saved.append((owner, attr, owner._parameters[attr]))
-            owner._parameters[attr] = replacement
+        install(saved, param, torch.nn.Parameter(value, requires_grad=False))
         yield
     finally:
         for owner, attr, original in reversed(saved):

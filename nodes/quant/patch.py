@@ -296,11 +296,11 @@ class WeightQuantPatch(ModelPatch):
                 for name, qt in self.quantized_params.items():
                     target = params[name]
                     value = qt.dequantize(dtype=target.value.dtype, device=target.value.device)
-                    _install(swaps, target, torch.nn.Parameter(value, requires_grad=False))
+                    install(swaps, target, torch.nn.Parameter(value, requires_grad=False))
                 for name, tensor in self.kept.items():
                     target = params[name]
                     value = tensor.to(device=target.value.device, dtype=target.value.dtype)
-                    _install(swaps, target, torch.nn.Parameter(value, requires_grad=False))
+                    install(swaps, target, torch.nn.Parameter(value, requires_grad=False))
             yield module
         finally:
             for owner, attr, original in reversed(swaps):
@@ -331,7 +331,9 @@ class WeightQuantPatch(ModelPatch):
         )
 
 
-def _install(swaps: list[tuple[Any, str, Any]], target: _Param, value: Any) -> None:
+def install(swaps: list[tuple[Any, str, Any]], target: _Param, value: Any) -> None:
+    """Put ``value`` in every place of ``target`` (tied weights included), recording in ``swaps`` what
+    to restore: ``owner._parameters[attr] = original`` for each ``(owner, attr, original)``, in reverse."""
     for owner, attr in target.places:
         swaps.append((owner, attr, owner._parameters[attr]))
         owner._parameters[attr] = value
