@@ -15,7 +15,9 @@ Settings file: ``$DAGFUSION_CONFIG`` if set, else ``./dagfusion.toml`` if it exi
 
 Environment: ``DAGFUSION_MODEL_DIRS`` and ``DAGFUSION_READ_DIRS`` (``os.pathsep``-separated),
 ``DAGFUSION_OUTPUT_DIR``, ``DAGFUSION_CACHE_DIR``, ``DAGFUSION_CACHE_BYTES``, ``DAGFUSION_MODEL_CACHE_BYTES``,
-``DAGFUSION_DEVICE``, ``DAGFUSION_ALLOW_PICKLE`` (``1``/``true``).
+``DAGFUSION_DEVICE``, ``DAGFUSION_ALLOW_PICKLE`` (``1``/``true``), ``DAGFUSION_MAX_IMAGE_PIXELS``,
+``DAGFUSION_MAX_VIDEO_PIXELS``, ``DAGFUSION_MAX_SWEEP_POINTS``, ``DAGFUSION_ALLOW_REMOTE``. Environment values are checked
+exactly as the settings file's are.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ from dagfusion.errors import UnsafeOperationError, WorkflowError
 
 DEFAULT_CACHE_BYTES = 4 * 1024**3
 DEFAULT_MODEL_CACHE_BYTES = 16 * 1024**3
+#: Largest image (width × height) any decoder accepts, checked from the header before decoding.
+DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024**2
+#: Largest video (frames × width × height) any decoder accepts, checked from the header.
+DEFAULT_MAX_VIDEO_PIXELS = 1024**3
+#: Most runs one sweep may describe, counted from its group sizes at validation.
+DEFAULT_MAX_SWEEP_POINTS = 10_000
 
 
 class SettingsError(WorkflowError):
@@ -50,6 +58,11 @@ class Settings:
         model_cache_bytes: Byte budget of loaded model weights shared across nodes and runs.
         device: ``"auto"`` (cuda > mps > cpu) or a torch device string.
         allow_pickle: Security opt-in: allow loading pickle-based checkpoints.
+        max_image_pixels: Largest image (width × height) a decoder accepts, from its header.
+        max_video_pixels: Largest video (frames × width × height) a decoder accepts.
+        max_sweep_points: Most runs one sweep may expand to (checked at validation).
+        allow_remote: Security opt-in: let an HTTP surface (the canvas) bind an address other
+            than loopback. Requests still need the per-launch token.
         source: Where the settings came from (for ``dagfusion plugins``/diagnostics).
     """
 
@@ -61,6 +74,10 @@ class Settings:
     model_cache_bytes: int = DEFAULT_MODEL_CACHE_BYTES
     device: str = "auto"
     allow_pickle: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_video_pixels: int = DEFAULT_MAX_VIDEO_PIXELS
+    max_sweep_points: int = DEFAULT_MAX_SWEEP_POINTS
+    allow_remote: bool = False
     source: str = "defaults"
 
     @classmethod
@@ -123,6 +140,14 @@ def _settings_file(env: Any) -> Path | None:
 
 
 _PATH_LISTS = {"model_dirs", "read_dirs"}
+#: Integer settings: name → smallest allowed value.
+_BUDGETS = {
+    "cache_bytes": 0,
+    "model_cache_bytes": 0,
+    "max_image_pixels": 1,
+    "max_video_pixels": 1,
+    "max_sweep_points": 1,
+}
 _PATHS = {"output_dir", "cache_dir"}
 _KNOWN = {f.name for f in fields(Settings)} - {"source"}
 
@@ -142,19 +167,26 @@ def _from_mapping(data: dict[str, Any], where: str) -> dict[str, Any]:
             if not isinstance(value, (str, os.PathLike)):
                 raise SettingsError(f"{where}: {key} must be a folder path")
             out[key] = Path(value).expanduser()
-        elif key in ("cache_bytes", "model_cache_bytes"):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise SettingsError(f"{where}: {key} must be a non-negative integer, got {value!r}")
-            out[key] = value
-        elif key == "allow_pickle":
+        elif key in _BUDGETS:
+            out[key] = _budget(value, key, where)
+        elif key in ("allow_pickle", "allow_remote"):
             if not isinstance(value, bool):
-                raise SettingsError(f"{where}: allow_pickle must be true or false, got {value!r}")
+                raise SettingsError(f"{where}: {key} must be true or false, got {value!r}")
             out[key] = value
         elif key == "device":
             if not isinstance(value, str):
                 raise SettingsError(f"{where}: device must be a string, got {value!r}")
             out[key] = value
     return out
+
+
+def _budget(value: Any, key: str, where: str) -> int:
+    """``value`` as an integer setting ``key``, refusing non-integers and values below its floor."""
+    floor = _BUDGETS[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < floor:
+        kind = "a non-negative integer" if floor == 0 else f"an integer ≥ {floor}"
+        raise SettingsError(f"{where}: {key} must be {kind}, got {value!r}")
+    return value
 
 
 def _from_environment(env: Any) -> dict[str, Any]:
@@ -167,21 +199,24 @@ def _from_environment(env: Any) -> dict[str, Any]:
         raw = env.get(f"DAGFUSION_{key.upper()}")
         if raw:
             out[key] = Path(raw).expanduser()
-    for key in ("cache_bytes", "model_cache_bytes"):
+    for key in _BUDGETS:
         name = f"DAGFUSION_{key.upper()}"
         raw = env.get(name)
         if raw:
             try:
-                out[key] = int(raw)
+                value = int(raw.replace("_", ""))
             except ValueError as exc:
                 raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
+            out[key] = _budget(value, key, name)
     raw = env.get("DAGFUSION_DEVICE")
     if raw:
         out["device"] = raw
-    raw = env.get("DAGFUSION_ALLOW_PICKLE")
-    if raw:
-        if raw.lower() not in {"1", "true", "yes", "0", "false", "no"}:
-            raise SettingsError(f"DAGFUSION_ALLOW_PICKLE must be 1/true or 0/false, got {raw!r}")
-        out["allow_pickle"] = raw.lower() in {"1", "true", "yes"}
+    for key in ("allow_pickle", "allow_remote"):
+        name = f"DAGFUSION_{key.upper()}"
+        raw = env.get(name)
+        if raw:
+            if raw.lower() not in {"1", "true", "yes", "0", "false", "no"}:
+                raise SettingsError(f"{name} must be 1/true or 0/false, got {raw!r}")
+            out[key] = raw.lower() in {"1", "true", "yes"}
     return out
 

@@ -23,7 +23,7 @@ from dagfusion.node import NodeSpec
 from dagfusion.registry import Registry
 from dagfusion.semver import parse_version
 from dagfusion.settings import Settings
-from dagfusion.workflow import NODE_ID, Link, NodeInstance, Workflow
+from dagfusion.workflow import NODE_ID, Link, NodeInstance, Workflow, sweep_points
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,17 @@ def check(
                     line=workflow.line("outputs", index),
                 )
             )
+    limit = (settings or Settings()).max_sweep_points
+    points = sweep_points(workflow)
+    if points > limit:
+        problems.append(
+            Problem(
+                "sweep-too-large",
+                f"the sweep describes {points:,} runs; at most {limit:,} are allowed "
+                "(setting max_sweep_points, or DAGFUSION_MAX_SWEEP_POINTS)",
+                line=workflow.line("sweep"),
+            )
+        )
     for index, group in enumerate(workflow.sweep):
         for key, values in group.items():
             line = workflow.line("sweep", index, key)

@@ -499,18 +499,31 @@ def apply_overrides(workflow: Workflow, assignments: list[str] | tuple[str, ...]
     return workflow.with_inputs(values)
 
 
-def expand_sweep(workflow: Workflow) -> list[tuple[dict[str, Any], Workflow]]:
-    """Every run a sweep describes: ``[(assignment, workflow), …]`` (one run if no sweep).
+def sweep_points(workflow: Workflow) -> int:
+    """How many runs the workflow's sweep describes (1 without a sweep), from its group sizes.
 
-    Lists within a group are zipped; groups are combined as a cartesian product.
+    Nothing is expanded: a sweep of 10^9 points is counted as cheaply as one of 3.
+    """
+    count = 1
+    for group in workflow.sweep:
+        count *= min((len(values) for values in group.values()), default=1)
+    return count
+
+
+def iter_sweep(workflow: Workflow) -> Iterator[tuple[dict[str, Any], Workflow]]:
+    """Every run a sweep describes, one at a time: ``(assignment, workflow)`` pairs.
+
+    Lists within a group are zipped; groups are combined as a cartesian product. Points are
+    built lazily, so only the run in hand is held in memory.
     """
     if not workflow.sweep:
-        return [({}, workflow)]
+        yield {}, workflow
+        return
     per_group = []
     for group in workflow.sweep:
         keys = list(group)
         per_group.append([dict(zip(keys, combo)) for combo in zip(*(group[k] for k in keys))])
-    runs = []
+    base = workflow.without_sweep()
     for combo in itertools.product(*per_group):
         assignment: dict[str, Any] = {}
         for part in combo:
@@ -520,5 +533,9 @@ def expand_sweep(workflow: Workflow) -> list[tuple[dict[str, Any], Workflow]]:
             link = Link.parse(key)
             assert link is not None  # checked when parsed
             values[(link.node, link.output)] = value
-        runs.append((assignment, workflow.without_sweep().with_inputs(values)))
-    return runs
+        yield assignment, base.with_inputs(values)
+
+
+def expand_sweep(workflow: Workflow) -> list[tuple[dict[str, Any], Workflow]]:
+    """Every run a sweep describes, as a list (see :func:`iter_sweep`; check :func:`sweep_points` first)."""
+    return list(iter_sweep(workflow))
