@@ -25,6 +25,7 @@ from dagfusion.context import CancelToken, RunContext
 from dagfusion.errors import (
     NodeDefinitionError,
     NodeExecutionError,
+    NodeInputError,
     PluginError,
     Problem,
     RunCancelled,
@@ -103,7 +104,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ANY", "BOOLEAN", "DICT", "FLOAT", "INT", "LIST", "MODULE", "PATH", "SEED", "STRING", "TENSOR",
     "CancelToken", "Engine", "Event", "EventCollector", "Input", "InputSpec", "Link", "NodeCached",
-    "NodeDefinitionError", "NodeExecutionError", "NodeFailed", "NodeFinished", "NodeInstance",
+    "NodeDefinitionError", "NodeExecutionError", "NodeFailed", "NodeInputError", "NodeFinished", "NodeInstance",
     "NodePreview", "NodeProgress", "NodeSkipped", "NodeSpec", "NodeStarted", "Output", "OutputSpec",
     "PluginError", "Problem", "ProgressHandler", "REQUIRED", "Registry", "RunCancelled",
     "RunCancelledEvent", "RunContext", "RunFinished", "RunResult", "RunStarted", "Serializer",

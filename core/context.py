@@ -116,8 +116,14 @@ class RunContext:
         self.cancel_token.raise_if_cancelled()
 
     def output_path(self, relative: str | os.PathLike[str]) -> Path:
-        """A path inside the output folder (parents created); ``../`` and absolute paths are refused."""
+        """A path inside the output folder (parents created); ``../``, absolute paths and the
+        run record's names (``workflow.yaml``, ``events.jsonl``, ``manifest.json``) and paths into
+        the cache folder are refused."""
+        from dagfusion.outdir import check_not_private, check_not_reserved
+
         target = confine(self.output_dir, relative)
+        check_not_reserved(self.output_dir, target)
+        check_not_private(target, (self.settings.cache_dir,))
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
 

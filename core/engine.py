@@ -10,6 +10,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,13 @@ from dagfusion.context import CancelToken
 from dagfusion.errors import Problem, ValidationError
 from dagfusion.events import FanOut, ProgressHandler
 from dagfusion.executor import RunResult, execute
+from dagfusion.outdir import OutputLock, check_output_dir, settings_folders
 from dagfusion.plan import Plan, make_plan
 from dagfusion.record import RunRecorder, provenance, write_record
 from dagfusion.registry import Registry, default_registry
 from dagfusion.settings import Settings
 from dagfusion.validate import ValidatedWorkflow, check
-from dagfusion.workflow import Workflow, apply_overrides, expand_sweep, load_workflow, parse_workflow
+from dagfusion.workflow import Workflow, apply_overrides, iter_sweep, load_workflow, parse_workflow, sweep_points
 
 WorkflowSource = Workflow | str | os.PathLike[str]
 
@@ -122,9 +124,42 @@ class Engine:
         validated = self.validate(wf)
         run_id = uuid.uuid4().hex[:12]
         output_dir = Path(out) if out is not None else self._default_output_dir(wf, run_id)
+        if record or out is not None:
+            self.check_output_dir(output_dir)
         plan = self.plan(validated, run_id=run_id, targets=targets, use_cache=use_cache)
+        # The lock guards the record: two recorded runs never interleave in one folder.
+        with OutputLock(output_dir) if record else nullcontext():
+            return self._execute(
+                plan,
+                run_id=run_id,
+                output_dir=output_dir,
+                record=record,
+                handler=handler,
+                cancel_token=cancel_token,
+                use_cache=use_cache,
+                check_mutation=check_mutation,
+                sweep=_sweep,
+            )
+
+    def check_output_dir(self, output_dir: Path) -> None:
+        """Refuse an output folder that is (or contains) the working, settings or cache folder."""
+        check_output_dir(output_dir, settings_folders(), (self.settings.cache_dir,))
+
+    def _execute(
+        self,
+        plan: Plan,
+        *,
+        run_id: str,
+        output_dir: Path,
+        record: bool,
+        handler: ProgressHandler | None,
+        cancel_token: CancelToken | None,
+        use_cache: bool,
+        check_mutation: bool,
+        sweep: dict[str, Any] | None,
+    ) -> RunResult:
         recorder = None
-        run_provenance = provenance(plan, self.registry, run_id, _sweep)
+        run_provenance = provenance(plan, self.registry, run_id, sweep)
         if record:
             write_record(output_dir, run_provenance)
             recorder = RunRecorder(output_dir)
@@ -165,16 +200,20 @@ class Engine:
         validated, problems, _ = check(wf, self.registry, self.settings)
         if validated is None:
             raise ValidationError(problems, wf.source)
-        points = expand_sweep(wf)
-        results = []
+        count = sweep_points(wf)  # within settings.max_sweep_points: check() refuses more
+        results: list[RunResult] = []
         cancel_token = options.get("cancel_token")
-        for index, (assignment, point) in enumerate(points):
-            if cancel_token is not None and cancel_token.cancelled:
-                break
-            point_out = None
-            if out is not None:
-                point_out = Path(out) if len(points) == 1 else Path(out) / f"sweep-{index:03d}"
-            results.append(self.run(point, out=point_out, _sweep=assignment or None, **options))
+        sweep_out = Path(out) if out is not None and count > 1 else None
+        if sweep_out is not None:
+            self.check_output_dir(sweep_out)
+        with OutputLock(sweep_out) if sweep_out is not None else nullcontext():
+            for index, (assignment, point) in enumerate(iter_sweep(wf)):
+                if cancel_token is not None and cancel_token.cancelled:
+                    break
+                point_out = None
+                if out is not None:
+                    point_out = Path(out) if count == 1 else Path(out) / f"sweep-{index:03d}"
+                results.append(self.run(point, out=point_out, _sweep=assignment or None, **options))
         return results
 
     def _default_output_dir(self, workflow: Workflow, run_id: str) -> Path:

@@ -12,6 +12,8 @@ Python exceptions and are never wrapped in these classes.
   - :class:`NodeDefinitionError` — a node or socket type declaration is malformed.
   - :class:`NodeExecutionError` — a node raised while running; keeps the original exception
     as ``__cause__`` and ``original``.
+  - :class:`NodeInputError` — raised by a node for an input it can only judge while running
+    (a linked value); names the input, and the executor adds the node.
   - :class:`RunCancelled` — the run's cancel token was set.
   - :class:`UnsafeOperationError` — an operation needs a security opt-in (pickle, reading
     outside the allowed folders, writing outside the output directory).
@@ -106,6 +108,16 @@ class NodeExecutionError(WorkflowError):
         super().__init__(
             f"node '{node_id}' ({node_type}) failed: {type(original).__name__}: {original}"
         )
+
+
+class NodeInputError(WorkflowError):
+    """A node found one of its inputs unacceptable while running (a value that came by link,
+    so validation could not see it). ``input`` names the input; the executor names the node."""
+
+    def __init__(self, input: str, message: str):
+        self.input = input
+        self.message = message
+        super().__init__(f"input '{input}': {message}")
 
 
 class RunCancelled(WorkflowError):

@@ -27,11 +27,11 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dagfusion.errors import NodeDefinitionError
+from dagfusion.errors import NodeDefinitionError, Problem
 from dagfusion.semver import Version, parse_version
 from dagfusion.types import SocketType, TypeSpec, UnionType, type_name
 
@@ -131,6 +131,11 @@ Migration = Callable[[dict[str, Any]], dict[str, Any]]
 #: argument receives a scratch folder inside the allowed read folders.
 Example = Mapping[str, Any] | Callable[..., Mapping[str, Any]]
 
+#: A validation-time check of a node's constant inputs: receives ``{input: value}`` for every
+#: input given as a constant or by default (linked inputs are absent) and returns the problems
+#: it finds (:class:`~dagfusion.errors.Problem`; the validator fills in node and line).
+NodeCheck = Callable[[Mapping[str, Any]], "Iterable[Problem]"]
+
 
 @dataclass(frozen=True)
 class NodeSpec:
@@ -153,6 +158,8 @@ class NodeSpec:
         migrations: ``{major: fn}`` upgrades inputs written for ``major`` to ``major + 1``.
         ui: Node-level hints for the canvas (colour, width, preview output).
         output_node: The node exists for its effects (saving, previews): always a target.
+        check: Validation-time check of the constant inputs (relations between inputs that
+            bounds cannot express); run by ``dagfusion validate``, the canvas and every run.
     """
 
     type_id: str
@@ -168,6 +175,7 @@ class NodeSpec:
     migrations: Mapping[int, Migration] = field(default_factory=dict, compare=False, repr=False)
     ui: Mapping[str, Any] = field(default_factory=dict)
     output_node: bool = False
+    check: NodeCheck | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         problems = []
@@ -275,6 +283,7 @@ def node(
     migrations: Mapping[int, Migration] | None = None,
     ui: Mapping[str, Any] | None = None,
     output_node: bool = False,
+    check: NodeCheck | None = None,
 ) -> Callable[[Callable[..., Any]], NodeSpec]:
     """Declare a node from a function; the decorated name becomes its :class:`NodeSpec`.
 
@@ -299,6 +308,7 @@ def node(
             migrations=dict(migrations or {}),
             ui=dict(ui or {}),
             output_node=output_node,
+            check=check,
         )
 
     return decorate

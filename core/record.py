@@ -4,6 +4,7 @@ in its output folder, so a result can be traced to exactly what produced it."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from collections.abc import Iterator, Mapping
@@ -61,12 +62,17 @@ def manifest(plan: Plan, registry: Registry, run_id: str, sweep: dict[str, Any] 
 
 
 class RunRecorder:
-    """A progress handler that appends every event to ``events.jsonl`` as it happens."""
+    """A progress handler that writes every event to ``events.jsonl`` as it happens.
+
+    Each event is flushed to the operating system when written, so a run killed with
+    ``kill -9`` keeps every event it printed; :meth:`close` also syncs the file to disk. The
+    file is started anew: a later run into the same folder replaces the record.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        self._fh = open(folder / "events.jsonl", "a", encoding="utf-8")
+        self._fh = open(folder / "events.jsonl", "w", encoding="utf-8")
 
     def handle(self, event: Event) -> None:
         if isinstance(event, NodePreview):
@@ -74,8 +80,16 @@ class RunRecorder:
         else:
             data = event.to_dict()
         self._fh.write(json.dumps(data, default=str) + "\n")
+        self._fh.flush()
 
     def close(self) -> None:
+        if self._fh.closed:
+            return
+        self._fh.flush()
+        try:
+            os.fsync(self._fh.fileno())
+        except OSError:  # a file system without fsync still has every event written
+            pass
         self._fh.close()
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import networkx as nx
 
 from dagfusion.errors import Problem, UnsafeOperationError, ValidationError, did_you_mean
-from dagfusion.node import NodeSpec
+from dagfusion.node import REQUIRED, NodeSpec
 from dagfusion.registry import Registry
 from dagfusion.semver import parse_version
 from dagfusion.settings import Settings
@@ -140,6 +140,8 @@ def check(
             problem = check_constant(registry, spec, input_spec.name, value, settings)
             if problem:
                 problems.append(Problem(problem[0], problem[1], node=node_id, input=name, line=workflow.node_line(node_id, name)))
+        if spec.check is not None:
+            problems.extend(_node_check_problems(workflow, node_id, inst, spec))
         for input_spec in spec.inputs:
             if input_spec.required and input_spec.name not in inst.inputs:
                 problems.append(
@@ -268,6 +270,28 @@ def check_constant(
         except UnsafeOperationError as exc:
             return ("path-not-allowed", str(exc))
     return None
+
+
+def _node_check_problems(workflow: Workflow, node_id: str, inst: NodeInstance, spec: NodeSpec) -> list[Problem]:
+    """The problems ``spec.check`` finds in the node's constant inputs, located in the file."""
+    assert spec.check is not None
+    values = {
+        i.name: inst.inputs.get(i.name, i.default)
+        for i in spec.inputs
+        if not isinstance(inst.inputs.get(i.name), Link) and (i.name in inst.inputs or not i.required)
+    }
+    values = {k: (None if v is REQUIRED else v) for k, v in values.items()}
+    try:
+        found = list(spec.check(values))
+    except Exception as exc:  # a broken check is the node's bug, reported without losing the rest
+        return [Problem("check-failed", f"{spec.type_id}'s input check raised {type(exc).__name__}: {exc}", node=node_id)]
+    located = []
+    for problem in found:
+        if isinstance(problem, str):
+            problem = Problem("bad-value", problem)
+        line = workflow.node_line(node_id, problem.input) if problem.input else workflow.node_line(node_id)
+        located.append(replace(problem, node=node_id, line=problem.line or line))
+    return located
 
 
 def _short(value: Any) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import string
+from collections.abc import Mapping
 from typing import Any
 
 from dagfusion import FLOAT, INT, STRING, Input, Output, RunContext, hookimpl, node
+from dagfusion.errors import NodeInputError, Problem
+from dagfusion.templates import TemplateError, render_template, template_problems
 
 
 @node(
@@ -88,12 +90,27 @@ def clamp(ctx: RunContext, value: float, low: float, high: float) -> float:
     return min(max(value, low), high)
 
 
+_FORMAT_FIELDS = ("a", "b", "c", "d")
+
+
+def _check_format(values: Mapping[str, Any]) -> list[Problem]:
+    template = values.get("template")
+    if not isinstance(template, str):
+        return []
+    return [Problem("bad-template", why, input="template") for why in template_problems(template, _FORMAT_FIELDS)]
+
+
 @node(
     "dagfusion.text.Format",
-    version="1.0.0",
+    version="1.1.0",
     category="text",
     inputs=[
-        Input("template", STRING, description="Python format string with {a} {b} {c} {d} fields, e.g. 'mean={a:.3f}'."),
+        Input(
+            "template",
+            STRING,
+            description="Template with fields {a} {b} {c} {d}, each optionally with !r/!s and a literal "
+            "format spec, e.g. 'mean={a:.3f}'. Attribute and item access are refused.",
+        ),
         Input("a", "ANY", optional=True),
         Input("b", "ANY", optional=True),
         Input("c", "ANY", optional=True),
@@ -101,14 +118,14 @@ def clamp(ctx: RunContext, value: float, low: float, high: float) -> float:
     ],
     outputs=[Output("text", STRING)],
     examples=[{"template": "{a} and {b:.2f}", "a": "x", "b": 1.0}],
+    check=_check_format,
 )
 def format_text(ctx: RunContext, template: str, a: Any, b: Any, c: Any, d: Any) -> str:
-    """Fill a format template with up to four values (fields ``{a}``…``{d}``)."""
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
-    unknown = sorted(fields - {"a", "b", "c", "d"})
-    if unknown:
-        raise ValueError(f"template uses fields {unknown}; only a, b, c, d exist")
-    return template.format(a=a, b=b, c=c, d=d)
+    """Fill a template with up to four values (fields ``{a}``…``{d}``, literal format specs only)."""
+    try:
+        return render_template(template, {"a": a, "b": b, "c": c, "d": d})
+    except TemplateError as exc:
+        raise NodeInputError("template", str(exc)) from None
 
 
 NODES = (number, integer, text, add, multiply, clamp, format_text)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from dagfusion import NodeInputError
 from dagfusion.nodes import basic
 
 
@@ -18,5 +19,12 @@ def test_clamp_rejects_inverted_bounds() -> None:
 
 def test_format_fills_fields_and_rejects_unknown_ones() -> None:
     assert basic.format_text.fn(None, template="{a}-{b:.1f}", a="x", b=2.25, c=None, d=None) == "x-2.2"
-    with pytest.raises(ValueError, match=r"\['e'\]"):
+    with pytest.raises(NodeInputError, match=r"field \{e\} is not one of") as info:
         basic.format_text.fn(None, template="{e}", a=1, b=None, c=None, d=None)
+    assert info.value.input == "template"
+
+
+def test_format_check_reports_every_bad_field_at_validation() -> None:
+    problems = basic.format_text.check({"template": "{a.real} {b:{c}} {x}"})
+    assert [p.input for p in problems] == ["template"] * 3
+    assert basic.format_text.check({"template": "{a:>8.3f} {d!r}"}) == []
