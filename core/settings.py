@@ -23,6 +23,7 @@ exactly as the settings file's are.
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -123,7 +124,26 @@ class Settings:
                 f"{str(path)!r} is outside the allowed read folders ({roots}); "
                 "add its folder to read_dirs in the settings or DAGFUSION_READ_DIRS"
             )
-        return resolved.resolve()
+        real = resolved.resolve()
+        kind = special_file_kind(real)
+        if kind is not None:
+            raise UnsafeOperationError(f"{str(path)!r} is a {kind}; only regular files and folders can be read")
+        return real
+
+
+def special_file_kind(path: Path) -> str | None:
+    """``"FIFO"``, ``"socket"`` or ``"device"`` if ``path`` is such a file (never opened), else ``None``."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return None
 
 
 def _settings_file(env: Any) -> Path | None:
