@@ -47,6 +47,7 @@ from dagfusion.events import (
     RunCancelledEvent,
     RunFinished,
     RunStarted,
+    RunWarning,
 )
 from dagfusion.hookspecs import hookimpl, hookspec
 from dagfusion.node import REQUIRED, Input, InputSpec, NodeSpec, Output, OutputSpec, node
@@ -107,7 +108,7 @@ __all__ = [
     "NodeDefinitionError", "NodeExecutionError", "NodeFailed", "NodeInputError", "NodeFinished", "NodeInstance",
     "NodePreview", "NodeProgress", "NodeSkipped", "NodeSpec", "NodeStarted", "Output", "OutputSpec",
     "PluginError", "Problem", "ProgressHandler", "REQUIRED", "Registry", "RunCancelled",
-    "RunCancelledEvent", "RunContext", "RunFinished", "RunResult", "RunStarted", "Serializer",
+    "RunCancelledEvent", "RunContext", "RunFinished", "RunResult", "RunStarted", "RunWarning", "Serializer",
     "Settings", "SocketType", "UnionType", "UnsafeOperationError", "ValidatedWorkflow",
     "ValidationError", "Workflow", "WorkflowError", "default_registry", "hookimpl", "hookspec",
     "load_workflow", "node", "run", "union", "validate", "__version__",

@@ -126,6 +126,8 @@ class Engine:
         output_dir = Path(out) if out is not None else self._default_output_dir(wf, run_id)
         if record or out is not None:
             self.check_output_dir(output_dir)
+        if use_cache and any(spec.persist for spec in validated.specs.values()):
+            self._require_usable_cache(wf)
         plan = self.plan(validated, run_id=run_id, targets=targets, use_cache=use_cache)
         # The lock guards the record: two recorded runs never interleave in one folder.
         with OutputLock(output_dir) if record else nullcontext():
@@ -140,6 +142,12 @@ class Engine:
                 check_mutation=check_mutation,
                 sweep=_sweep,
             )
+
+    def _require_usable_cache(self, workflow: Workflow) -> None:
+        """One clear error before anything runs when the disk cache folder cannot be used."""
+        problem = self.disk.problem()
+        if problem is not None:
+            raise ValidationError([Problem("cache-dir", problem)], workflow.source)
 
     def check_output_dir(self, output_dir: Path) -> None:
         """Refuse an output folder that is (or contains) the working, settings or cache folder."""

@@ -3,7 +3,8 @@
 The executor emits events in order: :class:`RunStarted`, then per planned node either
 :class:`NodeCached` or :class:`NodeStarted` → any :class:`NodeProgress`/:class:`NodePreview`
 → :class:`NodeFinished` or :class:`NodeFailed`; nodes downstream of a failure get
-:class:`NodeSkipped`; finally :class:`RunFinished` or :class:`RunCancelled`. Events are frozen;
+:class:`NodeSkipped`; finally :class:`RunFinished` or :class:`RunCancelled`. A
+:class:`RunWarning` may come at any point after :class:`RunStarted`. Events are frozen;
 ``to_dict`` gives their JSON form (the run record's ``events.jsonl``).
 """
 
@@ -99,6 +100,15 @@ class NodeSkipped(Event):
 
     node_id: str = ""
     because: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RunWarning(Event):
+    """Something went wrong that did not stop the run (a damaged cache entry that is being
+    recomputed, a cache write that failed); ``node_id`` names the node concerned, if any."""
+
+    node_id: str | None = None
+    message: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from dagfusion.events import (
     RunCancelledEvent,
     RunFinished,
     RunStarted,
+    RunWarning,
 )
 from dagfusion.fingerprint import fingerprint
 from dagfusion.node import REQUIRED, NodeSpec
@@ -126,6 +127,8 @@ def execute(
     broken: dict[str, str] = {}  # node id -> root failed node
     start = time.perf_counter()
     handler.handle(RunStarted(run_id, nodes=plan.order))
+    for warned_node, message in plan.warnings:
+        _warn(result, handler, warned_node, message)
     node_logger = logging.getLogger("dagfusion.node")
 
     for node_id in plan.order:
@@ -198,7 +201,10 @@ def execute(
             if disk is not None and spec.persist:
                 output_types = {o.name: o.type_name for o in spec.outputs}
                 if disk.can_store(types, output_types):
-                    disk.put(key, outputs, output_types, types)
+                    disk.put(
+                        key, outputs, output_types, types,
+                        on_error=lambda message, n=node_id: _warn(result, handler, n, message),
+                    )
         hook.after_node_run(node_id=node_id, spec=spec, outputs=outputs, seconds=seconds, context=ctx)
         handler.handle(NodeFinished(run_id, node_id=node_id, node_type=spec.type_id, seconds=seconds))
 
@@ -217,6 +223,14 @@ def execute(
             )
         )
     return result
+
+
+def _warn(result: RunResult, handler: ProgressHandler, node_id: str | None, message: str) -> None:
+    """Record a warning that does not stop the run: in the result, as an event and in the log."""
+    text = f"node '{node_id}': {message}" if node_id else message
+    result.warnings.append(text)
+    logger.warning("%s", text)
+    handler.handle(RunWarning(result.run_id, node_id=node_id, message=message))
 
 
 def _gather_inputs(

@@ -3,9 +3,12 @@
 - Plain data (None, bool, int, float, str, lists, mappings) by canonical form.
 - Tensors and arrays by dtype, shape and content bytes.
 - Modules by class and every parameter and buffer's content.
-- Files by size, modification time and a content hash; folders by their files' relative
-  paths and fingerprints. Hashes are memoised per process by (path, size, mtime), so an edited
+- Files by size and a content hash; folders by their files' relative paths and digests,
+  following symbolic links (a link back into the folder being walked is recorded, not
+  entered). Hashes are memoised per process by (real path, size, mtime, ctime), so an edited
   file is noticed and an unchanged one is hashed once.
+- Special files (FIFOs, sockets, devices) are never opened: inside a folder they count by
+  kind; named directly they raise :class:`SpecialFileError`.
 - Objects may define ``__dagfusion_fingerprint__() -> str``; anything else cannot be
   fingerprinted (:func:`fingerprint` returns ``None``) and makes its node uncacheable.
 """
@@ -14,13 +17,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-_FILE_MEMO: dict[tuple[str, int, int], str] = {}
+from dagfusion.errors import UnsafeOperationError
+
+_FILE_MEMO: dict[tuple[str, int, int, int], str] = {}
 _CHUNK = 1 << 20
+
+
+class SpecialFileError(UnsafeOperationError):
+    """A path names a FIFO, socket or device, which dagfusion refuses to open."""
 
 
 def new_hasher() -> Any:
@@ -107,7 +118,16 @@ def _feed_tensor(h: Any, tensor: Any) -> None:
 
 
 def fingerprint_path(path: str | os.PathLike[str]) -> str:
-    """Fingerprint of a file or folder by content; a missing path fingerprints as missing."""
+    """Fingerprint of a file or folder by content; a missing path fingerprints as missing.
+
+    Symbolic links are followed: a linked file counts by the content behind it and a linked
+    folder is walked like a real one, except that a link back to a folder being walked (a
+    loop) is recorded, not entered. Special files (FIFOs, sockets, devices) are never opened:
+    inside a folder they count by kind and name; as ``path`` itself they are refused.
+
+    :raises SpecialFileError: ``path`` is a FIFO, socket or device.
+    :raises OSError: a regular file in it cannot be read.
+    """
     p = Path(path)
     h = new_hasher()
     try:
@@ -115,27 +135,133 @@ def fingerprint_path(path: str | os.PathLike[str]) -> str:
     except OSError:
         h.update(b"missing:" + str(p).encode())
         return h.hexdigest()
-    if p.is_dir():
+    if stat.S_ISDIR(st.st_mode):
         h.update(b"dir")
-        for child in sorted(q for q in p.rglob("*") if q.is_file()):
-            h.update(str(child.relative_to(p)).encode() + b"\0")
-            h.update(_file_digest(child).encode())
-    else:
-        h.update(b"file" + _file_digest(p, st).encode())
+        for relative, token in _folder_entries(str(p)):
+            h.update(relative.encode("utf-8", "surrogateescape") + b"\0")
+            h.update(token.encode())
+        return h.hexdigest()
+    kind = _special_kind(st.st_mode)
+    if kind is not None:
+        raise SpecialFileError(
+            f"{p} is a {kind}, not a file or folder; dagfusion does not read special files "
+            "(reading one can block forever)"
+        )
+    h.update(b"file" + _file_digest(p, st).encode())
     return h.hexdigest()
 
 
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "fifo", "FIFO (named pipe)"),
+    (stat.S_ISSOCK, "socket", "socket"),
+    (stat.S_ISCHR, "char-device", "character device"),
+    (stat.S_ISBLK, "block-device", "block device"),
+)
+
+
+def _special_kind(mode: int) -> str | None:
+    """A readable name of the kind of a special file's ``st_mode``; ``None`` for files and folders."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return next((label for test, _, label in _SPECIAL_KINDS if test(mode)), "special file")
+
+
+def _special_tag(mode: int) -> str:
+    """The token a special file inside a folder contributes (``special:fifo``, ...)."""
+    return "special:" + next((tag for test, tag, _ in _SPECIAL_KINDS if test(mode)), "other")
+
+
+def _folder_entries(folder: str) -> Iterator[tuple[str, str]]:
+    """``(relative path, token)`` of everything under ``folder``, depth first, names sorted.
+
+    The token of a regular file is its content digest; other entries get a fixed word:
+    ``loop`` (a link to a folder being walked), ``special:<kind>``, ``broken-link``,
+    ``missing`` or ``unreadable``. Folders themselves yield nothing (an unlistable one yields
+    its own ``unreadable``), so plain trees fingerprint as they always have.
+    """
+    stack: list[tuple[str, str, frozenset[str], Iterator[str]]] = []
+    _descend(stack, folder, "", frozenset())
+    if not stack:
+        yield "", "unreadable"
+    while stack:
+        current, prefix, ancestors, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
+        full, relative = os.path.join(current, name), os.path.join(prefix, name) if prefix else name
+        try:
+            st = os.stat(full)
+        except OSError as exc:
+            yield relative, "broken-link" if os.path.islink(full) else _unreadable(exc)
+            continue
+        if stat.S_ISREG(st.st_mode):
+            yield relative, _file_digest(Path(full), st)
+        elif not stat.S_ISDIR(st.st_mode):
+            yield relative, _special_tag(st.st_mode)
+        elif os.path.realpath(full) in ancestors:
+            yield relative, "loop"
+        elif not _descend(stack, full, relative, ancestors):
+            yield relative, "unreadable"
+
+
+def _descend(stack: list[tuple[str, str, frozenset[str], Iterator[str]]], folder: str, relative: str,
+             ancestors: frozenset[str]) -> bool:
+    """Push ``folder``'s sorted entries onto the walk ``stack``; ``False`` if it cannot be listed."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return False
+    stack.append((folder, relative, ancestors | {os.path.realpath(folder)}, iter(names)))
+    return True
+
+
+def _unreadable(exc: OSError) -> str:
+    """The token of an entry that cannot be examined."""
+    return "missing" if isinstance(exc, FileNotFoundError) else "unreadable"
+
+
 def _file_digest(path: Path, st: os.stat_result | None = None) -> str:
+    """Digest of a regular file's size and bytes, memoised by real path, size and times."""
     st = st or path.stat()
-    memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    cached = _FILE_MEMO.get(memo_key)
+    cached = _FILE_MEMO.get(_memo_key(path, st))
     if cached is not None:
         return cached
+    digest, opened = _read_digest(path)
+    _FILE_MEMO[_memo_key(path, opened)] = digest
+    return digest
+
+
+def _read_digest(path: Path) -> tuple[str, os.stat_result]:
+    """Hash a regular file's size and bytes; return the digest and the stat of what was read.
+
+    The file is opened without blocking and checked to be regular before a byte is read, so a
+    path swapped for a FIFO after it was examined raises :class:`SpecialFileError` instead of
+    hanging.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        opened = os.fstat(fd)
+        _require_regular(path, opened)
+        fh = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
     h = new_hasher()
-    h.update(str(st.st_size).encode() + b":")
-    with open(path, "rb") as fh:
+    h.update(str(opened.st_size).encode() + b":")
+    with fh:
         while chunk := fh.read(_CHUNK):
             h.update(chunk)
-    digest = h.hexdigest()
-    _FILE_MEMO[memo_key] = digest
-    return digest
+    return h.hexdigest(), opened
+
+
+def _require_regular(path: Path, st: os.stat_result) -> None:
+    """Raise :class:`SpecialFileError` unless ``st`` (of the opened ``path``) is a regular file."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = "folder" if stat.S_ISDIR(st.st_mode) else _special_kind(st.st_mode)
+        raise SpecialFileError(f"{path} became a {kind} while it was being fingerprinted")
+
+
+def _memo_key(path: Path, st: os.stat_result) -> tuple[str, int, int, int]:
+    """Memo key of a file's content: real path (links resolved), size, mtime and ctime (ns)."""
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -9,14 +9,15 @@ node downstream of them miss as well.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 
-from dagfusion.cache import DiskCache, OutputCache
-from dagfusion.fingerprint import fingerprint, fingerprint_path, new_hasher
+from dagfusion.cache import CacheDamage, DiskCache, OutputCache
+from dagfusion.errors import Problem, ValidationError
+from dagfusion.fingerprint import SpecialFileError, fingerprint, fingerprint_path, new_hasher
 from dagfusion.node import REQUIRED
 from dagfusion.types import TypeSystem
 from dagfusion.validate import ValidatedWorkflow
@@ -37,6 +38,8 @@ class Plan:
         to_run: Nodes that will execute.
         hits: Outputs of the needed nodes served from a cache.
         path_fingerprints: Fingerprint of each file/folder a ``PATH`` input names.
+        warnings: ``(node id, message)`` of trouble met while planning (damaged cache
+            entries, deleted and to be recomputed); the executor reports them.
     """
 
     validated: ValidatedWorkflow
@@ -47,6 +50,7 @@ class Plan:
     to_run: frozenset[str]
     hits: Mapping[str, Mapping[str, Any]] = field(repr=False)
     path_fingerprints: Mapping[str, str] = field(default_factory=dict)
+    warnings: tuple[tuple[str, str], ...] = ()
 
 
 def resolve_targets(validated: ValidatedWorkflow, requested: Iterable[str] | None = None) -> tuple[str, ...]:
@@ -103,7 +107,7 @@ def make_plan(
             if input_spec.type_name == "PATH" and isinstance(value, str) and value:
                 fp = path_fps.get(value)
                 if fp is None:
-                    fp = path_fps[value] = fingerprint_path(value)
+                    fp = path_fps[value] = _path_fingerprint(validated, node_id, input_spec.name, value)
                 h.update(b"P" + value.encode() + b"\0" + fp.encode() + b";")
                 continue
             fp = fingerprint(value)
@@ -116,6 +120,7 @@ def make_plan(
         keys[node_id] = h.hexdigest()
 
     hits: dict[str, Mapping[str, Any]] = {}
+    warnings: list[tuple[str, str]] = []
     to_run: set[str] = set()
     required = set(target_ids)
     for node_id in reversed(order):
@@ -124,7 +129,9 @@ def make_plan(
         spec = validated.specs[node_id]
         outputs = None
         if use_cache and spec.pure:
-            outputs = _lookup(keys[node_id], spec, memory, disk, types)
+            outputs = _lookup(
+                keys[node_id], spec, memory, disk, types, lambda damage, n=node_id: warnings.append((n, str(damage)))
+            )
         if outputs is not None:
             hits[node_id] = outputs
             continue
@@ -142,7 +149,17 @@ def make_plan(
         to_run=frozenset(to_run),
         hits=hits,
         path_fingerprints=path_fps,
+        warnings=tuple(warnings),
     )
+
+
+def _path_fingerprint(validated: ValidatedWorkflow, node_id: str, input_name: str, path: str) -> str:
+    """:func:`fingerprint_path` of a ``PATH`` input; a special file is a :class:`ValidationError`."""
+    try:
+        return fingerprint_path(path)
+    except SpecialFileError as exc:
+        problem = Problem("special-file", str(exc), node=node_id, input=input_name)
+        raise ValidationError([problem], validated.workflow.source) from exc
 
 
 def _generations(graph: nx.DiGraph, order: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
@@ -157,13 +174,20 @@ def _generations(graph: nx.DiGraph, order: tuple[str, ...]) -> tuple[tuple[str, 
     return tuple(tuple(grouped[i]) for i in sorted(grouped))
 
 
-def _lookup(key: str, spec: Any, memory: OutputCache | None, disk: DiskCache | None, types: TypeSystem) -> Mapping[str, Any] | None:
+def _lookup(
+    key: str,
+    spec: Any,
+    memory: OutputCache | None,
+    disk: DiskCache | None,
+    types: TypeSystem,
+    on_damage: Callable[[CacheDamage], None] | None = None,
+) -> Mapping[str, Any] | None:
     if memory is not None:
         outputs = memory.get(key)
         if outputs is not None:
             return outputs
     if disk is not None and spec.persist:
-        outputs = disk.get(key, types)
+        outputs = disk.get(key, types, on_damage=on_damage)
         if outputs is not None:
             if memory is not None:
                 memory.put(key, outputs)
