@@ -131,6 +131,17 @@ class Settings:
         return real
 
 
+    def check_tree_readable(self, path: str | os.PathLike[str]) -> Path:
+        """Like :meth:`check_readable`, and for a folder every entry under it too: each is
+        resolved (links followed) and must lie under a readable root; special files are refused.
+        Opens nothing. Returns the resolved path."""
+        from dagfusion.confinement import check_tree_readable
+
+        resolved = self.check_readable(path)
+        check_tree_readable(resolved, self.readable_roots)
+        return resolved
+
+
 def special_file_kind(path: Path) -> str | None:
     """``"FIFO"``, ``"socket"`` or ``"device"`` if ``path`` is such a file (never opened), else ``None``."""
     try:

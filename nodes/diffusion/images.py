@@ -64,14 +64,20 @@ def _plain(value: Any) -> Any:
     examples=[lambda folder: {"path": str(_write_example_png(folder))}],
 )
 def load_image(ctx: RunContext, path: str) -> tuple[Any, Any]:
-    """Load a picture file as an image and a mask from its alpha channel."""
-    from PIL import Image, UnidentifiedImageError
+    """Load a picture file as an image and a mask from its alpha channel.
+
+    Pictures larger than the settings' max_image_pixels are refused from their header, before
+    any pixel is decoded.
+    """
+    from PIL import UnidentifiedImageError
+
+    from dagfusion.imagelimits import open_image
 
     resolved = ctx.input_path(path)
     if not resolved.is_file():
         raise FileNotFoundError(f"expected an image file, but {str(resolved)!r} does not exist")
     try:
-        with Image.open(resolved) as picture:
+        with open_image(resolved, ctx.settings.max_image_pixels) as picture:
             picture.load()
             return from_pil(picture)
     except UnidentifiedImageError as exc:

@@ -2,7 +2,9 @@
 
 All three output the same four handles (MODEL, CLIP, VAE, SCHEDULER) and share one model cache,
 so loading the same weights twice — in one workflow or across runs — costs nothing. They never
-use the network. See :mod:`~dagfusion.nodes.diffusion.loading` for the security rules.
+use the network. Every file they read must really lie under the allowed read folders, symbolic
+links followed (the HF cache loader: under the model's own cache folder). See
+:mod:`~dagfusion.nodes.diffusion.loading` for the security rules.
 """
 
 from __future__ import annotations
@@ -72,7 +74,10 @@ def load_diffusers(ctx: RunContext, path: str, device: str, dtype: str, offload:
     folder = ctx.input_path(path)
     device, dtype = placement(ctx, device, dtype)
     return _outputs(
-        load_diffusers_folder(folder, dtype=dtype, device=device, offload=offload, allow_pickle=ctx.settings.allow_pickle)
+        load_diffusers_folder(
+            folder, dtype=dtype, device=device, offload=offload, allow_pickle=ctx.settings.allow_pickle,
+            read_roots=ctx.settings.readable_roots,
+        )
     )
 
 
@@ -103,7 +108,9 @@ def load_from_hf_cache(
     """Load a diffusers model already in the local Hugging Face cache; never downloads.
 
     Without cache_dir the standard cache (HF_HUB_CACHE, else $HF_HOME/hub) is read; it is
-    reachable only through a model id, whatever the read folders in the settings are.
+    reachable only through a model id, whatever the read folders in the settings are. Every file
+    of the snapshot must really lie in the model's cache folder (``models--owner--name``, whose
+    ``blobs/`` the snapshot links to).
     """
     from dagfusion.nodes.diffusion.loading import load_diffusers_folder, resolve_hf_snapshot
 
@@ -113,7 +120,7 @@ def load_from_hf_cache(
     return _outputs(
         load_diffusers_folder(
             snapshot, dtype=dtype, device=device, offload=offload, allow_pickle=ctx.settings.allow_pickle,
-            source=f"hf:{repo_id}@{revision}",
+            source=f"hf:{repo_id}@{revision}", read_roots=(snapshot.parents[1],),
         )
     )
 
@@ -167,6 +174,7 @@ def load_single_file_node(
             device=device,
             offload=offload,
             allow_pickle=ctx.settings.allow_pickle,
+            read_roots=ctx.settings.readable_roots,
         )
     )
 

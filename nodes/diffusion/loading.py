@@ -9,7 +9,9 @@ Security: only diffusers and transformers classes named in ``model_index.json`` 
 instantiated (and only the components a sampler needs); pickle weights (``.ckpt``, ``.bin``,
 ``.pt``, ``.pth``) are refused unless the *settings* allow pickle (never a workflow input);
 nothing is ever downloaded (``local_files_only=True``; single-file loading gets its
-architecture configs from this package).
+architecture configs from this package). Given read roots, a loader first checks every file
+under the folder it reads, symbolic links followed, with :func:`check_tree_readable`: a link
+inside a model folder can never reach a file outside the allowed read folders.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from dagfusion import UnsafeOperationError
+from dagfusion.confinement import check_tree_readable
 from dagfusion.nodes.diffusion.data import SchedulerSpec
 from dagfusion.nodes.diffusion.handle import ComponentRef, ModelHandle, TextEncoderBundle, VAEHandle
 from dagfusion.nodes.diffusion.model_cache import ModelCache, default_cache
@@ -119,12 +122,25 @@ def _transformers_dtype_kwarg() -> str:
 
 
 def load_component(
-    folder: Path, name: str, library: str, class_name: str, dtype: str, placement: str, allow_pickle: bool
+    folder: Path,
+    name: str,
+    library: str,
+    class_name: str,
+    dtype: str,
+    placement: str,
+    allow_pickle: bool,
+    read_roots: Sequence[Path] | None = None,
 ) -> dict[str, Any]:
-    """Load one component of a diffusers folder (a model-cache loader)."""
+    """Load one component of a diffusers folder (a model-cache loader).
+
+    With ``read_roots``, the component's files are checked (:func:`check_tree_readable`) right
+    before loading, every time the cache (re)loads it.
+    """
     sub = folder / name
     if not sub.is_dir():
         raise FileNotFoundError(f"model_index.json lists component {name!r} but {sub} is not a folder")
+    if read_roots is not None:
+        check_tree_readable(sub, read_roots)
     cls, kind = _component_class(library, class_name)
     if kind == "tokenizer":
         return {name: cls.from_pretrained(str(sub), local_files_only=True)}
@@ -197,10 +213,20 @@ def load_diffusers_folder(
     allow_pickle: bool = False,
     cache: ModelCache | None = None,
     source: str | None = None,
+    read_roots: Sequence[Path] | None = None,
 ) -> Loaded:
-    """Load a diffusers folder (``model_index.json``) through the model cache; see the module docstring."""
+    """Load a diffusers folder (``model_index.json``) through the model cache; see the module docstring.
+
+    With ``read_roots`` (a node passes the settings' read folders), every file under ``folder``
+    must really lie under them, links followed, before anything is read
+    (:class:`UnsafeOperationError` otherwise); ``None`` trusts the folder (package data, callers'
+    own files).
+    """
     from dagfusion.fingerprint import fingerprint_path, new_hasher
 
+    roots = tuple(read_roots) if read_roots is not None else None
+    if roots is not None:
+        check_tree_readable(folder, roots)
     folder = Path(folder).resolve()
     index = read_json(folder / "model_index.json", "a diffusers model folder with model_index.json")
     pipeline = str(index.get("_class_name", ""))
@@ -220,7 +246,7 @@ def load_diffusers_folder(
         key = ("diffusers", str(folder), content, name, dtype, placement, allow_pickle)
         h = new_hasher()
         h.update(f"{content}:{name}:{dtype}:{placement}".encode())
-        loader = partial(load_component, folder, name, library, class_name, dtype, placement, allow_pickle)
+        loader = partial(load_component, folder, name, library, class_name, dtype, placement, allow_pickle, roots)
         return ComponentRef(key, name, loader, h.hexdigest(), cache)
 
     info = {

@@ -6,6 +6,8 @@ diffusers' ``from_single_file`` fetches architecture configs from the Hub unless
 Single files carry no tokenizer: tokenizer folders (``tokenizer/`` and, for SDXL,
 ``tokenizer_2/``) come from, in order, the node's ``tokenizers`` input, the ``config`` folder
 when it has them, or ``<model dir>/tokenizers/<architecture>/`` in the settings' model folders.
+Given read roots, the checkpoint, the config folder and the tokenizer folders are checked, links
+followed, before anything in them is read (:func:`~dagfusion.nodes.diffusion.loading.check_tree_readable`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from dagfusion.nodes.diffusion.loading import (
     PICKLE_HINT,
     PICKLE_SUFFIXES,
     Loaded,
+    check_tree_readable,
     read_json,
     scheduler_spec,
     text_kind,
@@ -63,7 +67,7 @@ def detect_architecture(keys: list[str]) -> str:
 
 def find_tokenizers(arch: str, tokenizers: Path | None, config: Path | None, model_dirs: tuple[Path, ...]) -> Path:
     """The folder holding ``tokenizer/`` (and ``tokenizer_2/`` for SDXL)."""
-    needed = ["tokenizer", "tokenizer_2"] if arch == "sdxl" else ["tokenizer"]
+    needed = tokenizer_names(arch)
 
     def complete(folder: Path | None) -> bool:
         return folder is not None and all((folder / n).is_dir() for n in needed)
@@ -86,6 +90,22 @@ def find_tokenizers(arch: str, tokenizers: Path | None, config: Path | None, mod
     )
 
 
+def tokenizer_names(arch: str) -> list[str]:
+    """The tokenizer folders an architecture needs."""
+    return ["tokenizer", "tokenizer_2"] if arch == "sdxl" else ["tokenizer"]
+
+
+def check_sources(sources: Sequence[Path], read_roots: Sequence[Path] | None) -> None:
+    """Check every file under ``sources`` against ``read_roots`` (nothing to check without roots).
+
+    :raises UnsafeOperationError: a file's real path lies outside the roots.
+    """
+    if read_roots is None:
+        return
+    for source in sources:
+        check_tree_readable(source, read_roots)
+
+
 def _stage(configs: Path, tokenizers: Path, staging: Path, names: list[str]) -> None:
     shutil.copytree(configs, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     for name in names:
@@ -105,7 +125,7 @@ def load_pipeline_components(
     if pipeline_name not in PIPELINES:
         raise ValueError(f"single-file loading supports {sorted(PIPELINES)}, the config names {pipeline_name!r}")
     pipeline_cls = getattr(diffusers, pipeline_name)
-    names = ["tokenizer", "tokenizer_2"] if arch == "sdxl" else ["tokenizer"]
+    names = tokenizer_names(arch)
     with tempfile.TemporaryDirectory(prefix="dagfusion-single-file-") as tmp:
         staging = Path(tmp) / "config"
         _stage(configs, tokenizers, staging, names)
@@ -138,10 +158,19 @@ def load_single_file(
     offload: bool = False,
     allow_pickle: bool = False,
     cache: ModelCache | None = None,
+    read_roots: Sequence[Path] | None = None,
 ) -> Loaded:
-    """Load a single-file checkpoint through the model cache; see the module docstring."""
+    """Load a single-file checkpoint through the model cache; see the module docstring.
+
+    With ``read_roots`` (a node passes the settings' read folders), the checkpoint, the
+    ``config`` folder and the tokenizer folders must really lie under them, links followed,
+    before they are read, and again whenever the cache reloads them (:class:`UnsafeOperationError`
+    otherwise). The shipped configs are package data and need no check.
+    """
     from dagfusion.fingerprint import fingerprint_path, new_hasher
 
+    roots = tuple(read_roots) if read_roots is not None else None
+    check_sources([Path(path)], roots)
     path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"expected a checkpoint file, but {path} does not exist")
@@ -162,6 +191,8 @@ def load_single_file(
         raise FileNotFoundError(f"expected a diffusers config folder with model_index.json at {configs}")
     tokenizer_dir = find_tokenizers(arch, Path(tokenizers).resolve() if tokenizers else None,
                                     Path(config).resolve() if config else None, model_dirs).resolve()
+    sources = [path, *([configs] if config else []), tokenizer_dir]  # everything fingerprinted below
+    check_sources(sources, roots)
     torch_dtype(dtype)
     content = fingerprint_path(path)
     config_fp = fingerprint_path(configs)
@@ -171,6 +202,7 @@ def load_single_file(
     key = ("single-file", str(path), content, config_fp, tokenizer_fp, dtype, placement)
 
     def loader() -> dict[str, Any]:
+        check_sources(sources, roots)
         return load_pipeline_components(path, arch, configs, tokenizer_dir, dtype, placement, allow_pickle)
 
     def ref(name: str) -> ComponentRef:

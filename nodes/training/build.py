@@ -22,7 +22,8 @@ Or any diffusers folder of *configs* (``model_index.json`` with ``unet``/``trans
 ``vae``, text encoder, tokenizer and scheduler folders): every model component is built from its
 ``config.json`` with fresh weights (weights in the folder are ignored); tokenizers are loaded.
 Only diffusers and transformers model classes are built. Everything is seeded: the same config
-and seed give identical weights.
+and seed give identical weights. Every file under the folder must really lie under the allowed
+read folders, symbolic links followed, before any is read.
 """
 
 from __future__ import annotations
@@ -275,11 +276,12 @@ def handles(parts: dict[str, Any], ident: str, device: str) -> dict[str, Any]:
 def new_model(ctx: RunContext, config: str, config_folder: str | None, seed: int, device: str) -> dict[str, Any]:
     """Build an untrained model (denoiser, text encoder, VAE, scheduler) from a config, with seeded weights."""
     from dagfusion.fingerprint import fingerprint, fingerprint_path
-    from dagfusion.nodes.diffusion.loading import resolve_device
+    from dagfusion.nodes.diffusion.loading import check_tree_readable, resolve_device
 
     resolved = resolve_device(device, ctx.device)
     if config_folder:
         folder = ctx.input_path(config_folder)
+        check_tree_readable(folder, ctx.settings.readable_roots)
         parts = build_from_folder(folder, seed)
         ident = f"{folder.name}@{fingerprint_path(folder)[:16]} (seed {seed})"
     else:

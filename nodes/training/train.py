@@ -47,13 +47,16 @@ def training_key(parts: dict[str, Any]) -> str | None:
 def checkpoint_path(ctx: RunContext, path: str) -> Path:
     """A checkpoint to resume from: inside this node's work area of the cache folder (written by
     dagfusion itself), or under the allowed read folders."""
+    from dagfusion.confinement import check_tree_readable
     from dagfusion.context import is_within
 
     candidate = Path(path).expanduser()
     training_root = Path(ctx.settings.cache_dir) / "training"
     if candidate.is_absolute() and is_within(candidate, [training_root]):
-        return candidate.resolve()
-    return ctx.input_path(path)
+        resolved = candidate.resolve()
+        check_tree_readable(resolved, (training_root,))
+        return resolved
+    return ctx.settings.check_tree_readable(ctx.input_path(path))
 
 
 def _example(objective: str) -> Any:
