@@ -65,9 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     inspect_ = sub.add_parser("inspect", help="print the workflow and manifest embedded in a dagfusion PNG")
     inspect_.add_argument("picture")
 
-    ui = sub.add_parser("ui", help="open the visual canvas (a Gradio app on 127.0.0.1 only)")
+    ui = sub.add_parser("ui", help="open the visual canvas (a Gradio app on 127.0.0.1, behind a per-launch token)")
     ui.add_argument("workflow", nargs="?", help="workflow YAML file or dagfusion PNG to open")
     ui.add_argument("--port", type=int, help="port to serve on (default: 7860 or the next free one)")
+    ui.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to serve on (default 127.0.0.1); anything but loopback needs the allow_remote setting",
+    )
     ui.add_argument("--read-dir", action="append", default=[], metavar="DIR", help="also allow reading files under DIR")
     ui.add_argument("--model-dir", action="append", default=[], metavar="DIR", help="also search models in DIR")
     ui.add_argument("--device", help="torch device (default: auto, cuda > mps > cpu)")
@@ -289,6 +294,9 @@ class _RichProgress:
             if kind == "NodeFailed":
                 p.console.print(f"[red]✗ {event.error}[/]", highlight=False)
                 p.console.print(event.traceback, markup=False, highlight=False)
+        elif kind == "RunWarning":
+            where = f"node '{event.node_id}': " if event.node_id else ""
+            p.console.print(f"! {where}{event.message}", style="yellow", markup=False, highlight=False)
 
 
 def _cmd_nodes(args: argparse.Namespace) -> int:
@@ -388,7 +396,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(chunks[WORKFLOW_KEY].rstrip())
     if MANIFEST_KEY in chunks:
         print("---")
-        print(json.dumps(json.loads(chunks[MANIFEST_KEY]), indent=2))
+        try:
+            print(json.dumps(json.loads(chunks[MANIFEST_KEY]), indent=2))
+        except (ValueError, RecursionError):
+            _err(f"{args.picture}: its manifest chunk is not valid JSON; shown as text")
+            print(chunks[MANIFEST_KEY][:4096])
     return EXIT_OK
 
 
@@ -400,7 +412,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     from dagfusion.engine import Engine
 
-    return ui_main(args.workflow, engine=Engine(settings=_settings(args)), port=args.port)
+    return ui_main(args.workflow, engine=Engine(settings=_settings(args)), port=args.port, host=args.host)
 
 
 _COMMANDS = {

@@ -27,6 +27,7 @@ socket type, colour, widget and which types may connect, computed from the regis
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,12 +37,19 @@ from dagfusion.errors import Problem, ValidationError
 from dagfusion.node import REQUIRED, InputSpec, NodeSpec
 from dagfusion.types import UnionType, type_name
 from dagfusion.workflow import FORMAT_VERSION, NODE_ID, Link, Workflow, workflow_from_dict
+from dagfusion.yamlsource import MAX_BYTES
 
 GRAPH_VERSION = 1
 """Version of the canvas graph schema above."""
 
-MAX_NODES = 5000
-"""A graph larger than this is refused (the canvas is not meant for generated giants)."""
+MAX_NODES = 2000
+"""A graph with more nodes is refused before any work (the canvas is not meant for generated giants)."""
+
+MAX_LINKS = 10_000
+"""A graph with more links is refused before any work."""
+
+MAX_GRAPH_BYTES = MAX_BYTES
+"""A graph whose JSON form is larger is refused before any work (the limit of a workflow file)."""
 
 #: Columns and rows of the automatic layout for nodes without ``ui.pos``.
 COLUMN_WIDTH = 280
@@ -201,6 +209,24 @@ def _pos(raw: Any) -> list[int] | None:
     return None
 
 
+def size_problem(graph: Mapping[str, Any]) -> Problem | None:
+    """Why ``graph`` is too large for the canvas (:data:`MAX_NODES`, :data:`MAX_LINKS`,
+    :data:`MAX_GRAPH_BYTES`), or ``None``. Counts first, then one C-speed ``json.dumps``:
+    nothing is converted or validated before this passes."""
+    nodes, links = (len(v) if isinstance(v, list) else 0 for v in (graph.get("nodes"), graph.get("links")))
+    if nodes > MAX_NODES:
+        return _bad(f"the graph has {nodes:,} nodes; the canvas handles at most {MAX_NODES:,}")
+    if links > MAX_LINKS:
+        return _bad(f"the graph has {links:,} links; the canvas handles at most {MAX_LINKS:,}")
+    try:
+        size = len(json.dumps(graph, separators=(",", ":"), default=repr))
+    except (ValueError, TypeError, RecursionError):
+        return _bad("the graph is not plain JSON data")
+    if size > MAX_GRAPH_BYTES:
+        return _bad(f"the graph is {size:,} bytes of JSON; the canvas handles at most {MAX_GRAPH_BYTES:,}")
+    return None
+
+
 def graph_to_data(graph: Any) -> tuple[dict[str, Any] | None, list[Problem]]:
     """The plain workflow data (as in a YAML file) of a canvas graph, plus its schema problems."""
     if not isinstance(graph, Mapping):
@@ -212,8 +238,9 @@ def graph_to_data(graph: Any) -> tuple[dict[str, Any] | None, list[Problem]]:
     raw_links = graph.get("links") or []
     if not isinstance(raw_nodes, list) or not isinstance(raw_links, list):
         return None, [_bad("'nodes' and 'links' must be lists")]
-    if len(raw_nodes) > MAX_NODES:
-        return None, [_bad(f"the graph has {len(raw_nodes)} nodes; the canvas handles at most {MAX_NODES}")]
+    too_large = size_problem(graph)
+    if too_large is not None:
+        return None, [too_large]
     problems: list[Problem] = []
     nodes: dict[str, dict[str, Any]] = {}
     for raw in raw_nodes:
@@ -449,6 +476,9 @@ def empty_graph() -> dict[str, Any]:
 
 __all__ = [
     "GRAPH_VERSION",
+    "MAX_GRAPH_BYTES",
+    "MAX_LINKS",
+    "MAX_NODES",
     "auto_layout",
     "catalog",
     "empty_graph",
@@ -457,6 +487,7 @@ __all__ = [
     "jsonable",
     "node_entry",
     "restore_floats",
+    "size_problem",
     "widget_for",
     "workflow_to_graph",
 ]

@@ -8,6 +8,11 @@ the canvas cannot draw (unknown node types or inputs, links to missing nodes or 
 between incompatible types, unsatisfiable versions) is refused with every problem listed, and
 the canvas keeps what it had. Problems the canvas can show and the user can fix there (a missing
 input, a value out of range, a cycle) are loaded and marked on their nodes.
+
+Sizes are bounded before any work: a graph by :func:`dagfusion.ui.graph.size_problem` (nodes,
+links, bytes of JSON), a file by its bytes and node count, a sweep by the ``max_sweep_points``
+setting — counted from its group sizes (:func:`~dagfusion.workflow.sweep_points`), never
+expanded, and reported as the validator's ``sweep-too-large`` problem.
 """
 
 from __future__ import annotations
@@ -21,13 +26,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dagfusion.errors import Problem
+from dagfusion.errors import Problem, ValidationError
 from dagfusion.pngmeta import WORKFLOW_KEY, read_png_text
 from dagfusion.validate import check
-from dagfusion.workflow import Link, Workflow, parse_workflow
+from dagfusion.workflow import Link, Workflow, parse_workflow, sweep_points
 from dagfusion.yamlsource import MAX_BYTES
 
-from dagfusion.ui.graph import catalog, graph_to_workflow, workflow_to_graph
+from dagfusion.ui.graph import MAX_NODES, catalog, graph_to_workflow, workflow_to_graph
 from dagfusion.ui.runs import RunQueue
 
 #: Problems that leave nothing sensible to draw: a file with any of them is not opened.
@@ -93,7 +98,7 @@ class CanvasBackend:
             "ok": validated is not None,
             "problems": problems_json(problems),
             "warnings": list(warnings),
-            "points": len(workflow.sweep) and _points(workflow),
+            "points": len(workflow.sweep) and sweep_points(workflow),
         }
 
     def save(self, graph: Any) -> dict[str, Any]:
@@ -124,6 +129,8 @@ class CanvasBackend:
         workflow, problems = parse_workflow(text, name)
         if workflow is None or problems:
             return _refusal(f"cannot open {name or 'this workflow'}", problems)
+        if len(workflow.nodes) > MAX_NODES:
+            return _refusal(f"{name or 'the workflow'} has {len(workflow.nodes):,} nodes; the canvas handles at most {MAX_NODES:,}")
         problems, warnings, validated = self._problems(workflow, [])
         undrawable = [p for p in problems if p.code in UNDRAWABLE or _is_link_mismatch(workflow, p)]
         if undrawable:
@@ -170,7 +177,10 @@ class CanvasBackend:
         problems, warnings, validated = self._problems(workflow, problems)
         if validated is None:
             return _refusal("cannot run", problems)
-        run = self.queue.submit(workflow)
+        try:
+            run = self.queue.submit(workflow)
+        except ValidationError as exc:
+            return _refusal("cannot run", list(exc.problems))
         return {"ok": True, "run": run.summary(self.queue.position(run)), "warnings": list(warnings)}
 
     def poll(self, run_id: str | None = None, since: int = 0) -> dict[str, Any]:
@@ -223,12 +233,6 @@ def _display(path: Path) -> str:
     except ValueError:
         return str(path)
     return "./" if str(relative) == "." else f"{relative}/"
-
-
-def _points(workflow: Workflow) -> int:
-    from dagfusion.workflow import expand_sweep
-
-    return len(expand_sweep(workflow))
 
 
 def _is_link_mismatch(workflow: Workflow, problem: Problem) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dagfusion.context import CancelToken
-from dagfusion.errors import ValidationError, WorkflowError
+from dagfusion.errors import Problem, ValidationError, WorkflowError
 from dagfusion.events import (
     Event,
     NodeCached,
@@ -38,7 +38,8 @@ from dagfusion.events import (
     RunFinished,
     RunStarted,
 )
-from dagfusion.workflow import Workflow, expand_sweep
+from dagfusion.settings import DEFAULT_MAX_SWEEP_POINTS
+from dagfusion.workflow import Workflow, sweep_points
 
 logger = logging.getLogger("dagfusion.ui")
 
@@ -143,7 +144,7 @@ class Run:
         self.submitted = time.time()
         self.started: float | None = None
         self.finished: float | None = None
-        self.points = len(expand_sweep(workflow)) if workflow.sweep else 1
+        self.points = sweep_points(workflow)
         self.point = 0
         self.nodes: dict[str, str] = {node_id: "queued" for node_id in workflow.nodes}
         self.progress: dict[str, dict[str, Any]] = {}
@@ -317,8 +318,22 @@ class RunQueue:
         self._stopping = False
         self.current: Run | None = None
 
+    @property
+    def max_points(self) -> int:
+        """Most sweep points one run may have: the engine's ``max_sweep_points`` setting."""
+        settings = getattr(self.engine, "settings", None)
+        return int(getattr(settings, "max_sweep_points", DEFAULT_MAX_SWEEP_POINTS))
+
     def submit(self, workflow: Workflow, *, name: str | None = None) -> Run:
-        """Queue a run of ``workflow`` (already validated by the caller; the engine checks again)."""
+        """Queue a run of ``workflow`` (already validated by the caller; the engine checks again).
+
+        A sweep of more than :attr:`max_points` points raises :class:`ValidationError`
+        (``sweep-too-large``) before anything is queued; points are counted, never expanded.
+        """
+        points = sweep_points(workflow)
+        if points > self.max_points:
+            message = f"the sweep describes {points:,} runs; at most {self.max_points:,} are allowed (setting max_sweep_points)"
+            raise ValidationError([Problem("sweep-too-large", message)], workflow.source)
         with self._lock:
             run = Run(workflow, name=name, number=next(self._counter))
             self._runs[run.id] = run

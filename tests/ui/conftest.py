@@ -1,9 +1,11 @@
-"""Fixtures of the canvas tests: a registry with two slow test nodes, and a canvas backend."""
+"""Fixtures of the canvas tests: a registry with two slow test nodes, a canvas backend, and a
+running canvas server (one per test module)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +82,35 @@ def backend(ui_registry: Registry, ui_settings: Settings) -> Iterator[CanvasBack
 @pytest.fixture
 def quickstart_yaml() -> str:
     return (REPO / "workflows" / "blurred_noise.yaml").read_text(encoding="utf-8")
+
+
+@dataclass
+class Served:
+    """A canvas app served on a free loopback port: ``server.url`` carries the token."""
+
+    server: Any  # dagfusion.ui.app.CanvasServer
+    backend: CanvasBackend
+    demo: Any
+    work: Path
+
+    @property
+    def origin(self) -> str:
+        return self.server.origin
+
+
+@pytest.fixture(scope="module")
+def served(ui_registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    pytest.importorskip("gradio", reason="the canvas needs the ui extra: pip install 'dagfusion[ui]'")
+    from dagfusion.ui.app import build_app, launch
+
+    work = tmp_path_factory.mktemp("canvas")
+    settings = Settings.load(
+        overrides={"output_dir": str(work / "outputs"), "cache_dir": str(work / "cache"), "read_dirs": [str(work)], "device": "cpu"},
+        environ={},
+    )
+    backend = CanvasBackend(Engine(ui_registry, settings))
+    demo = build_app(backend)
+    server = launch(demo, port=0, block=False, quiet=True)
+    yield Served(server, backend, demo, work)
+    server.close()
+    backend.queue.shutdown()

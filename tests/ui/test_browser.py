@@ -14,7 +14,6 @@ import base64
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +22,6 @@ from typing import Any
 
 import pytest
 
-from dagfusion import Engine, Settings
 from dagfusion.pngmeta import png_info
 from dagfusion.registry import Registry
 
@@ -55,29 +53,10 @@ def _chromium() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(ui_registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from dagfusion.ui.app import build_app, launch
-    from dagfusion.ui.handlers import CanvasBackend
-
-    work = tmp_path_factory.mktemp("canvas")
-    settings = Settings.load(
-        overrides={"output_dir": str(work / "outputs"), "cache_dir": str(work / "cache"), "read_dirs": [str(work)], "device": "cpu"},
-        environ={},
-    )
-    backend = CanvasBackend(Engine(ui_registry, settings))
-    demo = build_app(backend)
-    port = _free_port()
-    launch(demo, port=port, block=False, quiet=True)
-    yield f"http://127.0.0.1:{port}"
-    backend.queue.shutdown()
-    demo.close()
+def server(served: Any) -> str:
+    """The address to open: the server's own, carrying this launch's access token."""
+    return served.server.url
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +73,15 @@ def browser() -> Iterator[Any]:
 class Canvas:
     """A page with the canvas open, and the gestures the tests use."""
 
-    def __init__(self, page: Any, base: str) -> None:
+    def __init__(self, page: Any, address: str) -> None:
         self.page = page
-        self.base = base
+        self.base = address.split("/?", 1)[0]
         self.requests: list[str] = []
         self.errors: list[str] = []
         page.on("request", lambda r: self.requests.append(r.url))
         page.on("pageerror", lambda e: self.errors.append(str(e)))
-        page.goto(base + "/")
+        page.goto(address)  # sets the token cookie and lands on the address without the token
+        assert page.url == self.base + "/"
         page.wait_for_selector(READY, timeout=30_000)
 
     @property

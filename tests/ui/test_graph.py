@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 from dagfusion.registry import Registry
 from dagfusion.ui.graph import (
     GRAPH_VERSION,
+    MAX_GRAPH_BYTES,
+    MAX_LINKS,
+    MAX_NODES,
     auto_layout,
     catalog,
     empty_graph,
@@ -104,6 +107,17 @@ def test_nodes_deleted_on_the_canvas_leave_targets_and_sweeps() -> None:
 def test_malformed_graphs_are_reported(graph: object, message: str) -> None:
     wf, problems = graph_to_workflow(graph)
     assert any(message in p.message for p in problems), problems
+
+
+def test_oversized_graphs_are_refused_before_conversion() -> None:
+    many = {"nodes": [{"id": f"n{i}", "type": "x.Y"} for i in range(MAX_NODES + 1)]}
+    link = {"from": ["a", "y"], "to": ["b", "x"]}
+    wide = {"nodes": [{"id": "a", "type": "x.Y"}], "links": [link] * (MAX_LINKS + 1)}
+    heavy = {"nodes": [{"id": "a", "type": "x.Y", "inputs": {"text": "x" * MAX_GRAPH_BYTES}}]}
+    for graph, message in ((many, f"{MAX_NODES + 1:,} nodes"), (wide, f"{MAX_LINKS + 1:,} links"), (heavy, "bytes of JSON")):
+        wf, problems = graph_to_workflow(graph)
+        assert wf is None and len(problems) == 1 and message in problems[0].message, problems
+    assert graph_to_workflow({"nodes": many["nodes"][:MAX_NODES]})[0] is not None
 
 
 def test_two_links_into_one_input_are_refused() -> None:

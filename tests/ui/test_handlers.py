@@ -40,6 +40,22 @@ def test_catalog_is_cached_json(backend: CanvasBackend) -> None:
     assert first["roots"]  # path widgets show where files may be read
 
 
+def test_sizes_are_bounded_before_any_work(backend: CanvasBackend) -> None:
+    from dagfusion.ui.graph import MAX_NODES
+
+    text = "format_version: 1\nnodes:\n" + "".join(f"  n{i}: {{type: dagfusion.util.Number}}\n" for i in range(MAX_NODES + 1))
+    opened = backend.open_text(text, "giant.yaml")
+    assert not opened["ok"] and f"{MAX_NODES + 1:,} nodes" in opened["error"]
+    graph = _graph("format_version: 1\nnodes:\n  s: {type: uitest.Slow}\nsweep:\n  - {s.x: [1.0, 2.0, 3.0]}\n  - {s.steps: [1, 2]}\n")
+    assert backend.check(graph)["points"] == 6
+    graph["workflow"]["sweep"] = [{"s.x": [float(i) for i in range(1000)]}, {"s.steps": list(range(1, 1001))}]
+    started = time.perf_counter()
+    checked, submitted = backend.check(graph), backend.submit(graph)
+    assert time.perf_counter() - started < 1.0
+    assert checked["points"] == 1_000_000 and [p["code"] for p in checked["problems"]] == ["sweep-too-large"]
+    assert not submitted["ok"] and "1,000,000 runs" in submitted["error"] and backend.queue.summary() == []
+
+
 def test_check_reports_problems_on_their_nodes(backend: CanvasBackend, quickstart_yaml: str) -> None:
     graph = _graph(quickstart_yaml)
     assert backend.check(graph) == {"ok": True, "problems": [], "warnings": [], "points": 0}

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from dagfusion import Engine
+from dagfusion.errors import ValidationError
 from dagfusion.registry import Registry
 from dagfusion.settings import Settings
 from dagfusion.ui.runs import Run, RunQueue, encode_preview
@@ -51,6 +52,16 @@ def test_a_failing_node_fails_its_run_and_skips_what_depends_on_it(queue: RunQue
     assert state["status"] == "failed" and "clamp" in state["message"]
     assert state["nodes"] == {"a": "done", "clamp": "failed", "after": "skipped", "other": "done"}
     assert "low" in state["errors"]["clamp"] and state["errors"]["after"] == "skipped because clamp failed"
+
+
+def test_a_sweep_beyond_the_setting_is_refused_before_queueing(queue: RunQueue) -> None:
+    values = ", ".join(str(float(i)) for i in range(1000))
+    steps = ", ".join(str(i) for i in range(1, 1001))
+    wf = _wf(f"nodes:\n  s: {{type: uitest.Slow, inputs: {{delay: 0.0}}}}\nsweep:\n  - {{s.x: [{values}]}}\n  - {{s.steps: [{steps}]}}\n")
+    started = time.perf_counter()
+    with pytest.raises(ValidationError, match="1,000,000 runs"):
+        queue.submit(wf)
+    assert time.perf_counter() - started < 0.5 and queue.summary() == []
 
 
 def test_progress_and_sweep_points(queue: RunQueue) -> None:
