@@ -59,6 +59,21 @@ def test_quickstart_draws_its_prompt_with_the_embedded_model(tmp_path: Path) -> 
     assert "'all_correct': 1.0" in (out / "report.txt").read_text()
 
 
+def test_the_readmes_prompt_override_changes_what_is_drawn_and_scored(tmp_path: Path) -> None:
+    workflow = Path(__file__).resolve().parents[1] / "workflows" / "quickstart.yaml"
+    prompt = "a small blue square at the top on a white background"
+    done = cli(
+        "run", str(workflow), "--set", "sample.seed=3", "--set", f"prompt.text={prompt}", "--out", "blue",
+        cwd=tmp_path, env={"OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == EXIT_OK, done.stderr
+    record = (tmp_path / "blue" / "workflow.yaml").read_text()
+    nodes = record.split("\nnodes:")[1]
+    assert nodes.count(prompt) == 1 and "red circle" not in nodes
+    # the scorer reads the picture against the new prompt: every attribute of the blue square is right
+    assert "'all_correct': 1.0" in (tmp_path / "blue" / "report.txt").read_text()
+
+
 def test_json_events(tmp_path: Path) -> None:
     done = cli("run", str(BLURRED_NOISE), "--out", "r", "--json-events", cwd=tmp_path)
     assert done.returncode == EXIT_OK

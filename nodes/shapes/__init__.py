@@ -25,6 +25,7 @@ from dagfusion import (
     SocketType,
     hookimpl,
     node,
+    union,
 )
 
 _PKG = "dagfusion.nodes.shapes"
@@ -239,11 +240,16 @@ def _scored_example() -> dict[str, Any]:
 
 @node(
     "dagfusion.metrics.ShapeEval",
-    version="1.0.0",
+    version="1.1.0",
     category="metrics",
     inputs=[
         Input("images", "IMAGE", description="Generated images, (B, 3, H, W) in [0, 1]."),
-        Input("prompts", LIST, description="The single-object captions they were generated from."),
+        Input(
+            "prompts",
+            union(STRING, LIST),
+            description="The single-object captions they were generated from: one per image, or one "
+            "caption for every image (link the same text the prompt was encoded from).",
+        ),
         Input("evaluator", SHAPE_EVALUATOR, link_only=True),
     ],
     outputs=[
@@ -256,7 +262,8 @@ def shape_eval(ctx: RunContext, images: Any, prompts: list[str], evaluator: Any)
     """Score images against their prompts: per-attribute and all-correct accuracy."""
     from dagfusion.nodes.shapes.evaluator import score
 
-    scores = score(evaluator, images, list(prompts))
+    captions = [prompts] * int(images.shape[0]) if isinstance(prompts, str) else list(prompts)
+    scores = score(evaluator, images, captions)
     return scores, scores["all_correct"]
 
 
