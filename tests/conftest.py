@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, settings as hypothesis_settings
 
 from dagfusion import Engine, Settings
 from dagfusion.registry import Registry
 
 # One intra-op thread: tests use tiny tensors, and on a small shared machine (CI has 2 cores)
-# thread oversubscription makes tiny ops many times slower.
-torch.set_num_threads(1)
+# thread oversubscription makes tiny ops many times slower. Set before torch is first imported
+# (tests that need no torch never import it), and again for subprocesses the tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 hypothesis_settings.register_profile(
     "dagfusion",

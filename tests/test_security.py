@@ -343,3 +343,37 @@ def test_inspect_reports_a_manifest_that_is_not_json(tmp_path: Path) -> None:
     done = _cli("inspect", str(picture), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "not valid JSON" in done.stderr and "Traceback" not in done.stderr
+
+
+# --- 6. image bombs through the command line -----------------------------------------------
+
+
+def _bomb_png(workflow: str, manifest: str) -> bytes:
+    """A ~1 KB PNG declaring 50000×50000 pixels, carrying a workflow and a manifest."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0)
+    texts = b"".join(
+        chunk(b"iTXt", key.encode() + b"\0\0\0\0\0" + value.encode())
+        for key, value in (("dagfusion.workflow", workflow), ("dagfusion.manifest", manifest))
+    )
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + texts
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def test_inspect_and_run_read_the_workflow_of_an_image_bomb_without_decoding_it(tmp_path: Path) -> None:
+    workflow = 'format_version: 1\nnodes:\n  save: {type: dagfusion.io.SaveText, inputs: {text: "hi", filename: note.txt}}\n'
+    picture = tmp_path / "bomb.png"
+    picture.write_bytes(_bomb_png(workflow, '{"seeds": {}}'))
+    done = _cli("inspect", str(picture), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "dagfusion.io.SaveText" in done.stdout and "Traceback" not in done.stderr
+    done = _cli("run", str(picture), "--out", "again", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "again" / "note.txt").read_text() == "hi"
