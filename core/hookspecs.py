@@ -28,6 +28,9 @@ PROJECT = "dagfusion"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+#: Hooks called while a workflow runs; an exception one raises becomes a ``PluginError`` naming the plugin.
+LIFECYCLE_HOOKS = ("before_node_run", "after_node_run", "on_node_error")
+
 
 @hookspec
 def register_types(register: Callable[[SocketType], None]) -> None:
@@ -37,8 +40,8 @@ def register_types(register: Callable[[SocketType], None]) -> None:
     types from other plugins.
 
     :param register: Call ``register(socket_type)`` for each :class:`~dagfusion.SocketType`.
-        Registering a name another plugin already registered raises
-        :class:`~dagfusion.PluginError` naming both plugins.
+        A name another plugin registered first disables this plugin, as does a hook that raises;
+        a disabled plugin registers nothing at all (see ``dagfusion plugins``).
     """
 
 
@@ -47,9 +50,9 @@ def register_nodes(register: Callable[[NodeSpec], None]) -> None:
     """Register the node types this plugin provides.
 
     :param register: Call ``register(spec)`` for each :class:`~dagfusion.NodeSpec` (the object
-        the :func:`~dagfusion.node` decorator returns). Registering a type id that another
-        plugin already registered raises :class:`~dagfusion.PluginError` naming both plugins;
-        an input or output naming an unregistered socket type is reported the same way.
+        the :func:`~dagfusion.node` decorator returns). A type id another plugin registered
+        first, an input or output naming an unregistered socket type, or a hook that raises
+        disables this plugin, with everything it registered (see ``dagfusion plugins``).
     """
 
 
@@ -57,7 +60,8 @@ def register_nodes(register: Callable[[NodeSpec], None]) -> None:
 def before_node_run(node_id: str, spec: NodeSpec, inputs: dict[str, Any], context: RunContext) -> None:
     """Called just before a node's run function, after its inputs are resolved.
 
-    Use it for tracing, timing or profiling. It must not modify ``inputs``.
+    Use it for tracing, timing or profiling. It must not modify ``inputs``. An exception it
+    raises fails the node with a :class:`~dagfusion.PluginError` naming this plugin.
 
     :param node_id: The node's id in the workflow.
     :param spec: The node's declaration.
@@ -72,6 +76,9 @@ def after_node_run(
 ) -> None:
     """Called after a node returned successfully (not for cache hits).
 
+    An exception it raises reaches the caller as a :class:`~dagfusion.PluginError` naming this
+    plugin.
+
     :param node_id: The node's id in the workflow.
     :param spec: The node's declaration.
     :param outputs: What the node returned, by output name (read only).
@@ -85,6 +92,8 @@ def on_node_error(node_id: str, spec: NodeSpec, error: BaseException, context: R
     """Called when a node's run function raised (not for cancellation).
 
     The run continues with the nodes that do not depend on this one; this hook only observes.
+    An exception it raises reaches the caller as a :class:`~dagfusion.PluginError` naming this
+    plugin.
 
     :param node_id: The node's id in the workflow.
     :param spec: The node's declaration.

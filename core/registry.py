@@ -1,9 +1,14 @@
 """The registry: every socket type and node type the loaded plugins provide, and who provided it.
 
 Built from a plugin manager by calling each plugin's ``register_types`` hook, then each
-``register_nodes`` hook, one plugin at a time, so a duplicate can name both plugins. The
-registry is an ordinary object: make one with :meth:`Registry.from_plugins` (or
-:func:`dagfusion.default_registry` for the process-wide default, built lazily on first use).
+``register_nodes`` hook, one plugin at a time, and only then checking what each offered. A
+plugin is all or nothing: one whose hook raises, that registers something that is not a
+socket type or node spec, claims a type name or node type id an earlier plugin claimed (built-in
+packs come first), or uses socket types nobody registered is *disabled* — unregistered from the
+plugin manager and recorded in its ``load_failures`` — and nothing it registered is kept. All
+other plugins still load. The registry is an ordinary object: make one with
+:meth:`Registry.from_plugins` (or :func:`dagfusion.default_registry` for the process-wide
+default, built lazily on first use).
 """
 
 from __future__ import annotations
@@ -12,12 +17,29 @@ import copy
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from dagfusion.errors import NodeDefinitionError, PluginError
+from dagfusion.errors import PluginError
 from dagfusion.node import NodeSpec
-from dagfusion.plugins import DagfusionPluginManager, PluginLoadFailure, make_plugin_manager
+from dagfusion.plugins import DagfusionPluginManager, PluginWarning, make_plugin_manager
 from dagfusion.types import SocketType, TypeSystem, UnionType
+
+
+@dataclass
+class _Offer:
+    """What one plugin's registration hooks handed over, before any of it is accepted."""
+
+    plugin: str
+    types: list[SocketType] = field(default_factory=list)
+    nodes: list[NodeSpec] = field(default_factory=list)
+    problem: str | None = None
+    detail: str | None = None
+
+    def fail(self, problem: str, detail: str | None = None) -> None:
+        """Remember the first problem found while calling this plugin's hooks."""
+        if self.problem is None:
+            self.problem, self.detail = problem, detail
 
 
 class Registry:
@@ -39,102 +61,111 @@ class Registry:
         extra_plugins: Iterable[tuple[str, object]] = (),
         include_builtins: bool = True,
         environ: dict[str, str] | None = None,
+        strict: bool = False,
     ) -> Registry:
-        """A registry over a fresh plugin manager (see :func:`~dagfusion.plugins.make_plugin_manager`)."""
-        pm = make_plugin_manager(
-            load_entrypoints=load_entrypoints,
-            extra_plugins=extra_plugins,
-            include_builtins=include_builtins,
-            environ=environ,
-        )
-        return cls(pm)
+        """A registry over a fresh plugin manager (see :func:`~dagfusion.plugins.make_plugin_manager`).
+
+        A plugin that fails is disabled, warned about (:class:`~dagfusion.plugins.PluginWarning`)
+        and listed in ``plugin_manager.load_failures``; with ``strict``, any such failure raises
+        :class:`PluginError` listing them all instead (and nothing is warned).
+        """
+        with warnings.catch_warnings():
+            if strict:
+                warnings.simplefilter("ignore", PluginWarning)
+            pm = make_plugin_manager(
+                load_entrypoints=load_entrypoints,
+                extra_plugins=extra_plugins,
+                include_builtins=include_builtins,
+                environ=environ,
+            )
+            registry = cls(pm)
+        if strict:
+            pm.raise_for_failures()
+        return registry
 
     # --- building ---------------------------------------------------------------------
 
-    def _call_each(self, hook_name: str, register_for: Callable[[str], Callable[[Any], None]]) -> None:
-        hook = getattr(self.plugin_manager.hook, hook_name)
-        for impl in hook.get_hookimpls():  # in registration order
-            plugin_name = impl.plugin_name
-            try:
-                impl.function(**{name: register_for(plugin_name) for name in impl.argnames if name == "register"})
-            except (PluginError, NodeDefinitionError):
-                raise
-            except Exception as exc:
-                failure = PluginLoadFailure(plugin_name, self._distribution(plugin_name), traceback.format_exc())
-                self.plugin_manager.load_failures.append(failure)
-                warnings.warn(f"{hook_name} of {failure}: {exc}", RuntimeWarning, stacklevel=2)
-
     def _collect(self) -> None:
-        pending: list[tuple[str, SocketType]] = []
+        """Call every plugin's registration hooks, then keep what the healthy plugins offered."""
+        candidates = []
+        for offer in self._gather_offers():
+            if offer.problem is None:
+                candidates.append(offer)
+            else:
+                self.plugin_manager.disable(offer.plugin, offer.problem, offer.detail)
+        while True:
+            accepted, clashes = _claim(candidates, self.plugin_manager.describe)
+            broken = self._resolve(accepted)
+            if broken is None:
+                break
+            offer, problem = broken
+            self.plugin_manager.disable(offer.plugin, problem)
+            candidates.remove(offer)
+        for offer, problem in clashes:
+            self.plugin_manager.disable(offer.plugin, problem)
 
-        def type_register(plugin_name: str) -> Callable[[SocketType], None]:
-            def register(socket_type: SocketType) -> None:
-                if not isinstance(socket_type, SocketType):
-                    raise PluginError(f"{self._describe(plugin_name)} registered {socket_type!r}, which is not a SocketType")
-                pending.append((plugin_name, socket_type))
+    def _gather_offers(self) -> list[_Offer]:
+        """One offer per registered plugin, in registration order: types first, then nodes."""
+        offers = {name: _Offer(name) for name, plugin in self.plugin_manager.list_name_plugin() if plugin is not None}
+        self._call_each("register_types", offers, _type_register)
+        self._call_each("register_nodes", offers, _node_register)
+        return list(offers.values())
 
-            return register
+    def _call_each(
+        self, hook_name: str, offers: dict[str, _Offer], make_register: Callable[[_Offer, str], Callable[[Any], None]]
+    ) -> None:
+        """Call one registration hook of each plugin in turn, recording into that plugin's offer.
 
-        def node_register(plugin_name: str) -> Callable[[NodeSpec], None]:
-            def register(spec: NodeSpec) -> None:
-                if not isinstance(spec, NodeSpec):
-                    raise PluginError(
-                        f"{self._describe(plugin_name)} registered {spec!r}, which is not a NodeSpec "
-                        "(decorate the function with @dagfusion.node)"
-                    )
-                if spec.type_id in self._nodes:
-                    other = self._node_origin[spec.type_id]
-                    raise PluginError(
-                        f"node type {spec.type_id} is registered by both {self._describe(other)} "
-                        f"and {self._describe(plugin_name)}"
-                    )
-                unknown = sorted(
-                    {n for s in (*spec.inputs, *spec.outputs) for n in self.types.unknown_names(s.type)}
-                )
+        A third-party plugin's exception is recorded as its problem; a built-in pack's propagates.
+        """
+        hook = getattr(self.plugin_manager.hook, hook_name)
+        for impl in hook.get_hookimpls():
+            offer = offers[impl.plugin_name]
+            if offer.problem is not None:
+                continue
+            register = make_register(offer, self.plugin_manager.describe(offer.plugin))
+            try:
+                impl.function(**{name: register for name in impl.argnames if name == "register"})
+            except Exception as exc:
+                if self.plugin_manager.is_builtin(offer.plugin):
+                    raise
+                offer.fail(f"{hook_name} raised {type(exc).__name__}: {exc}", traceback.format_exc())
+
+    def _resolve(self, offers: list[_Offer]) -> tuple[_Offer, str] | None:
+        """Build the types and nodes from ``offers`` (their claims do not clash); the first plugin
+        whose types or nodes cannot be resolved, and why, or ``None`` when all could."""
+        self.types = TypeSystem()
+        self._type_origin = {t.name: o.plugin for o in offers for t in o.types}
+        self._nodes, self._node_origin = {}, {}
+        stuck = self._add_types(offers)
+        if stuck is not None:
+            return stuck
+        for offer in offers:
+            for spec in offer.nodes:
+                unknown = sorted({n for s in (*spec.inputs, *spec.outputs) for n in self.types.unknown_names(s.type)})
                 if unknown:
-                    raise PluginError(
-                        f"node type {spec.type_id} from {self._describe(plugin_name)} uses unregistered "
-                        f"socket types {unknown}"
-                    )
+                    return offer, f"node type {spec.type_id} uses unregistered socket types {unknown}"
                 self._nodes[spec.type_id] = spec
-                self._node_origin[spec.type_id] = plugin_name
+                self._node_origin[spec.type_id] = offer.plugin
+        return None
 
-            return register
-
-        self._call_each("register_types", type_register)
-        self._add_types(pending)
-        self._call_each("register_nodes", node_register)
-
-    def _add_types(self, pending: list[tuple[str, SocketType]]) -> None:
-        """Add types parents-first, whatever order the plugins registered them in."""
-        for plugin_name, socket_type in pending:
-            if socket_type.name in self._type_origin:
-                other = self._type_origin[socket_type.name]
-                raise PluginError(
-                    f"socket type {socket_type.name} is registered by both {self._describe(other)} "
-                    f"and {self._describe(plugin_name)}"
-                )
-            self._type_origin[socket_type.name] = plugin_name
-        remaining = list(pending)
+    def _add_types(self, offers: list[_Offer]) -> tuple[_Offer, str] | None:
+        """Add types parents-first, whatever order the plugins registered them in; the first plugin
+        with a type whose parents never appear, and why, or ``None``."""
+        remaining = [(o, t) for o in offers for t in o.types]
         while remaining:
-            ready = [(p, t) for p, t in remaining if all(parent in self.types for parent in t.parents)]
+            ready = [(o, t) for o, t in remaining if all(parent in self.types for parent in t.parents)]
             if not ready:
-                plugin_name, socket_type = remaining[0]
+                offer, socket_type = remaining[0]
                 missing = [parent for parent in socket_type.parents if parent not in self.types]
-                raise PluginError(
-                    f"{self._describe(plugin_name)}: socket type {socket_type.name} names unknown parent types {missing}"
-                )
+                return offer, f"socket type {socket_type.name} names unknown parent types {missing}"
             for item in ready:
                 self.types.add(item[1])
                 remaining.remove(item)
-
-    def _distribution(self, plugin_name: str) -> str | None:
-        dist = self.plugin_manager.distributions.get(plugin_name)
-        return dist[0] if dist else None
+        return None
 
     def _describe(self, plugin_name: str) -> str:
-        dist = self._distribution(plugin_name)
-        return f"plugin {plugin_name!r} (distribution {dist})" if dist else f"plugin {plugin_name!r}"
+        return self.plugin_manager.describe(plugin_name)
 
     # --- queries ----------------------------------------------------------------------
 
@@ -187,6 +218,62 @@ class Registry:
     def hook(self) -> Any:
         """The plugin manager's hook relay (lifecycle hooks)."""
         return self.plugin_manager.hook
+
+
+def _type_register(offer: _Offer, who: str) -> Callable[[SocketType], None]:
+    """The ``register`` a plugin's ``register_types`` receives."""
+
+    def register(socket_type: SocketType) -> None:
+        if not isinstance(socket_type, SocketType):
+            offer.fail(f"registered {socket_type!r}, which is not a SocketType")
+            raise PluginError(f"{who} registered {socket_type!r}, which is not a SocketType")
+        offer.types.append(socket_type)
+
+    return register
+
+
+def _node_register(offer: _Offer, who: str) -> Callable[[NodeSpec], None]:
+    """The ``register`` a plugin's ``register_nodes`` receives."""
+
+    def register(spec: NodeSpec) -> None:
+        if not isinstance(spec, NodeSpec):
+            offer.fail(f"registered {spec!r}, which is not a NodeSpec (decorate the function with @dagfusion.node)")
+            raise PluginError(f"{who} registered {spec!r}, which is not a NodeSpec")
+        offer.nodes.append(spec)
+
+    return register
+
+
+def _claim(offers: list[_Offer], describe: Callable[[str], str]) -> tuple[list[_Offer], list[tuple[_Offer, str]]]:
+    """First come, first served: the offers whose type names and node type ids clash with no
+    earlier accepted offer (nor with themselves), and the others with the reason."""
+    type_owner: dict[str, str] = {}
+    node_owner: dict[str, str] = {}
+    accepted: list[_Offer] = []
+    clashes: list[tuple[_Offer, str]] = []
+    for offer in offers:
+        problem = _clash("socket type", [t.name for t in offer.types], type_owner, describe) or _clash(
+            "node type", [s.type_id for s in offer.nodes], node_owner, describe
+        )
+        if problem is not None:
+            clashes.append((offer, problem))
+            continue
+        accepted.append(offer)
+        type_owner.update({t.name: offer.plugin for t in offer.types})
+        node_owner.update({s.type_id: offer.plugin for s in offer.nodes})
+    return accepted, clashes
+
+
+def _clash(kind: str, names: list[str], owner: dict[str, str], describe: Callable[[str], str]) -> str | None:
+    """Why ``names`` cannot all be claimed (one is owned already, or listed twice), or ``None``."""
+    seen: set[str] = set()
+    for name in names:
+        if name in owner:
+            return f"{kind} {name} is already registered by {describe(owner[name])}"
+        if name in seen:
+            return f"registers {kind} {name} twice"
+        seen.add(name)
+    return None
 
 
 _default: Registry | None = None

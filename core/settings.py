@@ -16,8 +16,8 @@ Settings file: ``$DAGFUSION_CONFIG`` if set, else ``./dagfusion.toml`` if it exi
 Environment: ``DAGFUSION_MODEL_DIRS`` and ``DAGFUSION_READ_DIRS`` (``os.pathsep``-separated),
 ``DAGFUSION_OUTPUT_DIR``, ``DAGFUSION_CACHE_DIR``, ``DAGFUSION_CACHE_BYTES``, ``DAGFUSION_MODEL_CACHE_BYTES``,
 ``DAGFUSION_DEVICE``, ``DAGFUSION_ALLOW_PICKLE`` (``1``/``true``), ``DAGFUSION_MAX_IMAGE_PIXELS``,
-``DAGFUSION_MAX_VIDEO_PIXELS``, ``DAGFUSION_MAX_SWEEP_POINTS``, ``DAGFUSION_ALLOW_REMOTE``. Environment values are checked
-exactly as the settings file's are.
+``DAGFUSION_MAX_VIDEO_PIXELS``, ``DAGFUSION_MAX_SWEEP_POINTS``, ``DAGFUSION_ALLOW_REMOTE``, ``DAGFUSION_PLUGINS_STRICT``.
+Environment values are checked exactly as the settings file's are.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class Settings:
         max_sweep_points: Most runs one sweep may expand to (checked at validation).
         allow_remote: Security opt-in: let an HTTP surface (the canvas) bind an address other
             than loopback. Requests still need the per-launch token.
+        plugins_strict: Make every plugin failure an error (exit 2) instead of a warning that
+            disables that plugin; for plugin authors' CI.
         source: Where the settings came from (for ``dagfusion plugins``/diagnostics).
     """
 
@@ -79,6 +81,7 @@ class Settings:
     max_video_pixels: int = DEFAULT_MAX_VIDEO_PIXELS
     max_sweep_points: int = DEFAULT_MAX_SWEEP_POINTS
     allow_remote: bool = False
+    plugins_strict: bool = False
     source: str = "defaults"
 
     @classmethod
@@ -200,7 +203,7 @@ def _from_mapping(data: dict[str, Any], where: str) -> dict[str, Any]:
             out[key] = Path(value).expanduser()
         elif key in _BUDGETS:
             out[key] = _budget(value, key, where)
-        elif key in ("allow_pickle", "allow_remote"):
+        elif key in ("allow_pickle", "allow_remote", "plugins_strict"):
             if not isinstance(value, bool):
                 raise SettingsError(f"{where}: {key} must be true or false, got {value!r}")
             out[key] = value
@@ -242,7 +245,7 @@ def _from_environment(env: Any) -> dict[str, Any]:
     raw = env.get("DAGFUSION_DEVICE")
     if raw:
         out["device"] = raw
-    for key in ("allow_pickle", "allow_remote"):
+    for key in ("allow_pickle", "allow_remote", "plugins_strict"):
         name = f"DAGFUSION_{key.upper()}"
         raw = env.get(name)
         if raw:

@@ -4,9 +4,10 @@ The example plugin (``plugins/examples/dagfusion-imagefilters``) and the templat
 (``plugins/template``) are pip-installed (no network, no build isolation) into a temporary
 target folder; subprocesses with that folder on ``PYTHONPATH`` then see them exactly as a user's
 environment would: the registry and the CLI list them, their workflows run, the allow/block
-variables apply, a plugin that fails to import is reported while the others load, two
-distributions registering one node type is a ``PluginError`` naming both, and each package's
-own test suite passes against the installed copy.
+variables apply, a plugin that fails to import is disabled and reported while the others load,
+a distribution claiming another one's node type is disabled with a reason naming both (and
+``plugins_strict`` makes that exit 2), and each package's own test suite passes against the
+installed copy.
 """
 
 from __future__ import annotations
@@ -127,8 +128,8 @@ def test_installed_plugins_are_discovered_and_run(installed: Path, tmp_path: Pat
     assert "dagfusion.math.Add" in data["nodes"]
     assert "EDGE_MAP" in data["types"] and data["type_origin"] == "imagefilters"
     assert data["origin"] == {
-        "imagefilters.Sobel": "plugin 'imagefilters' (distribution dagfusion-imagefilters)",
-        "template.Sharpen": "plugin 'template' (distribution dagfusion-plugin-template)",
+        "imagefilters.Sobel": "plugin 'imagefilters' (dagfusion-imagefilters 0.2.0)",
+        "template.Sharpen": "plugin 'template' (dagfusion-plugin-template 0.1.0)",
     }
     assert data["plugins"]["imagefilters"] == ["dagfusion-imagefilters", "0.2.0", "loaded"]
     assert data["plugins"]["template"] == ["dagfusion-plugin-template", "0.1.0", "loaded"]
@@ -171,7 +172,7 @@ def test_allow_and_block_lists(installed: Path, tmp_path: Path) -> None:
     assert "template.Sharpen" in types and not any(t.startswith("imagefilters.") for t in types)
 
 
-def test_a_plugin_that_fails_to_import_is_reported_and_the_others_load(installed: Path, tmp_path: Path) -> None:
+def test_a_plugin_that_fails_to_import_is_disabled_and_the_others_load(installed: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken-site"
     fake_distribution(
         broken,
@@ -193,7 +194,7 @@ def test_a_plugin_that_fails_to_import_is_reported_and_the_others_load(installed
             registry = Registry.from_plugins()
         failures = registry.plugin_manager.load_failures
         print(json.dumps({
-            "failures": [[f.name, f.distribution, f.traceback] for f in failures],
+            "failures": [[f.name, f.distribution, f.version, f.reason, f.traceback] for f in failures],
             "warnings": [str(w.message) for w in caught],
             "sobel": "imagefilters.Sobel" in registry,
             "sharpen": "template.Sharpen" in registry,
@@ -202,22 +203,32 @@ def test_a_plugin_that_fails_to_import_is_reported_and_the_others_load(installed
         paths,
         tmp_path,
     )
-    ((name, dist, trace),) = data["failures"]
-    assert (name, dist) == ("broken", "dagfusion-broken")
+    ((name, dist, version, reason, trace),) = data["failures"]
+    assert (name, dist, version) == ("broken", "dagfusion-broken", "0.3.0")
+    assert reason == "import failed: ModuleNotFoundError: No module named 'a_dependency_nobody_installed'"
     assert "Traceback (most recent call last)" in trace and "broken_plugin.py" in trace
-    assert "ModuleNotFoundError: No module named 'a_dependency_nobody_installed'" in trace
-    assert any("dagfusion-broken" in w for w in data["warnings"])
+    assert data["warnings"] == [f"plugin 'broken' (dagfusion-broken 0.3.0) disabled: {reason}"]
     assert data["sobel"] and data["sharpen"]
 
     proc = cli(["plugins"], paths, tmp_path)
-    assert proc.returncode == 1  # a failed plugin makes `dagfusion plugins` fail
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # listing a failure is not a failure
     lines = plugin_lines(proc.stdout)
-    assert "failed" in lines["broken"] and "dagfusion-broken" in lines["broken"]
-    assert "a_dependency_nobody_installed" in proc.stdout
+    assert lines["broken"].split()[1:4] == ["failed", "dagfusion-broken", "0.3.0"]
+    assert f"    {reason}" in proc.stdout.splitlines()
+    assert "broken_plugin.py" not in proc.stdout
     assert "loaded" in lines["imagefilters"] and "loaded" in lines["template"]
+    verbose = cli(["plugins", "--verbose"], paths, tmp_path)
+    assert verbose.returncode == 0 and "broken_plugin.py" in verbose.stdout
+
+    listed = cli(["nodes", "--json"], paths, tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "imagefilters.Sobel" in {n["type"] for n in json.loads(listed.stdout)}
+    assert listed.stderr.strip() == (
+        f"warning: plugin 'broken' (dagfusion-broken 0.3.0) disabled: {reason}; see `dagfusion plugins`"
+    )
 
 
-def test_two_distributions_registering_one_node_type_is_a_plugin_error(installed: Path, tmp_path: Path) -> None:
+def test_a_distribution_claiming_another_ones_node_type_is_disabled(installed: Path, tmp_path: Path) -> None:
     clone = tmp_path / "clone-site"
     fake_distribution(
         clone,
@@ -227,6 +238,12 @@ def test_two_distributions_registering_one_node_type_is_a_plugin_error(installed
         """
         from dagfusion import TENSOR, Input, Output, hookimpl, node
 
+        @node("sobelclone.Blur", version="1.0.0", category="image", inputs=[Input("tensor", TENSOR)],
+              outputs=[Output("tensor", TENSOR)])
+        def blur(ctx, tensor):
+            '''Registered before the clash: must not stay registered.'''
+            return tensor
+
         @node("imagefilters.Sobel", version="2.0.0", category="image", inputs=[Input("tensor", TENSOR)],
               outputs=[Output("edges", TENSOR)])
         def sobel(ctx, tensor):
@@ -235,32 +252,48 @@ def test_two_distributions_registering_one_node_type_is_a_plugin_error(installed
 
         @hookimpl
         def register_nodes(register):
+            register(blur)
             register(sobel)
         """,
     )
-    paths = [clone, installed / "site"]
+    paths = [installed / "site", clone]  # the real package is found first, so it keeps its node type
+    edges = installed / "src" / "dagfusion-imagefilters" / "workflows" / "edges.yaml"
     data = script(
-        """
-        import json
-        from dagfusion import PluginError
+        f"""
+        import json, warnings
+        import dagfusion
         from dagfusion.registry import Registry
-        try:
-            Registry.from_plugins()
-        except PluginError as exc:
-            print(json.dumps({"error": str(exc)}))
-        else:
-            print(json.dumps({"error": None}))
+        warnings.simplefilter("ignore")
+        registry = Registry.from_plugins()
+        (failure,) = registry.plugin_manager.load_failures
+        print(json.dumps({{
+            "failure": [failure.name, failure.summary()],
+            "sobel": [registry.origin("imagefilters.Sobel"), registry.get("imagefilters.Sobel").version],
+            "blur": "sobelclone.Blur" in registry,
+            "edges": dagfusion.run({str(edges)!r}).status,
+        }}))
         """,
         paths,
         tmp_path,
     )
-    message = data["error"]
-    assert message is not None and "node type imagefilters.Sobel is registered by both" in message
-    assert "plugin 'imagefilters' (distribution dagfusion-imagefilters)" in message
-    assert "plugin 'sobelclone' (distribution dagfusion-sobel-clone)" in message
+    assert data["failure"] == [
+        "sobelclone",
+        "plugin 'sobelclone' (dagfusion-sobel-clone 0.3.0) disabled: node type imagefilters.Sobel is already "
+        "registered by plugin 'imagefilters' (dagfusion-imagefilters 0.2.0)",
+    ]
+    assert data["sobel"] == ["imagefilters", "1.0.0"]
+    assert data["blur"] is False  # all or nothing: the node registered before the clash went too
+    assert data["edges"] == "ok"
+
     proc = cli(["nodes"], paths, tmp_path)
-    assert proc.returncode == 2
-    assert "dagfusion-sobel-clone" in proc.stderr and "dagfusion-imagefilters" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert "imagefilters.Sobel" in proc.stdout and "sobelclone.Blur" not in proc.stdout
+    (warning,) = proc.stderr.strip().splitlines()
+    assert "dagfusion-sobel-clone 0.3.0" in warning and "dagfusion-imagefilters 0.2.0" in warning
+    strict = cli(["nodes"], paths, tmp_path, {"DAGFUSION_PLUGINS_STRICT": "1"})
+    assert strict.returncode == 2
+    assert "1 plugin failed:" in strict.stderr and "plugins_strict is on" in strict.stderr
+    assert "dagfusion-sobel-clone" in strict.stderr and "imagefilters.Sobel" not in strict.stdout
 
 
 def test_the_packages_own_test_suites_pass(installed: Path, tmp_path: Path) -> None:
