@@ -77,7 +77,7 @@ if TYPE_CHECKING:
     from dagfusion.engine import Engine, run
     from dagfusion.executor import RunResult
     from dagfusion.registry import Registry, default_registry
-    from dagfusion.validate import ValidatedWorkflow, validate
+    from dagfusion.validation import ValidatedWorkflow, validate
 
 _LAZY = {
     "Engine": "dagfusion.engine",
@@ -85,8 +85,8 @@ _LAZY = {
     "RunResult": "dagfusion.executor",
     "Registry": "dagfusion.registry",
     "default_registry": "dagfusion.registry",
-    "ValidatedWorkflow": "dagfusion.validate",
-    "validate": "dagfusion.validate",
+    "ValidatedWorkflow": "dagfusion.validation",
+    "validate": "dagfusion.validation",
 }
 
 

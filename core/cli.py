@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     nodes = sub.add_parser("nodes", help="list the registered node types")
     nodes.add_argument("--json", action="store_true", help="full specifications as JSON")
 
-    sub.add_parser("plugins", help="list plugins, their versions and load failures")
+    plugins = sub.add_parser("plugins", help="list plugins, their versions and why any was disabled")
+    plugins.add_argument("-v", "--verbose", action="store_true", help="also show the traceback of each failure")
     sub.add_parser("schema", help="print the JSON Schema of workflow files")
 
     docs = sub.add_parser("docs", help="write the node, type and hook reference pages")
@@ -95,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dagfusion.errors import WorkflowError
 
     try:
+        _check_plugins(args.command)
         return _COMMANDS[args.command](args)
     except WorkflowError as exc:
         _err(str(exc))
@@ -127,21 +129,8 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _workflow_source(path_text: str) -> Any:
-    """A workflow path, or the Workflow embedded in a PNG."""
-    from dagfusion.errors import Problem, ValidationError
-    from dagfusion.pngmeta import WORKFLOW_KEY, is_png, read_png_text
-    from dagfusion.workflow import parse_workflow
-
-    path = Path(path_text)
-    if not is_png(path):
-        return path
-    text = read_png_text(path).get(WORKFLOW_KEY)
-    if text is None:
-        raise ValidationError([Problem("no-workflow", "this PNG carries no dagfusion workflow")], str(path))
-    workflow, problems = parse_workflow(text, str(path))
-    if problems or workflow is None:
-        raise ValidationError(problems, str(path))
-    return workflow
+    """The path of a workflow YAML file or of a dagfusion PNG (the engine reads either)."""
+    return Path(path_text)
 
 
 def _print_problems(problems: Sequence[Any], source: str) -> None:
@@ -153,14 +142,9 @@ def _print_problems(problems: Sequence[Any], source: str) -> None:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from dagfusion.engine import Engine
-    from dagfusion.workflow import Workflow, apply_overrides
 
     engine = Engine(settings=_settings(args))
-    source = _workflow_source(args.workflow)
-    if args.overrides:
-        wf = source if isinstance(source, Workflow) else engine.load(source)
-        source = apply_overrides(wf, args.overrides)
-    validated, problems, warnings = engine.check_source(source)
+    validated, problems, warnings = engine.check_source(_workflow_source(args.workflow), overrides=args.overrides)
     if args.json:
         print(json.dumps({"valid": validated is not None, "problems": [p.to_dict() for p in problems], "warnings": warnings}, indent=2))
     else:
@@ -353,19 +337,59 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_plugins(args: argparse.Namespace) -> int:
+#: Commands that load the installed plugins: each warns once about a disabled plugin.
+_PLUGIN_COMMANDS = frozenset({"run", "validate", "nodes", "plugins", "schema", "ui"})
+
+
+def _check_plugins(command: str) -> None:
+    """Before a command that loads plugins, load them once (quietly) and, for every command but
+    ``plugins`` (which lists failures itself), warn on stderr about each disabled plugin, or
+    raise :class:`~dagfusion.PluginError` listing them when ``plugins_strict`` is on."""
+    if command not in _PLUGIN_COMMANDS:
+        return
+    registry = _quiet_default_registry()
+    manager = registry.plugin_manager
+    if command == "plugins" or not manager.load_failures:
+        return
+    _raise_if_plugins_strict(manager)
+    for failure in manager.load_failures:
+        _err(f"warning: {failure.summary()}; see `dagfusion plugins`")
+
+
+def _quiet_default_registry() -> Any:
+    """The process-wide registry, built without Python warnings for disabled plugins (the CLI
+    reports those itself)."""
+    import warnings
+
+    from dagfusion.plugins import PluginWarning
     from dagfusion.registry import default_registry
 
-    registry = default_registry()
-    failed = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginWarning)
+        return default_registry()
+
+
+def _raise_if_plugins_strict(manager: Any) -> None:
+    """:class:`~dagfusion.PluginError` with every failure when the ``plugins_strict`` setting is on."""
+    from dagfusion.errors import PluginError
+    from dagfusion.settings import Settings
+
+    if manager.load_failures and Settings.load().plugins_strict:
+        raise PluginError(f"{manager.failure_report()}\nplugins_strict is on: fix or uninstall these plugins")
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    registry = _quiet_default_registry()
     for info in registry.plugin_manager.plugin_infos():
         nodes = len(registry.nodes_of(info.name))
         dist = f"{info.distribution} {info.version}" if info.distribution else "-"
         print(f"{info.name:32} {info.status:8} {dist:32} {nodes} nodes")
         if info.error:
-            failed = True
-            print("    " + info.error.replace("\n", "\n    "))
-    return EXIT_FAILED if failed else EXIT_OK
+            print(f"    {info.error}")
+        if info.detail and args.verbose:
+            print("      " + info.detail.rstrip().replace("\n", "\n      "))
+    _raise_if_plugins_strict(registry.plugin_manager)
+    return EXIT_OK
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 from dagfusion.cache import DiskCache, OutputCache
 from dagfusion.context import CancelToken, RunContext
-from dagfusion.errors import NodeExecutionError, Problem, RunCancelled, ValidationError
+from dagfusion.errors import NodeExecutionError, PluginError, Problem, RunCancelled, ValidationError
 from dagfusion.events import (
     NodeCached,
     NodeFailed,
@@ -38,6 +38,7 @@ from dagfusion.node import REQUIRED, NodeSpec
 from dagfusion.plan import Plan
 from dagfusion.registry import Registry
 from dagfusion.settings import Settings
+from dagfusion.validation import TypeChecks, effective_default
 from dagfusion.workflow import Link
 
 logger = logging.getLogger("dagfusion.executor")
@@ -120,6 +121,7 @@ def execute(
     cancel_token = cancel_token or CancelToken()
     hook = registry.hook
     types = registry.types
+    checks = TypeChecks(registry)
     validated = plan.validated
     nodes = validated.workflow.nodes
     result = RunResult(run_id=run_id, output_dir=output_dir, warnings=list(validated.warnings))
@@ -163,13 +165,13 @@ def execute(
             provenance=provenance or {},
         )
         try:
-            inputs = _gather_inputs(node_id, spec, inst.inputs, values, registry)
+            inputs = _gather_inputs(node_id, spec, inst.inputs, values, registry, checks)
             before = _input_fingerprints(spec, inputs) if check_mutation else None
             hook.before_node_run(node_id=node_id, spec=spec, inputs=inputs, context=ctx)
             t0 = time.perf_counter()
             outputs = spec.normalize_outputs(spec.fn(ctx, **inputs))
             seconds = time.perf_counter() - t0
-            _check_outputs(spec, outputs, registry)
+            _check_outputs(spec, outputs, registry, checks)
             if before is not None:
                 _check_unchanged(spec, before, _input_fingerprints(spec, inputs))
         except RunCancelled:
@@ -181,7 +183,7 @@ def execute(
             error.__cause__ = exc
             result.errors[node_id] = error
             broken[node_id] = node_id
-            hook.on_node_error(node_id=node_id, spec=spec, error=exc, context=ctx)
+            _observe(result, handler, node_id, hook.on_node_error, node_id=node_id, spec=spec, error=exc, context=ctx)
             handler.handle(
                 NodeFailed(
                     run_id,
@@ -205,7 +207,10 @@ def execute(
                         key, outputs, output_types, types,
                         on_error=lambda message, n=node_id: _warn(result, handler, n, message),
                     )
-        hook.after_node_run(node_id=node_id, spec=spec, outputs=outputs, seconds=seconds, context=ctx)
+        _observe(
+            result, handler, node_id, hook.after_node_run,
+            node_id=node_id, spec=spec, outputs=outputs, seconds=seconds, context=ctx,
+        )
         handler.handle(NodeFinished(run_id, node_id=node_id, node_type=spec.type_id, seconds=seconds))
 
     if result.status != "cancelled" and result.errors:
@@ -225,6 +230,15 @@ def execute(
     return result
 
 
+def _observe(result: RunResult, handler: ProgressHandler, observed: str, hook: Any, **kwargs: Any) -> None:
+    """Call an observing lifecycle hook about node ``observed``; a plugin failing in it is a run
+    warning, not the end of the run."""
+    try:
+        hook(**kwargs)
+    except PluginError as exc:
+        _warn(result, handler, observed, str(exc))
+
+
 def _warn(result: RunResult, handler: ProgressHandler, node_id: str | None, message: str) -> None:
     """Record a warning that does not stop the run: in the result, as an event and in the log."""
     text = f"node '{node_id}': {message}" if node_id else message
@@ -234,7 +248,12 @@ def _warn(result: RunResult, handler: ProgressHandler, node_id: str | None, mess
 
 
 def _gather_inputs(
-    node_id: str, spec: NodeSpec, given: Mapping[str, Any], values: Mapping[str, Mapping[str, Any]], registry: Registry
+    node_id: str,
+    spec: NodeSpec,
+    given: Mapping[str, Any],
+    values: Mapping[str, Mapping[str, Any]],
+    registry: Registry,
+    checks: TypeChecks,
 ) -> dict[str, Any]:
     inputs: dict[str, Any] = {}
     problems: list[Problem] = []
@@ -246,7 +265,7 @@ def _gather_inputs(
             if value is None and input_spec.optional:
                 inputs[name] = None
                 continue
-            if not registry.types.value_matches(input_spec.type, value):
+            if not checks.value_matches(input_spec, value):
                 problems.append(
                     Problem(
                         "type-mismatch",
@@ -261,7 +280,7 @@ def _gather_inputs(
                 problems.append(Problem("out-of-range", why, node=node_id, input=name))
                 continue
         elif value is REQUIRED:
-            value = None if input_spec.default is REQUIRED else input_spec.default
+            value = effective_default(input_spec)
         if input_spec.mutates and value is not None:
             value = copy.deepcopy(value)
         inputs[name] = value
@@ -270,10 +289,10 @@ def _gather_inputs(
     return inputs
 
 
-def _check_outputs(spec: NodeSpec, outputs: Mapping[str, Any], registry: Registry) -> None:
+def _check_outputs(spec: NodeSpec, outputs: Mapping[str, Any], registry: Registry, checks: TypeChecks) -> None:
     for output in spec.outputs:
         value = outputs[output.name]
-        if value is not None and not registry.types.value_matches(output.type, value):
+        if value is not None and not checks.value_matches(output, value):
             raise TypeError(
                 f"output {output.name!r} is declared {output.type_name} but the node returned "
                 f"{registry.types.describe_value(value)}"

@@ -76,8 +76,8 @@ def after_node_run(
 ) -> None:
     """Called after a node returned successfully (not for cache hits).
 
-    An exception it raises reaches the caller as a :class:`~dagfusion.PluginError` naming this
-    plugin.
+    An exception it raises becomes a run warning (a ``RunWarning`` event and an entry in
+    ``RunResult.warnings``) naming this plugin; the node's result stands and the run goes on.
 
     :param node_id: The node's id in the workflow.
     :param spec: The node's declaration.
@@ -92,8 +92,7 @@ def on_node_error(node_id: str, spec: NodeSpec, error: BaseException, context: R
     """Called when a node's run function raised (not for cancellation).
 
     The run continues with the nodes that do not depend on this one; this hook only observes.
-    An exception it raises reaches the caller as a :class:`~dagfusion.PluginError` naming this
-    plugin.
+    An exception it raises becomes a run warning naming this plugin.
 
     :param node_id: The node's id in the workflow.
     :param spec: The node's declaration.

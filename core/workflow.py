@@ -22,7 +22,7 @@ A workflow file looks like this (the format reference is ``docs/format.md``)::
 :func:`parse_workflow` turns text into a :class:`Workflow` plus every structural problem it
 found (unknown keys, malformed references, …); :func:`load_workflow` raises them all at once.
 Registry-dependent checks (node types, types, bounds, cycles) live in
-:mod:`dagfusion.validate`. Saving is canonical: ``dump(load(text))`` is stable byte for byte.
+:mod:`dagfusion.validation`. Saving is canonical: ``dump(load(text))`` is stable byte for byte.
 YAML comments are not preserved.
 """
 
@@ -40,16 +40,17 @@ from typing import Any
 import yaml
 
 from dagfusion.errors import Problem, ValidationError, did_you_mean
-from dagfusion.yamlsource import SourceMap, load_yaml
+from dagfusion.yamlsource import SourceMap, load_yaml, paused_gc
 
 FORMAT_VERSION = 1
 """The newest workflow format this dagfusion reads and the one it writes."""
 
 NODE_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-_OUTPUT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TOP_LEVEL_KEYS = ("format_version", "metadata", "nodes", "outputs", "sweep", "ui")
 NODE_KEYS = ("type", "version", "inputs", "ui")
 LINK_KEY = "from"
+_NODE_KEY_SET = frozenset(NODE_KEYS)
+_LINK = re.compile(r"([A-Za-z_][A-Za-z0-9_-]*)\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +66,13 @@ class Link:
     @classmethod
     def parse(cls, text: str) -> Link | None:
         """``"node.output"`` → Link, or ``None`` if malformed."""
-        if not isinstance(text, str) or text.count(".") != 1:
+        match = _LINK.fullmatch(text) if isinstance(text, str) else None
+        if match is None:
             return None
-        node_id, output = text.split(".")
-        if not NODE_ID.match(node_id) or not _OUTPUT.match(output):
-            return None
-        return cls(node_id, output)
+        link = object.__new__(cls)
+        object.__setattr__(link, "node", match[1])
+        object.__setattr__(link, "output", match[2])
+        return link
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,20 @@ class NodeInstance:
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
         object.__setattr__(self, "ui", MappingProxyType(dict(self.ui)))
+
+    @classmethod
+    def _trusted(
+        cls, id: str, type: str, inputs: dict[str, Any], version: str | None, ui: dict[str, Any]
+    ) -> NodeInstance:
+        """An instance over freshly built dicts it may own (no copies, no checks)."""
+        inst = object.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(inst, "id", id)
+        setattr_(inst, "type", type)
+        setattr_(inst, "inputs", MappingProxyType(inputs))
+        setattr_(inst, "version", version)
+        setattr_(inst, "ui", MappingProxyType(ui))
+        return inst
 
     def links(self) -> Iterator[tuple[str, Link]]:
         """``(input name, link)`` for each linked input."""
@@ -240,16 +256,17 @@ def parse_workflow(text: str | bytes, source: str | None = None) -> tuple[Workfl
     registry checks can still run and report more problems); it is ``None`` only when the
     text is not a YAML mapping at all.
     """
-    try:
-        data, smap, problems = load_yaml(text, source)
-    except ValidationError as exc:
-        return None, list(exc.problems)
-    problems = list(problems)
-    if not isinstance(data, dict):
-        got = "an empty document" if data is None else type(data).__name__
-        problems.append(Problem("not-a-mapping", f"a workflow is a YAML mapping with a 'nodes' key, got {got}", line=1))
-        return None, problems
-    return _from_data(data, smap, problems, source), problems
+    with paused_gc():
+        try:
+            data, smap, problems = load_yaml(text, source)
+        except ValidationError as exc:
+            return None, list(exc.problems)
+        problems = list(problems)
+        if not isinstance(data, dict):
+            got = "an empty document" if data is None else type(data).__name__
+            problems.append(Problem("not-a-mapping", f"a workflow is a YAML mapping with a 'nodes' key, got {got}", line=1))
+            return None, problems
+        return _from_data(data, smap, problems, source), problems
 
 
 def workflow_from_dict(data: Mapping[str, Any], source: str | None = None) -> Workflow:
@@ -347,14 +364,15 @@ def _parse_node(node_id: Any, raw: Any, smap: SourceMap, problems: list[Problem]
     if not isinstance(node_id, str) or not NODE_ID.match(node_id):
         add("bad-node-id", f"node id {node_id!r} must start with a letter or '_' and hold only letters, digits, '_' and '-'")
         return None
-    if not isinstance(raw, dict):
+    if type(raw) is not dict:
         add("bad-value", f"a node is a mapping with 'type' and 'inputs', got {type(raw).__name__}")
         return None
-    for key in raw:
-        if key not in NODE_KEYS:
-            add("unknown-key", f"unknown node key {key!r}{did_you_mean(key, NODE_KEYS)}", key)
+    if not _NODE_KEY_SET.issuperset(raw):
+        for key in raw:
+            if key not in NODE_KEYS:
+                add("unknown-key", f"unknown node key {key!r}{did_you_mean(key, NODE_KEYS)}", key)
     node_type = raw.get("type")
-    if not isinstance(node_type, str) or not node_type:
+    if type(node_type) is not str or not node_type:
         add("missing-key" if node_type is None else "bad-value", "every node needs a 'type' (e.g. dagfusion.math.Add)", "type")
         node_type = ""
     version = raw.get("version")
@@ -371,8 +389,8 @@ def _parse_node(node_id: Any, raw: Any, smap: SourceMap, problems: list[Problem]
         add("bad-value", f"'inputs' must be a mapping of input name to value, got {type(raw_inputs).__name__}", "inputs")
     else:
         for name, value in raw_inputs.items():
-            if isinstance(value, dict) and LINK_KEY in value:
-                if set(value) != {LINK_KEY}:
+            if type(value) is dict and LINK_KEY in value:
+                if len(value) != 1:
                     extra = sorted(set(value) - {LINK_KEY})
                     add("bad-reference", f"a link has only the key 'from'; found also {extra}", "inputs", name, input=name)
                     continue
@@ -389,7 +407,7 @@ def _parse_node(node_id: Any, raw: Any, smap: SourceMap, problems: list[Problem]
                 inputs[name] = link
             else:
                 inputs[name] = value
-    return NodeInstance(id=node_id, type=node_type, inputs=inputs, version=version, ui=node_ui)
+    return NodeInstance._trusted(node_id, node_type, inputs, version, dict(node_ui))
 
 
 def _parse_sweep(raw: Any, smap: SourceMap, problems: list[Problem]) -> tuple[Mapping[str, tuple[Any, ...]], ...]:
@@ -432,29 +450,20 @@ def _parse_sweep(raw: Any, smap: SourceMap, problems: list[Problem]) -> tuple[Ma
 
 
 def load_workflow(source: str | os.PathLike[str] | bytes, *, text: bool = False) -> Workflow:
-    """Load a workflow from a file path (or YAML text with ``text=True``).
+    """Load a workflow from a YAML or PNG file path (or YAML text with ``text=True``).
 
     Raises :class:`ValidationError` listing every structural problem; registry checks are
-    done by :func:`dagfusion.validate`.
+    done by :func:`dagfusion.validate`. Files are read by :func:`dagfusion.sources.read_source`.
     """
     if text:
         wf, problems = parse_workflow(source if isinstance(source, (str, bytes)) else str(source))
         name = None
     else:
+        from dagfusion.sources import read_source
+
         path = Path(source if not isinstance(source, bytes) else source.decode())
         name = str(path)
-        try:
-            size = path.stat().st_size
-            from dagfusion.yamlsource import MAX_BYTES
-
-            if size > MAX_BYTES:
-                raise ValidationError(
-                    [Problem("yaml-too-large", f"the file is {size} bytes; the limit is {MAX_BYTES}")], name
-                )
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise ValidationError([Problem("unreadable", f"cannot read workflow file: {exc.strerror or exc}")], name) from None
-        wf, problems = parse_workflow(raw, name)
+        wf, problems = read_source(path)
     if problems or wf is None:
         raise ValidationError(problems, name)
     return wf

@@ -10,7 +10,7 @@ import pytest
 
 from dagfusion.docsgen import hook_functions, render_all
 from dagfusion.registry import Registry
-from dagfusion.validate import check
+from dagfusion.validation import check
 from dagfusion.workflow import parse_workflow
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -55,7 +55,7 @@ def test_plugin_guide_examples_run() -> None:
 def test_accelerator_guide_example_runs() -> None:
     namespace: dict[str, object] = {"__name__": "accelerator_guide"}
     blocks = _blocks((DOCS / "accelerators.md").read_text(encoding="utf-8"), "python")
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     for block in blocks:
         exec(compile(block, "docs/accelerators.md", "exec"), namespace)
 
@@ -67,10 +67,11 @@ def test_format_reference_example_is_valid(registry: Registry) -> None:
     validated, problems, _ = check(workflow, registry)
     assert problems == [] and validated is not None
     codes = re.findall(r"`([a-z-]+)`", (DOCS / "format.md").read_text().split("## Validation problems")[1].split("##")[0])
-    import dagfusion.validate as v
+    import dagfusion.sources as s
+    import dagfusion.validation as v
     import dagfusion.workflow as w
     import dagfusion.yamlsource as y
 
-    source = "".join(inspect.getsource(m) for m in (v, w, y))
+    source = "".join(inspect.getsource(m) for m in (s, v, w, y))
     used = set(re.findall(r'(?:Problem\(\s*|code = |")([a-z]+(?:-[a-z]+)+)"', source))
     assert used <= set(codes), f"undocumented problem codes: {sorted(used - set(codes))}"

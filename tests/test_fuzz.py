@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from dagfusion import ValidationError, WorkflowError
 from dagfusion.registry import Registry
-from dagfusion.validate import check
+from dagfusion.validation import check
 from dagfusion.workflow import parse_workflow, workflow_from_dict
 
 BLURRED_NOISE = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflows" / "blurred_noise.yaml").read_text())

@@ -6,7 +6,7 @@ import pytest
 
 from dagfusion import Input, Output, ValidationError, hookimpl, node
 from dagfusion.registry import Registry
-from dagfusion.validate import check, validate
+from dagfusion.validation import check, validate
 from dagfusion.workflow import parse_workflow
 
 

@@ -172,3 +172,39 @@ def test_constants_round_trip(text: str, number: int, real: float) -> None:
     assert again.nodes["b"].inputs["b"] == number
     assert again.nodes["a"].inputs["value"] == real
     assert again.dump() == wf.dump()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: 1\nb: [x, 'y', 010, 0x1f, 1_000, 1:30, .5, -.inf, ~, null, yes, No, 2001-12-14, '']\n",
+        "nodes:\n  a: {type: x}\n  a: {type: y}\nb: {c: [1, {d: 2}]}\n",
+        "{1: a, 2.5: b, true: c, null: d}\n",
+        "a: &x {b: 1}\nc: *x\n",
+        "<<: {a: 1}\nb: 2\n",
+        "a: !!str 5\nb: 'multi\n  line'\nc: |\n  block\n",
+        "a: 1\n---\nb: 2\n",
+        "? [a]\n: 1\n",
+        "a: 2001-13-45\n",
+        "",
+    ],
+)
+def test_the_fast_reader_agrees_with_pyyaml_composition(text: str) -> None:
+    from dagfusion.yamlsource import _load_composed, load_yaml
+
+    def outcome(read):
+        try:
+            data, smap, problems = read(text, "x.yaml")
+        except ValidationError as exc:
+            return "error", [(p.code, p.line) for p in exc.problems]
+        return data, smap.lines, [str(p) for p in problems]
+
+    assert outcome(load_yaml) == outcome(_load_composed)
+
+
+def test_lines_are_found_only_when_asked_for() -> None:
+    from dagfusion.yamlsource import load_yaml
+
+    _, smap, _ = load_yaml("a: 1\nb:\n  - x\n  - {c: 2}\n")
+    assert smap._lines is None  # nothing recorded while reading a valid document
+    assert smap.line("b", 1, "c") == 4 and smap.line("b", 0) == 3 and smap.line("zzz") is None

@@ -370,7 +370,7 @@ def graph_to_workflow(graph: Any, source: str | None = None, registry: Any = Non
     """The :class:`Workflow` a canvas graph describes, or ``None`` plus the reasons it has none.
 
     The result is what the CLI would read from the saved file; registry checks are left to
-    :func:`dagfusion.validate.check`. With a ``registry``, whole numbers sent for ``FLOAT``
+    :func:`dagfusion.validation.check`. With a ``registry``, whole numbers sent for ``FLOAT``
     inputs become floats again (see :func:`restore_floats`).
     """
     data, problems = graph_to_data(graph)

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dagfusion import sources
 from dagfusion.errors import Problem, ValidationError
-from dagfusion.pngmeta import WORKFLOW_KEY, read_png_text
-from dagfusion.validate import check
+from dagfusion.sources import read_text
+from dagfusion.validation import check
 from dagfusion.workflow import Link, Workflow, parse_workflow, sweep_points
 from dagfusion.yamlsource import MAX_BYTES
 
@@ -39,12 +39,11 @@ from dagfusion.ui.runs import RunQueue
 UNDRAWABLE = frozenset(
     {"unknown-node-type", "unknown-input", "dangling-reference", "version-unsatisfied", "bad-version", "migration-failed"}
 )
-#: Largest PNG accepted for its embedded workflow.
-MAX_PNG_BYTES = 64 * 1024 * 1024
+#: Largest PNG accepted for its embedded workflow (the shared reader's limit).
+MAX_PNG_BYTES = sources.MAX_PNG_BYTES
 #: Suggestions returned for a path being typed.
 MAX_PATH_SUGGESTIONS = 50
 
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def problems_json(problems: list[Problem]) -> list[dict[str, Any]]:
@@ -147,14 +146,10 @@ class CanvasBackend:
 
     def open_file(self, name: str, data: bytes) -> dict[str, Any]:
         """Open a dropped or chosen file: workflow YAML, or a PNG written by dagfusion."""
-        if data[:8] == _PNG_MAGIC:
-            if len(data) > MAX_PNG_BYTES:
-                return _refusal(f"{name} is larger than {MAX_PNG_BYTES // (1024 * 1024)} MiB")
-            text = read_png_text(io.BytesIO(data)).get(WORKFLOW_KEY)  # type: ignore[arg-type]
-            if text is None:
-                return _refusal(f"{name} carries no dagfusion workflow")
-            return self.open_text(text, name)
-        return self.open_text(data, name)
+        found, problems = read_text(data, name)
+        if found is None:
+            return _refusal(f"cannot open {name}", problems)
+        return self.open_text(found.text, name)
 
     def open_upload(self, payload: Any) -> dict[str, Any]:
         """``{"name": str, "data": base64}`` from the browser → :meth:`open_file`."""
