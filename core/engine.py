@@ -268,7 +268,7 @@ class Engine:
         """Whether the ``PATH`` constants of a remembered workflow may still be read."""
         try:
             for path in prepared.paths:
-                self.settings.check_readable(path)
+                self.settings.check_tree_readable(path)
         except UnsafeOperationError:
             return False
         return True

@@ -407,7 +407,7 @@ def _constant_problem(types: TypeChecks, input_spec: InputSpec, value: Any, sett
         return ("out-of-range" if input_spec.choices is None else "not-a-choice", why)
     if settings is not None and isinstance(value, str) and input_spec.type_name == "PATH":
         try:
-            settings.check_readable(value)
+            settings.check_tree_readable(value)
         except UnsafeOperationError as exc:
             return ("path-not-allowed", str(exc))
     return None

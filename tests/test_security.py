@@ -377,3 +377,32 @@ def test_inspect_and_run_read_the_workflow_of_an_image_bomb_without_decoding_it(
     done = _cli("run", str(picture), "--out", "again", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "again" / "note.txt").read_text() == "hi"
+
+
+# --- 5. symlinks: a PATH input whose tree leads outside the read folders ------------------
+
+
+def test_a_path_input_linking_outside_the_read_folders_is_refused_before_anything_is_read(
+    engine: Engine, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "weights.safetensors").write_bytes(b"secret")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "unet").symlink_to(outside, target_is_directory=True)
+    opened: list[str] = []
+    from dagfusion import fingerprint as fingerprint_module
+
+    monkeypatch.setattr(fingerprint_module, "_file_digest", lambda path, *a, **k: opened.append(str(path)) or "x")
+    workflow = _workflow(
+        f"""\
+        format_version: 1
+        nodes:
+          load: {{type: dagfusion.io.LoadTensor, inputs: {{path: "{folder}"}}}}
+        """
+    )
+    with pytest.raises(ValidationError) as info:
+        engine.run(workflow, out=tmp_path / "run")
+    (problem,) = info.value.problems
+    assert problem.code == "path-not-allowed" and "is a link to" in problem.message
+    assert opened == []
