@@ -4,7 +4,7 @@ For each scheduler setting, on the held-out prompts of the shapes world with the
 the uncached run (25 steps by default):
 
 - **MAC ratio**: multiply-accumulates the denoiser computed uncached / cached, counted
-  (:func:`dagfusion.nodes.cache.macs.count_macs`) over the whole run — the compute speedup;
+  (:func:`dagfusion.model.count_macs`) over the whole run — the compute speedup;
 - **PSNR / SSIM** of the final images against the uncached images;
 - **ShapeEval** all-correct of the cached images and of the uncached ones (against the prompts);
 - **FD-shapes** of the cached images against the uncached ones.
@@ -113,7 +113,7 @@ def variants(name: str, steps: int, loaded: Any = None, guidance: float = 4.0, g
 
 def run(loaded: Any, model: Any, prompts: list[str], steps: int, guidance: float) -> tuple[Any, int]:
     """Images for ``prompts`` with ``model`` (a handle, maybe patched) and the MACs it computed."""
-    from dagfusion.nodes.cache.macs import count_macs
+    from dagfusion.model import count_macs
     from dagfusion.nodes.diffusion.latents import empty_latent
     from dagfusion.nodes.diffusion.sampling import sample
     from dagfusion.nodes.diffusion.vae import decode

@@ -34,9 +34,9 @@ from shapes_models import batch_conditioning  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dagfusion.model import count_macs
     from dagfusion.nodes.cache.cachequant import calibrate, schedule_patch
     from dagfusion.nodes.cache.deepcache import DeepCachePatch
-    from dagfusion.nodes.cache.macs import count_macs
     from dagfusion.nodes.diffusion.latents import empty_latent
     from dagfusion.nodes.diffusion.loading import load_diffusers_folder
     from dagfusion.nodes.diffusion.sampling import sample

@@ -111,9 +111,8 @@ def variants(name: str, calibrate: Any, blocks: int) -> list[tuple[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dagfusion.nodes.cache.macs import count_macs
+    from dagfusion.model import ModelHandle, count_macs
     from dagfusion.nodes.diffusion.data import SchedulerSpec
-    from dagfusion.nodes.diffusion.handle import ModelHandle
     from dagfusion.nodes.diffusion.latents import empty_latent
     from dagfusion.nodes.diffusion.sampling import sample
 

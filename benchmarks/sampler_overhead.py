@@ -15,7 +15,7 @@ Measured variants:
 
 Modes::
 
-    python benchmarks/sampler_overhead.py            # CPU: the tiny SD model of dagfusion.nodes.diffusion.tiny
+    python benchmarks/sampler_overhead.py            # CPU: the tiny SD model of dagfusion.testing.models
     python benchmarks/sampler_overhead.py --stub     # CPU: a no-op denoiser, to isolate each loop's per-step cost
     python benchmarks/sampler_overhead.py --gpu      # CUDA: SD 1.5-size UNet + VAE, random weights, fp16,
                                                      # 512 x 512, 25 steps (configs shipped in the package)
@@ -123,7 +123,7 @@ def build_stub_models() -> dict[str, Any]:
 
 
 def build_cpu_models() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     pipe = tiny.build_sd(0)
     return {"unet": pipe.unet, "vae": pipe.vae, "scheduler_config": dict(pipe.scheduler.config), "hidden": 32, "scale": 2}
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import StableDiffusionPipeline
 
     from dagfusion import CancelToken, RunContext, Settings
+    from dagfusion.model import ModelHandle, VAEHandle
     from dagfusion.nodes.diffusion.data import Conditioning, Latent, SchedulerSpec
-    from dagfusion.nodes.diffusion.handle import ModelHandle, VAEHandle
     from dagfusion.nodes.diffusion.sampling import sample
     from dagfusion.nodes.diffusion.schedulers import SAMPLERS, spec_for
     from dagfusion.nodes.diffusion.vae import decode

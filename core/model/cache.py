@@ -3,7 +3,7 @@
 Entries are keyed by what was loaded (source kind, resolved path, content fingerprint, dtype,
 placement) and hold a dict of components (``{"unet": module}`` for one component of a diffusers
 folder, every component for a single-file checkpoint). Handles never hold the modules
-themselves: they hold a :class:`~dagfusion.nodes.diffusion.handle.ComponentRef` (a key plus
+themselves: they hold a :class:`~dagfusion.model.ComponentRef` (a key plus
 how to load it), so evicting an entry really frees its memory, and a handle whose entry was
 evicted reloads on next use.
 

@@ -1,27 +1,52 @@
-"""Model families: how the sampler calls each kind of denoiser.
+"""Denoiser families: how a sampler (or a training loop) calls each kind of denoiser.
 
 A :class:`Family` knows, for one kind of denoiser module, the latent shape it works on, how to
-turn a :class:`~dagfusion.nodes.diffusion.data.Conditioning` into the module's keyword inputs
-(batched for classifier-free guidance), how the timestep is passed and how the output is
-combined. The sampler loop itself is family-agnostic.
+turn a conditioning (:class:`ConditioningLike`: the diffusion pack's ``Conditioning``) into the
+module's keyword inputs (batched for classifier-free guidance), how the timestep is passed and
+how the output is combined. The sampler loop itself is family-agnostic.
 
-Built in: ``unet`` (``UNet2DConditionModel``: SD 1/2, SDXL with added conditions, LCM-style
-guidance embedding), ``dit`` (``DiTTransformer2DModel``), ``pixart`` (``PixArtTransformer2DModel``)
-and ``svd`` (``UNetSpatioTemporalConditionModel``, video). Other packs add families (flow-matching
-transformers, say) with :func:`register_family`.
+Families are kept in a :class:`FamilyRegistry`; :func:`family_for` asks the process-wide one.
+Packs contribute families through a ``register_denoiser_families(register)`` function
+(``register(family)`` for each); the built-in packs' functions are collected on the first
+lookup, and :func:`register_family` adds one directly. Families registered later are asked
+first, so a plugin can take over a kind of module from a built-in family.
+
+Built in (diffusion pack): ``unet`` (``UNet2DConditionModel``: SD 1/2, SDXL, LCM), ``dit``,
+``pixart`` and ``svd`` (video).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import importlib
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
 
-from dagfusion.nodes.diffusion.data import Conditioning
+from dagfusion.model.helpers import unwrap_compiled
+
+
+class ConditioningLike(Protocol):
+    """What a family reads from a conditioning (the diffusion pack's ``Conditioning`` is one).
+
+    Attributes:
+        kind: How the tensors were made (``"clip"``, ``"sdxl"``, ``"t5"``, ``"class"``, ``"svd"`` …).
+        positive: Tensors keyed by the denoiser argument they feed; batch = number of prompts.
+        negative: The same keys for classifier-free guidance, or ``None``.
+        meta: Plain data about how it was made (SDXL size conditions live here).
+    """
+
+    kind: str
+    positive: Mapping[str, Any]
+    negative: Mapping[str, Any] | None
+    meta: Mapping[str, Any]
 
 
 def config_of(module: Any) -> Any:
-    """The diffusers config of ``module`` (looking through ``torch.compile`` wrappers)."""
-    inner = getattr(module, "_orig_mod", module)
+    """The diffusers config of ``module`` (looking through ``torch.compile`` wrappers).
+
+    :raises TypeError: the module has no ``config``.
+    """
+    inner = unwrap_compiled(module)
     config = getattr(inner, "config", None)
     if config is None:
         raise TypeError(f"expected a diffusers model with a config, got {type(module).__name__}")
@@ -29,7 +54,8 @@ def config_of(module: Any) -> Any:
 
 
 def class_names(module: Any) -> set[str]:
-    inner = getattr(module, "_orig_mod", module)
+    """Names of the module's class and its bases (looking through ``torch.compile`` wrappers)."""
+    inner = unwrap_compiled(module)
     return {cls.__name__ for cls in type(inner).__mro__}
 
 
@@ -67,7 +93,12 @@ class Prepared:
 
 
 class Family:
-    """Base class: an image denoiser conditioned on ``encoder_hidden_states``."""
+    """Base class: an image denoiser conditioned on ``encoder_hidden_states``.
+
+    Subclasses set ``name`` and implement :meth:`matches` and :meth:`prepare`; the other methods
+    have defaults for diffusers-style models (``module(sample, timestep=..., **kwargs,
+    return_dict=False)[0]``, learned variance in the second half of the output channels).
+    """
 
     name = "base"
     #: Batch order under classifier-free guidance.
@@ -79,9 +110,11 @@ class Family:
     video = False
 
     def matches(self, module: Any) -> bool:
+        """Whether this family handles ``module`` (it may be a ``torch.compile`` wrapper)."""
         raise NotImplementedError
 
     def latent_channels(self, module: Any) -> int:
+        """Channels of the noisy latents the module denoises (without concatenated conditions)."""
         return int(config_of(module).in_channels)
 
     def latent_shape(self, module: Any, batch: int, height: int, width: int, scale: int, frames: int = 1) -> tuple[int, ...]:
@@ -94,12 +127,13 @@ class Family:
         return shape
 
     def supports_cfg(self, module: Any) -> bool:
+        """Whether classifier-free guidance applies (``False`` for guidance-embedded models)."""
         return True
 
     def prepare(
         self,
         module: Any,
-        cond: Conditioning,
+        cond: ConditioningLike,
         *,
         batch: int,
         cfg: bool,
@@ -109,9 +143,15 @@ class Family:
         scale: int,
         guidance_scale: float,
     ) -> Prepared:
+        """The module's keyword inputs for a latent batch of ``batch`` rows (twice that, negative
+        and positive in ``cfg_batches`` order, when ``cfg``), on ``device`` in ``dtype``.
+
+        :raises ValueError: the conditioning is of the wrong kind or size for this model.
+        """
         raise NotImplementedError
 
     def timestep(self, t: Any, rows: int, device: Any) -> Any:
+        """The timestep argument for a batch of ``rows``: ``t`` itself, or one value per row."""
         if not self.timestep_per_row:
             return t
         if t.ndim == 0:
@@ -129,16 +169,23 @@ class Family:
         return self.drop_variance(out, module)
 
     def drop_variance(self, out: Any, module: Any) -> Any:
+        """``out`` without a learned-variance half of the channels, if the module predicts one."""
         channels = self.latent_channels(module)
         if out.shape[self.channel_dim] == 2 * channels:
             return out.narrow(self.channel_dim, 0, channels)
         return out
 
     def call(self, module: Any, sample: Any, timestep: Any, kwargs: Mapping[str, Any]) -> Any:
+        """Run the module once and return its raw output tensor."""
         return module(sample, timestep=timestep, **kwargs, return_dict=False)[0]
 
     @staticmethod
-    def _pair(cond: Conditioning, key: str, batch: int, cfg: bool, what: str, negative_default: Any = None) -> Any:
+    def paired(cond: ConditioningLike, key: str, batch: int, cfg: bool, what: str, negative_default: Any = None) -> Any:
+        """``cond.positive[key]`` expanded to ``batch`` rows, preceded by the negative under ``cfg``
+        (``negative_default(positive)`` when the conditioning has no negative for ``key``).
+
+        :raises ValueError: ``key`` is missing, or ``cfg`` needs a negative that is missing.
+        """
         import torch
 
         if key not in cond.positive:
@@ -157,204 +204,155 @@ class Family:
             )
         return torch.cat([negative, positive])
 
+    _pair = paired
 
-def _requires_kind(cond: Conditioning, family: str, kinds: tuple[str, ...]) -> None:
+
+def require_kind(cond: ConditioningLike, family: str, kinds: tuple[str, ...]) -> None:
+    """:raises ValueError: ``cond.kind`` is none of ``kinds`` (the message names ``family``)."""
     if cond.kind not in kinds:
         raise ValueError(f"a {family} model needs {' or '.join(kinds)} conditioning, got {cond.kind!r} conditioning")
 
 
-class UNetFamily(Family):
-    """``UNet2DConditionModel``: SD 1.x/2.x, SDXL (``text_time`` added conditions), LCM guidance embedding."""
-
-    name = "unet"
-
-    def matches(self, module: Any) -> bool:
-        return "UNet2DConditionModel" in class_names(module)
-
-    def latent_channels(self, module: Any) -> int:
-        config = config_of(module)
-        return int(config.out_channels if config.in_channels != config.out_channels else config.in_channels)
-
-    def supports_cfg(self, module: Any) -> bool:
-        return config_of(module).time_cond_proj_dim is None
-
-    def prepare(self, module, cond, *, batch, cfg, device, dtype, latent_shape, scale, guidance_scale):  # type: ignore[no-untyped-def]
-        import torch
-
-        config = config_of(module)
-        sdxl = config.addition_embed_type == "text_time"
-        _requires_kind(cond, "SDXL UNet" if sdxl else "UNet", ("sdxl",) if sdxl else ("clip",))
-        hidden = self._pair(cond, "encoder_hidden_states", batch, cfg, "prompt")
-        kwargs: dict[str, Any] = {"encoder_hidden_states": hidden.to(device=device, dtype=dtype)}
-        if sdxl:
-            pooled = self._pair(cond, "text_embeds", batch, cfg, "prompt").to(device=device, dtype=dtype)
-            height, width = latent_shape[-2] * scale, latent_shape[-1] * scale
-            original = tuple(cond.meta.get("original_size") or (height, width))
-            crops = tuple(cond.meta.get("crops_coords_top_left") or (0, 0))
-            target = tuple(cond.meta.get("target_size") or (height, width))
-            ids = [*original, *crops, *target]
-            expected = module.add_embedding.linear_1.in_features
-            passed = config.addition_time_embed_dim * len(ids) + int(pooled.shape[-1])
-            if expected != passed:
-                raise ValueError(
-                    f"the UNet expects added conditions of size {expected}, but the text embeddings give {passed}; "
-                    "is the text encoder from the same model?"
-                )
-            time_ids = torch.tensor([ids], dtype=dtype).repeat(pooled.shape[0], 1).to(device)
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-        if config.time_cond_proj_dim is not None:
-            w = torch.tensor(guidance_scale - 1).repeat(batch)
-            kwargs["timestep_cond"] = guidance_embedding(w, config.time_cond_proj_dim).to(device=device, dtype=dtype)
-        return Prepared(kwargs, self.cfg_batches if cfg else ("cond",))
-
-    def call(self, module: Any, sample: Any, timestep: Any, kwargs: Mapping[str, Any]) -> Any:
-        return module(sample, timestep, **kwargs, return_dict=False)[0]
+RegisterFamily = Callable[[Family], None]
+"""The ``register`` callback a pack's ``register_denoiser_families(register)`` receives."""
 
 
-def guidance_embedding(w: Any, dim: int) -> Any:
-    """Sinusoidal embedding of guidance scales (LCM's ``w`` conditioning), shape ``(len(w), dim)``."""
-    import math
+class FamilyRegistry:
+    """An ordered set of families; :meth:`family_for` asks the most recently registered first.
 
-    import torch
-
-    w = w * 1000.0
-    half = dim // 2
-    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
-    emb = w.to(torch.float32)[:, None] * freq[None, :]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-    if dim % 2 == 1:
-        emb = torch.nn.functional.pad(emb, (0, 1))
-    return emb
-
-
-class DiTFamily(Family):
-    """``DiTTransformer2DModel``: class-conditional; the null class is the last embedding row."""
-
-    name = "dit"
-    cfg_batches = ("cond", "uncond")
-    timestep_per_row = True
-
-    def matches(self, module: Any) -> bool:
-        names = class_names(module)
-        if "DiTTransformer2DModel" in names:
-            return True
-        return "Transformer2DModel" in names and getattr(config_of(module), "norm_type", None) == "ada_norm_zero"
-
-    def prepare(self, module, cond, *, batch, cfg, device, dtype, latent_shape, scale, guidance_scale):  # type: ignore[no-untyped-def]
-        import torch
-
-        _requires_kind(cond, "DiT", ("class",))
-        classes = int(getattr(config_of(module), "num_embeds_ada_norm", None) or 1000)
-        labels = expand(cond.positive["class_labels"], batch, "class label").to(device=device, dtype=torch.long)
-        bad = [int(v) for v in labels.tolist() if not 0 <= int(v) < classes]
-        if bad:
-            raise ValueError(f"class labels must be in 0..{classes - 1} for this model, got {sorted(set(bad))}")
-        if cfg:
-            if cond.negative is not None and "class_labels" in cond.negative:
-                null = expand(cond.negative["class_labels"], batch, "class label").to(device=device, dtype=torch.long)
-            else:
-                null = torch.full((batch,), classes, dtype=torch.long, device=device)
-            labels = torch.cat([labels, null])
-        return Prepared({"class_labels": labels}, self.cfg_batches if cfg else ("cond",))
-
-
-class PixArtFamily(Family):
-    """``PixArtTransformer2DModel``: T5 text with an attention mask, resolution micro-conditions at 1024 px."""
-
-    name = "pixart"
-    timestep_per_row = True
-
-    def matches(self, module: Any) -> bool:
-        names = class_names(module)
-        if "PixArtTransformer2DModel" in names:
-            return True
-        return "Transformer2DModel" in names and getattr(config_of(module), "norm_type", None) == "ada_norm_single"
-
-    def prepare(self, module, cond, *, batch, cfg, device, dtype, latent_shape, scale, guidance_scale):  # type: ignore[no-untyped-def]
-        import torch
-
-        _requires_kind(cond, "PixArt", ("t5",))
-        hidden = self._pair(cond, "encoder_hidden_states", batch, cfg, "prompt").to(device=device, dtype=dtype)
-        mask = self._pair(cond, "encoder_attention_mask", batch, cfg, "prompt").to(device=device)
-        added: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
-        inner = getattr(module, "_orig_mod", module)
-        micro = getattr(inner, "use_additional_conditions", None)
-        if micro is None:
-            micro = config_of(module).sample_size == 128
-        if micro:
-            height, width = latent_shape[-2] * scale, latent_shape[-1] * scale
-            rows = hidden.shape[0]
-            added = {
-                "resolution": torch.tensor([height, width]).repeat(rows, 1).to(device=device, dtype=dtype),
-                "aspect_ratio": torch.tensor([float(height / width)]).repeat(rows, 1).to(device=device, dtype=dtype),
-            }
-        kwargs = {"encoder_hidden_states": hidden, "encoder_attention_mask": mask, "added_cond_kwargs": added}
-        return Prepared(kwargs, self.cfg_batches if cfg else ("cond",))
-
-
-class SVDFamily(Family):
-    """``UNetSpatioTemporalConditionModel`` (Stable Video Diffusion): video latents ``(B, F, C, h, w)``.
-
-    Conditioning kind ``"svd"``: ``encoder_hidden_states`` (image embeddings ``(P, 1, D)``),
-    ``image_latents`` (``(P, 1 or F, C, h, w)``, concatenated to the noisy latents along channels)
-    and ``added_time_ids`` (``(P, 3)``: fps, motion bucket, noise augmentation). Without a
-    negative, zeros are used for the embeddings and image latents (as diffusers does).
+    Thread-safe. A family is identified by its ``name``: registering one whose name is taken
+    replaces the old one in its place when it is of the same class (so registering a pack twice
+    changes nothing) and is an error otherwise.
     """
 
-    name = "svd"
-    channel_dim = 2
-    video = True
+    def __init__(self) -> None:
+        self._families: list[Family] = []  # asking order
+        self._lock = threading.RLock()
 
-    def matches(self, module: Any) -> bool:
-        return "UNetSpatioTemporalConditionModel" in class_names(module)
+    def register(self, family: Family, *, first: bool = True) -> None:
+        """Add ``family``: asked before every family registered so far (``first``), or after them.
+        A family already registered (same name and class) is replaced where it stands.
 
-    def latent_channels(self, module: Any) -> int:
-        return int(config_of(module).out_channels)
+        :raises TypeError: ``family`` lacks ``name``, ``matches`` or ``prepare``.
+        :raises ValueError: another class of family already has this name.
+        """
+        with self._lock:
+            if not self._replace(family):
+                self._families.insert(0 if first else len(self._families), family)
 
-    def prepare(self, module, cond, *, batch, cfg, device, dtype, latent_shape, scale, guidance_scale):  # type: ignore[no-untyped-def]
-        import torch
+    def registrar(self) -> RegisterFamily:
+        """The ``register`` callback for one pack's ``register_denoiser_families(register)``: the
+        pack's new families are asked before those registered earlier, and among themselves in
+        the order the pack registers them; registering a pack again changes nothing."""
+        position = 0
 
-        _requires_kind(cond, "video UNet", ("svd",))
-        hidden = self._pair(cond, "encoder_hidden_states", batch, cfg, "image", torch.zeros_like)
-        frames = latent_shape[1]
-        image = expand(cond.positive["image_latents"], batch, "image")
-        if image.ndim == 4:
-            image = image.unsqueeze(1)
-        image = image.expand(-1, frames, -1, -1, -1) if image.shape[1] == 1 else image
-        if cfg:
-            negative = cond.negative.get("image_latents") if cond.negative is not None else None
-            negative = torch.zeros_like(image) if negative is None else expand(negative, batch, "image")
-            image = torch.cat([negative.expand_as(image), image])
-        ids = self._pair(cond, "added_time_ids", batch, cfg, "image", lambda p: p)
-        kwargs = {
-            "encoder_hidden_states": hidden.to(device=device, dtype=dtype),
-            "added_time_ids": ids.to(device=device, dtype=dtype),
-        }
-        return Prepared(kwargs, self.cfg_batches if cfg else ("cond",), concat=image.to(device=device, dtype=dtype))
+        def register(family: Family) -> None:
+            nonlocal position
+            with self._lock:
+                if not self._replace(family):
+                    self._families.insert(position, family)
+                    position += 1
 
-    def call(self, module: Any, sample: Any, timestep: Any, kwargs: Mapping[str, Any]) -> Any:
-        return module(sample, timestep, **kwargs, return_dict=False)[0]
+        return register
+
+    def _replace(self, family: Family) -> bool:
+        """Check ``family``; put it in the place of a registered family of the same name and class
+        (``True``), or report there is none (``False``)."""
+        for attribute in ("name", "matches", "prepare"):
+            if not hasattr(family, attribute):
+                raise TypeError(
+                    f"expected a denoiser family (a dagfusion.model.Family), got {type(family).__name__} without {attribute!r}"
+                )
+        for i, known in enumerate(self._families):
+            if known.name != family.name:
+                continue
+            if type(known) is not type(family):
+                raise ValueError(
+                    f"a denoiser family named {family.name!r} is already registered "
+                    f"({type(known).__module__}.{type(known).__qualname__}); give yours another name"
+                )
+            self._families[i] = family
+            return True
+        return False
+
+    def unregister(self, name: str) -> bool:
+        """Forget the family called ``name``; ``False`` if there was none."""
+        with self._lock:
+            for i, known in enumerate(self._families):
+                if known.name == name:
+                    del self._families[i]
+                    return True
+        return False
+
+    def family_for(self, module: Any) -> Family:
+        """The first family (in asking order) whose ``matches(module)`` is true.
+
+        :raises TypeError: no family knows this kind of module (the message lists the known ones).
+        """
+        for family in self:
+            if family.matches(module):
+                return family
+        known = ", ".join(f.name for f in self) or "none"
+        raise TypeError(
+            f"no sampler family handles a {type(unwrap_compiled(module)).__name__} "
+            f"(known families: {known}); register one with dagfusion.model.register_family"
+        )
+
+    def names(self) -> list[str]:
+        """Family names in asking order."""
+        return [f.name for f in self]
+
+    def __iter__(self) -> Iterator[Family]:
+        with self._lock:
+            return iter(list(self._families))
+
+    def __len__(self) -> int:
+        return len(self._families)
 
 
-FAMILIES: list[Family] = [UNetFamily(), DiTFamily(), PixArtFamily(), SVDFamily()]
-"""Known families, asked in order; the first whose ``matches`` is true handles a module."""
+_DEFAULT = FamilyRegistry()
+_BUILTINS_LOADED = False
+_BUILTINS_LOCK = threading.RLock()
+
+
+def _ensure_builtins() -> None:
+    """Collect the built-in packs' ``register_denoiser_families`` once (on first use)."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    with _BUILTINS_LOCK:
+        if _BUILTINS_LOADED:
+            return
+        from dagfusion.plugins import builtin_plugin_modules
+
+        _BUILTINS_LOADED = True  # a pack registering from inside its hook must not recurse
+        try:
+            for module_name in builtin_plugin_modules().values():
+                hook = getattr(importlib.import_module(module_name), "register_denoiser_families", None)
+                if callable(hook):
+                    hook(register=_DEFAULT.registrar())
+        except BaseException:
+            _BUILTINS_LOADED = False
+            raise
+
+
+def default_families() -> FamilyRegistry:
+    """The process-wide family registry, with the built-in packs' families in it."""
+    _ensure_builtins()
+    return _DEFAULT
 
 
 def register_family(family: Family, *, first: bool = True) -> None:
-    """Teach the sampler a new kind of denoiser (``first``: asked before the built-in ones)."""
-    FAMILIES.insert(0, family) if first else FAMILIES.append(family)
+    """Teach the samplers a new kind of denoiser (``first``: asked before the families known so far).
+
+    :raises ValueError: another class of family already has this name.
+    """
+    default_families().register(family, first=first)
 
 
 def family_for(module: Any) -> Family:
-    """The family that handles ``module``.
+    """The family that handles ``module`` (asking the process-wide registry).
 
     :raises TypeError: no family knows this kind of module.
     """
-    for family in FAMILIES:
-        if family.matches(module):
-            return family
-    known = ", ".join(f.name for f in FAMILIES)
-    raise TypeError(
-        f"no sampler family handles a {type(getattr(module, '_orig_mod', module)).__name__} "
-        f"(known families: {known}); register one with dagfusion.nodes.diffusion.denoisers.register_family"
-    )
+    return default_families().family_for(module)

@@ -1,27 +1,60 @@
-"""Handles: what flows between diffusion nodes instead of raw modules.
+"""Handles: what flows between nodes instead of raw modules.
 
 A handle is light: a *reference* to shared weights (in the process-wide model cache, or held
-in memory) plus, for the denoiser, an immutable tuple of patches. Cloning a handle to add a
-patch copies no weights, and two handles built from the same load share the same module
-object but never their patches::
+in memory) plus an immutable tuple of patches. Every handle — the denoiser's
+:class:`ModelHandle`, the :class:`VAEHandle` and the :class:`TextEncoderBundle` — carries
+patches the same way. Cloning a handle to add a patch copies no weights, and two handles built
+from the same load share the same module object but never their patches::
 
     patched = model.with_patch(MyPatch())      # model itself is unchanged
     assert patched.denoiser is model.denoiser  # same weights
     assert model.patches == ()
 
-Patches are applied only while a sampler runs (see :mod:`dagfusion.nodes.diffusion.hooks`).
-Handles are safe to reuse across runs: they hold no per-run state.
+Patches are applied only while the module is used: the denoiser's while a sampler runs (see
+:mod:`dagfusion.model.hooks`), the VAE's and text encoders' inside :meth:`Handle.patched`
+(decoding, encoding). Handles are safe to reuse across runs: they hold no per-run state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from dagfusion.nodes.diffusion.data import SchedulerSpec, _fingerprint, _plain
-from dagfusion.nodes.diffusion.model_cache import Loader, ModelCache, default_cache
+from dagfusion.model.cache import Loader, ModelCache, default_cache
+from dagfusion.model.patch import apply_patches, check_patch, patch_key
+
+H = TypeVar("H", bound="Handle")
+
+
+class SchedulerSpecLike(Protocol):
+    """What a handle's default scheduler must offer (the diffusion pack's ``SchedulerSpec`` does)."""
+
+    def create(self) -> Any:
+        """A fresh scheduler instance for one sampling run."""
+
+    def __dagfusion_fingerprint__(self) -> str:
+        """Its identity (class and configuration)."""
+
+
+def _fingerprint(value: Any) -> str:
+    from dagfusion.fingerprint import fingerprint
+
+    fp = fingerprint(value)
+    if fp is None:  # pragma: no cover - every value we store is fingerprintable
+        fp = repr(value)
+    return fp
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with mapping proxies turned into dicts (for fingerprints)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 class ComponentRef:
@@ -112,12 +145,22 @@ def placed(module: Any, device: Any, enabled: bool) -> Iterator[Any]:
             torch.cuda.empty_cache()
 
 
-class _Handle:
-    """Common parts: device/dtype info, offload flag, fingerprint."""
+class Handle:
+    """What every handle shares: device/dtype info, the offload flag and an immutable tuple of patches.
 
-    def __init__(self, info: Mapping[str, Any] | None, offload: bool) -> None:
+    Attributes:
+        patches: Immutable tuple of :class:`~dagfusion.model.ModelPatch`, applied in order (the
+            first is the outermost) while the module is used.
+        info: Plain data (``source``, ``device``, ``dtype`` …), read only.
+        offload: Weights live on the CPU and move to ``device`` only while used.
+    """
+
+    def __init__(self, info: Mapping[str, Any] | None, offload: bool, patches: Sequence[Any] = ()) -> None:
         self.info: Mapping[str, Any] = MappingProxyType(dict(info or {}))
         self.offload = bool(offload)
+        for patch in patches:
+            check_patch(patch)
+        self.patches: tuple[Any, ...] = tuple(patches)
 
     @property
     def device(self) -> str:
@@ -125,19 +168,60 @@ class _Handle:
         return str(self.info.get("device", "cpu"))
 
     def use(self, module: Any) -> contextlib.AbstractContextManager[Any]:
-        """Context in which ``module`` is on its compute device (moves it there if offloaded)."""
+        """Context in which ``module`` is on its compute device (moves it there if offloaded).
+
+        Placement only: see :meth:`patched` for placement plus this handle's patches.
+        """
         return placed(module, self.device, self.offload)
 
+    @contextlib.contextmanager
+    def patched(self, module: Any) -> Iterator[Any]:
+        """Context in which ``module`` is on its compute device with every patch's ``apply(module)``
+        entered (first patch outermost); all undone on exit, also after an error. Yields ``module``.
 
-class ModelHandle(_Handle):
+        The VAE and text-encoder code paths use this around each use of a module; the sampler
+        applies a denoiser's patches itself (they also get a :class:`~dagfusion.model.SamplingRun`).
+        """
+        with self.use(module), apply_patches(self.patches, module):
+            yield module
+
+    def clone(self: H) -> H:
+        """A new handle over the same weights with the same patches (no weight is copied)."""
+        return copy.copy(self)
+
+    def with_patch(self: H, patch: Any) -> H:
+        """A clone with ``patch`` appended (innermost); this handle is unchanged.
+
+        :raises TypeError: ``patch`` has neither ``apply`` nor ``begin``.
+        """
+        check_patch(patch)
+        clone = self.clone()
+        clone.patches = (*self.patches, patch)
+        return clone
+
+    def without_patches(self: H) -> H:
+        """A clone with no patches."""
+        clone = self.clone()
+        clone.patches = ()
+        return clone
+
+    def _patch_fingerprint(self) -> dict[str, Any]:
+        return {"patches": [patch_key(p) for p in self.patches]} if self.patches else {}
+
+    def _patch_names(self) -> str:
+        return ", ".join(type(p).__name__ for p in self.patches)
+
+
+class ModelHandle(Handle):
     """A denoiser (UNet or transformer) with its default scheduler and its patches.
 
     Attributes:
         ref: Where the denoiser's weights live (shared between clones).
         scheduler: The model's own scheduler spec (from its folder), used when a Sample node
             is given none.
-        patches: Immutable tuple of :class:`~dagfusion.nodes.diffusion.hooks.ModelPatch`,
-            applied in order (the first is the outermost) while sampling.
+        patches: Immutable tuple of :class:`~dagfusion.model.ModelPatch`, applied in order (the
+            first is the outermost) while sampling: ``apply(module)`` around the run, and
+            ``begin(run)`` for its :class:`~dagfusion.model.StepHook`.
         info: Plain data: ``source``, ``fingerprint``, ``dtype``, ``device``, ``pipeline``,
             ``vae_scale_factor``.
         offload: Weights live on the CPU and move to ``device`` only while sampling.
@@ -147,22 +231,21 @@ class ModelHandle(_Handle):
         self,
         ref: Ref,
         *,
-        scheduler: SchedulerSpec | None = None,
+        scheduler: SchedulerSpecLike | None = None,
         patches: Sequence[Any] = (),
         info: Mapping[str, Any] | None = None,
         offload: bool = False,
     ) -> None:
-        super().__init__(info, offload)
+        super().__init__(info, offload, patches)
         self.ref = ref
         self.scheduler = scheduler
-        self.patches: tuple[Any, ...] = tuple(patches)
 
     @classmethod
     def from_module(
         cls,
         module: Any,
         *,
-        scheduler: SchedulerSpec | None = None,
+        scheduler: SchedulerSpecLike | None = None,
         vae_scale_factor: int = 8,
         info: Mapping[str, Any] | None = None,
         offload: bool = False,
@@ -186,27 +269,6 @@ class ModelHandle(_Handle):
     def vae_scale_factor(self) -> int:
         return int(self.info.get("vae_scale_factor", 8))
 
-    def clone(self) -> ModelHandle:
-        """A new handle over the same weights with the same patches (no weight is copied)."""
-        return ModelHandle(
-            self.ref, scheduler=self.scheduler, patches=self.patches, info=self.info, offload=self.offload
-        )
-
-    def with_patch(self, patch: Any) -> ModelHandle:
-        """A clone with ``patch`` appended (innermost); this handle is unchanged."""
-        from dagfusion.nodes.diffusion.hooks import check_patch
-
-        check_patch(patch)
-        clone = self.clone()
-        clone.patches = (*self.patches, patch)
-        return clone
-
-    def without_patches(self) -> ModelHandle:
-        """A clone with no patches."""
-        clone = self.clone()
-        clone.patches = ()
-        return clone
-
     def with_denoiser(self, module_or_ref: Any, **info: Any) -> ModelHandle:
         """A clone computing with another module (a quantized copy, say); patches are kept."""
         clone = self.clone()
@@ -214,7 +276,8 @@ class ModelHandle(_Handle):
         clone.info = MappingProxyType({**self.info, **info})
         return clone
 
-    def with_scheduler(self, scheduler: SchedulerSpec) -> ModelHandle:
+    def with_scheduler(self, scheduler: SchedulerSpecLike) -> ModelHandle:
+        """A clone whose default scheduler is ``scheduler``."""
         clone = self.clone()
         clone.scheduler = scheduler
         return clone
@@ -231,22 +294,20 @@ class ModelHandle(_Handle):
         )
 
     def __repr__(self) -> str:
-        names = ", ".join(type(p).__name__ for p in self.patches)
-        return f"ModelHandle({self.info.get('source', '?')!r}, patches=[{names}])"
+        return f"ModelHandle({self.info.get('source', '?')!r}, patches=[{self._patch_names()}])"
 
 
-def patch_key(patch: Any) -> str:
-    key = getattr(patch, "key", None)
-    if callable(key):
-        key = key()
-    return str(key) if key is not None else f"{type(patch).__module__}.{type(patch).__qualname__}"
+class VAEHandle(Handle):
+    """A VAE (``AutoencoderKL`` and relatives) by reference, with its patches.
 
+    A VAE patch's ``apply(module)`` is entered around each decode and encode (``begin`` is never
+    called: there is no sampling run).
+    """
 
-class VAEHandle(_Handle):
-    """A VAE (``AutoencoderKL`` and relatives) by reference."""
-
-    def __init__(self, ref: Ref, *, info: Mapping[str, Any] | None = None, offload: bool = False) -> None:
-        super().__init__(info, offload)
+    def __init__(
+        self, ref: Ref, *, info: Mapping[str, Any] | None = None, offload: bool = False, patches: Sequence[Any] = ()
+    ) -> None:
+        super().__init__(info, offload, patches)
         self.ref = ref
 
     @classmethod
@@ -262,17 +323,26 @@ class VAEHandle(_Handle):
 
     @property
     def module(self) -> Any:
+        """The shared VAE module (unpatched: patches apply only inside :meth:`patched`)."""
         return self.ref.get()
 
     def __dagfusion_fingerprint__(self) -> str:
-        return _fingerprint({"weights": self.ref.fingerprint, "info": _plain(self.info), "offload": self.offload})
+        return _fingerprint(
+            {"weights": self.ref.fingerprint, "info": _plain(self.info), "offload": self.offload, **self._patch_fingerprint()}
+        )
 
     def __repr__(self) -> str:
-        return f"VAEHandle({self.info.get('source', '?')!r})"
+        patches = f", patches=[{self._patch_names()}]" if self.patches else ""
+        return f"VAEHandle({self.info.get('source', '?')!r}{patches})"
 
 
-class TextEncoderBundle(_Handle):
-    """Text encoder(s) with their tokenizer(s).
+class TextEncoderBundle(Handle):
+    """Text encoder(s) with their tokenizer(s), and their patches.
+
+    A text-encoder patch's ``apply(module)`` is entered around the use of **each** encoder module
+    of the bundle (both CLIPs of SDXL, say): a patch meant for one of them tells them apart by the
+    module it is given (its class or config) and leaves the others unchanged. ``begin`` is never
+    called (there is no sampling run).
 
     Attributes:
         kind: ``"clip"`` (one CLIP, SD 1/2), ``"sdxl"`` (CLIP + CLIP with projection), ``"t5"``
@@ -292,8 +362,9 @@ class TextEncoderBundle(_Handle):
         options: Mapping[str, Any] | None = None,
         info: Mapping[str, Any] | None = None,
         offload: bool = False,
+        patches: Sequence[Any] = (),
     ) -> None:
-        super().__init__(info, offload)
+        super().__init__(info, offload, patches)
         if kind not in self.KINDS:
             raise ValueError(f"expected a text encoder kind in {list(self.KINDS)}, got {kind!r}")
         if len(encoders) != len(tokenizers):
@@ -337,11 +408,13 @@ class TextEncoderBundle(_Handle):
                 "options": _plain(self.options),
                 "info": _plain(self.info),
                 "offload": self.offload,
+                **self._patch_fingerprint(),
             }
         )
 
     def __repr__(self) -> str:
-        return f"TextEncoderBundle({self.kind!r}, {self.info.get('source', '?')!r})"
+        patches = f", patches=[{self._patch_names()}]" if self.patches else ""
+        return f"TextEncoderBundle({self.kind!r}, {self.info.get('source', '?')!r}{patches})"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -361,3 +434,4 @@ def loaded(refs: Sequence[Ref]) -> list[Any]:
 
 
 Factory = Callable[[], Any]
+"""Builds an object on demand."""

@@ -1,8 +1,9 @@
 """The step hook: how patches see and change every denoiser call of a sampling run.
 
 This is the seam accelerators plug into (cache schedulers, quantizers, structure guidance).
-A **patch** is an immutable description attached to a :class:`~dagfusion.nodes.diffusion.handle.ModelHandle`
-with ``model.with_patch(patch)``. It may do two things, both undone when sampling ends:
+A **patch** (:class:`~dagfusion.model.ModelPatch`) is an immutable description attached to a
+:class:`~dagfusion.model.ModelHandle` with ``model.with_patch(patch)``. It may do two things,
+both undone when sampling ends:
 
 1. ``apply(module)`` — a context manager that changes the denoiser *module* for the run
    (register forward hooks, wrap submodules, swap weights) and restores it on exit. Because
@@ -46,11 +47,12 @@ is called, and ``end()`` when the run finishes (also after a failure or cancel).
 :class:`SamplingRun` (the argument of ``begin``) describes the run: the handle, the module,
 the model family, the scheduler instance, all timesteps, guidance scale, seed, latent shape,
 device and dtype.
+
+Family authors and samplers use :func:`chain` to run the hooks of a run around the denoiser.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -152,53 +154,6 @@ class StepHook:
         """Called once when the run ends, successfully or not."""
 
 
-class ModelPatch:
-    """Base class of patches. Subclasses set ``key`` and override ``apply`` and/or ``begin``.
-
-    ``key`` is a string identifying the patch *and its settings* (it goes into the handle's
-    fingerprint, so two handles with equal keys are treated as equal by caches).
-    """
-
-    key: str = ""
-
-    def apply(self, module: Any) -> contextlib.AbstractContextManager[Any]:
-        """Change ``module`` for the duration of a run; restore it on exit."""
-        return contextlib.nullcontext()
-
-    def begin(self, run: SamplingRun) -> StepHook | None:
-        """A fresh hook for this run, or ``None``."""
-        return None
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.key!r})"
-
-
-class FunctionPatch(ModelPatch):
-    """A patch from a plain function ``fn(call, forward) -> output`` (stateless hooks)."""
-
-    def __init__(self, fn: Callable[[DenoiserCall, Forward], Any], key: str | None = None) -> None:
-        self.fn = fn
-        self.key = key or f"function:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
-
-    def begin(self, run: SamplingRun) -> StepHook:
-        fn = self.fn
-
-        class _Hook(StepHook):
-            def denoise(self, call: DenoiserCall, forward: Forward) -> Any:
-                return fn(call, forward)
-
-        return _Hook()
-
-
-def check_patch(patch: Any) -> None:
-    """Raise ``TypeError`` unless ``patch`` offers ``apply`` or ``begin`` like :class:`ModelPatch`."""
-    if not (callable(getattr(patch, "apply", None)) or callable(getattr(patch, "begin", None))):
-        raise TypeError(
-            f"expected a model patch (an object with apply(module) and/or begin(run), see "
-            f"dagfusion.nodes.diffusion.hooks.ModelPatch), got {type(patch).__name__}"
-        )
-
-
 def chain(hooks: Sequence[StepHook], innermost: Forward) -> Forward:
     """The forward function that runs ``hooks`` (first = outermost) around ``innermost``."""
     forward = innermost
@@ -212,14 +167,3 @@ def _wrap(hook: StepHook, inner: Forward) -> Forward:
         return hook.denoise(call, inner)
 
     return forward
-
-
-@contextlib.contextmanager
-def applied(patches: Sequence[Any], module: Any):  # type: ignore[no-untyped-def]
-    """Enter every patch's ``apply(module)`` in order; exit them in reverse."""
-    with contextlib.ExitStack() as stack:
-        for patch in patches:
-            apply = getattr(patch, "apply", None)
-            if apply is not None:
-                stack.enter_context(apply(module))
-        yield module

@@ -2,7 +2,7 @@
 
 ::
 
-    from dagfusion.nodes.cache.macs import count_macs
+    from dagfusion.model import count_macs
 
     with count_macs(unet) as counter:
         unet(sample, t, encoder_hidden_states=text)

@@ -24,6 +24,13 @@ A plugin package's test, in full::
     ''', registry=REGISTRY, tmp_path=tmp_path)
         assert result.output("blur.tensor").shape == (3, 16, 16)
 
+Tiny models
+===========
+:mod:`dagfusion.testing.models` (imported only when you import it) builds tiny random
+diffusion models offline from configs — SD, SDXL, DiT, PixArt, a video UNet — and writes them as
+diffusers folders: ``models.write_model("sd", tmp_path / "tiny-sd")``, or in-memory handles with
+``models.sd_handles()``.
+
 Functions
 =========
 ``make_registry(*plugins, builtins=True, entrypoints=False, environ=None) -> Registry``
@@ -706,6 +713,15 @@ def _persist_problems(spec: NodeSpec, registry: Registry, outputs: Mapping[str, 
         if fingerprint(loaded) != fingerprint(value):
             problems.append(f"{label}: output {out_spec.name!r} changes when saved and loaded by its serializer")
     return problems
+
+
+def __getattr__(name: str) -> Any:
+    """``dagfusion.testing.models`` on first use (it is never imported with this module)."""
+    if name == "models":
+        import importlib
+
+        return importlib.import_module("dagfusion.testing.models")
+    raise AttributeError(f"module 'dagfusion.testing' has no attribute {name!r}")
 
 
 # --- pytest fixtures --------------------------------------------------------------------------

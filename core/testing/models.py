@@ -1,4 +1,8 @@
-"""Tiny random diffusion models, built offline from configs, for node examples, tests and benchmarks.
+"""``dagfusion.testing.models``: tiny random diffusion models, built offline from configs, for node
+examples, tests, benchmarks and documentation.
+
+Importing this module is cheap; each builder imports torch, diffusers and transformers when
+called (``pip install dagfusion[diffusion]``). ``import dagfusion.testing`` alone never loads it.
 
 Nothing here downloads anything: tokenizers are made from a small vocabulary written below
 (single characters plus a few merges), and every model is a few hundred kilobytes of random
@@ -217,8 +221,8 @@ def sd_handles() -> dict[str, Any]:
     """In-memory handles over the tiny SD model plus a conditioning, latent and image (node examples)."""
     import torch
 
+    from dagfusion.model import ModelHandle, TextEncoderBundle, VAEHandle
     from dagfusion.nodes.diffusion.data import Latent, SchedulerSpec
-    from dagfusion.nodes.diffusion.handle import ModelHandle, TextEncoderBundle, VAEHandle
     from dagfusion.nodes.diffusion.text import encode_prompt
 
     pipe = _cached_pipeline("sd", 0)
@@ -240,8 +244,8 @@ def pixart_handles() -> dict[str, Any]:
     (one prompt) and an 8 x 8 ``latent``."""
     import torch
 
+    from dagfusion.model import TextEncoderBundle
     from dagfusion.nodes.diffusion.data import Latent
-    from dagfusion.nodes.diffusion.handle import TextEncoderBundle
     from dagfusion.nodes.diffusion.text import encode_prompt
 
     pipe = _cached_pipeline("pixart", 0)
@@ -258,8 +262,8 @@ def dit_model() -> Any:
 
 
 def _handle(module: Any, scheduler: Any) -> Any:
+    from dagfusion.model import ModelHandle
     from dagfusion.nodes.diffusion.data import SchedulerSpec
-    from dagfusion.nodes.diffusion.handle import ModelHandle
 
     spec = SchedulerSpec(type(scheduler).__name__, dict(scheduler.config))
     return ModelHandle.from_module(module, scheduler=spec, vae_scale_factor=2)

@@ -23,7 +23,7 @@ on every step (the denoiser is called every step; only the span's blocks are ski
 whose batch layout differs from the cached one runs in full.
 
 MACs of one full and one partial call per batch layout are counted
-(:func:`~dagfusion.nodes.cache.macs.count_macs`) and each run's statistics are left in
+(:func:`~dagfusion.model.count_macs`) and each run's statistics are left in
 ``patch.last_stats``.
 """
 
@@ -36,9 +36,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from dagfusion import INT, STRING, Input, Output, RunContext, node
+from dagfusion.model import CallCosts, DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook, call_layout, unwrap_compiled
 from dagfusion.nodes.cache import schedules
-from dagfusion.nodes.cache.macs import CallCosts, call_layout
-from dagfusion.nodes.diffusion.hooks import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook
 from dagfusion.nodes.diffusion.types import MODEL
 
 Span = tuple[int, int]
@@ -50,7 +49,7 @@ def blocks_of(module: Any) -> Any:
 
     :raises TypeError: naming the class, for UNets and denoisers without ``transformer_blocks``.
     """
-    inner = getattr(module, "_orig_mod", module)
+    inner = unwrap_compiled(module)
     names = {cls.__name__ for cls in type(inner).__mro__}
     if any("UNet" in name for name in names):
         raise TypeError(
@@ -278,7 +277,7 @@ class BlockCachePatch(ModelPatch):
         spans = self.spans(run.steps)
         for span in set(spans):
             check_span(span, len(blocks))
-        inner = getattr(run.module, "_orig_mod", run.module)
+        inner = unwrap_compiled(run.module)
         hook = BlockCacheHook(self, inner, blocks, self.plan(run.steps), spans, self.correction(run),
                               measure=self.measure and inner is run.module)
         hook.correct_full = self.full_correction(run)
@@ -354,13 +353,13 @@ class BlockCacheHook(StepHook):
 
 
 def _example() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     return {"model": tiny.pixart_handles()["model"], "interval": 2, "span": "0-1"}
 
 
 def _delta_dit_example() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     return {"model": tiny.dit_model(), "interval": 2, "span": "1-2", "late_span": "0-1", "boundary": 2}
 

@@ -49,7 +49,7 @@ from dagfusion.nodes.cache.deepcache import (
     check_branch,
     unet_of,
 )
-from dagfusion.nodes.diffusion.hooks import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook
+from dagfusion.model import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook, unwrap_compiled
 from dagfusion.nodes.diffusion.schedulers import SAMPLER_CHOICES
 from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL
 
@@ -318,7 +318,7 @@ class _RecordingPatch(ModelPatch):
 
 def denoiser_kind(module: Any) -> str:
     """``"unet"`` or ``"dit"``; :raises TypeError: for other denoisers."""
-    inner = getattr(module, "_orig_mod", module)
+    inner = unwrap_compiled(module)
     if "UNet2DConditionModel" in {cls.__name__ for cls in type(inner).__mro__}:
         return "unet"
     blockcache.blocks_of(module)
@@ -364,7 +364,7 @@ def calibrate(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
     kind = denoiser_kind(model.denoiser)
-    inner = getattr(model.denoiser, "_orig_mod", model.denoiser)
+    inner = unwrap_compiled(model.denoiser)
     if kind == "unet":
         check_branch(unet_of(model.denoiser), branch)
         used_span = None
@@ -508,7 +508,7 @@ def schedule_patch(schedule: CacheSchedule, *, correct: bool = True) -> ModelPat
 def check_fits(schedule: CacheSchedule, module: Any) -> None:
     """:raises ValueError: when ``module`` is not the kind of denoiser ``schedule`` was calibrated on."""
     kind = denoiser_kind(module)
-    inner = getattr(module, "_orig_mod", module)
+    inner = unwrap_compiled(module)
     expected = schedule.architecture.get("class")
     if kind != schedule.kind or type(inner).__name__ != expected:
         raise ValueError(
@@ -535,7 +535,7 @@ CACHE_SCHEDULE = SocketType(
 
 
 def _calibrate_example_unet() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     handles = tiny.sd_handles()
     return {"model": handles["model"], "conditioning": handles["conditioning"], "latent": handles["latent"],
@@ -543,7 +543,7 @@ def _calibrate_example_unet() -> dict[str, Any]:
 
 
 def _calibrate_example_dit() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     handles = tiny.pixart_handles()
     return {"model": handles["model"], "conditioning": handles["conditioning"], "latent": handles["latent"],
@@ -615,7 +615,7 @@ def cachequant_calibrate(
 
 
 def _apply_example() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     handles = tiny.sd_handles()
     schedule = calibrate(handles["model"], handles["conditioning"], handles["latent"], steps=6, full=2, guidance_scale=4.0)

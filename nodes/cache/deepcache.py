@@ -29,7 +29,7 @@ the whole batch (both classifier-free-guidance halves, which the sampler sends i
 a call whose batch layout differs from the cached one runs in full.
 
 Each run measures the MACs of one full and one partial call per batch shape
-(:func:`~dagfusion.nodes.cache.macs.count_macs`; MACs depend on shapes only) and leaves its
+(:func:`~dagfusion.model.count_macs`; MACs depend on shapes only) and leaves its
 statistics in ``patch.last_stats`` (read-only reporting: the patch is shared by every handle
 and run that uses it, so this is the *last* run's numbers).
 """
@@ -41,15 +41,17 @@ import threading
 from typing import Any
 
 from dagfusion import FLOAT, INT, STRING, Input, Output, RunContext, node
-from dagfusion.nodes.cache import schedules
-from dagfusion.nodes.cache.macs import CallCosts, call_layout
-from dagfusion.nodes.diffusion.hooks import (
+from dagfusion.model import (
+    CallCosts,
     DenoiserCall,
     Forward,
     ModelPatch,
     SamplingRun,
     StepHook,
+    call_layout,
+    unwrap_compiled,
 )
+from dagfusion.nodes.cache import schedules
 from dagfusion.nodes.diffusion.types import MODEL
 
 # --- the UNet ---------------------------------------------------------------------------------
@@ -60,7 +62,7 @@ def unet_of(module: Any) -> Any:
 
     :raises TypeError: naming the class, when ``module`` is not a ``UNet2DConditionModel``.
     """
-    inner = getattr(module, "_orig_mod", module)
+    inner = unwrap_compiled(module)
     if "UNet2DConditionModel" not in {cls.__name__ for cls in type(inner).__mro__}:
         raise TypeError(
             f"DeepCache works on UNet denoisers (diffusers UNet2DConditionModel: SD 1.x/2.x, SDXL); this model's "
@@ -107,7 +109,7 @@ def unet_partial_forward(unet: Any, sample: Any, timestep: Any, kwargs: dict[str
     """
     import torch
 
-    unet = getattr(unet, "_orig_mod", unet)
+    unet = unwrap_compiled(unet)
     unknown = sorted(set(kwargs) - _KNOWN_KWARGS)
     if unknown:
         raise TypeError(f"DeepCache's partial UNet forward does not know the input(s) {unknown}")
@@ -220,7 +222,7 @@ def capture_deep_feature(unet: Any, branch: int, run: Any, transform: Any = None
         (CacheQuant's correction of the quantization error); the *untransformed* feature is returned.
     :returns: ``(what run() returned, the last captured feature or None)``.
     """
-    unet = getattr(unet, "_orig_mod", unet)
+    unet = unwrap_compiled(unet)
     block = unet.up_blocks[len(unet.up_blocks) - 1 - branch]
     owner = threading.get_ident()
     captured: list[Any] = []
@@ -397,13 +399,13 @@ class DeepCacheHook(StepHook):
 
 
 def _example() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     return {"model": tiny.sd_handles()["model"], "interval": 2, "branch": 0}
 
 
 def _explicit_example() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     return {"model": tiny.sd_handles()["model"], "schedule": "explicit", "full_steps": "0, 2, 3", "branch": 1}
 

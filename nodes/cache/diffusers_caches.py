@@ -57,8 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dagfusion import FLOAT, INT, SEED, STRING, Input, Output, RunContext, node
-from dagfusion.nodes.diffusion import tiny
-from dagfusion.nodes.diffusion.hooks import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook
+from dagfusion.model import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook, unwrap_compiled
 from dagfusion.nodes.diffusion.schedulers import SAMPLER_CHOICES
 from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL
 
@@ -102,11 +101,6 @@ def _all_hook_names() -> frozenset[str]:
 
 
 # --- which method works on which denoiser -----------------------------------------------------
-
-
-def inner_module(module: Any) -> Any:
-    """``module`` itself, or the module a ``torch.compile`` wrapper holds."""
-    return getattr(module, "_orig_mod", module)
 
 
 def _top_level_blocks(inner: Any) -> list[Any]:
@@ -171,9 +165,9 @@ def unsupported_reasons(module: Any) -> dict[str, str]:
 
     from diffusers.hooks._common import _CROSS_TRANSFORMER_BLOCK_IDENTIFIERS, _SPATIAL_TRANSFORMER_BLOCK_IDENTIFIERS
 
-    from dagfusion.nodes.diffusion.denoisers import family_for
+    from dagfusion.model import family_for
 
-    inner = inner_module(module)
+    inner = unwrap_compiled(module)
     reasons: dict[str, str] = {}
     problem = _block_problem(inner, 2)
     if problem:
@@ -218,7 +212,7 @@ def check_supported(module: Any, method: str) -> None:
         raise ValueError(f"unknown diffusers cache method {method!r}; expected one of {list(METHODS)}")
     reasons = unsupported_reasons(module)
     if method in reasons:
-        cls = type(inner_module(module)).__name__
+        cls = type(unwrap_compiled(module)).__name__
         supported = [m for m in METHODS if m not in reasons]
         raise ValueError(
             f"diffusers' {method} does not work on a {cls}: {reasons[method]}. "
@@ -397,7 +391,7 @@ class _ModuleState:
 
 def hooked_modules(module: Any) -> list[str]:
     """Names of the submodules of ``module`` (``""``: itself) that carry diffusers hooks."""
-    return [name for name, m in inner_module(module).named_modules()
+    return [name for name, m in unwrap_compiled(module).named_modules()
             if getattr(vars(m).get("_diffusers_hook"), "hooks", None)]
 
 
@@ -479,7 +473,7 @@ class DiffusersCachePatch(ModelPatch):
     def apply(self, module: Any) -> Iterator[Any]:
         from diffusers.hooks import HookRegistry
 
-        inner = inner_module(module)
+        inner = unwrap_compiled(module)
         method = self.settings.method
         check_supported(inner, method)
         present = hooked_modules(inner)
@@ -521,7 +515,7 @@ class DiffusersCachePatch(ModelPatch):
     def begin(self, run: SamplingRun) -> StepHook:
         from diffusers.hooks import HookRegistry
 
-        inner = inner_module(run.module)
+        inner = unwrap_compiled(run.module)
         session = _sessions().get((id(self), id(inner)))
         if session is None:
             raise RuntimeError(
@@ -665,14 +659,20 @@ def parse_mag_ratios(text: str) -> tuple[float, ...]:
 
 
 def _example_pab_unet() -> dict[str, Any]:
+    from dagfusion.testing import models as tiny
+
     return {"model": tiny.sd_handles()["model"], "method": "pyramid_attention_broadcast"}
 
 
 def _example_fbc_pixart() -> dict[str, Any]:
+    from dagfusion.testing import models as tiny
+
     return {"model": tiny.pixart_handles()["model"], "method": "first_block_cache", "threshold": 0.1}
 
 
 def _example_mag_pixart() -> dict[str, Any]:
+    from dagfusion.testing import models as tiny
+
     return {"model": tiny.pixart_handles()["model"], "method": "mag_cache", "mag_ratios": "1.0, 0.94, 1.01, 1.0, 0.99, 1.01"}
 
 
@@ -775,6 +775,8 @@ def diffusers_cache(
 
 
 def _example_calibrate() -> dict[str, Any]:
+    from dagfusion.testing import models as tiny
+
     return {**tiny.pixart_handles(), "steps": 3,
             "guidance_scale": 4.0, "sampler": "euler", "seed": 1}
 

@@ -76,14 +76,15 @@ from typing import Any
 
 from dagfusion import FLOAT, INT, PATH, SEED, STRING, Input, Output, RunContext, node
 from dagfusion.nodes.cache.lazydit_objective import lazy_gate_loss
-from dagfusion.nodes.diffusion import tiny
-from dagfusion.nodes.diffusion.hooks import (
+from dagfusion.model import (
     DenoiserCall,
     Forward,
     ModelPatch,
     SamplingRun,
     StepHook,
     StepInfo,
+    applied_patch,
+    unwrap_compiled,
 )
 from dagfusion.nodes.diffusion.types import LATENT, MODEL
 
@@ -106,7 +107,7 @@ def transformer_of(module: Any) -> Any:
     :raises TypeError: for UNets (pointing to DeepCache) and for denoisers without adaLN
         ``BasicTransformerBlock``\\ s (DiT, PixArt).
     """
-    inner = getattr(module, "_orig_mod", module)
+    inner = unwrap_compiled(module)
     names = {cls.__name__ for cls in type(inner).__mro__}
     if any("UNet" in name for name in names):
         raise TypeError(
@@ -214,9 +215,7 @@ def controller(module: Any) -> LazyController:
 
     :raises ValueError: the module carries no applied gates (explaining how to add them).
     """
-    for candidate in (module, getattr(module, "_orig_mod", None)):
-        if candidate is None:
-            continue
+    for candidate in (module, unwrap_compiled(module)):
         with contextlib.suppress(TypeError):
             found = _CONTROLLERS.get(candidate)
             if found is not None:
@@ -719,12 +718,16 @@ class LazyDiTHook(LazySession, StepHook):
 
 
 def _gated_pixart(seed: int = 0) -> Any:
+    from dagfusion.testing import models as tiny
+
     model = tiny.pixart_handles()["model"]
     arch = architecture(model.denoiser)
     return model.with_patch(LazyGates(new_gates(arch, seed=seed), arch))
 
 
 def _gates_example() -> dict[str, Any]:
+    from dagfusion.testing import models as tiny
+
     return {"model": tiny.pixart_handles()["model"], "seed": 1, "init_bias": 0.5}
 
 
@@ -752,7 +755,7 @@ def lazydit_gates(ctx: RunContext, model: Any, seed: int, init_bias: float) -> A
     turns skipping on.
     """
     arch = architecture(model.denoiser)
-    if any(isinstance(p, LazyGates) for p in model.patches):
+    if applied_patch(model, LazyGates) is not None:
         raise ValueError("this model already has LazyDiT gates; a model takes one gate set")
     return model.with_patch(LazyGates(new_gates(arch, seed=seed, init_bias=init_bias), arch))
 
@@ -800,6 +803,7 @@ def lazydit(ctx: RunContext, model: Any, rule: str, laziness: float, threshold: 
 
 def _stats_example() -> dict[str, Any]:
     from dagfusion.nodes.diffusion.sampling import sample
+    from dagfusion.testing import models as tiny
 
     parts = tiny.pixart_handles()
     _, gates = find_gates(_gated_pixart())
@@ -865,6 +869,8 @@ def save_lazy_gates(ctx: RunContext, model: Any, filename: str) -> str:
 
 
 def _load_example(folder: Any) -> dict[str, Any]:
+    from dagfusion.testing import models as tiny
+
     path = folder / "gates.safetensors"
     _, gates = find_gates(_gated_pixart(seed=3))
     gates.save(path)

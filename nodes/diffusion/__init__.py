@@ -12,10 +12,10 @@ Node ids (all version 1.0.0):
 Types: ``MODEL``, ``VAE``, ``CLIP``, ``SCHEDULER``, ``CONDITIONING``, ``LATENT``, ``IMAGE``,
 ``MASK``, ``VIDEO`` (:mod:`~dagfusion.nodes.diffusion.types`).
 
-The seams for other packs: :class:`~dagfusion.nodes.diffusion.handle.ModelHandle` (clone and
-add patches), :mod:`~dagfusion.nodes.diffusion.hooks` (the documented step hook),
-:func:`~dagfusion.nodes.diffusion.denoisers.register_family` (new denoiser kinds) and
-:func:`~dagfusion.nodes.diffusion.sampling.sample` (the loop as a function).
+The seams for other packs live in :mod:`dagfusion.model` (handles, patches, the step hook,
+denoiser families, the model cache); this pack adds :func:`~dagfusion.nodes.diffusion.sampling.sample`
+(the loop as a function) and its built-in denoiser families
+(:mod:`~dagfusion.nodes.diffusion.families`, registered by :func:`register_denoiser_families`).
 
 Registering this pack imports neither torch nor diffusers nor transformers: each node imports
 them when it runs.
@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from dagfusion import hookimpl
-from dagfusion.nodes.diffusion import conditioning, images, latents, loaders, sampling, schedulers, text, vae
+from dagfusion.nodes.diffusion import conditioning, families, images, latents, loaders, sampling, schedulers, text, vae
 from dagfusion.nodes.diffusion.types import TYPES
 
 NODES = (
@@ -52,3 +52,8 @@ def register_types(register: Any) -> None:
 def register_nodes(register: Any) -> None:
     for spec in NODES:
         register(spec)
+
+
+def register_denoiser_families(register: Any) -> None:
+    """Register the pack's denoiser families (UNet, DiT, PixArt, SVD): ``register(family)`` each."""
+    families.register_denoiser_families(register)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from dagfusion import INT, Input, Output, RunContext, node
+from dagfusion.model import ModelHandle
 from dagfusion.nodes.diffusion.data import Latent
-from dagfusion.nodes.diffusion.handle import ModelHandle
 from dagfusion.nodes.diffusion.types import LATENT, MODEL
 
 
@@ -14,7 +14,7 @@ def empty_latent(model: ModelHandle, width: int, height: int, batch_size: int = 
     """Zeros shaped for ``model``: ``(B, C, H/f, W/f)``, or ``(B, F, C, H/f, W/f)`` for video models."""
     import torch
 
-    from dagfusion.nodes.diffusion.denoisers import family_for
+    from dagfusion.model import family_for
 
     module = model.denoiser
     family = family_for(module)
@@ -25,7 +25,7 @@ def empty_latent(model: ModelHandle, width: int, height: int, batch_size: int = 
 
 
 def _example() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     return {"model": tiny.sd_handles()["model"], "width": 32, "height": 32, "batch_size": 2}
 

@@ -36,8 +36,8 @@ _OUTPUTS = [
 def placement(ctx: RunContext, device: str, dtype: str) -> tuple[str, str]:
     """``(device, dtype)`` a loader places weights at (``"auto"`` resolved; fp32 on the CPU, else
     fp16), after giving the shared model cache the settings' budget."""
+    from dagfusion.model import default_cache
     from dagfusion.nodes.diffusion.loading import resolve_device
-    from dagfusion.nodes.diffusion.model_cache import default_cache
 
     default_cache().set_budget(ctx.settings.model_cache_bytes)
     resolved = resolve_device(device, ctx.device)
@@ -51,7 +51,7 @@ def _outputs(loaded: Any) -> dict[str, Any]:
 
 
 def _example_folder(folder: Any) -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     return {"path": str(tiny.write_model("sd", folder / "tiny-sd")), "device": "cpu", "dtype": "fp32"}
 
@@ -82,7 +82,7 @@ def load_diffusers(ctx: RunContext, path: str, device: str, dtype: str, offload:
 
 
 def _example_hub(folder: Any) -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     cache = tiny.write_hf_cache("sd", folder / "hub", "dagfusion-tests/tiny-sd")
     return {"repo_id": "dagfusion-tests/tiny-sd", "cache_dir": str(cache), "device": "cpu", "dtype": "fp32"}
@@ -126,7 +126,7 @@ def load_from_hf_cache(
 
 
 def _example_single_file(folder: Any) -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     paths = tiny.write_single_file("sd", folder / "single")
     return {"path": str(paths["checkpoint"]), "config": str(paths["config"]), "device": "cpu", "dtype": "fp32"}

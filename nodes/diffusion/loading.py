@@ -1,6 +1,6 @@
 """Loading models, offline: diffusers folders, the local Hugging Face cache, single-file checkpoints.
 
-Every load goes through the process-wide :mod:`~dagfusion.nodes.diffusion.model_cache`, keyed
+Every load goes through the process-wide :mod:`~dagfusion.model.cache`, keyed
 by the resolved path, its content fingerprint, the dtype and where the weights are placed, so
 the same folder is never loaded twice. Handles reference cache entries; nothing here keeps a
 module alive by itself.
@@ -27,9 +27,8 @@ from typing import Any
 
 from dagfusion import UnsafeOperationError
 from dagfusion.confinement import check_tree_readable
+from dagfusion.model import ComponentRef, ModelCache, ModelHandle, TextEncoderBundle, VAEHandle, default_cache
 from dagfusion.nodes.diffusion.data import SchedulerSpec
-from dagfusion.nodes.diffusion.handle import ComponentRef, ModelHandle, TextEncoderBundle, VAEHandle
-from dagfusion.nodes.diffusion.model_cache import ModelCache, default_cache
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEVICES = ("auto", "cpu", "cuda", "mps")

@@ -1,7 +1,7 @@
 """dagfusion's denoising loop over diffusers schedulers, and the Sample node.
 
 The loop (:func:`sample`) is written once for every model family
-(:mod:`~dagfusion.nodes.diffusion.denoisers`) and every scheduler, and follows the diffusers
+(:mod:`~dagfusion.model.families`) and every scheduler, and follows the diffusers
 pipelines step for step, so that the same seed, scheduler and step count give the same
 latents as ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``DiTPipeline`` and
 ``PixArtAlphaPipeline`` (the equivalence tests check it):
@@ -12,7 +12,7 @@ latents as ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``DiTPipe
    model's dtype; text-to-image starts from ``noise * init_noise_sigma``, img2img from the input
    latents noised to the first timestep (``add_noise``, or ``scale_noise`` for flow matching);
 3. each step: batch both guidance halves, ``scale_model_input``, call the denoiser through the
-   step-hook chain (:mod:`~dagfusion.nodes.diffusion.hooks`), combine with classifier-free
+   step-hook chain (:mod:`~dagfusion.model.hooks`), combine with classifier-free
    guidance (and optional rescale), ``scheduler.step`` (passing ``eta`` and the generator where
    the scheduler takes them), report progress (which also checks for cancellation), preview.
 
@@ -25,8 +25,8 @@ import inspect
 from typing import Any
 
 from dagfusion import FLOAT, INT, SEED, STRING, Input, Output, RunContext, node
+from dagfusion.model import ModelHandle, patch_key
 from dagfusion.nodes.diffusion.data import Conditioning, Latent, SchedulerSpec
-from dagfusion.nodes.diffusion.handle import ModelHandle, patch_key
 from dagfusion.nodes.diffusion.schedulers import SAMPLER_CHOICES, spec_for
 from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL, SCHEDULER
 
@@ -102,8 +102,7 @@ def sample(
     """
     import torch
 
-    from dagfusion.nodes.diffusion.denoisers import family_for
-    from dagfusion.nodes.diffusion.hooks import DenoiserCall, SamplingRun, StepInfo, applied, chain
+    from dagfusion.model import DenoiserCall, SamplingRun, StepInfo, apply_patches, chain, family_for
     from dagfusion.nodes.diffusion.schedulers import is_flow_matching
 
     if steps < 1:
@@ -174,7 +173,7 @@ def sample(
         one_step_original = family.name == "pixart" and total == 1
         scale_input = getattr(sched, "scale_model_input", None)
 
-        with applied(model.patches, module):
+        with apply_patches(model.patches, module):
             run = SamplingRun(
                 handle=model, module=module, family=family.name, scheduler=sched, timesteps=tuple(values),
                 steps=total, guidance_scale=guidance_scale, cfg=cfg, seed=int(seed), shape=shape,
@@ -244,7 +243,7 @@ def latent_preview(latents: Any) -> Any:
 
 
 def _sample_example() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     parts = tiny.sd_handles()
     return {"model": parts["model"], "conditioning": parts["conditioning"], "latent": parts["latent"],

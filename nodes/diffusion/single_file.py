@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dagfusion import UnsafeOperationError
-from dagfusion.nodes.diffusion.handle import ComponentRef, ModelHandle, TextEncoderBundle, VAEHandle
+from dagfusion.model import ComponentRef, ModelHandle, TextEncoderBundle, VAEHandle
 from dagfusion.nodes.diffusion.loading import (
     PICKLE_HINT,
     PICKLE_SUFFIXES,
@@ -32,7 +32,7 @@ from dagfusion.nodes.diffusion.loading import (
     torch_dtype,
     vae_scale_factor,
 )
-from dagfusion.nodes.diffusion.model_cache import ModelCache, default_cache
+from dagfusion.model import ModelCache, default_cache
 
 CONFIGS = Path(__file__).parent / "configs"
 ARCHITECTURES = ("sd1", "sd2", "sdxl")

@@ -20,8 +20,8 @@ import logging
 from typing import Any
 
 from dagfusion import INT, STRING, Input, Output, RunContext, node
+from dagfusion.model import TextEncoderBundle
 from dagfusion.nodes.diffusion.data import Conditioning
-from dagfusion.nodes.diffusion.handle import TextEncoderBundle
 from dagfusion.nodes.diffusion.types import CLIP, CONDITIONING
 
 _logger = logging.getLogger("dagfusion.node")
@@ -93,10 +93,11 @@ def encode_prompt(
 
 
 class _all_placed:  # noqa: N801 - a context manager used like a function
-    """Put every encoder of an offloaded bundle on its compute device for the duration."""
+    """Put every encoder of the bundle on its compute device, with the bundle's patches applied to
+    each, for the duration."""
 
     def __init__(self, bundle: TextEncoderBundle, encoders: list[Any]) -> None:
-        self._contexts = [bundle.use(e) for e in encoders]
+        self._contexts = [bundle.patched(e) for e in encoders]
 
     def __enter__(self) -> None:
         for context in self._contexts:
@@ -186,7 +187,7 @@ def _encode_t5(
 
 
 def _encode_example() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     return {"clip": tiny.sd_handles()["clip"], "prompt": "a red fox in the snow", "negative_prompt": "blurry"}
 

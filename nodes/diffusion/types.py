@@ -21,19 +21,19 @@ _PKG = "dagfusion.nodes.diffusion"
 
 MODEL = SocketType(
     "MODEL",
-    python_types=(f"{_PKG}.handle.ModelHandle",),
+    python_types=("dagfusion.model.handle.ModelHandle",),
     description="A denoiser (UNet or transformer) handle: shared weights plus the patches applied while sampling.",
     color="#b39ddb",
 )
 VAE = SocketType(
     "VAE",
-    python_types=(f"{_PKG}.handle.VAEHandle",),
+    python_types=("dagfusion.model.handle.VAEHandle",),
     description="A variational autoencoder handle (pixels <-> latents).",
     color="#ef5350",
 )
 CLIP = SocketType(
     "CLIP",
-    python_types=(f"{_PKG}.handle.TextEncoderBundle",),
+    python_types=("dagfusion.model.handle.TextEncoderBundle",),
     description="Text encoder(s) with their tokenizer(s): CLIP (SD 1/2), dual CLIP (SDXL) or T5 (PixArt).",
     color="#ffd54f",
 )

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from dagfusion import BOOLEAN, INT, SEED, STRING, Input, Output, RunContext, node
+from dagfusion.model import VAEHandle
 from dagfusion.nodes.diffusion.data import Latent
-from dagfusion.nodes.diffusion.handle import VAEHandle
 from dagfusion.nodes.diffusion.types import IMAGE, LATENT, VAE
 
 LINEAGE_ATTR = "dagfusion_lineage"
@@ -185,7 +185,7 @@ def decode(
                 return tiled_decode(module, z, tile_size, tile_overlap, frames)
             return _decode_raw(module, z, frames)
 
-    with vae.use(module), torch.no_grad():
+    with vae.patched(module), torch.no_grad():
         upcast = precision == "fp32" or needs_upcast(vae, module)
         image = run(upcast)
         if not upcast and image.dtype != torch.float32 and not bool(torch.isfinite(image).all()):
@@ -213,7 +213,7 @@ def encode(vae: VAEHandle, image: Any, *, mode: str = "mode", seed: int = 0) -> 
     elif image.shape[1] != 3:
         raise ValueError(f"expected 1, 3 or 4 image channels, got {image.shape[1]}")
     module = vae.module
-    with vae.use(module), torch.no_grad(), _compute_dtype(module, needs_upcast(vae, module)) as dtype:
+    with vae.patched(module), torch.no_grad(), _compute_dtype(module, needs_upcast(vae, module)) as dtype:
         device = next(module.parameters()).device
         x = (image.to(device=device, dtype=dtype) * 2 - 1)
         dist = module.encode(x).latent_dist
@@ -230,7 +230,7 @@ def encode(vae: VAEHandle, image: Any, *, mode: str = "mode", seed: int = 0) -> 
 def _decode_example() -> dict[str, Any]:
     import torch
 
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     generator = torch.Generator().manual_seed(0)
     return {"vae": tiny.sd_handles()["vae"], "latent": Latent(torch.randn(1, 4, 16, 16, generator=generator)),
@@ -238,7 +238,7 @@ def _decode_example() -> dict[str, Any]:
 
 
 def _encode_example() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     parts = tiny.sd_handles()
     return {"vae": parts["vae"], "image": parts["image"], "mode": "sample", "seed": 1}

@@ -23,6 +23,7 @@ import importlib.util
 from collections.abc import Iterable
 from typing import Any
 
+from dagfusion.model import unwrap_compiled
 from dagfusion.nodes.quant.formats import QuantSpec
 
 BACKENDS = ("auto", "torch", "torchao")
@@ -87,7 +88,7 @@ def torchao_quantize(module: Any, spec: QuantSpec, layers: Iterable[str]) -> Any
 
     config = torchao_config(spec)
     wanted = set(layers)
-    inner = getattr(module, "_orig_mod", module)
+    inner = unwrap_compiled(module)
     quantized = copy.deepcopy(inner)
 
     def selected(layer: Any, name: str) -> bool:
@@ -101,5 +102,5 @@ def linear_layers(module: Any, names: Iterable[str]) -> list[str]:
     """Those of ``names`` that are ``nn.Linear`` modules of ``module`` (what torchao converts)."""
     import torch
 
-    inner = getattr(module, "_orig_mod", module)
+    inner = unwrap_compiled(module)
     return [name for name in names if isinstance(inner.get_submodule(name), torch.nn.Linear)]

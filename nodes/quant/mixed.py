@@ -40,24 +40,30 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from dagfusion.nodes.diffusion.hooks import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook
+from dagfusion.model import (
+    DenoiserCall,
+    Forward,
+    ModelPatch,
+    SamplingRun,
+    StepHook,
+    parameter_places,
+    swap_parameters,
+    unwrap_compiled,
+)
 from dagfusion.nodes.quant.formats import QuantSpec, expected_nbytes, quantize
 from dagfusion.nodes.quant.patch import (
     DEFAULT_KEEP,
     DEFAULT_MIN_PARAMS,
     WeightQuantPatch,
-    install,
-    parameters_of,
     plan_layers,
     quantize_module,
     storage_dtype,
     stored_bits,
-    unwrap,
 )
 
 DEFAULT_BITS: tuple[int, ...] = (1, 2, 3, 4, 8)
@@ -394,7 +400,7 @@ class _Replay:
     def of(cls, module: Any, calls: Sequence[RecordedCall], max_rows: int) -> _Replay:
         import torch
 
-        from dagfusion.nodes.diffusion.denoisers import family_for
+        from dagfusion.model import family_for
 
         family = family_for(module)
         single = [(c.sample, c.timestep, dict(c.kwargs)) for c in calls]
@@ -424,20 +430,7 @@ class _Replay:
         return [self.family.call(self.module, s, t, kw).to(torch.float32) for s, t, kw in self.batches]
 
 
-@contextlib.contextmanager
-def _swapped(param: Any, value: Any) -> Iterator[None]:
-    import torch
-
-    saved: list[tuple[Any, str, Any]] = []
-    try:
-        install(saved, param, torch.nn.Parameter(value, requires_grad=False))
-        yield
-    finally:
-        for owner, attr, original in reversed(saved):
-            owner._parameters[attr] = original
-
-
-def swapped_weight(module: Any, layer: str, value: Any) -> contextlib.AbstractContextManager[None]:
+def swapped_weight(module: Any, layer: str, value: Any) -> contextlib.AbstractContextManager[Any]:
     """Use ``value`` as the weight of ``module``'s ``layer`` inside the ``with`` block.
 
     The weight is replaced by a new ``Parameter`` in every place that holds it (tied weights
@@ -448,11 +441,11 @@ def swapped_weight(module: Any, layer: str, value: Any) -> contextlib.AbstractCo
 
     :raises KeyError: when the module has no parameter ``f"{layer}.weight"``.
     """
-    params = parameters_of(module)
+    params = parameter_places(module)
     name = f"{layer}.weight"
     if name not in params:
         raise KeyError(f"the model has no parameter {name!r}")
-    return _swapped(params[name], value)
+    return swap_parameters(module, {name: value}, places=params)
 
 
 def measure_sensitivity(
@@ -484,9 +477,9 @@ def measure_sensitivity(
     patterns = tuple(keep)
     plan = plan_layers(module, patterns, min_params)
     if not plan.quantize:
-        raise ValueError(f"no layer of the {type(unwrap(module)).__name__} is quantized with keep={list(patterns)} "
+        raise ValueError(f"no layer of the {type(unwrap_compiled(module)).__name__} is quantized with keep={list(patterns)} "
                          f"and min_params={min_params}")
-    params = parameters_of(module)
+    params = parameter_places(module)
     errors: dict[str, dict[int, float]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     with torch.no_grad():
@@ -501,7 +494,7 @@ def measure_sensitivity(
             row: dict[int, float] = {}
             for width in widths:
                 value = quantize(weight, spec_for_bits(width, group_size)).dequantize(dtype=weight.dtype, device=weight.device)
-                with _swapped(param, value):
+                with swap_parameters(module, {f"{name}.weight": value}, places=params):
                     outputs = replay.run()
                 squared = sum(float((o.double() - r.double()).square().sum()) for o, r in zip(outputs, reference))
                 row[width] = squared / elements
@@ -512,7 +505,7 @@ def measure_sensitivity(
     info.update(calls=len(calls), rows=sum(c.rows for c in calls), forward_batches=len(replay.batches))
     return QuantSensitivity(
         errors=errors, shapes=shapes, bits=widths, group_size=int(group_size), keep=patterns, min_params=int(min_params),
-        architecture=type(unwrap(module)).__name__, reference_power=power, calibration=info,
+        architecture=type(unwrap_compiled(module)).__name__, reference_power=power, calibration=info,
     )
 
 
@@ -523,7 +516,7 @@ def check_fits(sensitivity: QuantSensitivity, module: Any, where: str = "sensiti
     """:raises ValueError: (prefixed by ``where``) when ``module``'s selected layers or their shapes
     differ from those the sensitivity was measured on."""
     plan = plan_layers(module, sensitivity.keep, sensitivity.min_params)
-    params = parameters_of(module)
+    params = parameter_places(module)
     problems: list[str] = []
     if set(plan.quantize) != set(sensitivity.layers):
         missing = sorted(set(sensitivity.layers) - set(plan.quantize))
@@ -539,7 +532,7 @@ def check_fits(sensitivity: QuantSensitivity, module: Any, where: str = "sensiti
     if problems:
         raise ValueError(
             f"{where}: expected a sensitivity measured on this model's architecture "
-            f"({type(unwrap(module)).__name__}, {len(plan.quantize)} quantizable layers), got one measured on a "
+            f"({type(unwrap_compiled(module)).__name__}, {len(plan.quantize)} quantizable layers), got one measured on a "
             f"{sensitivity.architecture or 'model'} with {len(sensitivity.layers)} layers: " + "; ".join(problems[:4])
         )
 
@@ -551,7 +544,7 @@ def storage_costs(module: Any, sensitivity: QuantSensitivity) -> tuple[int, int,
     layer at ``bits`` its codes, scales and zero-points."""
     import torch
 
-    params = parameters_of(module)
+    params = parameter_places(module)
     quantized = {f"{name}.weight" for name in sensitivity.layers}
     fixed = 0
     count = 0

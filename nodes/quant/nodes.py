@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dagfusion import DICT, FLOAT, INT, PATH, SEED, STRING, Input, Output, RunContext, node
+from dagfusion.model import applied_patch, patches_of
 from dagfusion.nodes.diffusion.schedulers import SAMPLER_CHOICES
 from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL
 from dagfusion.nodes.quant.backend import BACKENDS
@@ -21,13 +22,14 @@ def require_denoiser(model: Any, node_id: str, input_name: str = "model") -> Any
 
     :raises TypeError: naming the node input, what it expects and what it got.
     """
-    from dagfusion.nodes.quant.patch import is_diffusers_model, unwrap
+    from dagfusion.model import unwrap_compiled
+    from dagfusion.nodes.quant.patch import is_diffusers_model
 
     module = model.denoiser
     if not is_diffusers_model(module):
         raise TypeError(
             f"{node_id} input {input_name!r}: expected a diffusers denoiser (a diffusers ModelMixin such as "
-            f"UNet2DConditionModel or PixArtTransformer2DModel), got a {type(unwrap(module)).__name__}"
+            f"UNet2DConditionModel or PixArtTransformer2DModel), got a {type(unwrap_compiled(module)).__name__}"
         )
     if str(model.info.get("quantization", "")).startswith("torchao"):
         raise TypeError(
@@ -38,9 +40,10 @@ def require_denoiser(model: Any, node_id: str, input_name: str = "model") -> Any
 
 
 def quant_patches(model: Any) -> list[Any]:
+    """The model handle's packed weight-quantization patches, in order."""
     from dagfusion.nodes.quant.patch import WeightQuantPatch
 
-    return [p for p in model.patches if isinstance(p, WeightQuantPatch)]
+    return patches_of(model, WeightQuantPatch)
 
 
 def without_quantization(model: Any) -> Any:
@@ -51,7 +54,7 @@ def without_quantization(model: Any) -> Any:
     from dagfusion.nodes.quant.qat import QATPatch
 
     kinds = (WeightQuantPatch, QATPatch)
-    if not any(isinstance(p, kinds) for p in model.patches):
+    if applied_patch(model, kinds) is None:
         return model
     base = model.without_patches()
     for other in model.patches:
@@ -81,7 +84,7 @@ def _weights_device(module: Any) -> str:
 
 def _example(format: str, **extra: Any) -> Any:
     def make() -> dict[str, Any]:
-        from dagfusion.nodes.diffusion import tiny
+        from dagfusion.testing import models as tiny
 
         return {"model": tiny.sd_handles()["model"], "format": format, "backend": "torch", **extra}
 
@@ -157,8 +160,8 @@ def weight_only(
 
 
 def _with_torchao(model: Any, module: Any, patch: Any, spec: Any) -> dict[str, Any]:
+    from dagfusion.model import StaticRef
     from dagfusion.nodes.diffusion.data import _fingerprint
-    from dagfusion.nodes.diffusion.handle import StaticRef
     from dagfusion.nodes.quant import backend as backends
     from dagfusion.nodes.quant.patch import WeightQuantPatch, average_bits, report
 
@@ -186,7 +189,7 @@ def _with_torchao(model: Any, module: Any, patch: Any, spec: Any) -> dict[str, A
 
 
 def _save_example() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
     from dagfusion.nodes.quant.patch import quantize_module
 
     model = tiny.sd_handles()["model"]
@@ -235,7 +238,7 @@ def save_quantized(ctx: RunContext, model: Any, filename: str) -> dict[str, Any]
 
 
 def _load_example(folder: Any) -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
     from dagfusion.nodes.quant import storage
     from dagfusion.nodes.quant.patch import quantize_module
 
@@ -274,7 +277,7 @@ def load_quantized(ctx: RunContext, model: Any, path: str) -> Any:
 
 
 def _sensitivity_example() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     parts = tiny.sd_handles()
     return {"model": parts["model"], "conditioning": parts["conditioning"], "latent": parts["latent"],
@@ -381,9 +384,10 @@ def _proxy_sensitivity(module: Any, bits: tuple[int, ...], min_params: int) -> A
 
     from dagfusion.nodes.quant.formats import quantize
     from dagfusion.nodes.quant.mixed import QuantSensitivity, spec_for_bits
-    from dagfusion.nodes.quant.patch import DEFAULT_KEEP, parameters_of, plan_layers
+    from dagfusion.model import parameter_places
+    from dagfusion.nodes.quant.patch import DEFAULT_KEEP, plan_layers
 
-    params = parameters_of(module)
+    params = parameter_places(module)
     errors: dict[str, dict[int, float]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for name in plan_layers(module, DEFAULT_KEEP, min_params).quantize:
@@ -398,7 +402,7 @@ def _proxy_sensitivity(module: Any, bits: tuple[int, ...], min_params: int) -> A
 
 def _mixed_example(target: float, bits: tuple[int, ...] = (2, 3, 4, 8)) -> Any:
     def make() -> dict[str, Any]:
-        from dagfusion.nodes.diffusion import tiny
+        from dagfusion.testing import models as tiny
 
         model = tiny.sd_handles()["model"]
         return {"model": model, "sensitivity": _proxy_sensitivity(model.denoiser, bits, DEFAULT_MIN_PARAMS),

@@ -40,11 +40,11 @@ import contextlib
 import fnmatch
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from dagfusion.nodes.diffusion.hooks import ModelPatch
-from dagfusion.nodes.quant.formats import QuantizedTensor, QuantSpec, quantize
+from dagfusion.model import ModelPatch, ParameterPlaces, parameter_places, swap_parameters, unwrap_compiled
+from dagfusion.nodes.quant.formats import QuantSpec, QuantizedTensor, quantize
 
 DEFAULT_KEEP: tuple[str, ...] = (
     "conv_in",
@@ -77,24 +77,19 @@ KEY_PREFIX = "dagfusion.quant.WeightOnly:"
 # --- modules ----------------------------------------------------------------------------------
 
 
-def unwrap(module: Any) -> Any:
-    """The module behind a ``torch.compile`` wrapper (``_orig_mod``), else ``module``."""
-    return getattr(module, "_orig_mod", module)
-
-
 def is_diffusers_model(module: Any) -> bool:
     """Whether ``module`` (through ``torch.compile``) is a diffusers ``ModelMixin`` with a config."""
     try:
         import diffusers
     except ImportError:  # pragma: no cover - the diffusion pack needs diffusers
         return False
-    inner = unwrap(module)
+    inner = unwrap_compiled(module)
     return isinstance(inner, diffusers.ModelMixin) and getattr(inner, "config", None) is not None
 
 
 def architecture_of(module: Any) -> dict[str, Any]:
     """``{"class": name, "config": plain JSON data}`` of a diffusers model (``config`` empty for others)."""
-    inner = unwrap(module)
+    inner = unwrap_compiled(module)
     config = getattr(inner, "config", None)
     plain: dict[str, Any] = {}
     if config is not None:
@@ -110,29 +105,6 @@ def is_quantizable(module: Any) -> bool:
         return False
     weight = module._parameters.get("weight")
     return weight is not None and weight.is_floating_point() and weight.ndim >= 2 and weight.numel() > 0
-
-
-@dataclass
-class _Param:
-    """One distinct parameter and every (module, attribute) that holds it (tied weights)."""
-
-    value: Any
-    places: list[tuple[Any, str]] = field(default_factory=list)
-
-
-def parameters_of(module: Any) -> dict[str, _Param]:
-    """Every distinct parameter of ``module`` by its first name (as ``named_parameters`` names it),
-    with all the places that hold it."""
-    params: dict[int, tuple[str, _Param]] = {}
-    for prefix, owner in unwrap(module).named_modules(remove_duplicate=False):
-        for attr, value in owner._parameters.items():
-            if value is None:
-                continue
-            entry = params.get(id(value))
-            if entry is None:
-                entry = params[id(value)] = (f"{prefix}.{attr}" if prefix else attr, _Param(value))
-            entry[1].places.append((owner, attr))
-    return {name: param for name, param in params.values()}
 
 
 # --- which layers -----------------------------------------------------------------------------
@@ -176,10 +148,10 @@ class LayerPlan:
 def plan_layers(module: Any, keep: Iterable[str] = DEFAULT_KEEP, min_params: int = DEFAULT_MIN_PARAMS) -> LayerPlan:
     """Select the layers of ``module`` to quantize (see the module docstring)."""
     patterns = tuple(keep)
-    params = parameters_of(module)
+    params = parameter_places(module)
     chosen: list[str] = []
     kept: dict[str, str] = {}
-    for name, layer in unwrap(module).named_modules():
+    for name, layer in unwrap_compiled(module).named_modules():
         if not is_quantizable(layer) or f"{name}.weight" not in params:
             continue  # not a Linear/Conv layer, or its weight is tied to one named elsewhere
         pattern = matching_pattern(name, patterns)
@@ -288,25 +260,20 @@ class WeightQuantPatch(ModelPatch):
     def _swapped(self, module: Any) -> Iterator[Any]:
         import torch
 
-        params = parameters_of(module)
+        params = parameter_places(module)
         self.check_fits(params)
-        swaps: list[tuple[Any, str, Any]] = []
-        try:
-            with torch.no_grad():
-                for name, qt in self.quantized_params.items():
-                    target = params[name]
-                    value = qt.dequantize(dtype=target.value.dtype, device=target.value.device)
-                    install(swaps, target, torch.nn.Parameter(value, requires_grad=False))
-                for name, tensor in self.kept.items():
-                    target = params[name]
-                    value = tensor.to(device=target.value.device, dtype=target.value.dtype)
-                    install(swaps, target, torch.nn.Parameter(value, requires_grad=False))
+        values: dict[str, Any] = {}
+        with torch.no_grad():
+            for name, qt in self.quantized_params.items():
+                target = params[name].value
+                values[name] = qt.dequantize(dtype=target.dtype, device=target.device)
+            for name, tensor in self.kept.items():
+                target = params[name].value
+                values[name] = tensor.to(device=target.device, dtype=target.dtype)
+        with swap_parameters(module, values, places=params):
             yield module
-        finally:
-            for owner, attr, original in reversed(swaps):
-                owner._parameters[attr] = original
 
-    def check_fits(self, params: Mapping[str, _Param]) -> None:
+    def check_fits(self, params: Mapping[str, ParameterPlaces]) -> None:
         """:raises ValueError: listing parameters the model lacks or whose shapes differ."""
         problems = []
         wanted = {name: qt.shape for name, qt in self.quantized_params.items()}
@@ -329,14 +296,6 @@ class WeightQuantPatch(ModelPatch):
             f"WeightQuantPatch({self.settings.get('format', '?')}, {len(self.layers)} quantized layers, "
             f"{len(self.kept)} kept tensors, {self.nbytes} bytes)"
         )
-
-
-def install(swaps: list[tuple[Any, str, Any]], target: _Param, value: Any) -> None:
-    """Put ``value`` in every place of ``target`` (tied weights included), recording in ``swaps`` what
-    to restore: ``owner._parameters[attr] = original`` for each ``(owner, attr, original)``, in reverse."""
-    for owner, attr in target.places:
-        swaps.append((owner, attr, owner._parameters[attr]))
-        owner._parameters[attr] = value
 
 
 def _feed(h: Any, tensor: Any) -> None:
@@ -398,7 +357,7 @@ def quantize_module(
             f"layer_specs names {len(unknown)} layer(s) that are not quantized with keep={list(patterns)} and "
             f"min_params={min_params}, e.g. {unknown[:3]}"
         )
-    params = parameters_of(module)
+    params = parameter_places(module)
     layers: dict[str, QuantizedTensor] = {}
     errors: dict[str, float] = {}
     with torch.no_grad():
@@ -434,7 +393,7 @@ def _bits_of(tensor: Any) -> int:
 
 def stored_bits(module: Any, patch: WeightQuantPatch | None = None) -> tuple[int, int]:
     """``(bits, parameters)``: the storage of ``module`` as ``patch`` stores it (see :func:`average_bits`)."""
-    params = parameters_of(module)
+    params = parameter_places(module)
     quantized = patch.quantized_params if patch is not None else {}
     kept = patch.kept if patch is not None else {}
     total_bits = 0
@@ -472,7 +431,7 @@ def report(module: Any, patch: WeightQuantPatch, *, backend: str = "torch") -> d
     "relative_error"}}`` for quantized layers and ``{"bits", "params", "bytes", "kept"}`` (the
     reason) for kept ones.
     """
-    params = parameters_of(module)
+    params = parameter_places(module)
     layers: dict[str, dict[str, Any]] = {}
     quantized_params = 0
     weighted_error = 0.0

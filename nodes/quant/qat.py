@@ -35,18 +35,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from dagfusion.nodes.diffusion.hooks import ModelPatch
+from dagfusion.model import ModelPatch, applied_patch, applying, parameter_places, swap_parameters
 from dagfusion.nodes.quant.formats import QuantizedTensor, _grouped, pack_bits, zero_points
-from dagfusion.nodes.quant.patch import WeightQuantPatch, parameters_of
+from dagfusion.nodes.quant.patch import WeightQuantPatch
 
 KEY_PREFIX = "dagfusion.quant.QAT:"
 
-_ACTIVE: weakref.WeakKeyDictionary[Any, QATPatch] = weakref.WeakKeyDictionary()
-"""The QATPatch applied to each module right now (how an objective finds its teacher switch)."""
 
 
 def _code_range(qt: QuantizedTensor) -> tuple[float, float]:
@@ -106,7 +103,7 @@ class QATPatch(ModelPatch):
     """
 
     def __init__(self, base: WeightQuantPatch, module: Any, *, train_weights: bool = True) -> None:
-        params = parameters_of(module)
+        params = parameter_places(module)
         base.check_fits(params)
         self.base = base
         self.train_weights = bool(train_weights)
@@ -168,45 +165,43 @@ class QATPatch(ModelPatch):
         """Fake-quantized weights for the trainable layers and the fixed dequantized weights of the
         others, set before each call of each layer and the original parameter put back right after
         it (so ``state_dict()`` and checkpoints always see the full-precision weights); registered
-        as the module's active patch (:func:`active`) until exit."""
+        as the module's applied patch (:func:`active`) until exit."""
+        params = parameter_places(module)
+        self.check_fits(params)
+        fixed = {name: qt for name, qt in self.base.layers.items() if name not in self.layers}
+        names = [*self.layers, *fixed]
+        pinned = {f"{name}.weight": params[f"{name}.weight"].value for name in names}  # the originals, back on exit
+        handles: list[Any] = []
+        with swap_parameters(module, pinned, places=params), applying(module, self):
+            try:
+                for name in names:
+                    handles.extend(self._hook_layer(name, params[f"{name}.weight"], fixed.get(name)))
+                yield module
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+    def _hook_layer(self, name: str, place: Any, fixed: Any) -> list[Any]:
+        """Forward hooks on the layer owning ``place`` that swap its weight in for each call: the
+        student's (fake-quantized, or ``fixed`` dequantized) weight, or the original while teaching."""
         import torch
 
-        params = parameters_of(module)
-        self.check_fits(params)
-        handles: list[Any] = []
-        originals: list[tuple[Any, str, Any]] = []
-        fixed = {name: qt for name, qt in self.base.layers.items() if name not in self.layers}
-        try:
-            for name in [*self.layers, *fixed]:
-                place = params[f"{name}.weight"]
-                owner, attr = place.places[0]
-                original = owner._parameters[attr]
-                originals.append((owner, attr, original))
-                if name in self.layers:
-                    student = self.layers[name].weight  # dtype -> fake-quantized weight
-                else:
-                    with torch.no_grad():
-                        value = torch.nn.Parameter(
-                            fixed[name].dequantize(dtype=original.dtype, device=original.device), requires_grad=False)
-                    student = lambda dtype, _value=value: _value  # noqa: E731 - the fixed layers' counterpart
+        owner, attr = place.places[0]
+        original = place.value
+        if fixed is None:
+            student = self.layers[name].weight  # dtype -> fake-quantized weight
+        else:
+            with torch.no_grad():
+                value = torch.nn.Parameter(fixed.dequantize(dtype=original.dtype, device=original.device), requires_grad=False)
+            student = lambda dtype, _value=value: _value  # noqa: E731 - the fixed layers' counterpart
 
-                def pre_hook(mod: Any, args: Any, _attr: str = attr, _original: Any = original, _student: Any = student) -> None:
-                    mod._parameters[_attr] = _original if self.teaching else _student(_original.dtype)
+        def pre_hook(mod: Any, args: Any) -> None:
+            mod._parameters[attr] = original if self.teaching else student(original.dtype)
 
-                def post_hook(mod: Any, args: Any, out: Any, _attr: str = attr, _original: Any = original) -> None:
-                    mod._parameters[_attr] = _original
+        def post_hook(mod: Any, args: Any, out: Any) -> None:
+            mod._parameters[attr] = original
 
-                handles.append(owner.register_forward_pre_hook(pre_hook))
-                handles.append(owner.register_forward_hook(post_hook))
-            _ACTIVE[module] = self
-            yield module
-        finally:
-            if _ACTIVE.get(module) is self:
-                del _ACTIVE[module]
-            for handle in handles:
-                handle.remove()
-            for owner, attr, original in reversed(originals):
-                owner._parameters[attr] = original
+        return [owner.register_forward_pre_hook(pre_hook), owner.register_forward_hook(post_hook)]
 
     def check_fits(self, params: Any) -> None:
         """:raises ValueError: when the module lacks a quantized layer or its shape differs."""
@@ -251,7 +246,7 @@ def active(module: Any) -> QATPatch:
 
     :raises ValueError: when there is none.
     """
-    patch = _ACTIVE.get(getattr(module, "_orig_mod", module)) or _ACTIVE.get(module)
+    patch = applied_patch(module, QATPatch)
     if patch is None:
         raise ValueError(
             "quantization-aware distillation needs a quantized model made trainable by dagfusion.quant.Trainable "

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from dagfusion import BOOLEAN, FLOAT, INT, SEED, STRING, Input, Output, RunContext, node
-from dagfusion.nodes.diffusion.hooks import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook
+from dagfusion.model import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook, patches_of
 from dagfusion.nodes.diffusion.schedulers import SAMPLER_CHOICES
 from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL
 from dagfusion.nodes.quant.nodes import quant_patches, without_quantization
@@ -21,11 +21,11 @@ from dagfusion.nodes.quant.nodes import quant_patches, without_quantization
 def _qat_patches(model: Any) -> list[Any]:
     from dagfusion.nodes.quant.qat import QATPatch
 
-    return [p for p in model.patches if isinstance(p, QATPatch)]
+    return patches_of(model, QATPatch)
 
 
 def _quantized_example(bits: str = "int4") -> Any:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
     from dagfusion.nodes.quant.patch import quantize_module
 
     model = tiny.sd_handles()["model"]
@@ -171,7 +171,7 @@ def measure_error_profile(
 
 
 def _profile_example() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     handles = tiny.sd_handles()
     return {"model": _quantized_example("int3"), "conditioning": handles["conditioning"], "latent": handles["latent"],

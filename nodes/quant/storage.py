@@ -37,7 +37,8 @@ from dagfusion.nodes.quant.formats import (
     expected_nbytes,
     packed_size,
 )
-from dagfusion.nodes.quant.patch import WeightQuantPatch, architecture_of, parameters_of
+from dagfusion.model import parameter_places
+from dagfusion.nodes.quant.patch import WeightQuantPatch, architecture_of
 
 FORMAT_TAG = "dagfusion.quant.weights"
 FORMAT_VERSION = 1
@@ -118,7 +119,7 @@ def check_architecture(meta: dict[str, Any], module: Any, path: Any = "the file"
             f"{path} holds a quantized {saved_class or 'model of unknown class'}, but the model it is loaded onto "
             f"is a {target['class']}; load it onto a model of the same architecture"
         )
-    params = parameters_of(module)
+    params = parameter_places(module)
     wanted = {f"{name}.weight": tuple(info["shape"]) for name, info in meta["layers"].items()}
     problems = []
     for name in meta["kept"]:
@@ -192,7 +193,7 @@ def load(path: str | os.PathLike[str], module: Any = None, *, device: Any = "cpu
         if extra:
             raise ValueError(f"{path} has tensors its metadata does not describe, e.g. {extra[:3]}")
     if module is not None:
-        params = parameters_of(module)
+        params = parameter_places(module)
         wrong = [n for n, t in kept.items() if tuple(params[n].value.shape) != tuple(t.shape)]
         if wrong:
             raise ValueError(f"{path} was saved from a differently shaped {meta['architecture']}: {wrong[:3]} differ")

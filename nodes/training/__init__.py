@@ -13,7 +13,8 @@ Types: ``OBJECTIVE`` and ``TRAINING_DATA`` (:mod:`~dagfusion.nodes.training.type
 
 The seams for other packs: :class:`~dagfusion.nodes.training.objectives.Objective` (new losses:
 gate losses, distillation, rewards — without touching the loop),
-:class:`~dagfusion.nodes.training.data.TrainingData` (new datasets), patches offering
+:class:`~dagfusion.nodes.training.data.TrainingData` (new datasets, or adapters registered by
+:func:`register_data_adapters`), patches offering
 ``trainable_parameters()`` (:mod:`~dagfusion.nodes.training.params`) and
 :func:`~dagfusion.nodes.training.loop.train` (the loop as a function).
 
@@ -49,3 +50,8 @@ def register_types(register: Any) -> None:
 def register_nodes(register: Any) -> None:
     for spec in NODES:
         register(spec)
+
+
+def register_data_adapters(register: Any) -> None:
+    """Register the pack's training-data adapters (the ``batch()`` rule): ``register(adapter)`` each."""
+    data.register_data_adapters(register)

@@ -200,7 +200,7 @@ def train_vae(
 
 
 def _example() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
     from dagfusion.nodes.shapes.dataset import ShapesDataset
 
     return {"vae": tiny.sd_handles()["vae"], "data": ShapesDataset(split="train", resolution=32, seed=0),
@@ -244,7 +244,7 @@ def train_vae_node(
     folder keyed by the inputs, so running again resumes or loads the finished weights.
     """
     from dagfusion.fingerprint import fingerprint
-    from dagfusion.nodes.diffusion.handle import StaticRef, VAEHandle
+    from dagfusion.model import StaticRef, VAEHandle
     from dagfusion.nodes.training.data import as_training_data
 
     config = VAETrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, warmup_steps=warmup_steps,

@@ -127,7 +127,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def _tokenizer(name: str) -> Any:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
     from dagfusion.nodes.shapes import tokenizers
 
     makers = {"tiny-clip": tiny.clip_tokenizer, "shapes-clip": tokenizers.clip_tokenizer,
@@ -233,7 +233,7 @@ def build_from_folder(folder: Path, seed: int) -> dict[str, Any]:
 
 def handles(parts: dict[str, Any], ident: str, device: str) -> dict[str, Any]:
     """MODEL, CLIP, VAE and SCHEDULER outputs over built components (fingerprinted by ``ident``)."""
-    from dagfusion.nodes.diffusion.handle import ModelHandle, StaticRef, TextEncoderBundle, VAEHandle, tokenizer_fingerprint
+    from dagfusion.model import ModelHandle, StaticRef, TextEncoderBundle, VAEHandle, tokenizer_fingerprint
 
     vae = parts["vae"]
     scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1

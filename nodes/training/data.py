@@ -14,12 +14,16 @@ A data source is either
   ``ShapesDataset`` is one; :func:`as_training_data` wraps it.
 
 Other packs connect their datasets to the Train node by giving their socket type
-``parents=("TRAINING_DATA",)`` and their class a ``TrainingData`` base (or a ``batch`` method
-and :func:`register_adapter`).
+``parents=("TRAINING_DATA",)`` and their class a ``TrainingData`` base (or a ``batch`` method),
+or by registering an adapter: a pack's ``register_data_adapters(register)`` function calls
+``register(adapter)`` for each (the built-in packs' are collected on first use), and
+:func:`register_adapter` adds one directly.
 """
 
 from __future__ import annotations
 
+import importlib
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,14 +99,71 @@ class BatchSource(TrainingData):
 
 
 Adapter = Callable[[Any], TrainingData | None]
-_ADAPTERS: list[Adapter] = []
+"""Turns a value into a :class:`TrainingData`, or returns ``None`` for values it does not know."""
+
+_ADAPTERS: list[Adapter] = []  # asking order: the most recently registered first, built-ins last
+_LOCK = threading.RLock()
+_BUILTINS_LOADED = False
+
+
+def batch_source_adapter(value: Any) -> TrainingData | None:
+    """The built-in rule: an object with a ``batch(first_index, count)`` method, as a :class:`BatchSource`."""
+    return BatchSource(value) if callable(getattr(value, "batch", None)) else None
+
+
+def register_data_adapters(register: Callable[[Adapter], None]) -> None:
+    """The training pack's adapters (:func:`batch_source_adapter`): ``register(adapter)`` each."""
+    register(batch_source_adapter)
+
+
+def _ensure_builtins() -> None:
+    """Collect the built-in packs' ``register_data_adapters`` once (asked after every other adapter)."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    with _LOCK:
+        if _BUILTINS_LOADED:
+            return
+        from dagfusion.plugins import builtin_plugin_modules
+
+        _BUILTINS_LOADED = True
+        builtins: list[Adapter] = []
+        try:
+            for module_name in builtin_plugin_modules().values():
+                hook = getattr(importlib.import_module(module_name), "register_data_adapters", None)
+                if callable(hook):
+                    hook(register=builtins.append)
+        except BaseException:
+            _BUILTINS_LOADED = False
+            raise
+        _ADAPTERS.extend(a for a in builtins if a not in _ADAPTERS)
+
+
+def adapter_registrar() -> Callable[[Adapter], None]:
+    """The ``register`` callback for one pack's ``register_data_adapters(register)``: the pack's
+    new adapters are asked before those registered earlier (the built-in ``batch()`` rule
+    included), among themselves in the order the pack registers them; an adapter already
+    registered stays where it is."""
+    position = 0
+
+    def register(adapter: Adapter) -> None:
+        nonlocal position
+        if not callable(adapter):
+            raise TypeError(f"expected a training-data adapter (a callable), got {type(adapter).__name__}")
+        _ensure_builtins()
+        with _LOCK:
+            if adapter not in _ADAPTERS:
+                _ADAPTERS.insert(position, adapter)
+                position += 1
+
+    return register
 
 
 def register_adapter(adapter: Adapter) -> None:
     """Teach :func:`as_training_data` a new kind of dataset: ``adapter(value)`` returns a
-    :class:`TrainingData` for values it knows, else ``None``. Adapters are asked before the
-    built-in ``batch()`` rule."""
-    _ADAPTERS.insert(0, adapter)
+    :class:`TrainingData` for values it knows, else ``None``. It is asked before every adapter
+    registered earlier, the built-in ``batch()`` rule included; registering it again changes nothing."""
+    adapter_registrar()(adapter)
 
 
 def as_training_data(value: Any) -> TrainingData:
@@ -112,12 +173,13 @@ def as_training_data(value: Any) -> TrainingData:
     """
     if isinstance(value, TrainingData):
         return value
-    for adapter in _ADAPTERS:
+    _ensure_builtins()
+    with _LOCK:
+        adapters = list(_ADAPTERS)
+    for adapter in adapters:
         adapted = adapter(value)
         if adapted is not None:
             return adapted
-    if callable(getattr(value, "batch", None)):
-        return BatchSource(value)
     raise TypeError(
         f"expected a training data source (a TrainingData, or an object with batch(first_index, count)), "
         f"got {type(value).__name__}"

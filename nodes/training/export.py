@@ -34,7 +34,7 @@ _NONE_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 def pipeline_name(model: Any, clip: Any, requested: str = "auto") -> str:
     """The diffusers pipeline class for ``model``: ``requested``, the model's own (from its
     folder), or the one its denoiser family and text encoder imply."""
-    from dagfusion.nodes.diffusion.denoisers import family_for
+    from dagfusion.model import family_for
 
     if requested != "auto":
         return requested
@@ -77,6 +77,10 @@ def export(model: Any, clip: Any, vae: Any, scheduler: Any, folder: Path, *, dty
     if model.patches:
         names = ", ".join(type(p).__name__ for p in model.patches)
         raise ValueError(f"the model carries patches ({names}), which a diffusers folder cannot hold; export the unpatched model")
+    for what, handle in (("text encoder", clip), ("VAE", vae)):
+        if handle is not None and handle.patches:
+            names = ", ".join(type(p).__name__ for p in handle.patches)
+            raise ValueError(f"the {what} carries patches ({names}), which a diffusers folder cannot hold; export the unpatched one")
     if dtype not in DTYPES:
         raise ValueError(f"expected dtype in {list(DTYPES)}, got {dtype!r}")
     target = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
@@ -131,7 +135,7 @@ def export(model: Any, clip: Any, vae: Any, scheduler: Any, folder: Path, *, dty
 
 
 def _example() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     parts = tiny.sd_handles()
     return {"model": parts["model"], "clip": parts["clip"], "vae": parts["vae"], "folder": "tiny-sd", "dtype": "fp16"}

@@ -198,7 +198,7 @@ def _encoder(vae: Any, device: Any) -> Callable[[Any, Any], Any]:
 
     def encode(images: Any, generator: Any) -> Any:
         module = vae.module
-        with vae.use(module), torch.no_grad():
+        with vae.patched(module), torch.no_grad():
             param = next(module.parameters())
             x = images.to(device=param.device, dtype=param.dtype) * 2 - 1
             z = module.encode(x).latent_dist.sample(generator=generator)
@@ -266,9 +266,7 @@ def train(
     """
     import torch
 
-    from dagfusion.nodes.diffusion.denoisers import family_for
-    from dagfusion.nodes.diffusion.handle import StaticRef
-    from dagfusion.nodes.diffusion.hooks import applied
+    from dagfusion.model import StaticRef, apply_patches, family_for
     from dagfusion.nodes.diffusion.sampling import module_dtype
     from dagfusion.nodes.training.data import as_training_data
     from dagfusion.nodes.training.ema import EMA
@@ -399,7 +397,7 @@ def train(
             )
 
         began = time.monotonic()
-        with applied(patches, module):
+        with apply_patches(patches, module):
             for step in range(start, total):
                 if check_cancelled is not None:
                     try:

@@ -99,7 +99,7 @@ class ModelCall:
 
     Attributes:
         module: The trainable module (with module patches applied).
-        family: The sampler family adapter (:mod:`~dagfusion.nodes.diffusion.denoisers`).
+        family: The sampler family adapter (:mod:`~dagfusion.model.families`).
         inputs: Keyword inputs bound for this batch (``encoder_hidden_states`` …).
         autocast: A callable returning the run's autocast context (or a null context).
         unconditional: A callable returning the keyword inputs of the *empty* caption for the

@@ -61,7 +61,7 @@ def checkpoint_path(ctx: RunContext, path: str) -> Path:
 
 def _example(objective: str) -> Any:
     def build() -> dict[str, Any]:
-        from dagfusion.nodes.diffusion import tiny
+        from dagfusion.testing import models as tiny
         from dagfusion.nodes.shapes.dataset import ShapesDataset
         from dagfusion.nodes.training.objectives import RectifiedFlowObjective, VPredictionObjective
 

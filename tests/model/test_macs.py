@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from dagfusion.nodes.cache.macs import MacRecord, count_macs
+from dagfusion.model import MacRecord, count_macs
 
 
 def test_linear_and_convolutions() -> None:
@@ -107,7 +107,7 @@ def test_calls_from_other_threads_are_not_counted() -> None:
 
 def test_unet_total_is_the_sum_of_its_parts() -> None:
     pytest.importorskip("diffusers")
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     unet = tiny._cached_pipeline("sd", 0).unet
     with torch.no_grad(), count_macs(unet) as counter:

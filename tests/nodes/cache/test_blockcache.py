@@ -18,7 +18,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, tuple[Any, Any, Any]]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
     from dagfusion.nodes.diffusion.data import Conditioning, Latent
 
     pixart = tiny.pixart_handles()
@@ -130,7 +130,7 @@ def test_delta_dit_switches_spans_at_the_boundary(models: Any) -> None:
 
 
 def test_spans_and_models_are_checked_with_clear_errors(models: Any) -> None:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     assert bc.parse_span("1-7") == (1, 7) and bc.parse_span("1:7") == (1, 7)
     with pytest.raises(ValueError, match="start-end"):

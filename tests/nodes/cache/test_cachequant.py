@@ -99,7 +99,7 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, tuple[Any, Any, Any]]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
     from dagfusion.nodes.diffusion.data import Latent
 
     sd = tiny.sd_handles()

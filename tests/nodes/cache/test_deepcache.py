@@ -19,7 +19,7 @@ from dagfusion.nodes.cache.deepcache import (
     capture_deep_feature,
     unet_partial_forward,
 )
-from dagfusion.nodes.cache.macs import count_macs
+from dagfusion.model import count_macs
 from dagfusion.nodes.cache.schedules import full_steps, parse_steps, power_center_steps
 from dagfusion.nodes.diffusion.sampling import sample
 
@@ -106,7 +106,7 @@ def _check_partial_equals_full(unet: Any, x: Any, t: Any, kwargs: dict[str, Any]
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_partial_forward_with_a_fresh_cache_reproduces_the_full_output(kind: str) -> None:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     unet = tiny._cached_pipeline(kind, 0).unet
     x, t, kwargs = _sd_inputs(unet)
@@ -166,7 +166,7 @@ def test_partial_forward_handles_odd_sizes_masks_embeddings_and_residuals() -> N
 
 
 def test_partial_forward_rejects_unknown_inputs() -> None:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     unet = tiny._cached_pipeline("sd", 0).unet
     x, t, kwargs = _sd_inputs(unet, batch=1)
@@ -179,17 +179,17 @@ def test_partial_forward_rejects_unknown_inputs() -> None:
 
 @pytest.fixture(scope="module")
 def sd() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     return tiny.sd_handles()
 
 
 @pytest.fixture(scope="module")
 def sdxl() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.model import ModelHandle, TextEncoderBundle
     from dagfusion.nodes.diffusion.data import Latent, SchedulerSpec
-    from dagfusion.nodes.diffusion.handle import ModelHandle, TextEncoderBundle
     from dagfusion.nodes.diffusion.text import encode_prompt
+    from dagfusion.testing import models as tiny
 
     pipe = tiny._cached_pipeline("sdxl", 0)
     scheduler = SchedulerSpec(type(pipe.scheduler).__name__, dict(pipe.scheduler.config))
@@ -284,7 +284,7 @@ def test_state_never_leaks_between_runs_and_nothing_is_changed(sd: dict[str, Any
 
 
 def test_a_changed_batch_layout_runs_in_full(sd: dict[str, Any]) -> None:
-    from dagfusion.nodes.diffusion.hooks import DenoiserCall, StepInfo
+    from dagfusion.model import DenoiserCall, StepInfo
 
     unet = sd["model"].denoiser
     hook = DeepCachePatch(interval=4).begin(_FakeRun(unet, steps=4))
@@ -349,8 +349,8 @@ def test_node_errors_are_clear(sd: dict[str, Any]) -> None:
 
 
 def test_node_rejects_transformer_denoisers() -> None:
-    from dagfusion.nodes.diffusion import tiny
-    from dagfusion.nodes.diffusion.handle import ModelHandle
+    from dagfusion.model import ModelHandle
+    from dagfusion.testing import models as tiny
 
     dit = ModelHandle.from_module(tiny._cached_pipeline("dit", 0).transformer)
     with pytest.raises(TypeError, match=r"DiTTransformer2DModel.*DiT cache"):
@@ -362,7 +362,7 @@ def test_node_rejects_transformer_denoisers() -> None:
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     return tiny.write_model("sd", tmp_path_factory.mktemp("models") / "tiny-sd")
 

@@ -55,7 +55,7 @@ def _quiet_diffusers() -> Any:
 @pytest.fixture(scope="module")
 def models() -> dict[str, tuple[Any, Any, Any]]:
     """kind -> (model handle, conditioning, latent) over the shared tiny pipelines."""
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
     from dagfusion.nodes.diffusion.conditioning import class_conditioning
     from dagfusion.nodes.diffusion.data import Latent
 
@@ -269,7 +269,7 @@ def test_cache_mixin_models_use_enable_cache_cache_context_and_disable_cache() -
     """Flux is a CacheMixin: the patch goes through enable_cache/cache_context/disable_cache."""
     from diffusers import FluxTransformer2DModel
 
-    from dagfusion.nodes.diffusion.hooks import DenoiserCall, SamplingRun, StepInfo
+    from dagfusion.model import DenoiserCall, SamplingRun, StepInfo
 
     torch.manual_seed(0)
     module = FluxTransformer2DModel(
@@ -321,7 +321,7 @@ def test_calibrate_node_outputs_ratios_for_the_cache_node(models) -> None:
 
 def test_workflow_run_twice_through_the_engine_gives_identical_results(engine, tmp_path) -> None:
     """The second run reuses the engine's cached handle (same patch object) and samples again."""
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
     from dagfusion.workflow import load_workflow
 
     folder = tiny.write_model("pixart", tmp_path / "tiny-pixart")

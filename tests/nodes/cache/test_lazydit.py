@@ -21,10 +21,10 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from dagfusion.context import CancelToken, RunContext
+from dagfusion.model import FunctionPatch, apply_patches
 from dagfusion.nodes.cache import lazydit as ld
 from dagfusion.nodes.cache.lazydit import LazyGates, architecture, new_gates
 from dagfusion.nodes.cache.lazydit_objective import LazyGateObjective
-from dagfusion.nodes.diffusion.hooks import FunctionPatch, applied
 from dagfusion.nodes.diffusion.sampling import sample
 
 STEPS = 6
@@ -33,7 +33,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def models() -> dict[str, tuple[Any, Any, Any]]:
     """kind -> (model handle, conditioning, latent) over the shared tiny pipelines."""
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
     from dagfusion.nodes.diffusion.conditioning import class_conditioning
     from dagfusion.nodes.diffusion.data import Latent
 
@@ -208,7 +208,7 @@ def test_stats_node_finds_the_run_that_made_a_latent(models: Any, settings: Any,
 
 def fixed_batch_loss(module: Any, patch: LazyGates, objective: LazyGateObjective, clip: Any) -> tuple[float, dict[str, float]]:
     """The gate loss on a fixed batch and timesteps, with ``patch`` applied to ``module``."""
-    from dagfusion.nodes.diffusion.denoisers import family_for
+    from dagfusion.model import family_for
     from dagfusion.nodes.diffusion.text import encode_prompt
     from dagfusion.nodes.training.objectives import ModelCall, TrainBatch, TrainStep
 
@@ -218,13 +218,13 @@ def fixed_batch_loss(module: Any, patch: LazyGates, objective: LazyGateObjective
     prepared = family.prepare(module, cond, batch=4, cfg=False, device=torch.device("cpu"), dtype=torch.float32,
                               latent_shape=tuple(x0.shape), scale=2, guidance_scale=1.0)
     call = ModelCall(module, family, prepared.kwargs, contextlib.nullcontext)
-    with applied([patch], module), torch.no_grad():
+    with apply_patches([patch], module), torch.no_grad():
         loss, values = objective.loss(call, TrainBatch(x0, ("",) * 4), TrainStep(0, 1), torch.Generator().manual_seed(1))
     return float(loss), values
 
 
 def test_training_through_the_train_node_changes_only_the_gates(engine: Any, tmp_path: Path) -> None:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
     from dagfusion.workflow import load_workflow
 
     folder = tiny.write_model("pixart", tmp_path / "pixart", seed=0)
@@ -290,8 +290,8 @@ def test_the_objective_mixes_previous_and_current_outputs(models: Any) -> None:
 
 
 def _tiny_clip() -> Any:
-    from dagfusion.nodes.diffusion import tiny
-    from dagfusion.nodes.diffusion.handle import TextEncoderBundle
+    from dagfusion.model import TextEncoderBundle
+    from dagfusion.testing import models as tiny
 
     pipe = tiny._cached_pipeline("pixart", 0)
     return TextEncoderBundle.from_modules("t5", [pipe.text_encoder], [pipe.tokenizer],
@@ -299,7 +299,7 @@ def _tiny_clip() -> Any:
 
 
 def test_the_objective_refuses_models_it_cannot_train(models: Any) -> None:
-    from dagfusion.nodes.diffusion.denoisers import family_for
+    from dagfusion.model import family_for
     from dagfusion.nodes.training.objectives import ModelCall, TrainBatch, TrainStep
 
     model, _, _ = models["pixart"]
@@ -312,7 +312,7 @@ def test_the_objective_refuses_models_it_cannot_train(models: Any) -> None:
     weight = module.transformer_blocks[0].attn1.to_q.weight
     weight.requires_grad_(True)
     try:
-        with applied([gates_for(model)], module), pytest.raises(ValueError, match="trainable input to 'patches'"):
+        with apply_patches([gates_for(model)], module), pytest.raises(ValueError, match="trainable input to 'patches'"):
             objective.loss(call, batch, TrainStep(0, 1), torch.Generator())
     finally:
         weight.requires_grad_(False)
@@ -350,7 +350,7 @@ def test_save_and_load_round_trip_gives_identical_outputs(models: Any, settings:
 
 
 def test_gates_refuse_another_architecture_and_unets(models: Any, settings: Any, tmp_path: Path) -> None:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     pixart, dit = models["pixart"][0], models["dit"][0]
     ctx = context(settings, tmp_path)

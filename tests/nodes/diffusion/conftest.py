@@ -1,6 +1,6 @@
 """Fixtures for the diffusion pack: tiny models written to disk once per session, and an engine.
 
-Tiny models come from :mod:`dagfusion.nodes.diffusion.tiny` (random weights from fixed seeds,
+Tiny models come from :mod:`dagfusion.testing.models` (random weights from fixed seeds,
 tokenizers from a small vocabulary written there; nothing is downloaded). Tests load them
 through the real loader nodes and run workflows through the real engine.
 """
@@ -29,7 +29,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _model_fixture(kind: str) -> Callable[..., Path]:
     @pytest.fixture(scope="session")
     def folder(models_dir: Path) -> Path:
-        from dagfusion.nodes.diffusion import tiny
+        from dagfusion.testing import models as tiny
 
         return tiny.write_model(kind, models_dir / f"tiny-{kind}")
 

@@ -14,9 +14,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from dagfusion import UnsafeOperationError  # noqa: E402
-from dagfusion.nodes.diffusion import tiny  # noqa: E402
+from dagfusion.model import ModelCache  # noqa: E402
 from dagfusion.nodes.diffusion.loading import check_tree_readable, load_diffusers_folder  # noqa: E402
-from dagfusion.nodes.diffusion.model_cache import ModelCache  # noqa: E402
+from dagfusion.testing import models as tiny  # noqa: E402
 
 
 def _load_yaml(node_type: str, **inputs: Any) -> str:

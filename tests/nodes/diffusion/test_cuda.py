@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dagfusion.nodes.diffusion import tiny
+from dagfusion.testing import models as tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

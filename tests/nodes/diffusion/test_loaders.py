@@ -15,10 +15,9 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from dagfusion import UnsafeOperationError  # noqa: E402
-from dagfusion.nodes.diffusion import tiny  # noqa: E402
-from dagfusion.nodes.diffusion.handle import ModelHandle, TextEncoderBundle, VAEHandle  # noqa: E402
+from dagfusion.model import ModelCache, ModelHandle, TextEncoderBundle, VAEHandle, default_cache  # noqa: E402
 from dagfusion.nodes.diffusion.loading import load_diffusers_folder, resolve_hf_snapshot  # noqa: E402
-from dagfusion.nodes.diffusion.model_cache import ModelCache, default_cache  # noqa: E402
+from dagfusion.testing import models as tiny  # noqa: E402
 
 
 def _load_yaml(node_type: str, **inputs: Any) -> str:
@@ -253,8 +252,8 @@ def test_shipped_configs_describe_the_real_architectures(arch, unet, vae, text):
 
 
 def test_device_and_cache_budget_settings_are_checked(monkeypatch):
+    from dagfusion.model import DEFAULT_BUDGET_BYTES
     from dagfusion.nodes.diffusion.loading import resolve_device
-    from dagfusion.nodes.diffusion.model_cache import DEFAULT_BUDGET_BYTES
 
     assert resolve_device("auto", "cpu") == "cpu" and resolve_device("cpu", "cuda") == "cpu"
     if not torch.cuda.is_available():

@@ -10,9 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dagfusion import CancelToken, EventCollector, Input, NodePreview, NodeProgress, Output, hookimpl, node  # noqa: E402
+from dagfusion.model import FunctionPatch, ModelHandle, ModelPatch, StepHook  # noqa: E402
 from dagfusion.nodes.diffusion.data import Conditioning, Latent, SchedulerSpec  # noqa: E402
-from dagfusion.nodes.diffusion.handle import ModelHandle  # noqa: E402
-from dagfusion.nodes.diffusion.hooks import FunctionPatch, ModelPatch, StepHook  # noqa: E402
 from dagfusion.nodes.diffusion.sampling import sample  # noqa: E402
 
 
@@ -76,7 +75,7 @@ class ForwardCounter(ModelPatch):
 
 @pytest.fixture(scope="module")
 def parts() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     return tiny.sd_handles()
 
@@ -211,7 +210,7 @@ def test_user_errors_are_explained(parts):
 
 def test_video_unet_runs_through_the_step_hook():
     """Smoke test of the video seam: a tiny UNetSpatioTemporalConditionModel sampled with a hook."""
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
     from dagfusion.nodes.diffusion.latents import empty_latent
 
     unet = tiny.build_svd_unet()

@@ -218,9 +218,9 @@ def _png(folder: Any) -> Any:
 def test_decode_precision_follows_diffusers_and_recovers_from_overflow(caplog):
     import copy
 
-    from dagfusion.nodes.diffusion import tiny
-    from dagfusion.nodes.diffusion.handle import VAEHandle
+    from dagfusion.model import VAEHandle
     from dagfusion.nodes.diffusion.vae import decode, needs_upcast
+    from dagfusion.testing import models as tiny
 
     module = tiny.tiny_vae().to(torch.float16)
     sd = VAEHandle.from_module(module, info={"pipeline": "StableDiffusionPipeline"})

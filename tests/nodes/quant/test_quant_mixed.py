@@ -15,10 +15,10 @@ from dagfusion.testing import NodeCallContext
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from dagfusion.nodes.diffusion import tiny
-from dagfusion.nodes.diffusion.hooks import FunctionPatch
+from dagfusion.model import FunctionPatch
 from dagfusion.nodes.diffusion.sampling import sample
 from dagfusion.nodes.quant import storage
+from dagfusion.testing import models as tiny
 from dagfusion.nodes.quant.mixed import (
     QuantSensitivity,
     allocate,
@@ -270,7 +270,7 @@ def test_an_infeasible_target_names_node_input_expected_and_received(
 
 
 def test_a_sensitivity_of_another_model_is_refused(measured: dict[str, Any], tmp_path: Path) -> None:
-    from dagfusion.nodes.diffusion.handle import ModelHandle
+    from dagfusion.model import ModelHandle
 
     pixart = ModelHandle.from_module(tiny._cached_pipeline("pixart", 0).transformer, vae_scale_factor=2)
     with pytest.raises(ValueError, match=r"MixedPrecision input 'sensitivity': expected a sensitivity measured on this "

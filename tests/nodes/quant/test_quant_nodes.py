@@ -12,14 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from dagfusion.nodes.diffusion import tiny
-from dagfusion.nodes.diffusion.handle import ModelHandle
-from dagfusion.nodes.diffusion.hooks import FunctionPatch
+from dagfusion.model import FunctionPatch, ModelHandle
 from dagfusion.nodes.quant import backend as backends
 from dagfusion.nodes.quant.formats import QuantSpec
 from dagfusion.nodes.quant.nodes import load_quantized, save_quantized, weight_only
 from dagfusion.nodes.quant.patch import DEFAULT_KEEP_TEXT, WeightQuantPatch
-from dagfusion.testing import NodeCallContext, make_settings, run_workflow
+from dagfusion.testing import NodeCallContext, make_settings, models as tiny, run_workflow
 
 HAS_TORCHAO = backends.torchao_available()
 HAS_CUDA = torch.cuda.is_available()

@@ -11,14 +11,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from dagfusion.nodes.diffusion import tiny
-from dagfusion.nodes.diffusion.hooks import applied
+from dagfusion.model import apply_patches
 from dagfusion.nodes.quant.distill import QuantDistillObjective, parse_weights
 from dagfusion.nodes.quant.patch import quantize_module
 from dagfusion.nodes.quant.qat import QATPatch, active, freeze
 from dagfusion.nodes.quant.qat_nodes import error_profile
 from dagfusion.nodes.training.objectives import ModelCall, TrainBatch, TrainStep
-from dagfusion.testing import make_settings, run_workflow
+from dagfusion.testing import make_settings, models as tiny, run_workflow
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +41,9 @@ def test_the_student_starts_as_the_quantized_model_and_the_teacher_is_full_preci
     x, t, context = unet_inputs(sd)
     with torch.no_grad():
         full = module(x, t, encoder_hidden_states=context).sample
-        with applied([quantized], module):
+        with apply_patches([quantized], module):
             packed = module(x, t, encoder_hidden_states=context).sample
-        with applied([patch], module):
+        with apply_patches([patch], module):
             student = module(x, t, encoder_hidden_states=context).sample
             assert active(module) is patch
             with patch.teacher():
@@ -82,7 +81,7 @@ def test_gradients_reach_the_latent_weights_and_scales_only(sd: Any) -> None:
         assert len(offered) == len(patch.layers) * (2 if train_weights else 1)
         x, t, context = unet_inputs(sd)
         module.requires_grad_(False)
-        with applied([patch], module):
+        with apply_patches([patch], module):
             module(x, t, encoder_hidden_states=context).sample.square().mean().backward()
         assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in offered.values())
         assert all(p.grad is None for p in module.parameters())
@@ -90,7 +89,7 @@ def test_gradients_reach_the_latent_weights_and_scales_only(sd: Any) -> None:
 
 
 def _call(module: Any, sd: Any) -> ModelCall:
-    from dagfusion.nodes.diffusion.denoisers import family_for
+    from dagfusion.model import family_for
 
     context = sd["conditioning"].positive["encoder_hidden_states"].repeat(2, 1, 1)
     empty = torch.zeros_like(context)
@@ -112,7 +111,7 @@ def test_the_distillation_loss_grows_with_fewer_bits(sd: Any, stage: str) -> Non
     losses = {}
     for bits in ("int8", "int2"):
         patch = QATPatch(quantize_module(module, bits, min_params=64), module)
-        with applied([patch], module), torch.no_grad():
+        with apply_patches([patch], module), torch.no_grad():
             loss, values = objective.loss(_call(module, sd), batch, TrainStep(0, 1), torch.Generator().manual_seed(1))
         losses[bits] = float(loss)
     if stage == "output":
@@ -199,7 +198,7 @@ nodes:
     with torch.no_grad():
         for label, patches in (("learnt", [learnt]), ("frozen", list(result.output("freeze.model").patches)),
                                ("reloaded", list(reload.output("reload.model").patches))):
-            with applied(patches, module):
+            with apply_patches(patches, module):
                 outputs[label] = module(x, t, encoder_hidden_states=context).sample
     assert float((outputs["frozen"] - outputs["learnt"]).abs().max()) < 1e-2 * float(outputs["learnt"].abs().max())
     assert torch.equal(outputs["reloaded"], outputs["frozen"])
@@ -208,7 +207,7 @@ nodes:
 
 def heldout_loss(module: Any, patch: Any, objective: Any, sd: Any) -> float:
     total = 0.0
-    with applied([patch], module), torch.no_grad():
+    with apply_patches([patch], module), torch.no_grad():
         for k in range(4):
             batch = TrainBatch(torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(100 + k)), ("a", "b"))
             loss, _ = objective.loss(_call(module, sd), batch, TrainStep(0, 1), torch.Generator().manual_seed(200 + k))

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from dagfusion.nodes.diffusion import tiny
+from dagfusion.testing import models as tiny
 from dagfusion.nodes.quant import storage
 from dagfusion.nodes.quant.formats import QuantSpec
 from dagfusion.nodes.quant.patch import quantize_module

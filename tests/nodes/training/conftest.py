@@ -1,6 +1,6 @@
 """Fixtures for the training pack: tiny SD handles, a 32 px shapes dataset, small configs, helpers.
 
-Everything trains the tiny SD model of :mod:`dagfusion.nodes.diffusion.tiny` (random weights
+Everything trains the tiny SD model of :mod:`dagfusion.testing.models` (random weights
 from fixed seeds; nothing is downloaded) for a handful of steps on one CPU thread.
 """
 
@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 @pytest.fixture(scope="session")
 def parts() -> dict[str, Any]:
     """In-memory handles over the tiny SD model: model, clip, vae, scheduler …"""
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     return tiny.sd_handles()
 

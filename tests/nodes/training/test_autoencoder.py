@@ -158,7 +158,7 @@ nodes:
 
 
 def test_the_node_trains_checkpoints_and_a_new_process_reloads(registry, settings, helpers, tmp_path: Path):
-    from dagfusion.nodes.diffusion.handle import VAEHandle
+    from dagfusion.model import VAEHandle
 
     events = EventCollector()
     result = helpers.run_ok(Engine(registry, settings), TRAIN_VAE, tmp_path / "run1", handler=events, check_mutation=True)

@@ -46,7 +46,7 @@ def test_pixel_space_config_trains_without_a_vae(shapes):
 
 
 def test_a_folder_of_configs_builds_fresh_weights(engine, helpers, tmp_path):
-    from dagfusion.nodes.diffusion import tiny
+    from dagfusion.testing import models as tiny
 
     folder = tiny.write_model("sd", tmp_path / "tiny-sd")
     text = f"""

@@ -47,10 +47,49 @@ def test_adapters_and_refusals():
 
     with pytest.raises(TypeError, match="expected a training data source"):
         as_training_data(Pairs())
-    training_data.register_adapter(lambda v: PairsSource() if isinstance(v, Pairs) else None)
+    adapter = lambda v: PairsSource() if isinstance(v, Pairs) else None  # noqa: E731
+    training_data.register_adapter(adapter)
     try:
         assert as_training_data(Pairs()).examples(0, 2).captions == ("x", "x")
+        training_data.register_adapter(adapter)  # again: changes nothing
+        assert training_data._ADAPTERS.count(adapter) == 1 and training_data._ADAPTERS[0] is adapter
     finally:
-        training_data._ADAPTERS.pop(0)
+        training_data._ADAPTERS.remove(adapter)
     with pytest.raises(ValueError, match="captions"):
         Examples(torch.zeros(2, 3, 4, 4), ("x",))
+
+
+def test_the_pack_registers_its_adapters_through_a_register_callback():
+    from dagfusion.nodes.training import register_data_adapters
+
+    collected = []
+    register_data_adapters(collected.append)
+    assert collected == [training_data.batch_source_adapter]
+    as_training_data(ImageCaptionData(torch.zeros(1, 3, 2, 2), ["a"]))  # loads the built-ins
+    assert training_data._ADAPTERS[-1] is training_data.batch_source_adapter  # asked last
+
+    class Batches:
+        def batch(self, first, count):
+            return {"images": torch.zeros(count, 3, 2, 2), "captions": ["c"] * count}
+
+    assert training_data.batch_source_adapter(object()) is None
+    assert isinstance(as_training_data(Batches()), training_data.BatchSource)
+
+
+def test_a_plugin_hook_function_registers_adapters_before_the_builtin_rule():
+    class Pairs:
+        pass
+
+    source = ImageCaptionData(torch.zeros(1, 3, 2, 2), ["p"])
+
+    def register_data_adapters(register):  # a plugin's hook implementation
+        register(lambda v: source if isinstance(v, Pairs) else None)
+
+    training_data._ensure_builtins()  # the built-in adapters are in place before the snapshot
+    before = list(training_data._ADAPTERS)
+    register_data_adapters(register=training_data.adapter_registrar())
+    try:
+        assert as_training_data(Pairs()) is source
+        assert training_data._ADAPTERS[-1] is training_data.batch_source_adapter
+    finally:
+        training_data._ADAPTERS[:] = before

@@ -88,7 +88,7 @@ def test_half_precision_export_keeps_the_shared_modules(parts, tmp_path):
 
 
 def test_export_refuses_patches_existing_folders_and_escapes(parts, settings, tmp_path):
-    from dagfusion.nodes.diffusion.hooks import FunctionPatch
+    from dagfusion.model import FunctionPatch
 
     patched = parts["model"].with_patch(FunctionPatch(lambda call, forward: forward(call), key="test.noop"))
     with pytest.raises(ValueError, match="patches"):

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dagfusion import RunCancelled  # noqa: E402
-from dagfusion.nodes.diffusion.hooks import ModelPatch  # noqa: E402
+from dagfusion.model import ModelPatch  # noqa: E402
 from dagfusion.nodes.training import checkpoint as ckpt  # noqa: E402
 from dagfusion.nodes.training.loop import CheckpointPolicy, TrainConfig, TrainingPaused, lr_at, train  # noqa: E402
 from dagfusion.nodes.training.objectives import EpsilonObjective, RectifiedFlowObjective, VPredictionObjective  # noqa: E402

@@ -1,0 +1,131 @@
+"""``dagfusion.model``: the public seam for everything that changes a model.
+
+Caches, quantizers, adapters, guidance and fine-tuning all work the same way: a node takes a
+handle and returns a **new** handle carrying a patch. This package is what they import — the
+built-in node packs exactly as a third-party plugin does.
+
+Handles (:mod:`~dagfusion.model.handle`)
+    :class:`ModelHandle` (a denoiser), :class:`VAEHandle`, :class:`TextEncoderBundle`: a reference
+    to shared weights (:class:`ComponentRef` into the model cache, or :class:`StaticRef`) plus an
+    immutable tuple of patches; ``handle.with_patch(patch)`` copies no weights.
+Patches (:mod:`~dagfusion.model.patch`)
+    :class:`ModelPatch` (``apply(module)`` around each use, ``begin(run)`` per sampling run),
+    :class:`FunctionPatch`, :func:`apply_patches`, and :func:`applied_patch` to find a patch of a
+    class on a handle or on a module while it is applied.
+The step hook (:mod:`~dagfusion.model.hooks`)
+    :class:`StepHook`, :class:`DenoiserCall`, :class:`StepInfo`, :class:`SamplingRun`,
+    :data:`Forward`, :func:`chain`.
+Denoiser families (:mod:`~dagfusion.model.families`)
+    :class:`Family` (how a sampler calls one kind of denoiser), :func:`register_family`,
+    :func:`family_for`, :class:`FamilyRegistry`.
+The model cache (:mod:`~dagfusion.model.cache`)
+    :class:`ModelCache`, :func:`default_cache`: one process-wide LRU of loaded weights.
+Helpers (:mod:`~dagfusion.model.helpers`, :mod:`~dagfusion.model.macs`)
+    :func:`unwrap_compiled`, :func:`swap_parameters`, :func:`parameter_places`,
+    :func:`count_macs` (multiply-accumulates a module really computes).
+
+Importing this package imports neither torch nor diffusers; functions import them when they run.
+"""
+
+from __future__ import annotations
+
+from dagfusion.model.cache import DEFAULT_BUDGET_BYTES, CacheStats, Loader, ModelCache, default_cache, nbytes_of
+from dagfusion.model.families import (
+    ConditioningLike,
+    Family,
+    FamilyRegistry,
+    Prepared,
+    RegisterFamily,
+    class_names,
+    config_of,
+    default_families,
+    expand,
+    family_for,
+    register_family,
+    require_kind,
+    rescale_guidance,
+)
+from dagfusion.model.handle import (
+    ComponentRef,
+    Handle,
+    ModelHandle,
+    Ref,
+    SchedulerSpecLike,
+    StaticRef,
+    TextEncoderBundle,
+    VAEHandle,
+    as_ref,
+    loaded,
+    placed,
+    tokenizer_fingerprint,
+)
+from dagfusion.model.helpers import ParameterPlaces, parameter_places, swap_parameters, unwrap_compiled
+from dagfusion.model.hooks import DenoiserCall, Forward, SamplingRun, StepHook, StepInfo, chain
+from dagfusion.model.macs import CallCosts, MacCounter, MacRecord, call_layout, count_macs
+from dagfusion.model.patch import (
+    FunctionPatch,
+    ModelPatch,
+    applied_patch,
+    applying,
+    apply_patches,
+    check_patch,
+    patch_key,
+    patches_of,
+)
+
+__all__ = [
+    "DEFAULT_BUDGET_BYTES",
+    "CacheStats",
+    "CallCosts",
+    "ComponentRef",
+    "ConditioningLike",
+    "DenoiserCall",
+    "Family",
+    "FamilyRegistry",
+    "Forward",
+    "FunctionPatch",
+    "Handle",
+    "Loader",
+    "MacCounter",
+    "MacRecord",
+    "ModelCache",
+    "ModelHandle",
+    "ModelPatch",
+    "ParameterPlaces",
+    "Prepared",
+    "Ref",
+    "RegisterFamily",
+    "SamplingRun",
+    "SchedulerSpecLike",
+    "StaticRef",
+    "StepHook",
+    "StepInfo",
+    "TextEncoderBundle",
+    "VAEHandle",
+    "applied_patch",
+    "applying",
+    "apply_patches",
+    "as_ref",
+    "call_layout",
+    "chain",
+    "check_patch",
+    "class_names",
+    "config_of",
+    "count_macs",
+    "default_cache",
+    "default_families",
+    "expand",
+    "family_for",
+    "loaded",
+    "nbytes_of",
+    "parameter_places",
+    "patch_key",
+    "patches_of",
+    "placed",
+    "register_family",
+    "require_kind",
+    "rescale_guidance",
+    "swap_parameters",
+    "tokenizer_fingerprint",
+    "unwrap_compiled",
+]

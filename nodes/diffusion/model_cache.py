@@ -1,0 +1,20 @@
+"""Deprecated: moved to :mod:`dagfusion.model`; this alias is removed in dagfusion 0.2.0."""
+
+from __future__ import annotations
+
+import warnings
+
+from dagfusion.model import (  # noqa: F401 - re-exported
+    DEFAULT_BUDGET_BYTES,
+    CacheStats,
+    Loader,
+    ModelCache,
+    default_cache,
+    nbytes_of,
+)
+
+warnings.warn(
+    "dagfusion.nodes.diffusion.model_cache is deprecated and will be removed in dagfusion 0.2.0; import from dagfusion.model instead",
+    DeprecationWarning,
+    stacklevel=2,
+)
