@@ -20,6 +20,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from dagfusion.context import RunContext
+    from dagfusion.model import Family
     from dagfusion.node import NodeSpec
     from dagfusion.types import SocketType
 
@@ -53,6 +54,31 @@ def register_nodes(register: Callable[[NodeSpec], None]) -> None:
         the :func:`~dagfusion.node` decorator returns). A type id another plugin registered
         first, an input or output naming an unregistered socket type, or a hook that raises
         disables this plugin, with everything it registered (see ``dagfusion plugins``).
+    """
+
+
+@hookspec
+def register_denoiser_families(register: Callable[[Family], None]) -> None:
+    """Register the denoiser families this plugin provides: how samplers, caches and training
+    call a new kind of denoiser (see :class:`dagfusion.model.Family`).
+
+    Called once per registry, after :func:`register_nodes`. Families of plugins registered later
+    are asked first; registering the same family (same name and class) again changes nothing.
+
+    :param register: Call ``register(family)`` for each family instance. An object that is not a
+        family, or a name another plugin's family of a different class holds, disables this
+        plugin with everything it registered.
+    """
+
+
+@hookspec
+def register_data_adapters(register: Callable[[Callable[[Any], Any]], None]) -> None:
+    """Register adapters that turn this plugin's dataset objects into training data.
+
+    :param register: Call ``register(adapter)`` for each: ``adapter(value)`` returns the
+        training pack's ``TrainingData`` for values it knows, else ``None``. Adapters of later
+        plugins are asked first; the built-in ``batch()`` rule last. Something not callable
+        disables this plugin.
     """
 
 

@@ -33,6 +33,8 @@ class _Offer:
     plugin: str
     types: list[SocketType] = field(default_factory=list)
     nodes: list[NodeSpec] = field(default_factory=list)
+    families: list[Any] = field(default_factory=list)
+    adapters: list[Any] = field(default_factory=list)
     problem: str | None = None
     detail: str | None = None
 
@@ -103,12 +105,15 @@ class Registry:
             candidates.remove(offer)
         for offer, problem in clashes:
             self.plugin_manager.disable(offer.plugin, problem)
+        _install_families_and_adapters(accepted)
 
     def _gather_offers(self) -> list[_Offer]:
         """One offer per registered plugin, in registration order: types first, then nodes."""
         offers = {name: _Offer(name) for name, plugin in self.plugin_manager.list_name_plugin() if plugin is not None}
         self._call_each("register_types", offers, _type_register)
         self._call_each("register_nodes", offers, _node_register)
+        self._call_each("register_denoiser_families", offers, _family_register)
+        self._call_each("register_data_adapters", offers, _adapter_register)
         return list(offers.values())
 
     def _call_each(
@@ -242,6 +247,61 @@ def _node_register(offer: _Offer, who: str) -> Callable[[NodeSpec], None]:
         offer.nodes.append(spec)
 
     return register
+
+
+def _family_register(offer: _Offer, who: str) -> Callable[[Any], None]:
+    """The ``register`` a plugin's ``register_denoiser_families`` receives."""
+    from dagfusion.model import default_families
+
+    def register(family: Any) -> None:
+        missing = [a for a in ("name", "matches", "prepare") if not hasattr(family, a)]
+        if missing:
+            offer.fail(f"registered {family!r}, which is not a denoiser family (no {', '.join(missing)})")
+            raise PluginError(f"{who} registered {family!r}, which is not a denoiser family")
+        for known in default_families():
+            if known.name == family.name and type(known) is not type(family):
+                problem = (
+                    f"registered a denoiser family named {family.name!r}, a name "
+                    f"{type(known).__module__}.{type(known).__qualname__} already has"
+                )
+                offer.fail(problem)
+                raise PluginError(f"{who} {problem}")
+        offer.families.append(family)
+
+    return register
+
+
+def _adapter_register(offer: _Offer, who: str) -> Callable[[Any], None]:
+    """The ``register`` a plugin's ``register_data_adapters`` receives."""
+
+    def register(adapter: Any) -> None:
+        if not callable(adapter):
+            offer.fail(f"registered {adapter!r} as a data adapter, which is not callable")
+            raise PluginError(f"{who} registered {adapter!r} as a data adapter, which is not callable")
+        offer.adapters.append(adapter)
+
+    return register
+
+
+def _install_families_and_adapters(offers: list[_Offer]) -> None:
+    """Make the accepted plugins' denoiser families and data adapters known process-wide, in
+    registration order (registering one already known changes nothing)."""
+    if any(o.families for o in offers):
+        from dagfusion.model import default_families
+
+        for offer in offers:
+            if offer.families:
+                register = default_families().registrar()
+                for family in offer.families:
+                    register(family)
+    if any(o.adapters for o in offers):
+        from dagfusion.nodes.training.data import adapter_registrar
+
+        for offer in offers:
+            if offer.adapters:
+                register = adapter_registrar()
+                for adapter in offer.adapters:
+                    register(adapter)
 
 
 def _claim(offers: list[_Offer], describe: Callable[[str], str]) -> tuple[list[_Offer], list[tuple[_Offer, str]]]:

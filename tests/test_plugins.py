@@ -538,3 +538,66 @@ def _dagfusion_version() -> str:
     from dagfusion import __version__
 
     return __version__
+
+
+# --- denoiser families and data adapters through hooks ----------------------------------------
+
+
+class _ToyFamily:
+    """A denoiser family a plugin adds (it never matches a real module)."""
+
+    name = "toy-family-from-plugin"
+
+    def matches(self, module: object) -> bool:
+        return False
+
+    def prepare(self, *args: object, **kwargs: object) -> None:
+        raise NotImplementedError
+
+
+def test_a_plugins_denoiser_families_and_data_adapters_are_registered_through_hooks() -> None:
+    from dagfusion.model import default_families
+    from dagfusion.nodes.training.data import as_training_data
+
+    marker = object()
+
+    class Toy:
+        @hookimpl
+        def register_denoiser_families(self, register):
+            register(_ToyFamily())
+
+        @hookimpl
+        def register_data_adapters(self, register):
+            register(lambda value: marker if value == "toy-dataset" else None)
+
+    registry = Registry.from_plugins(load_entrypoints=False, extra_plugins=[("toy", Toy())])
+    assert not registry.plugin_manager.load_failures
+    try:
+        assert [f.name for f in default_families()][0] == "toy-family-from-plugin"  # later plugins asked first
+        assert as_training_data("toy-dataset") is marker
+    finally:
+        default_families().unregister("toy-family-from-plugin")
+
+
+def test_a_family_clashing_with_a_built_in_name_disables_the_plugin() -> None:
+    class Impostor(_ToyFamily):
+        name = "unet"
+
+    class Bad:
+        @hookimpl
+        def register_denoiser_families(self, register):
+            register(Impostor())
+
+        @hookimpl
+        def register_nodes(self, register):
+            register(mine_first)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginWarning)
+        registry = Registry.from_plugins(load_entrypoints=False, extra_plugins=[("bad", Bad())])
+    (failure,) = registry.plugin_manager.load_failures
+    assert failure.name == "bad" and "denoiser family named 'unet'" in failure.reason
+    assert "mine.First" not in registry  # all or nothing
+    from dagfusion.model import default_families
+
+    assert type(next(f for f in default_families() if f.name == "unet")).__name__ == "UNetFamily"

@@ -54,6 +54,7 @@ def register_nodes(register: Any) -> None:
         register(spec)
 
 
+@hookimpl
 def register_denoiser_families(register: Any) -> None:
     """Register the pack's denoiser families (UNet, DiT, PixArt, SVD): ``register(family)`` each."""
     families.register_denoiser_families(register)

@@ -52,6 +52,7 @@ def register_nodes(register: Any) -> None:
         register(spec)
 
 
+@hookimpl
 def register_data_adapters(register: Any) -> None:
     """Register the pack's training-data adapters (the ``batch()`` rule): ``register(adapter)`` each."""
     data.register_data_adapters(register)
