@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from dagfusion import UnsafeOperationError  # noqa: E402
+from dagfusion import UnsafeOperationError, ValidationError  # noqa: E402
 from dagfusion.model import ModelCache  # noqa: E402
 from dagfusion.nodes.diffusion.loading import check_tree_readable, load_diffusers_folder  # noqa: E402
 from dagfusion.testing import models as tiny  # noqa: E402
@@ -28,7 +28,15 @@ def _load_yaml(node_type: str, **inputs: Any) -> str:
 
 
 def _node_error(engine: Any, helpers: Any, text: str, out: Path) -> BaseException:
-    result = engine.run(helpers.workflow(text), out=out)
+    """Why the load was refused: at validation (a ``PATH`` input's tree is checked there, so
+    nothing outside is even hashed) or, for files found only while loading, by the node."""
+    try:
+        result = engine.run(helpers.workflow(text), out=out)
+    except ValidationError as exc:
+        (problem,) = exc.problems
+        assert (problem.code, problem.node) == ("path-not-allowed", "load")
+        assert not out.exists(), "nothing may run when validation refuses"
+        return UnsafeOperationError(problem.message)
     assert result.status != "ok", "the load should have been refused"
     return result.errors["load"].original
 
