@@ -309,6 +309,8 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
                         "default": default_of(i),
                         "min": i.min,
                         "max": i.max,
+                        "exclusive_min": i.exclusive_min,
+                        "exclusive_max": i.exclusive_max,
                         "choices": list(i.choices) if i.choices is not None else None,
                         "optional": i.optional,
                         "link_only": i.link_only,

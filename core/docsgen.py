@@ -43,6 +43,10 @@ def _bounds(spec: InputSpec) -> str:
         parts.append(f"≥ {spec.min}")
     if spec.max is not None:
         parts.append(f"≤ {spec.max}")
+    if spec.exclusive_min is not None:
+        parts.append(f"> {spec.exclusive_min}")
+    if spec.exclusive_max is not None:
+        parts.append(f"< {spec.exclusive_max}")
     if spec.choices is not None:
         parts.append("one of " + ", ".join(f"`{c}`" for c in spec.choices))
     if spec.link_only:

@@ -66,6 +66,8 @@ class InputSpec:
         type: Socket type (object, union, or registered name).
         default: Value used when the workflow gives none; ``REQUIRED`` if none.
         min, max: Inclusive numeric bounds, checked for constants and at run time.
+        exclusive_min, exclusive_max: Exclusive numeric bounds (``exclusive_min=0.0``: strictly
+            positive), checked the same way.
         choices: Allowed values (checked for constants and at run time).
         optional: If true and no value is given, the function receives ``None``.
         description: One sentence for the docs and the canvas tooltip.
@@ -80,6 +82,8 @@ class InputSpec:
     default: Any = REQUIRED
     min: float | None = None
     max: float | None = None
+    exclusive_min: float | None = None
+    exclusive_max: float | None = None
     choices: tuple[Any, ...] | None = None
     optional: bool = False
     description: str = ""
@@ -100,13 +104,18 @@ class InputSpec:
         """Why ``value`` violates this input's bounds or choices, or ``None`` if it does not."""
         if self.choices is not None and value not in self.choices:
             return f"expected one of {list(self.choices)!r}, got {value!r}"
-        if (self.min is not None or self.max is not None) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        bounded = any(b is not None for b in (self.min, self.max, self.exclusive_min, self.exclusive_max))
+        if bounded and isinstance(value, (int, float)) and not isinstance(value, bool):
             if isinstance(value, float) and math.isnan(value):
                 return "expected a number, got NaN"
             if self.min is not None and value < self.min:
                 return f"expected a value >= {self.min}, got {value!r}"
             if self.max is not None and value > self.max:
                 return f"expected a value <= {self.max}, got {value!r}"
+            if self.exclusive_min is not None and value <= self.exclusive_min:
+                return f"expected a value > {self.exclusive_min}, got {value!r}"
+            if self.exclusive_max is not None and value >= self.exclusive_max:
+                return f"expected a value < {self.exclusive_max}, got {value!r}"
         return None
 
 

@@ -44,6 +44,10 @@ def _input_schema(spec: InputSpec) -> dict[str, Any]:
         constant["minimum"] = spec.min
     if spec.max is not None:
         constant["maximum"] = spec.max
+    if spec.exclusive_min is not None:
+        constant["exclusiveMinimum"] = spec.exclusive_min
+    if spec.exclusive_max is not None:
+        constant["exclusiveMaximum"] = spec.exclusive_max
     out: dict[str, Any] = {"description": f"{spec.type_name}. {spec.description}".strip()}
     if spec.default is not REQUIRED and isinstance(spec.default, (int, float, str, bool, list)) :
         out["default"] = spec.default

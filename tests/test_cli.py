@@ -154,6 +154,7 @@ def test_nodes_plugins_schema(tmp_path: Path, capsys) -> None:
     add = next(n for n in nodes if n["type"] == "dagfusion.math.Add")
     assert add["inputs"][0] == {
         "name": "a", "type": "FLOAT", "required": False, "default": 0.0, "min": None, "max": None,
+        "exclusive_min": None, "exclusive_max": None,
         "choices": None, "optional": False, "link_only": False, "description": "", "ui": {},
     }
     assert main(["plugins"]) in (EXIT_OK, EXIT_FAILED)

@@ -74,3 +74,8 @@ def test_bounds_and_choices() -> None:
     assert spec.bound_problem("c") == "expected one of ['a', 'b'], got 'c'"
     assert Input("n", INT, 1, min=0).bound_problem(-1) == "expected a value >= 0, got -1"
     assert Input("f", FLOAT, 0.0, max=1.0).bound_problem(float("nan")) == "expected a number, got NaN"
+    positive = Input("sigma", FLOAT, 1.0, exclusive_min=0.0)
+    assert positive.bound_problem(0.0) == "expected a value > 0.0, got 0.0"
+    assert positive.bound_problem(1e-9) is None
+    fraction = Input("p", FLOAT, 0.5, exclusive_max=1.0)
+    assert fraction.bound_problem(1) == "expected a value < 1.0, got 1" and fraction.bound_problem(0.99) is None

@@ -120,6 +120,8 @@ def _input_entry(spec: InputSpec, registry: Any) -> dict[str, Any]:
         "default": None if spec.default is REQUIRED else jsonable(spec.default),
         "min": spec.min,
         "max": spec.max,
+        "exclusive_min": spec.exclusive_min,
+        "exclusive_max": spec.exclusive_max,
         "choices": [jsonable(c) for c in spec.choices] if spec.choices is not None else None,
         "description": spec.description,
         "link_only": spec.link_only,
