@@ -20,6 +20,12 @@ def test_there_are_builtin_nodes() -> None:
     assert len(BUILTINS) >= 10
 
 
-@pytest.mark.parametrize("type_id", BUILTINS.node_types())
+#: Nodes whose contract run trains for seconds: part of the full suite, not of ``-m "not slow"``.
+SLOW = frozenset({"dagfusion.train.TrainVAE"})
+
+
+@pytest.mark.parametrize(
+    "type_id", [pytest.param(t, marks=pytest.mark.slow) if t in SLOW else t for t in BUILTINS.node_types()]
+)
 def test_node_contract(type_id: str, tmp_path: Path) -> None:
     assert_node_contract(BUILTINS.get(type_id), BUILTINS, tmp_path=tmp_path)

@@ -58,6 +58,7 @@ def _probe_loss(module, probe) -> float:
     return float(loss)
 
 
+@pytest.mark.slow
 def test_training_improves_reconstructions(parts, shapes, probe):
     vae = parts["vae"]
     untrained_loss = _probe_loss(vae.module, probe)

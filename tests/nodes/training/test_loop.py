@@ -48,6 +48,7 @@ def test_seeded_training_is_deterministic_and_leaves_the_input_alone(parts, shap
     assert a.model.info["training"]["objective"] == "v_prediction"
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_a_tiny_model(parts, shapes):
     config = TrainConfig(steps=24, batch_size=4, learning_rate=1e-3, caption_dropout=0.0, seed=0)
     result = _train(parts, shapes, config, EpsilonObjective())
