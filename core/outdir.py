@@ -43,13 +43,12 @@ def check_not_reserved(output_dir: Path, target: Path) -> None:
 
 def check_not_private(target: Path, private: tuple[Path, ...]) -> None:
     """Refuse a file to write (resolved) that lies in one of ``private`` (the cache folder)."""
-    for folder in private:
-        real = _real(folder)
-        if target == real or real in target.parents:
-            raise UnsafeOperationError(
-                f"output path {str(target)!r} lies in {folder}, whose files dagfusion trusts (cache); "
-                "choose another file name"
-            )
+    folder = _container(_real(target), private)
+    if folder is not None:
+        raise UnsafeOperationError(
+            f"output path {str(target)!r} lies in {folder}, whose files dagfusion trusts (cache); "
+            "choose another file name"
+        )
 
 
 def settings_folders(environ: os._Environ[str] | dict[str, str] | None = None) -> tuple[Path, ...]:
@@ -74,13 +73,12 @@ def check_output_dir(output_dir: Path, protected: tuple[Path, ...], private: tup
     files out of them when the output folder contains one.
     """
     out = _real(output_dir)
-    for folder in private:
-        real = _real(folder)
-        if out == real or real in out.parents:
-            raise UnsafeOperationError(
-                f"output folder {str(output_dir)!r} lies in {folder}, whose files dagfusion reads "
-                "(settings, cache); write runs into a folder of their own, e.g. outputs/NAME"
-            )
+    folder = _container(out, private)
+    if folder is not None:
+        raise UnsafeOperationError(
+            f"output folder {str(output_dir)!r} lies in {folder}, whose files dagfusion reads "
+            "(settings, cache); write runs into a folder of their own, e.g. outputs/NAME"
+        )
     for folder in protected:
         real = _real(folder)
         if out == real or out in real.parents:
@@ -90,6 +88,15 @@ def check_output_dir(output_dir: Path, protected: tuple[Path, ...], private: tup
                 f"output folder {str(output_dir)!r} {relation} {what}, whose files dagfusion reads "
                 "(settings, cache); write runs into a folder of their own, e.g. outputs/NAME"
             )
+
+
+def _container(real_path: Path, folders: tuple[Path, ...]) -> Path | None:
+    """The first of ``folders`` that is ``real_path`` or holds it (compared by real path), or ``None``."""
+    for folder in folders:
+        real = _real(folder)
+        if real_path == real or real in real_path.parents:
+            return folder
+    return None
 
 
 def _real(path: Path) -> Path:
