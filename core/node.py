@@ -169,6 +169,9 @@ class NodeSpec:
         output_node: The node exists for its effects (saving, previews): always a target.
         check: Validation-time check of the constant inputs (relations between inputs that
             bounds cannot express); run by ``dagfusion validate``, the canvas and every run.
+        former_ids: Type ids this node had before it was renamed or moved to another pack;
+            workflow files naming one load as this node (with a warning), and are saved with
+            the current id.
     """
 
     type_id: str
@@ -185,6 +188,7 @@ class NodeSpec:
     ui: Mapping[str, Any] = field(default_factory=dict)
     output_node: bool = False
     check: NodeCheck | None = field(default=None, compare=False, repr=False)
+    former_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems = []
@@ -192,6 +196,9 @@ class NodeSpec:
             problems.append(f"type id {self.type_id!r} must be namespaced, like 'mypack.Blur'")
         if parse_version(self.version) is None:
             problems.append(f"version {self.version!r} is not semantic (MAJOR.MINOR.PATCH)")
+        for former in self.former_ids:
+            if not _TYPE_ID.match(former) or former == self.type_id:
+                problems.append(f"former type id {former!r} must be namespaced and differ from {self.type_id!r}")
         for kind, specs in (("input", self.inputs), ("output", self.outputs)):
             seen: set[str] = set()
             for spec in specs:
@@ -293,6 +300,7 @@ def node(
     ui: Mapping[str, Any] | None = None,
     output_node: bool = False,
     check: NodeCheck | None = None,
+    former_ids: Sequence[str] = (),
 ) -> Callable[[Callable[..., Any]], NodeSpec]:
     """Declare a node from a function; the decorated name becomes its :class:`NodeSpec`.
 
@@ -318,6 +326,7 @@ def node(
             ui=dict(ui or {}),
             output_node=output_node,
             check=check,
+            former_ids=tuple(former_ids),
         )
 
     return decorate

@@ -53,6 +53,7 @@ class Registry:
         self._type_origin: dict[str, str] = {}
         self._nodes: dict[str, NodeSpec] = {}
         self._node_origin: dict[str, str] = {}
+        self._former: dict[str, str] = {}
         self._collect()
 
     @classmethod
@@ -141,7 +142,7 @@ class Registry:
         whose types or nodes cannot be resolved, and why, or ``None`` when all could."""
         self.types = TypeSystem()
         self._type_origin = {t.name: o.plugin for o in offers for t in o.types}
-        self._nodes, self._node_origin = {}, {}
+        self._nodes, self._node_origin, self._former = {}, {}, {}
         stuck = self._add_types(offers)
         if stuck is not None:
             return stuck
@@ -152,6 +153,7 @@ class Registry:
                     return offer, f"node type {spec.type_id} uses unregistered socket types {unknown}"
                 self._nodes[spec.type_id] = spec
                 self._node_origin[spec.type_id] = offer.plugin
+        self._former = _former_ids(self._nodes)
         return None
 
     def _add_types(self, offers: list[_Offer]) -> tuple[_Offer, str] | None:
@@ -184,7 +186,11 @@ class Registry:
         return len(self._nodes)
 
     def get(self, type_id: str) -> NodeSpec | None:
-        return self._nodes.get(type_id)
+        """The node type ``type_id`` names: a current id, or the former id of a renamed node."""
+        spec = self._nodes.get(type_id)
+        if spec is None and type_id in self._former:
+            spec = self._nodes[self._former[type_id]]
+        return spec
 
     def node_types(self) -> list[str]:
         return sorted(self._nodes)
@@ -217,12 +223,18 @@ class Registry:
         for spec in specs:
             derived._nodes[spec.type_id] = spec
             derived._node_origin[spec.type_id] = plugin_name
+        derived._former = _former_ids(derived._nodes)
         return derived
 
     @property
     def hook(self) -> Any:
         """The plugin manager's hook relay (lifecycle hooks)."""
         return self.plugin_manager.hook
+
+
+def _former_ids(nodes: dict[str, NodeSpec]) -> dict[str, str]:
+    """Former type id → current id of every renamed node; a current id always wins over a former one."""
+    return {former: spec.type_id for spec in nodes.values() for former in spec.former_ids if former not in nodes}
 
 
 def _type_register(offer: _Offer, who: str) -> Callable[[SocketType], None]:

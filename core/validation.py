@@ -155,6 +155,11 @@ def _check(
                 )
             nodes[node_id] = inst
             continue
+        if spec.type_id != inst.type:
+            warnings.append(
+                f"node '{node_id}': node type {inst.type} is now {spec.type_id}; saving the workflow writes the new id"
+            )
+            inst = replace(inst, type=spec.type_id)
         if inst.version is not None:
             inst = _resolve_version(workflow, inst, spec, registry, problems, warnings)
         specs[node_id] = spec

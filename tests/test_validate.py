@@ -172,3 +172,22 @@ def test_sweep_keys_and_values_are_checked(registry: Registry) -> None:
         registry,
     )
     assert sorted(p.code for p in problems) == ["dangling-reference", "out-of-range", "unknown-input"]
+
+
+def test_a_renamed_node_type_loads_from_its_former_id_and_saves_the_new_one(registry) -> None:
+    from dagfusion import FLOAT, Output, node
+    from dagfusion.validation import check
+    from dagfusion.workflow import load_workflow
+
+    @node("newpack.Gain", version="1.0.0", category="t", outputs=[Output("x", FLOAT)], former_ids=["oldpack.Gain"])
+    def gain(ctx):
+        """A node that moved from one pack to another."""
+        return 1.0
+
+    derived = registry.with_nodes([gain], "newpack")
+    workflow = load_workflow("format_version: 1\nnodes:\n  g: {type: oldpack.Gain}\n", text=True)
+    validated, problems, warnings = check(workflow, derived)
+    assert problems == [] and validated is not None
+    assert warnings == ["node 'g': node type oldpack.Gain is now newpack.Gain; saving the workflow writes the new id"]
+    assert "type: newpack.Gain" in validated.workflow.dump() and "oldpack" not in validated.workflow.dump()
+    assert derived.get("oldpack.Gain") is gain and "oldpack.Gain" not in derived.node_types()
