@@ -71,16 +71,16 @@ def variants(name: str, steps: int, loaded: Any = None, guidance: float = 4.0, g
     """``(label, patch)`` pairs to measure for embedded model ``name`` at ``steps`` steps (``None``:
     uncached; the non-uniform DeepCache schedule centres on 30 % of the steps, as 15 of 50 in the paper).
     CacheQuant schedules are calibrated on ``loaded`` (skipped when it is ``None``)."""
-    from dagfusion.nodes.cache.blockcache import BlockCachePatch
+    from dagfusion.nodes.cache.blockcache import BlockCacheConfig, BlockCachePatch
     from dagfusion.nodes.cache.cachequant import schedule_patch
-    from dagfusion.nodes.cache.deepcache import DeepCachePatch
+    from dagfusion.nodes.cache.deepcache import DeepCacheConfig, DeepCachePatch
     from dagfusion.nodes.cache.diffusers_caches import CacheSettings, DiffusersCachePatch
 
     calibrated = calibration(loaded, steps, guidance) if loaded is not None else None
     if name == "shapes-sd":
         out: list[tuple[str, Any]] = [("uncached", None)]
         for interval in (2, 3, 4, 5):
-            out.append((f"DeepCache N={interval}", DeepCachePatch(interval=interval)))
+            out.append((f"DeepCache N={interval}", DeepCachePatch(DeepCacheConfig(interval=interval))))
         if calibrated is not None:
             for interval in (3, 5):
                 schedule = calibrated(interval=interval)
@@ -88,14 +88,14 @@ def variants(name: str, steps: int, loaded: Any = None, guidance: float = 4.0, g
                 out.append((f"CacheQuant DPS K={len(schedule.full_steps)} + DEC", schedule_patch(schedule)))
             schedule = calibrated(interval=5, objective="corrected")
             out.append((f"CacheQuant DPS (corrected objective) K={len(schedule.full_steps)} + DEC", schedule_patch(schedule)))
-        out.append(("DeepCache non-uniform N=3", DeepCachePatch(interval=3, schedule="non-uniform", center=int(0.3 * steps))))
-        out.append(("DeepCache N=3 branch 1", DeepCachePatch(interval=3, branch=1)))
+        out.append(("DeepCache non-uniform N=3", DeepCachePatch(DeepCacheConfig(interval=3, schedule="non-uniform", center=int(0.3 * steps)))))
+        out.append(("DeepCache N=3 branch 1", DeepCachePatch(DeepCacheConfig(interval=3, branch=1))))
         out.append(("PAB (diffusers) 2/6", DiffusersCachePatch(CacheSettings("pyramid_attention_broadcast"))))
         return out
     out = [("uncached", None)]
     for interval in (2, 3):
-        out.append((f"BlockCache N={interval} blocks 1-7", BlockCachePatch(span=(1, 7), interval=interval)))
-    out.append(("BlockCache N=3, Δ-DiT: blocks 4-8 then 0-4 from step 10", BlockCachePatch(span=(4, 8), late_span=(0, 4), boundary=10, interval=3)))
+        out.append((f"BlockCache N={interval} blocks 1-7", BlockCachePatch(BlockCacheConfig(span=(1, 7), interval=interval))))
+    out.append(("BlockCache N=3, Δ-DiT: blocks 4-8 then 0-4 from step 10", BlockCachePatch(BlockCacheConfig(span=(4, 8), late_span=(0, 4), boundary=10, interval=3))))
     if calibrated is not None:
         for interval in (2, 3):
             schedule = calibrated(interval=interval, span=(1, 7))

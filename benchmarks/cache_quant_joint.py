@@ -36,7 +36,7 @@ from shapes_models import batch_conditioning  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     from dagfusion.model import count_macs
     from dagfusion.nodes.cache.cachequant import calibrate, schedule_patch
-    from dagfusion.nodes.cache.deepcache import DeepCachePatch
+    from dagfusion.nodes.cache.deepcache import DeepCacheConfig, DeepCachePatch
     from dagfusion.nodes.diffusion.latents import empty_latent
     from dagfusion.nodes.diffusion.loading import load_diffusers_folder
     from dagfusion.nodes.diffusion.sampling import sample
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         model = loaded.model if patch is None else loaded.model.with_patch(patch)
         bits = 32.0 if patch is None else average_bits(unet, patch)
         variants: list[tuple[str, Any]] = [] if patch is None else [("none", None)]
-        variants.append((f"DeepCache N={args.interval}", DeepCachePatch(interval=args.interval)))
+        variants.append((f"DeepCache N={args.interval}", DeepCachePatch(DeepCacheConfig(interval=args.interval))))
         variants.append(("CacheQuant DPS + cache DEC", schedule_patch(schedule(model))))
         if patch is not None:
             variants.append(("CacheQuant DPS + cache & quant DEC", schedule_patch(schedule(model, loaded.model))))

@@ -94,18 +94,18 @@ BUILDERS = {"sd15": sd15, "dit": dit, "pixart": pixart}
 def variants(name: str, calibrate: Any, blocks: int) -> list[tuple[str, Any]]:
     """``(label, patch)`` per scheduler; ``calibrate(**options)`` makes a CacheQuant schedule on the
     (random-weight) model itself — its full steps then differ from a trained model's, its cost does not."""
-    from dagfusion.nodes.cache.blockcache import BlockCachePatch
+    from dagfusion.nodes.cache.blockcache import BlockCacheConfig, BlockCachePatch
     from dagfusion.nodes.cache.cachequant import schedule_patch
-    from dagfusion.nodes.cache.deepcache import DeepCachePatch
+    from dagfusion.nodes.cache.deepcache import DeepCacheConfig, DeepCachePatch
     from dagfusion.nodes.cache.diffusers_caches import CacheSettings, DiffusersCachePatch
 
     pab = [("PAB 2/6", DiffusersCachePatch(CacheSettings("pyramid_attention_broadcast")))]
     if name == "sd15":
-        return [*[(f"DeepCache N={n}", DeepCachePatch(interval=n, measure=False)) for n in (2, 3, 5)],
+        return [*[(f"DeepCache N={n}", DeepCachePatch(DeepCacheConfig(interval=n), measure=False)) for n in (2, 3, 5)],
                 ("CacheQuant DPS K=ceil(T/5) + DEC", schedule_patch(calibrate(interval=5))), *pab]
     extra = [("PAB 3/6", DiffusersCachePatch(CacheSettings("pyramid_attention_broadcast", spatial_attention_block_skip_range=3)))] if name == "pixart" else []
     span = (1, blocks - 1)
-    cached = [(f"BlockCache N={n} blocks {span[0]}-{span[1]}", BlockCachePatch(span=span, interval=n, measure=False)) for n in (2, 3)]
+    cached = [(f"BlockCache N={n} blocks {span[0]}-{span[1]}", BlockCachePatch(BlockCacheConfig(span=span, interval=n), measure=False)) for n in (2, 3)]
     cached.append(("CacheQuant DPS K=ceil(T/3) + DEC", schedule_patch(calibrate(interval=3, span=span))))
     return [*pab, *extra, *cached, ("TaylorSeer 3", DiffusersCachePatch(CacheSettings("taylorseer", cache_interval=3, disable_cache_before_step=2)))]
 

@@ -55,7 +55,7 @@ def test_plugin_guide_examples_run() -> None:
 def test_accelerator_guide_example_runs() -> None:
     namespace: dict[str, object] = {"__name__": "accelerator_guide"}
     blocks = _blocks((DOCS / "accelerators.md").read_text(encoding="utf-8"), "python")
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     for block in blocks:
         exec(compile(block, "docs/accelerators.md", "exec"), namespace)
 

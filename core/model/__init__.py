@@ -9,12 +9,15 @@ Handles (:mod:`~dagfusion.model.handle`)
     to shared weights (:class:`ComponentRef` into the model cache, or :class:`StaticRef`) plus an
     immutable tuple of patches; ``handle.with_patch(patch)`` copies no weights.
 Patches (:mod:`~dagfusion.model.patch`)
-    :class:`ModelPatch` (``apply(module)`` around each use, ``begin(run)`` per sampling run),
-    :class:`FunctionPatch`, :func:`apply_patches`, and :func:`applied_patch` to find a patch of a
+    :class:`ModelPatch` (``apply(module)`` around each use, ``begin(run)`` per sampling run; a
+    key from its settings or its frozen ``config``), :class:`FunctionPatch`, :func:`apply_patches`, and :func:`applied_patch` to find a patch of a
     class on a handle or on a module while it is applied.
 The step hook (:mod:`~dagfusion.model.hooks`)
-    :class:`StepHook`, :class:`DenoiserCall`, :class:`StepInfo`, :class:`SamplingRun`,
-    :data:`Forward`, :func:`chain`.
+    :class:`StepHook`, :class:`DenoiserCall` (with ``select``/``split``/``merge`` for the
+    guidance halves), :class:`StepInfo`, :class:`SamplingRun`, :data:`Forward`, :func:`chain`.
+Run reports (:mod:`~dagfusion.model.report`)
+    :class:`RunReport` and :class:`StepRecord`: what a sampling run computed per step (denoiser
+    calls, MACs, seconds) and what each patch's hook reported from ``end()``.
 Denoiser families (:mod:`~dagfusion.model.families`)
     :class:`Family` (how a sampler calls one kind of denoiser), :func:`register_family`,
     :func:`family_for`, :class:`FamilyRegistry`.
@@ -60,7 +63,7 @@ from dagfusion.model.handle import (
     tokenizer_fingerprint,
 )
 from dagfusion.model.helpers import ParameterPlaces, parameter_places, swap_parameters, unwrap_compiled
-from dagfusion.model.hooks import DenoiserCall, Forward, SamplingRun, StepHook, StepInfo, chain
+from dagfusion.model.hooks import HOOK_METHODS, DenoiserCall, Forward, SamplingRun, StepHook, StepInfo, chain
 from dagfusion.model.macs import CallCosts, MacCounter, MacRecord, call_layout, count_macs
 from dagfusion.model.patch import (
     FunctionPatch,
@@ -69,12 +72,15 @@ from dagfusion.model.patch import (
     applying,
     apply_patches,
     check_patch,
+    config_key,
     patch_key,
     patches_of,
 )
+from dagfusion.model.report import RunReport, StepRecord, plain_report
 
 __all__ = [
     "DEFAULT_BUDGET_BYTES",
+    "HOOK_METHODS",
     "CacheStats",
     "CallCosts",
     "ComponentRef",
@@ -95,11 +101,13 @@ __all__ = [
     "Prepared",
     "Ref",
     "RegisterFamily",
+    "RunReport",
     "SamplingRun",
     "SchedulerSpecLike",
     "StaticRef",
     "StepHook",
     "StepInfo",
+    "StepRecord",
     "TextEncoderBundle",
     "VAEHandle",
     "applied_patch",
@@ -110,6 +118,7 @@ __all__ = [
     "chain",
     "check_patch",
     "class_names",
+    "config_key",
     "config_of",
     "count_macs",
     "default_cache",
@@ -122,6 +131,7 @@ __all__ = [
     "patch_key",
     "patches_of",
     "placed",
+    "plain_report",
     "register_family",
     "require_kind",
     "rescale_guidance",

@@ -193,6 +193,7 @@ class Handle:
         """A clone with ``patch`` appended (innermost); this handle is unchanged.
 
         :raises TypeError: ``patch`` has neither ``apply`` nor ``begin``.
+        :raises NodeDefinitionError: ``patch`` has no key (see :func:`~dagfusion.model.patch_key`).
         """
         check_patch(patch)
         clone = self.clone()

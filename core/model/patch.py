@@ -17,11 +17,15 @@ without any global state of its own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
+import json
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from dagfusion.errors import NodeDefinitionError
 from dagfusion.model.helpers import unwrap_compiled
 
 if TYPE_CHECKING:
@@ -31,13 +35,37 @@ P = TypeVar("P")
 
 
 class ModelPatch:
-    """Base class of patches. Subclasses set ``key`` and override ``apply`` and/or ``begin``.
+    """Base class of patches. Subclasses give a key and override ``apply`` and/or ``begin``.
 
-    ``key`` is a string identifying the patch *and its settings* (it goes into the handle's
-    fingerprint, so two handles with equal keys are treated as equal by caches).
+    ``key`` is a string identifying the patch *and its settings*: it goes into the handle's
+    fingerprint, so two handles with equal keys are treated as equal by caches, and a setting
+    left out of it makes differently configured handles collide. A patch gets its key in one
+    of three ways:
+
+    - a frozen dataclass ``config`` holding every setting: the key is the patch class's
+      qualified name and the config's fields (as JSON) — nothing to keep in sync;
+    - ``self.key = ...`` in ``__init__``, built from the settings (or ``key = "..."`` on a class
+      whose instances have no settings);
+    - a ``key`` property (for keys that hash tensors, say).
+
+    A patch without a key is refused by ``handle.with_patch`` (:func:`patch_key`).
     """
 
-    key: str = ""
+    config: Any = None
+
+    @property
+    def key(self) -> str:
+        """The key set on the instance, else the one derived from ``config``, else ``""`` (no key)."""
+        explicit = self.__dict__.get("_key")
+        if explicit:
+            return str(explicit)
+        if self.config is not None:
+            return config_key(type(self), self.config)
+        return ""
+
+    @key.setter
+    def key(self, value: str) -> None:
+        self.__dict__["_key"] = value
 
     def apply(self, module: Any) -> contextlib.AbstractContextManager[Any]:
         """Change ``module`` for the duration of a use; restore it on exit (also after an error)."""
@@ -51,12 +79,38 @@ class ModelPatch:
         return f"{type(self).__name__}({self.key!r})"
 
 
+def config_key(cls: type, config: Any) -> str:
+    """The key of a patch of class ``cls`` built from the frozen dataclass ``config``:
+    ``"<module>.<class>:"`` and the config's fields as sorted JSON.
+
+    :raises NodeDefinitionError: ``config`` is not a frozen dataclass instance.
+    """
+    params = getattr(config, "__dataclass_params__", None)
+    if not dataclasses.is_dataclass(config) or isinstance(config, type) or params is None or not params.frozen:
+        raise NodeDefinitionError(
+            f"patch {cls.__qualname__}: config must be a frozen dataclass instance (its fields form the patch's key), "
+            f"got {type(config).__name__}"
+        )
+    fields = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str, separators=(",", ":"))
+    return f"{cls.__module__}.{cls.__qualname__}:{type(config).__name__}{fields}"
+
+
 class FunctionPatch(ModelPatch):
-    """A patch from a plain function ``fn(call, forward) -> output`` (stateless hooks)."""
+    """A patch from a plain function ``fn(call, forward) -> output`` (stateless hooks).
+
+    The key defaults to the function's qualified name; a lambda or a function defined inside
+    another one (a closure, whose behaviour may depend on captured values) needs ``key``.
+    """
 
     def __init__(self, fn: Callable[[DenoiserCall, Forward], Any], key: str | None = None) -> None:
         self.fn = fn
-        self.key = key or f"function:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+        qualname = getattr(fn, "__qualname__", None)
+        if key is None and (qualname is None or "<" in qualname):
+            raise NodeDefinitionError(
+                f"FunctionPatch over {qualname or repr(fn)} needs key=...: a lambda or local function has no name "
+                "that tells its behaviour apart from another one's"
+            )
+        self.key = key or f"function:{getattr(fn, '__module__', '?')}.{qualname}"
 
     def begin(self, run: SamplingRun) -> StepHook:
         from dagfusion.model.hooks import StepHook
@@ -71,23 +125,44 @@ class FunctionPatch(ModelPatch):
 
 
 def check_patch(patch: Any) -> None:
-    """Raise ``TypeError`` unless ``patch`` offers ``apply`` or ``begin`` like :class:`ModelPatch`."""
+    """Check that ``patch`` can be attached to a handle: it offers ``apply`` or ``begin`` like
+    :class:`ModelPatch`, and it has a key (:func:`patch_key`).
+
+    A subclass's own ``key`` property is not evaluated here (it may hash weights); an empty
+    one fails in :func:`patch_key` when the handle is fingerprinted.
+
+    :raises TypeError: ``patch`` has neither ``apply`` nor ``begin``.
+    :raises NodeDefinitionError: ``patch`` has no key (naming its class).
+    """
     if not (callable(getattr(patch, "apply", None)) or callable(getattr(patch, "begin", None))):
         raise TypeError(
             f"expected a model patch (an object with apply(module) and/or begin(run), see "
             f"dagfusion.model.ModelPatch), got {type(patch).__name__}"
         )
+    declared = inspect.getattr_static(type(patch), "key", None)
+    if isinstance(declared, property) and declared is not ModelPatch.__dict__["key"]:
+        return  # a subclass's own key property (it may hash weights): evaluated when fingerprinting
+    patch_key(patch)
 
 
 def patch_key(patch: Any) -> str:
-    """The string that identifies ``patch`` and its settings in a handle's fingerprint.
+    """The string that identifies ``patch`` and its settings in a handle's fingerprint:
+    ``patch.key`` (called if it is a method).
 
-    ``patch.key`` (called if it is a method), else the patch's qualified class name.
+    :raises NodeDefinitionError: the key is missing or empty (naming the patch's class and how
+        to give it one).
     """
     key = getattr(patch, "key", None)
     if callable(key):
         key = key()
-    return str(key) if key is not None else f"{type(patch).__module__}.{type(patch).__qualname__}"
+    if not isinstance(key, str) or not key.strip():
+        cls = type(patch)
+        raise NodeDefinitionError(
+            f"patch {cls.__module__}.{cls.__qualname__} has no key: set self.key from its settings in __init__, give it "
+            "a frozen dataclass 'config', or define a 'key' property (the key tells differently configured handles "
+            "apart in caches)"
+        )
+    return key
 
 
 # --- which patches are on a module right now --------------------------------------------------------

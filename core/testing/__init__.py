@@ -141,7 +141,11 @@ emits the example value, exactly as it would from an upstream node. Then:
 - pure nodes are deterministic: a second run on fresh copies of the same example gives outputs
   with equal content fingerprints (tensors by bytes; outputs that cannot be fingerprinted are
   not compared);
-- ``persist`` nodes: each output survives its type's serializer (save, load, same fingerprint).
+- ``persist`` nodes: each output survives its type's serializer (save, load, same fingerprint);
+- pure nodes returning handles that carry patches (a patched ``MODEL``, ``VAE`` or ``CLIP``): two
+  examples with different inputs give handles with different fingerprints — a setting left out
+  of a patch's key would let the engine's cache serve one handle for the other. Give such a
+  node at least two examples that differ in its settings.
 
 Nodes without examples: if every input has a default (or is optional), the node is run once
 with its defaults, as if ``examples=[{}]``. Otherwise a **pure** node without examples is a
@@ -559,6 +563,7 @@ def _example_problems(spec: NodeSpec, registry: Registry, folder: Path, settings
     else:
         settings = settings.with_overrides(read_dirs=[*settings.read_dirs, folder])
     contract = _contract_registry(registry, spec)
+    patched: list[tuple[str, str | None, dict[str, str | None]]] = []
     for index, example in enumerate(examples, 1):
         label = label_prefix if label_prefix != "example" else f"example {index}"
         example_dir = folder / "examples" / f"{index}"
@@ -575,6 +580,8 @@ def _example_problems(spec: NodeSpec, registry: Registry, folder: Path, settings
         if first is None:
             continue
         if spec.pure:
+            patched.append((label, _fingerprint_or_none(inputs), _patched_handles(first)))
+        if spec.pure:
             try:
                 again = _fresh(example, inputs, example_dir)
             except Exception as exc:
@@ -585,6 +592,42 @@ def _example_problems(spec: NodeSpec, registry: Registry, folder: Path, settings
                 problems += _determinism_problems(first, second, label)
         if spec.persist:
             problems += _persist_problems(spec, registry, first, folder / "persist" / f"{index}", label)
+    return problems + _patch_key_problems(patched)
+
+
+def _fingerprint_or_none(value: Any) -> str | None:
+    from dagfusion.fingerprint import fingerprint
+
+    try:
+        return fingerprint(value)
+    except Exception:  # a value whose fingerprint fails is simply not compared
+        return None
+
+
+def _patched_handles(outputs: Mapping[str, Any]) -> dict[str, str | None]:
+    """``{output: fingerprint}`` of the outputs that are handles carrying patches."""
+    return {
+        name: _fingerprint_or_none(value)
+        for name, value in outputs.items()
+        if isinstance(getattr(value, "patches", None), tuple) and value.patches
+        and hasattr(value, "__dagfusion_fingerprint__")
+    }
+
+
+def _patch_key_problems(runs: list[tuple[str, str | None, dict[str, str | None]]]) -> list[str]:
+    """Examples with different inputs whose patched handles fingerprint the same: a setting is
+    missing from a patch's key, so the engine's cache would serve one handle for the other."""
+    problems = []
+    for i, (label_a, inputs_a, handles_a) in enumerate(runs):
+        for label_b, inputs_b, handles_b in runs[i + 1:]:
+            if inputs_a is None or inputs_b is None or inputs_a == inputs_b:
+                continue
+            for name, fp in handles_a.items():
+                if fp is not None and handles_b.get(name) == fp:
+                    problems.append(
+                        f"{label_a} and {label_b}: different inputs give output {name!r} the same fingerprint "
+                        "(a setting is missing from a patch's key, so caches would mix the two handles up)"
+                    )
     return problems
 
 

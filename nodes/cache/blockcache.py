@@ -22,22 +22,24 @@ captured ``Δ``. The swapped forwards act only for calls from the sampling threa
 on every step (the denoiser is called every step; only the span's blocks are skipped). A call
 whose batch layout differs from the cached one runs in full.
 
-MACs of one full and one partial call per batch layout are counted
-(:func:`~dagfusion.model.count_macs`) and each run's statistics are left in
-``patch.last_stats``.
+The settings are one frozen :class:`BlockCacheConfig` (its fields form the patch's key). MACs
+of one full and one partial call per batch layout are counted
+(:func:`~dagfusion.model.count_macs`) and the hook's ``end()`` returns the run's statistics,
+which the sampler puts into the run's report under the patch's key.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from dagfusion import INT, STRING, Input, Output, RunContext, node
 from dagfusion.model import CallCosts, DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook, call_layout, unwrap_compiled
 from dagfusion.nodes.cache import schedules
+from dagfusion.nodes.cache.stats import FeatureCacheStats, call_stats
 from dagfusion.nodes.diffusion.types import MODEL
 
 Span = tuple[int, int]
@@ -205,72 +207,78 @@ Correction = Callable[[int, Any], Any]
 """``correct(step index, cached Δ) -> the Δ to use`` on a partial step."""
 
 
-class BlockCachePatch(ModelPatch):
-    """Block-cache settings attached to a model handle (see the module docstring).
-
-    Subclasses change :meth:`plan`, :meth:`spans` and :meth:`correction` (CacheQuant).
+@dataclass(frozen=True)
+class BlockCacheConfig:
+    """Block-cache settings (see the module docstring); the fields form the patch's key.
 
     Attributes:
-        interval: A full step every ``interval`` steps (uniform schedule).
-        span, late_span, boundary: The cached span; from step ``boundary`` on, ``late_span``
-            (Δ-DiT's stage-dependent caching; ``None``: one span throughout).
-        explicit: Full-step indices (explicit schedule; empty: uniform).
-        measure: Count MACs.
-        last_stats: Statistics of the last finished run (read-only reporting).
+        span: The cached span ``(start, end)``.
+        interval: A full step every ``interval`` steps (uniform schedule; unused with ``full_steps``).
+        late_span, boundary: From step ``boundary`` on, ``late_span`` is cached (Δ-DiT's
+            stage-dependent caching); ``None``: ``span`` throughout.
+        full_steps: Full-step indices (explicit schedule; empty: uniform).
+
+    :raises ValueError: ``interval`` below 1, or ``late_span`` without a ``boundary``.
     """
 
-    method = "dagfusion.cache.BlockCache"
+    span: Span
+    interval: int = 2
+    late_span: Span | None = None
+    boundary: int | None = None
+    full_steps: tuple[int, ...] = ()
 
-    def __init__(
-        self,
-        *,
-        span: Span,
-        interval: int = 2,
-        late_span: Span | None = None,
-        boundary: int | None = None,
-        explicit: Sequence[int] = (),
-        measure: bool = True,
-    ) -> None:
-        if interval < 1:
-            raise ValueError(f"interval must be at least 1, got {interval}")
-        self.span = (int(span[0]), int(span[1]))
-        self.late_span = None if late_span is None else (int(late_span[0]), int(late_span[1]))
-        self.boundary = None if boundary is None or late_span is None else int(boundary)
-        self.interval = int(interval)
-        self.explicit = tuple(sorted({int(i) for i in explicit}))
-        self.measure = bool(measure)
-        self.last_stats: dict[str, Any] | None = None
-        self.key = self.method + ":" + json.dumps(self.settings(), sort_keys=True)
-
-    def settings(self) -> dict[str, Any]:
-        """The settings as plain data (what the key is made of)."""
-        out: dict[str, Any] = {"span": list(self.span)}
-        if self.explicit:
-            out["full_steps"] = list(self.explicit)
-        else:
-            out["interval"] = self.interval
-        if self.late_span is not None:
-            out.update(late_span=list(self.late_span), boundary=self.boundary)
-        return out
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise ValueError(f"interval must be at least 1, got {self.interval}")
+        set_ = object.__setattr__
+        set_(self, "span", (int(self.span[0]), int(self.span[1])))
+        late = None if self.late_span is None else (int(self.late_span[0]), int(self.late_span[1]))
+        set_(self, "late_span", late)
+        set_(self, "boundary", None if self.boundary is None or late is None else int(self.boundary))
+        set_(self, "full_steps", tuple(sorted({int(i) for i in self.full_steps})))
+        if late is not None and self.boundary is None:
+            raise ValueError("late_span needs a boundary: the step where it takes over")
 
     def plan(self, steps: int) -> list[bool]:
         """Which of ``steps`` steps run in full."""
-        if self.explicit:
-            return schedules.full_steps("explicit", steps, explicit=self.explicit)
+        if self.full_steps:
+            return schedules.full_steps("explicit", steps, explicit=self.full_steps)
         return schedules.full_steps("uniform", steps, self.interval)
 
     def spans(self, steps: int) -> list[Span]:
         """The cached span of each step."""
         return spans_for(steps, self.span, self.late_span, self.boundary)
 
-    def correction(self, run: SamplingRun) -> Correction | None:
-        """How a cached Δ is corrected before reuse (``None``: used as is)."""
-        return None
 
-    def full_correction(self, run: SamplingRun) -> Correction | None:
-        """How the span's Δ is corrected on *every* step, after :meth:`correction` on reused ones
-        (``None``: not at all)."""
-        return None
+class BlockCachePatch(ModelPatch):
+    """Block caching attached to a model handle (see the module docstring).
+
+    Subclasses change :meth:`plan` and :meth:`corrections` (CacheQuant).
+
+    Attributes:
+        config: The settings (:class:`BlockCacheConfig`; the key is made of its fields).
+        measure: Count MACs (reporting only, not part of the key).
+    """
+
+    def __init__(self, config: BlockCacheConfig, *, measure: bool = True) -> None:
+        if not isinstance(config, BlockCacheConfig):
+            raise TypeError(f"BlockCachePatch takes a BlockCacheConfig, got {type(config).__name__}")
+        self.config = config
+        self.measure = bool(measure)
+
+    def plan(self, steps: int) -> list[bool]:
+        """Which of ``steps`` steps run in full."""
+        return self.config.plan(steps)
+
+    def spans(self, steps: int) -> list[Span]:
+        """The cached span of each step."""
+        return self.config.spans(steps)
+
+    def corrections(self, run: SamplingRun) -> tuple[Correction | None, Correction | None]:
+        """``(correct, correct_full)`` for :class:`BlockCacheHook`: how a cached Δ is corrected before
+        reuse, and how the span's Δ is corrected on *every* step (after ``correct`` on reused ones);
+        ``None``: not at all (CacheQuant's patch gives its calibrated corrections)."""
+        return None, None
 
     def begin(self, run: SamplingRun) -> BlockCacheHook:
         blocks = blocks_of(run.module)
@@ -278,75 +286,63 @@ class BlockCachePatch(ModelPatch):
         for span in set(spans):
             check_span(span, len(blocks))
         inner = unwrap_compiled(run.module)
-        hook = BlockCacheHook(self, inner, blocks, self.plan(run.steps), spans, self.correction(run),
-                              measure=self.measure and inner is run.module)
-        hook.correct_full = self.full_correction(run)
-        return hook
+        correct, correct_full = self.corrections(run)
+        return BlockCacheHook(blocks, self.plan(run.steps), spans, CallCosts(inner, self.measure and inner is run.module),
+                              correct=correct, correct_full=correct_full)
 
 
 class BlockCacheHook(StepHook):
-    """The per-run state of a :class:`BlockCachePatch`: the cached Δ and the run's statistics."""
+    """The per-run state of a :class:`BlockCachePatch`: the cached Δ and the run's statistics.
 
-    def __init__(self, patch: BlockCachePatch, transformer: Any, blocks: Any, plan: list[bool], spans: list[Span],
-                 correct: Correction | None, *, measure: bool = True) -> None:
-        self.patch = patch
-        self.transformer = transformer
-        self.blocks = blocks
-        self.plan = plan
-        self.spans = spans
-        self.correct = correct
-        self.correct_full: Correction | None = None
-        self.costs = CallCosts(transformer, measure)
-        self.cache: tuple[Any, Span, Any] | None = None  # (batch layout, span, Δ)
-        self.calls: list[tuple[int, str, Any]] = []
+    :param correct: ``correct(step, cached Δ) -> Δ to use`` on reused steps, or ``None``.
+    :param correct_full: ``correct_full(step, Δ) -> Δ`` on every step (after ``correct``), or ``None``.
+    """
 
-    layout = staticmethod(call_layout)
+    def __init__(self, blocks: Any, plan: list[bool], spans: list[Span], costs: CallCosts, *,
+                 correct: Correction | None = None, correct_full: Correction | None = None) -> None:
+        self._blocks = blocks
+        self._plan = plan
+        self._spans = spans
+        self._correct = correct
+        self._correct_full = correct_full
+        self._costs = costs
+        self._cache: tuple[Any, Span, Any] | None = None  # (batch layout, span, Δ)
+        self._calls: list[tuple[int, str, Any]] = []
 
     def denoise(self, call: DenoiserCall, forward: Forward) -> Any:
         index = call.step.index
-        inside = 0 <= index < len(self.plan)
-        full = self.plan[index] if inside else True
-        span = self.spans[index] if inside else self.spans[-1]
-        layout = self.layout(call)
-        if not full and self.cache is not None and self.cache[0] == layout and self.cache[1] == span:
-            delta = self.cache[2]
-            if self.correct is not None:
-                delta = self.correct(index, delta)
-            if self.correct_full is not None:
-                delta = self.correct_full(index, delta)
+        inside = 0 <= index < len(self._plan)
+        full = self._plan[index] if inside else True
+        span = self._spans[index] if inside else self._spans[-1]
+        layout = call_layout(call)
+        fix, fix_full = self._correct, self._correct_full
+        if not full and self._cache is not None and self._cache[0] == layout and self._cache[1] == span:
+            delta = self._cache[2]
+            if fix is not None:
+                delta = fix(index, delta)
+            if fix_full is not None:
+                delta = fix_full(index, delta)
 
             def partial() -> Any:
-                with reusing(self.blocks, span, delta):
+                with reusing(self._blocks, span, delta):
                     return forward(call)
 
-            out = self.costs.run("partial", layout, partial)
-            self.calls.append((index, "partial", layout))
+            out = self._costs.run("partial", layout, partial)
+            self._calls.append((index, "partial", layout))
             return out
-        transform = None if self.correct_full is None else (lambda d: self.correct_full(index, d))
-        out, delta = self.costs.run(
-            "full", layout, lambda: capture_delta(self.blocks, span, lambda: forward(call), transform)
+        transform = None if fix_full is None else (lambda d: fix_full(index, d))
+        out, delta = self._costs.run(
+            "full", layout, lambda: capture_delta(self._blocks, span, lambda: forward(call), transform)
         )
         # A change of another batch (an inner hook changed the call) cannot be reused.
-        self.cache = (layout, span, delta.detach()) if delta is not None and delta.shape[0] == call.sample.shape[0] else None
-        self.calls.append((index, "full", layout))
+        self._cache = (layout, span, delta.detach()) if delta is not None and delta.shape[0] == call.sample.shape[0] else None
+        self._calls.append((index, "full", layout))
         return out
 
-    def stats(self) -> dict[str, Any]:
-        """This run: ``calls``, ``full_calls``, ``partial_calls``, ``full_fraction``, ``plan``,
-        ``modes`` and, when measured, ``macs``, ``macs_uncached``, ``mac_fraction``."""
-        total = len(self.calls)
-        full = sum(1 for _, mode, _ in self.calls if mode == "full")
-        stats: dict[str, Any] = {
-            "calls": total, "full_calls": full, "partial_calls": total - full,
-            "full_fraction": full / total if total else 0.0, "plan": list(self.plan),
-            "modes": [[index, mode] for index, mode, _ in self.calls],
-        }
-        stats.update(self.costs.summary(self.calls))
-        return stats
-
-    def end(self) -> None:
-        self.patch.last_stats = self.stats()
-        self.cache = None
+    def end(self) -> FeatureCacheStats:
+        """This run's :class:`~dagfusion.nodes.cache.stats.FeatureCacheStats`; frees the cached Δ."""
+        self._cache = None
+        return call_stats(self._calls, self._plan, self._costs)
 
 
 # --- the node -----------------------------------------------------------------------------------
@@ -366,7 +362,7 @@ def _delta_dit_example() -> dict[str, Any]:
 
 @node(
     "dagfusion.cache.BlockCache",
-    version="1.0.0",
+    version="1.1.0",
     category="cache",
     inputs=[
         Input("model", MODEL, link_only=True, description="A diffusion transformer (DiT, PixArt)."),
@@ -398,7 +394,8 @@ def block_cache(ctx: RunContext, model: Any, interval: int, span: str, late_span
     late = parse_span(late_span, count, "late_span") if late_span.strip() else None
     if late is not None and boundary < 1:
         raise ValueError("boundary must be at least 1 when late_span is given (the step where late_span takes over)")
-    return model.with_patch(BlockCachePatch(span=early, interval=interval, late_span=late, boundary=boundary))
+    config = BlockCacheConfig(span=early, interval=interval, late_span=late, boundary=boundary if late is not None else None)
+    return model.with_patch(BlockCachePatch(config))
 
 
 NODES = (block_cache,)

@@ -43,6 +43,7 @@ from typing import Any
 from dagfusion import BOOLEAN, FLOAT, INT, SEED, STRING, Input, Output, RunContext, SocketType, node
 from dagfusion.nodes.cache import blockcache
 from dagfusion.nodes.cache.deepcache import (
+    DeepCacheConfig,
     DeepCacheHook,
     DeepCachePatch,
     capture_deep_feature,
@@ -291,11 +292,10 @@ class CacheSchedule:
 class _RecordingPatch(ModelPatch):
     """Runs every step in full and hands each step's cached feature to ``sink(index, feature)``."""
 
-    key = "dagfusion.cache.CacheQuantCalibrate:recording"
-
     def __init__(self, kind: str, branch: int, span: tuple[int, int], sink: Callable[[int, Any], None]) -> None:
         self.kind, self.branch, self.span, self.sink = kind, branch, span, sink
         self.calls: int | None = None
+        self.key = f"dagfusion.cache.CacheQuantCalibrate:recording:{kind}:{branch}:{list(span)}:{id(sink)}"
 
     def begin(self, run: SamplingRun) -> StepHook:
         patch = self
@@ -453,45 +453,52 @@ def _check_run(schedule: CacheSchedule, run: SamplingRun) -> None:
 
 
 class CacheQuantUNetPatch(DeepCachePatch):
-    """DeepCache with a calibrated full-step list and per-step correction of the deep feature."""
+    """DeepCache with a calibrated full-step list and per-step correction of the deep feature.
+
+    The key is the schedule's content hash and ``correct``.
+    """
 
     def __init__(self, schedule: CacheSchedule, *, correct: bool = True, measure: bool = True) -> None:
-        super().__init__(branch=schedule.branch or 0, schedule="explicit", explicit=schedule.full_steps, measure=measure)
+        super().__init__(DeepCacheConfig(branch=schedule.branch or 0, schedule="explicit", full_steps=schedule.full_steps),
+                         measure=measure)
         self.calibrated = schedule
         self.correct = bool(correct)
         self.key = f"dagfusion.cache.CacheQuant:{schedule.digest()}:correct={self.correct}"
 
     def plan(self, steps: int) -> list[bool]:
         return self.calibrated.plan()
+
+    def corrections(self, run: SamplingRun) -> tuple[Any, Any]:
+        if not self.correct:
+            return None, None
+        return self.calibrated.corrector("cache"), self.calibrated.corrector("quant")
 
     def begin(self, run: SamplingRun) -> DeepCacheHook:
         _check_run(self.calibrated, run)
-        hook = super().begin(run)
-        hook.correct = self.calibrated.corrector("cache") if self.correct else None
-        hook.correct_full = self.calibrated.corrector("quant") if self.correct else None
-        return hook
+        return super().begin(run)
 
 
 class CacheQuantDiTPatch(blockcache.BlockCachePatch):
-    """Block caching with a calibrated full-step list and per-step correction of the cached Δ."""
+    """Block caching with a calibrated full-step list and per-step correction of the cached Δ.
 
-    method = "dagfusion.cache.CacheQuant"
+    The key is the schedule's content hash and ``correct``.
+    """
 
     def __init__(self, schedule: CacheSchedule, *, correct: bool = True, measure: bool = True) -> None:
-        assert schedule.span is not None
+        if schedule.span is None:
+            raise ValueError("a transformer CacheQuant schedule needs its cached span")
+        super().__init__(blockcache.BlockCacheConfig(span=schedule.span, full_steps=schedule.full_steps), measure=measure)
         self.calibrated = schedule
         self.correct = bool(correct)
-        super().__init__(span=schedule.span, explicit=schedule.full_steps, measure=measure)
         self.key = f"dagfusion.cache.CacheQuant:{schedule.digest()}:correct={self.correct}"
 
     def plan(self, steps: int) -> list[bool]:
         return self.calibrated.plan()
 
-    def correction(self, run: SamplingRun) -> blockcache.Correction | None:
-        return self.calibrated.corrector("cache") if self.correct else None
-
-    def full_correction(self, run: SamplingRun) -> blockcache.Correction | None:
-        return self.calibrated.corrector("quant") if self.correct else None
+    def corrections(self, run: SamplingRun) -> tuple[Any, Any]:
+        if not self.correct:
+            return None, None
+        return self.calibrated.corrector("cache"), self.calibrated.corrector("quant")
 
     def begin(self, run: SamplingRun) -> blockcache.BlockCacheHook:
         _check_run(self.calibrated, run)
@@ -614,17 +621,21 @@ def cachequant_calibrate(
     return schedule, ", ".join(str(i) for i in schedule.full_steps), json.dumps(schedule.report, default=float)
 
 
-def _apply_example() -> dict[str, Any]:
+def _apply_example(*, correct: bool = True) -> dict[str, Any]:
     from dagfusion.testing import models as tiny
 
     handles = tiny.sd_handles()
     schedule = calibrate(handles["model"], handles["conditioning"], handles["latent"], steps=6, full=2, guidance_scale=4.0)
-    return {"model": handles["model"], "schedule": schedule}
+    return {"model": handles["model"], "schedule": schedule, "correct": correct}
+
+
+def _apply_example_raw() -> dict[str, Any]:
+    return _apply_example(correct=False)
 
 
 @node(
     "dagfusion.cache.CacheQuant",
-    version="1.0.0",
+    version="1.1.0",
     category="cache",
     inputs=[
         Input("model", MODEL, link_only=True, description="The model the schedule was calibrated on."),
@@ -632,7 +643,7 @@ def _apply_example() -> dict[str, Any]:
         Input("correct", BOOLEAN, True, description="Apply the decoupled error correction to reused features."),
     ],
     outputs=[Output("model", MODEL, "The model sampling with the calibrated cache schedule.")],
-    examples=[_apply_example],
+    examples=[_apply_example, _apply_example_raw],
     ui={"color": "#26a69a"},
 )
 def cachequant(ctx: RunContext, model: Any, schedule: CacheSchedule, correct: bool) -> Any:

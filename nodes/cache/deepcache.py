@@ -28,16 +28,18 @@ not fully run); module patches (``apply``) do, as the same submodules compute. T
 the whole batch (both classifier-free-guidance halves, which the sampler sends in one call);
 a call whose batch layout differs from the cached one runs in full.
 
-Each run measures the MACs of one full and one partial call per batch shape
-(:func:`~dagfusion.model.count_macs`; MACs depend on shapes only) and leaves its
-statistics in ``patch.last_stats`` (read-only reporting: the patch is shared by every handle
-and run that uses it, so this is the *last* run's numbers).
+The settings are one frozen :class:`DeepCacheConfig` (its fields form the patch's key). Each
+run measures the MACs of one full and one partial call per batch shape
+(:func:`~dagfusion.model.count_macs`; MACs depend on shapes only) and its hook's ``end()``
+returns the run's statistics (:class:`DeepCacheStats`), which the sampler puts into the run's
+report under the patch's key.
 """
 
 from __future__ import annotations
 
-import json
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from dagfusion import FLOAT, INT, STRING, Input, Output, RunContext, node
@@ -52,6 +54,7 @@ from dagfusion.model import (
     unwrap_compiled,
 )
 from dagfusion.nodes.cache import schedules
+from dagfusion.nodes.cache.stats import FeatureCacheStats, call_stats
 from dagfusion.nodes.diffusion.types import MODEL
 
 # --- the UNet ---------------------------------------------------------------------------------
@@ -248,151 +251,177 @@ def capture_deep_feature(unet: Any, branch: int, run: Any, transform: Any = None
 
 # --- the patch and its per-run hook -----------------------------------------------------------
 
+Correction = Callable[[int, Any], Any]
+"""``correct(step index, feature) -> feature``: CacheQuant's per-step correction of the deep feature."""
 
-class DeepCachePatch(ModelPatch):
-    """DeepCache settings, attached to a model handle by the node (see the module docstring).
+
+@dataclass(frozen=True)
+class DeepCacheConfig:
+    """DeepCache's settings (see the module docstring); the fields form the patch's key.
 
     Attributes:
-        interval, branch, schedule, explicit, pow, center, start_step, end_step: The settings
-            (``explicit``: the full-step indices of the explicit schedule).
-        measure: Count MACs (one full and one partial call per batch shape and run).
-        last_stats: Statistics of the last run that finished with this patch (``None`` before
-            the first); read-only reporting, see :meth:`DeepCacheHook.stats`.
+        interval: Uniform: a full step every ``interval`` steps; non-uniform:
+            ``ceil(steps / interval)`` full steps.
+        branch: The cache branch (0: shallowest, skips the most).
+        schedule: One of :data:`~dagfusion.nodes.cache.schedules.SCHEDULES`.
+        full_steps: The explicit schedule's full-step indices (sorted, no duplicates).
+        pow, center: The non-uniform schedule's exponent and densest step.
+        start_step: Steps before this one always run in full.
+        end_step: Steps from this one on always run in full (``None``: up to the last step).
+
+    Fields the schedule does not use (``pow`` and ``center`` outside the non-uniform schedule,
+    ``interval`` in the explicit one, ``full_steps`` outside it) are reset to their defaults, so
+    they do not change the key.
+
+    :raises ValueError: on settings that cannot work (explained in the message).
     """
 
-    def __init__(
-        self,
-        *,
-        interval: int = 3,
-        branch: int = 0,
-        schedule: str = "uniform",
-        explicit: tuple[int, ...] = (),
-        pow: float = 1.4,
-        center: int = 15,
-        start_step: int = 0,
-        end_step: int | None = None,
-        measure: bool = True,
-    ) -> None:
-        if schedule not in schedules.SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; expected one of {list(schedules.SCHEDULES)}")
-        if interval < 1:
-            raise ValueError(f"interval must be at least 1, got {interval}")
-        if branch < 0:
-            raise ValueError(f"branch must be 0 or more, got {branch}")
-        self.interval = int(interval)
-        self.branch = int(branch)
-        self.schedule = schedule
-        self.explicit = tuple(sorted({int(i) for i in explicit}))
-        self.pow = float(pow)
-        self.center = int(center)
-        self.start_step = int(start_step)
-        self.end_step = None if end_step is None else int(end_step)
-        self.measure = bool(measure)
-        self.last_stats: dict[str, Any] | None = None
-        settings: dict[str, Any] = {"branch": self.branch, "schedule": schedule}
-        if schedule in ("uniform", "non-uniform"):
-            settings["interval"] = self.interval
-        if schedule == "non-uniform":
-            settings.update(pow=self.pow, center=self.center)
-        if schedule == "explicit":
-            settings["full_steps"] = list(self.explicit)
-        if self.start_step:
-            settings["start_step"] = self.start_step
-        if self.end_step is not None:
-            settings["end_step"] = self.end_step
-        self.key = "dagfusion.cache.DeepCache:" + json.dumps(settings, sort_keys=True)
+    interval: int = 3
+    branch: int = 0
+    schedule: str = "uniform"
+    full_steps: tuple[int, ...] = ()
+    pow: float = 1.4
+    center: int = 15
+    start_step: int = 0
+    end_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in schedules.SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {list(schedules.SCHEDULES)}")
+        if self.interval < 1:
+            raise ValueError(f"interval must be at least 1, got {self.interval}")
+        if self.branch < 0:
+            raise ValueError(f"branch must be 0 or more, got {self.branch}")
+        if self.schedule == "explicit" and not self.full_steps:
+            raise ValueError("full_steps is required when schedule is 'explicit': give step indices like (0, 3, 5)")
+        if self.end_step is not None and self.end_step <= self.start_step:
+            raise ValueError(f"end_step ({self.end_step}) must be greater than start_step ({self.start_step})")
+        object.__setattr__(self, "full_steps", tuple(sorted({int(i) for i in self.full_steps})))
+        # Settings the schedule does not use go back to their defaults, so they do not split the key.
+        defaults = DeepCacheConfig.__dataclass_fields__
+        unused = []
+        if self.schedule != "non-uniform":
+            unused += ["pow", "center"]
+        if self.schedule == "explicit":
+            unused.append("interval")
+        else:
+            unused.append("full_steps")
+        for name in unused:
+            object.__setattr__(self, name, defaults[name].default)
 
     def plan(self, steps: int) -> list[bool]:
         """Which of ``steps`` steps are full (see :func:`~dagfusion.nodes.cache.schedules.full_steps`)."""
         return schedules.full_steps(
-            self.schedule, steps, self.interval, pow=self.pow, center=self.center, explicit=self.explicit,
+            self.schedule, steps, self.interval, pow=self.pow, center=self.center, explicit=self.full_steps,
             start_step=self.start_step, end_step=self.end_step,
         )
+
+
+class DeepCacheStats(FeatureCacheStats, total=False):
+    """What a DeepCache run reports (:meth:`DeepCacheHook.end`): :class:`FeatureCacheStats`,
+    ``branch``, and when measured ``macs_full_call`` and ``macs_partial_call`` (one call of the
+    first batch layout)."""
+
+    branch: int
+    macs_full_call: int | None
+    macs_partial_call: int | None
+
+
+class DeepCachePatch(ModelPatch):
+    """DeepCache, attached to a model handle by the node (see the module docstring).
+
+    Attributes:
+        config: The settings (:class:`DeepCacheConfig`; the key is made of its fields).
+        measure: Count MACs (one full and one partial call per batch shape and run); reporting
+            only, not part of the key.
+    """
+
+    def __init__(self, config: DeepCacheConfig, *, measure: bool = True) -> None:
+        if not isinstance(config, DeepCacheConfig):
+            raise TypeError(f"DeepCachePatch takes a DeepCacheConfig, got {type(config).__name__}")
+        self.config = config
+        self.measure = bool(measure)
+
+    @property
+    def branch(self) -> int:
+        return self.config.branch
+
+    def plan(self, steps: int) -> list[bool]:
+        """Which of ``steps`` steps are full."""
+        return self.config.plan(steps)
+
+    def corrections(self, run: SamplingRun) -> tuple[Correction | None, Correction | None]:
+        """``(correct, correct_full)`` for :class:`DeepCacheHook` (none here; CacheQuant's patch gives its own)."""
+        return None, None
 
     def begin(self, run: SamplingRun) -> DeepCacheHook:
         unet = unet_of(run.module)
         check_branch(unet, self.branch)
-        return DeepCacheHook(self, unet, self.plan(run.steps), compiled=unet is not run.module)
+        correct, correct_full = self.corrections(run)
+        compiled = unet is not run.module
+        return DeepCacheHook(
+            unet, self.branch, self.plan(run.steps),
+            # Forward hooks on the submodules of a torch.compile'd module would force recompiles: no MACs then.
+            CallCosts(unet, self.measure and not compiled), correct=correct, correct_full=correct_full,
+        )
 
 
 class DeepCacheHook(StepHook):
-    """The per-run state of :class:`DeepCachePatch`: the cached feature and the run's statistics."""
+    """The per-run state of :class:`DeepCachePatch`: the cached feature and the run's statistics.
 
-    def __init__(self, patch: DeepCachePatch, unet: Any, plan: list[bool], *, compiled: bool = False) -> None:
-        self.patch = patch
-        self.unet = unet
-        # Forward hooks on the submodules of a torch.compile'd module would force recompiles: no MACs then.
-        self.costs = CallCosts(unet, patch.measure and not compiled)
-        self.branch = patch.branch
-        self.plan = plan
-        self.cache: tuple[Any, Any] | None = None  # (batch layout, deep feature)
-        self.calls: list[tuple[int, str, Any]] = []  # (step index, "full" | "partial", batch layout)
-        # correct(step index, cached feature) -> the feature to reuse (CacheQuant's cache-error correction);
-        # correct_full(step index, feature) -> the feature the up path computes with, on every step
-        # (CacheQuant's quantization-error correction; applied after ``correct`` on reused steps)
-        self.correct: Any = None
-        self.correct_full: Any = None
+    :param correct: ``correct(step, cached feature) -> feature to reuse`` (CacheQuant's cache-error
+        correction) or ``None``.
+    :param correct_full: ``correct_full(step, feature) -> the feature the up path computes with``,
+        on every step (CacheQuant's quantization-error correction; after ``correct`` on reused
+        steps) or ``None``.
+    """
 
-    layout = staticmethod(call_layout)
+    def __init__(self, unet: Any, branch: int, plan: list[bool], costs: CallCosts, *,
+                 correct: Correction | None = None, correct_full: Correction | None = None) -> None:
+        self._unet = unet
+        self._branch = branch
+        self._plan = plan
+        self._costs = costs
+        self._correct = correct
+        self._correct_full = correct_full
+        self._cache: tuple[Any, Any] | None = None  # (batch layout, deep feature)
+        self._calls: list[tuple[int, str, Any]] = []  # (step index, "full" | "partial", batch layout)
 
     def denoise(self, call: DenoiserCall, forward: Forward) -> Any:
         index = call.step.index
-        full = self.plan[index] if 0 <= index < len(self.plan) else True
-        layout = self.layout(call)
-        if not full and self.cache is not None and self.cache[0] == layout:
-            deep = self.cache[1] if self.correct is None else self.correct(index, self.cache[1])
-            if self.correct_full is not None:
-                deep = self.correct_full(index, deep)
-            out = self.costs.run(
+        full = self._plan[index] if 0 <= index < len(self._plan) else True
+        layout = call_layout(call)
+        fix, fix_full = self._correct, self._correct_full
+        if not full and self._cache is not None and self._cache[0] == layout:
+            deep = self._cache[1] if fix is None else fix(index, self._cache[1])
+            if fix_full is not None:
+                deep = fix_full(index, deep)
+            out = self._costs.run(
                 "partial", layout,
-                lambda: unet_partial_forward(self.unet, call.sample, call.timestep, call.kwargs, self.branch, deep),
+                lambda: unet_partial_forward(self._unet, call.sample, call.timestep, call.kwargs, self._branch, deep),
             )
-            self.calls.append((index, "partial", layout))
+            self._calls.append((index, "partial", layout))
             return out
-        out, deep = self.costs.run(
+        out, deep = self._costs.run(
             "full", layout, lambda: capture_deep_feature(
-                self.unet, self.branch, lambda: forward(call),
-                None if self.correct_full is None else (lambda f: self.correct_full(index, f)),
+                self._unet, self._branch, lambda: forward(call),
+                None if fix_full is None else (lambda f: fix_full(index, f)),
             ),
         )
         # A feature of another batch (an inner hook changed the call) cannot be reused.
-        self.cache = (layout, deep.clone()) if deep is not None and deep.shape[0] == call.sample.shape[0] else None
-        self.calls.append((index, "full", layout))
+        self._cache = (layout, deep.clone()) if deep is not None and deep.shape[0] == call.sample.shape[0] else None
+        self._calls.append((index, "full", layout))
         return out
 
-    def stats(self) -> dict[str, Any]:
-        """This run so far: calls, full/partial counts and fractions, MACs computed against MACs uncached.
-
-        Keys: ``calls``, ``full_calls``, ``partial_calls``, ``full_fraction``, ``plan`` (the
-        schedule, one bool per step), ``modes`` (``[step, "full"|"partial"]`` per call),
-        ``branch``, and when measured: ``macs`` (computed), ``macs_uncached`` (had every call
-        run in full), ``mac_fraction`` (``macs / macs_uncached``), ``macs_full_call`` and
-        ``macs_partial_call`` (one call of the first batch layout).
-        """
-        total = len(self.calls)
-        full = sum(1 for _, mode, _ in self.calls if mode == "full")
-        stats: dict[str, Any] = {
-            "calls": total,
-            "full_calls": full,
-            "partial_calls": total - full,
-            "full_fraction": full / total if total else 0.0,
-            "plan": list(self.plan),
-            "modes": [[index, mode] for index, mode, _ in self.calls],
-            "branch": self.branch,
-        }
-        measured = self.costs.summary(self.calls)
-        if measured:
-            first = self.calls[0][2]
-            stats.update(
-                measured,
-                macs_full_call=self.costs.measured.get(("full", first)),
-                macs_partial_call=self.costs.measured.get(("partial", first)),
-            )
-        return stats
-
-    def end(self) -> None:
-        self.patch.last_stats = self.stats()
-        self.cache = None
+    def end(self) -> DeepCacheStats:
+        """This run's :class:`DeepCacheStats`; frees the cached feature."""
+        self._cache = None
+        stats: dict[str, Any] = {**call_stats(self._calls, self._plan, self._costs), "branch": self._branch}
+        if "macs" in stats:
+            first = self._calls[0][2]
+            stats.update(macs_full_call=self._costs.measured.get(("full", first)),
+                         macs_partial_call=self._costs.measured.get(("partial", first)))
+        return stats  # type: ignore[return-value]
 
 
 # --- the node ---------------------------------------------------------------------------------
@@ -410,9 +439,17 @@ def _explicit_example() -> dict[str, Any]:
     return {"model": tiny.sd_handles()["model"], "schedule": "explicit", "full_steps": "0, 2, 3", "branch": 1}
 
 
+def _upgrade_1(inputs: dict[str, Any]) -> dict[str, Any]:
+    """1.x -> 2.0: ``end_step: 10000`` meant "no end"; now the input is left out for that."""
+    end_step = inputs.get("end_step")
+    if isinstance(end_step, int) and not isinstance(end_step, bool) and end_step >= 10000:
+        inputs.pop("end_step")
+    return inputs
+
+
 @node(
     "dagfusion.cache.DeepCache",
-    version="1.0.0",
+    version="2.0.0",
     category="cache",
     inputs=[
         Input("model", MODEL, link_only=True, description="A UNet model (SD 1.x/2.x, SDXL)."),
@@ -430,11 +467,12 @@ def _explicit_example() -> dict[str, Any]:
         Input("center", INT, 15, min=0, max=10000,
               description="Non-uniform schedule: the step where full steps are densest (15 of 50 in the paper)."),
         Input("start_step", INT, 0, min=0, max=10000, description="Steps before this one always run in full."),
-        Input("end_step", INT, 10000, min=1, max=10000,
-              description="Steps from this one on always run in full (10000: no limit)."),
+        Input("end_step", INT, optional=True, min=1, max=10000,
+              description="Steps from this one on always run in full (not set: caching continues to the last step)."),
     ],
     outputs=[Output("model", MODEL, "The model with DeepCache applied while sampling.")],
     examples=[_example, _explicit_example],
+    migrations={1: _upgrade_1},
     ui={"color": "#26a69a"},
 )
 def deep_cache(
@@ -447,29 +485,30 @@ def deep_cache(
     pow: float,
     center: int,
     start_step: int,
-    end_step: int,
+    end_step: int | None,
 ) -> Any:
     """Speed up a UNet by caching its deep features across steps (DeepCache, Ma et al., CVPR 2024).
 
     On full steps the whole UNet runs and the feature entering the last up-block(s) is cached;
     in between, only the shallow branch (conv_in, the first down-block(s), the last up-block(s))
     runs on the cached feature. Branch 0 skips the most. Quality drops as the interval grows;
-    compare against the plain model with the same seed (dagfusion.metrics.Fidelity).
+    compare against the plain model with the same seed (dagfusion.metrics.Fidelity). The Sample
+    node's report holds each run's statistics under this patch's key.
     """
     explicit: tuple[int, ...] = ()
     if schedule == "explicit":
         explicit = tuple(schedules.parse_steps(full_steps, "full_steps"))
         if not explicit:
             raise ValueError("full_steps is required when schedule is 'explicit': give step indices like '0,3,5'")
-    if end_step <= start_step:
+    if end_step is not None and end_step <= start_step:
         raise ValueError(f"end_step ({end_step}) must be greater than start_step ({start_step})")
     unet = unet_of(model.denoiser)
     check_branch(unet, branch)
-    patch = DeepCachePatch(
-        interval=interval, branch=branch, schedule=schedule, explicit=explicit, pow=pow, center=center,
-        start_step=start_step, end_step=None if end_step >= 10000 else end_step,
+    config = DeepCacheConfig(
+        interval=interval, branch=branch, schedule=schedule, full_steps=explicit, pow=pow, center=center,
+        start_step=start_step, end_step=end_step,
     )
-    return model.with_patch(patch)
+    return model.with_patch(DeepCachePatch(config))
 
 
 NODES = (deep_cache,)

@@ -583,8 +583,13 @@ class DiffusersCacheStep(StepHook):
         self.calls += 1
         return out
 
-    def end(self) -> None:
+    def end(self) -> dict[str, Any]:
+        """``{"method", "calls"}``, and ``calibration`` (MagCache's measured ratios) in calibration mode."""
         self.session.clock.timestep = None
+        report: dict[str, Any] = {"method": self.settings.method, "calls": self.calls}
+        if self.settings.calibrate:
+            report["calibration"] = list(self.calibration)
+        return report
 
 
 # --- calibration (MagCache) -------------------------------------------------------------------
@@ -598,27 +603,15 @@ def calibrate_mag_ratios(model: Any, conditioning: Any, latent: Any, *, ctx: Run
     :func:`~dagfusion.nodes.diffusion.sampling.sample`) and returns one ratio per step (the
     first is 1.0).
     """
-    from dagfusion.nodes.diffusion.sampling import sample
+    from dagfusion.nodes.diffusion.sampling import run_sampling
 
     check_supported(model.denoiser, "mag_cache")
-    patch = _CalibrationPatch()
-    sample(model.with_patch(patch), conditioning, latent, ctx=ctx, **sample_options)
-    if not patch.steps or not patch.steps[-1].calibration:
+    patch = DiffusersCachePatch(CacheSettings("mag_cache", calibrate=True))
+    _, report = run_sampling(model.with_patch(patch), conditioning, latent, ctx=ctx, count_macs=False, **sample_options)
+    ratios = report.patches.get(patch.key, {}).get("calibration")
+    if not ratios:
         raise RuntimeError("MagCache calibration measured nothing: the denoiser's blocks never ran")
-    return patch.steps[-1].calibration
-
-
-class _CalibrationPatch(DiffusersCachePatch):
-    """MagCache in calibration mode, remembering its step hooks (used once, by one calibration)."""
-
-    def __init__(self) -> None:
-        super().__init__(CacheSettings("mag_cache", calibrate=True))
-        self.steps: list[DiffusersCacheStep] = []
-
-    def begin(self, run: SamplingRun) -> StepHook:
-        hook = super().begin(run)
-        self.steps.append(hook)  # type: ignore[arg-type]
-        return hook
+    return [float(r) for r in ratios]
 
 
 # --- parsing ----------------------------------------------------------------------------------

@@ -58,9 +58,10 @@ sampling step (the step enters through the modulated input, as the paper describ
 averages over tokens instead of summing (so it does not depend on the resolution; a bias is
 added); and the ``"laziness"`` rule, which the reference does not have (it uses a fixed 0.5).
 
-Statistics of each run are left in ``patch.last_stats`` (read-only reporting; the patch is shared
-by the handles and runs that use it, so these are the *last* run's numbers) and, keyed by the
-run's final latents, in ``patch.runs`` (what ``LazyDiTStats`` reads).
+The statistics of each run are what its hook's ``end()`` returns: the sampler puts them into
+the run's report (the Sample node's ``report`` output) under the patch's key, and
+``LazyDiTStats`` reads them from there — so they travel with the run's result, also when the
+run is served from a cache.
 """
 
 from __future__ import annotations
@@ -70,7 +71,6 @@ import hashlib
 import json
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -82,11 +82,10 @@ from dagfusion.model import (
     ModelPatch,
     SamplingRun,
     StepHook,
-    StepInfo,
     applied_patch,
     unwrap_compiled,
 )
-from dagfusion.nodes.diffusion.types import LATENT, MODEL
+from dagfusion.nodes.diffusion.types import MODEL, RUN_REPORT
 
 KINDS = ("attn", "mlp")
 """The gated modules of a block: ``attn`` = ``attn1`` (self-attention), ``mlp`` = ``ff``."""
@@ -96,7 +95,6 @@ NORM_TYPES = ("ada_norm_zero", "ada_norm_single")
 """adaLN blocks: DiT (``ada_norm_zero``) and PixArt (``ada_norm_single``)."""
 FILE_FORMAT = "dagfusion.lazydit-gates"
 FILE_VERSION = "1"
-_RUNS_KEPT = 32
 
 # --- the transformer ----------------------------------------------------------------------------
 
@@ -428,9 +426,9 @@ class LazyGates(ModelPatch):
         rule: ``"off"`` (gates present, nothing skipped: sampling equals the plain model),
             ``"laziness"`` or ``"threshold"``.
         laziness, threshold, start_step: The skipping rule's settings.
-        last_stats: Statistics of the last sampling run with this patch (``None`` before the
-            first); see :meth:`LazyDiTHook.stats`.
-        runs: ``{final latents digest: stats}`` of the last runs (what ``LazyDiTStats`` reads).
+
+    A skipping run's hook reports :meth:`SkippingSession.stats` from ``end()``; the sampler puts
+    it into the run's report under this patch's key (what ``LazyDiTStats`` reads).
     """
 
     def __init__(
@@ -451,8 +449,6 @@ class LazyGates(ModelPatch):
         self.laziness = float(laziness)
         self.threshold = float(threshold)
         self.start_step = int(start_step)
-        self.last_stats: dict[str, Any] | None = None
-        self.runs: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     def settings(self) -> dict[str, Any]:
         """The skipping rule as plain data."""
@@ -476,7 +472,7 @@ class LazyGates(ModelPatch):
     @property
     def key(self) -> str:  # type: ignore[override]
         """Identity and settings: the architecture, the gate values' hash and the rule."""
-        return "dagfusion.cache.LazyDiT:" + json.dumps(
+        return KEY_PREFIX + json.dumps(
             {"arch": self.arch, "gates": self.digest(), **self.settings()}, sort_keys=True
         )
 
@@ -501,15 +497,10 @@ class LazyGates(ModelPatch):
     def begin(self, run: SamplingRun) -> StepHook | None:
         if self.rule == "off":
             return None
-        return LazyDiTHook(self, controller(run.module))
-
-    def record(self, digest: str | None, stats: dict[str, Any]) -> None:
-        self.last_stats = stats
-        if digest is not None:
-            self.runs[digest] = stats
-            self.runs.move_to_end(digest)
-            while len(self.runs) > _RUNS_KEPT:
-                self.runs.popitem(last=False)
+        ctl = controller(run.module)
+        session = SkippingSession(rule=self.rule, laziness=self.laziness, threshold=self.threshold,
+                                  start_step=self.start_step, settings=self.settings(), modules=len(ctl.slots))
+        return LazyDiTHook(ctl, session)
 
     # --- files ---
 
@@ -583,30 +574,22 @@ def replace_patch(model: Any, index: int, patch: Any) -> Any:
 # --- the per-run hook ------------------------------------------------------------------------------------
 
 
-def latent_digest(latents: Any) -> str:
-    """A content hash of a latent tensor (shape, dtype and bytes)."""
-    import torch
+class SkippingSession(LazySession):
+    """A session whose ``"hard"`` mode skips: cached outputs, scores and counters of one sampling run.
 
-    t = latents.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{tuple(t.shape)}:{t.dtype}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:32]
-
-
-class LazyDiTHook(LazySession, StepHook):
-    """The per-run state of a skipping :class:`LazyGates`: cached outputs, scores, counters.
-
-    Each denoiser call runs the chain with this session driving the gates in ``"hard"`` mode.
+    :param settings: The patch's skipping rule (:meth:`LazyGates.settings`), reported as is.
+    :param modules: Gated modules per denoiser call.
     """
 
-    def __init__(self, patch: LazyGates, ctl: LazyController) -> None:
+    def __init__(self, *, rule: str, laziness: float, threshold: float, start_step: int, settings: dict[str, Any],
+                 modules: int) -> None:
         super().__init__()
-        self.patch = patch
-        self.ctl = ctl
-        self.rule = patch.rule
-        self.laziness = patch.laziness
-        self.fixed = patch.threshold
-        self.start_step = patch.start_step
+        self.rule = rule
+        self.laziness = laziness
+        self.fixed = threshold
+        self.start_step = start_step
+        self.settings = dict(settings)
+        self.modules = modules
         self.step = -1
         self.step_threshold: float | None = None
         self.scores: list[Any] = []  # this call's scores
@@ -616,7 +599,6 @@ class LazyDiTHook(LazySession, StepHook):
         self.total = dict.fromkeys(KINDS, 0)
         self.module_calls = 0
         self.skipped_calls = 0
-        self.digest: str | None = None
 
     def threshold_for_call(self) -> float | None:
         """The threshold of this call (``None``: nothing may skip)."""
@@ -635,18 +617,19 @@ class LazyDiTHook(LazySession, StepHook):
         scores = torch.cat([s.flatten().float().cpu() for s in self.previous])
         return float(torch.quantile(scores, 1.0 - self.laziness))
 
-    def denoise(self, call: DenoiserCall, forward: Forward) -> Any:
-        self.step = call.step.index
+    def begin_call(self, step: int) -> tuple[int, int]:
+        """Start the denoiser call of ``step``; returns the counters to pass to :meth:`end_call`."""
+        self.step = step
         if self.scores:
             self.previous = self.scores
         self.scores = []
         self.step_threshold = self.threshold_for_call()
-        before = sum(self.skipped.values()), sum(self.total.values())
-        with self.ctl.session(self), self.using("hard"):
-            out = forward(call)
+        return sum(self.skipped.values()), sum(self.total.values())
+
+    def end_call(self, before: tuple[int, int]) -> None:
+        """Record the call started by :meth:`begin_call`."""
         skipped, total = sum(self.skipped.values()) - before[0], sum(self.total.values()) - before[1]
         self.calls.append({"step": self.step, "threshold": self.step_threshold, "skipped": skipped, "total": total})
-        return out
 
     def hard(self, ctl: LazyController, slot: tuple[int, str], original: Any, hidden: Any, args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> Any:
@@ -678,10 +661,6 @@ class LazyDiTHook(LazySession, StepHook):
         self.cache[slot] = (layout, out)
         return out
 
-    def after_step(self, step: StepInfo, latents: Any) -> None:
-        if step.is_last:
-            self.digest = latent_digest(latents)
-
     def stats(self) -> dict[str, Any]:
         """This run so far.
 
@@ -694,9 +673,9 @@ class LazyDiTHook(LazySession, StepHook):
         """
         skipped, total = sum(self.skipped.values()), sum(self.total.values())
         stats: dict[str, Any] = {
-            **self.patch.settings(),
+            **self.settings,
             "calls": len(self.calls),
-            "modules": len(self.ctl.slots),
+            "modules": self.modules,
             "skipped": skipped,
             "evaluated": total,
             "skip_fraction": skipped / total if total else 0.0,
@@ -708,10 +687,30 @@ class LazyDiTHook(LazySession, StepHook):
             stats[f"{kind}_skip_fraction"] = self.skipped[kind] / self.total[kind] if self.total[kind] else 0.0
         return stats
 
-    def end(self) -> None:
-        self.patch.record(self.digest, self.stats())
-        self.cache.clear()
-        self.scores, self.previous = [], []
+
+class LazyDiTHook(StepHook):
+    """The per-run part of a skipping :class:`LazyGates`: each denoiser call runs the chain with a
+    :class:`SkippingSession` driving the gates in ``"hard"`` mode; ``end()`` returns its
+    statistics (:meth:`SkippingSession.stats`)."""
+
+    def __init__(self, ctl: LazyController, session: SkippingSession) -> None:
+        self._ctl = ctl
+        self._session = session
+
+    def denoise(self, call: DenoiserCall, forward: Forward) -> Any:
+        session = self._session
+        before = session.begin_call(call.step.index)
+        with self._ctl.session(session), session.using("hard"):
+            out = forward(call)
+        session.end_call(before)
+        return out
+
+    def end(self) -> dict[str, Any]:
+        session = self._session
+        stats = session.stats()
+        session.cache.clear()
+        session.scores, session.previous = [], []
+        return stats
 
 
 # --- the nodes ------------------------------------------------------------------------------------------
@@ -731,6 +730,12 @@ def _gates_example() -> dict[str, Any]:
     return {"model": tiny.pixart_handles()["model"], "seed": 1, "init_bias": 0.5}
 
 
+def _gates_example_other() -> dict[str, Any]:
+    from dagfusion.testing import models as tiny
+
+    return {"model": tiny.pixart_handles()["model"], "seed": 2, "init_bias": 0.0}
+
+
 @node(
     "dagfusion.cache.LazyDiTGates",
     version="1.0.0",
@@ -742,7 +747,7 @@ def _gates_example() -> dict[str, Any]:
               description="Initial gate bias: 0 starts every lazy score near 0.5; positive starts lazier."),
     ],
     outputs=[Output("model", MODEL, "The model with fresh LazyDiT gates (sampling is unchanged until LazyDiT turns skipping on).")],
-    examples=[_gates_example],
+    examples=[_gates_example, _gates_example_other],
     ui={"color": "#26a69a"},
 )
 def lazydit_gates(ctx: RunContext, model: Any, seed: int, init_bias: float) -> Any:
@@ -770,7 +775,7 @@ def _threshold_example() -> dict[str, Any]:
 
 @node(
     "dagfusion.cache.LazyDiT",
-    version="1.0.0",
+    version="1.1.0",
     category="cache",
     inputs=[
         Input("model", MODEL, link_only=True, description="A DiT/PixArt model carrying LazyDiT gates (trained or loaded)."),
@@ -792,8 +797,8 @@ def lazydit(ctx: RunContext, model: Any, rule: str, laziness: float, threshold: 
 
     Per sampling step and module, the gate scores the module's input; where the score is above the
     step's threshold the module's output of the previous step is reused instead of computed (per
-    batch row). Statistics of the last run — the fraction of modules skipped — are on the patch
-    (patch.last_stats) and come out of dagfusion.cache.LazyDiTStats.
+    batch row). Each run's statistics — the fraction of modules skipped — are in the Sample
+    node's report and come out of dagfusion.cache.LazyDiTStats.
     """
     index, gates = find_gates(model)
     transformer_of(model.denoiser)
@@ -802,42 +807,68 @@ def lazydit(ctx: RunContext, model: Any, rule: str, laziness: float, threshold: 
 
 
 def _stats_example() -> dict[str, Any]:
-    from dagfusion.nodes.diffusion.sampling import sample
+    from dagfusion.nodes.diffusion.sampling import run_sampling
     from dagfusion.testing import models as tiny
 
     parts = tiny.pixart_handles()
     _, gates = find_gates(_gated_pixart())
     model = parts["model"].with_patch(gates.configured(rule="laziness", laziness=0.5))
-    latent = sample(model, parts["conditioning"], parts["latent"], steps=3, guidance_scale=1.0, seed=0, sampler="ddim")
-    return {"model": model, "latent": latent}
+    _, report = run_sampling(model, parts["conditioning"], parts["latent"], steps=3, guidance_scale=1.0, seed=0,
+                             sampler="ddim")
+    return {"report": report}
+
+
+KEY_PREFIX = "dagfusion.cache.LazyDiT:"
+"""How every :class:`LazyGates` key starts (how a run report's LazyDiT entry is found)."""
+
+
+def lazydit_report(report: Any) -> dict[str, Any]:
+    """The LazyDiT statistics in a run report (:meth:`SkippingSession.stats`).
+
+    :raises ValueError: the run had no skipping LazyDiT patch.
+    """
+    found = [value for key, value in report.patches.items() if key.startswith(KEY_PREFIX)]
+    if not found:
+        raise ValueError(
+            "this sampling run had no LazyDiT skipping (no gates, or gates without dagfusion.cache.LazyDiT turning "
+            "skipping on): link the report of the Sample node that sampled with the LazyDiT model"
+        )
+    return dict(found[0])
+
+
+def _stats_upgrade_1(inputs: dict[str, Any]) -> dict[str, Any]:
+    """1.x -> 2.0: the statistics come from the Sample node's ``report``, not from the model and latent."""
+    import dataclasses
+
+    inputs.pop("model", None)
+    latent = inputs.pop("latent", None)
+    if dataclasses.is_dataclass(latent) and getattr(latent, "output", None) == "latent":
+        inputs["report"] = dataclasses.replace(latent, output="report")
+    return inputs
 
 
 @node(
     "dagfusion.cache.LazyDiTStats",
-    version="1.0.0",
+    version="2.0.0",
     category="cache",
     inputs=[
-        Input("model", MODEL, link_only=True, description="The LazyDiT model that sampled the latent."),
-        Input("latent", LATENT, link_only=True, description="The latent its sampling run produced."),
+        Input("report", RUN_REPORT, link_only=True,
+              description="The report of the Sample node that sampled with the LazyDiT model."),
     ],
     outputs=[
         Output("skip_fraction", FLOAT, "Fraction of attention/MLP module evaluations (per batch row) that reused the previous step."),
         Output("stats", STRING, "The run's statistics as JSON (per kind, per step, thresholds)."),
     ],
     examples=[_stats_example],
+    migrations={1: _stats_upgrade_1},
 )
-def lazydit_stats(ctx: RunContext, model: Any, latent: Any) -> tuple[float, str]:
+def lazydit_stats(ctx: RunContext, report: Any) -> tuple[float, str]:
     """What a LazyDiT sampling run skipped: the fraction of modules reused, per kind and per step.
 
-    Link the LazyDiT model and the latent its Sample node produced (in this process).
+    Link the report output of the Sample node that sampled with the LazyDiT model; the
+    statistics travel with that run's result, so this works when the run comes from a cache.
     """
-    _, gates = find_gates(model)
-    stats = gates.runs.get(latent_digest(latent.samples))
-    if stats is None:
-        raise ValueError(
-            "no LazyDiT sampling run of this model produced this latent in this process (was it sampled with this "
-            "model, or served from the cache of an earlier run?); sample it again with the LazyDiT model"
-        )
+    stats = lazydit_report(report)
     return float(stats["skip_fraction"]), json.dumps(stats, sort_keys=True)
 
 

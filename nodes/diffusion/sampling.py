@@ -17,18 +17,27 @@ latents as ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``DiTPipe
    the scheduler takes them), report progress (which also checks for cancellation), preview.
 
 Patches of the model handle are applied for the duration of the loop only.
+
+:func:`run_sampling` also returns the run's :class:`~dagfusion.model.RunReport`: per step
+whether the real denoiser ran and how often, the MACs its layers computed (counted with
+:func:`~dagfusion.model.count_macs` unless ``count_macs=False`` or the denoiser is
+``torch.compile``'d) and the step's seconds; per patch, what its step hook's ``end()`` returned.
+The Sample node outputs it as ``report`` (``RUN_REPORT``), so statistics nodes read them from
+the run that produced the latent — also when that run is served from a cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import time
 from typing import Any
 
-from dagfusion import FLOAT, INT, SEED, STRING, Input, Output, RunContext, node
-from dagfusion.model import ModelHandle, patch_key
+from dagfusion import BOOLEAN, FLOAT, INT, SEED, STRING, Input, Output, RunContext, node
+from dagfusion.model import ModelHandle, RunReport, StepRecord, patch_key, plain_report
 from dagfusion.nodes.diffusion.data import Conditioning, Latent, SchedulerSpec
 from dagfusion.nodes.diffusion.schedulers import SAMPLER_CHOICES, spec_for
-from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL, SCHEDULER
+from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL, RUN_REPORT, SCHEDULER
 
 _STEP_KWARGS: dict[type, tuple[bool, bool]] = {}
 
@@ -100,9 +109,42 @@ def sample(
     :param ctx: Run context for progress, cancellation and previews (optional).
     :raises ValueError: on inputs that cannot work together (explained in the message).
     """
+    latents, _ = run_sampling(
+        model, conditioning, latent, scheduler=scheduler, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale, eta=eta, strength=strength, seed=seed, ctx=ctx, preview_every=preview_every,
+        count_macs=False,
+    )
+    return latents
+
+
+def run_sampling(
+    model: ModelHandle,
+    conditioning: Conditioning,
+    latent: Latent,
+    *,
+    scheduler: SchedulerSpec | None = None,
+    sampler: str = "default",
+    steps: int = 20,
+    guidance_scale: float = 7.5,
+    guidance_rescale: float = 0.0,
+    eta: float = 0.0,
+    strength: float = 1.0,
+    seed: int = 0,
+    ctx: RunContext | None = None,
+    preview_every: int = 0,
+    count_macs: bool = True,
+) -> tuple[Latent, RunReport]:
+    """:func:`sample`, also returning the run's :class:`~dagfusion.model.RunReport` (see the
+    module docstring); the latents are the same as :func:`sample`'s.
+
+    :param count_macs: Count the MACs of every step (forward hooks on the denoiser's layers for
+        the run; skipped for a ``torch.compile``'d denoiser, whose steps then report ``None``).
+    :raises TypeError: a step hook's ``end()`` returned something that is not plain data.
+    """
     import torch
 
-    from dagfusion.model import DenoiserCall, SamplingRun, StepInfo, apply_patches, chain, family_for
+    from dagfusion.model import DenoiserCall, SamplingRun, StepInfo, apply_patches, chain, family_for, unwrap_compiled
+    from dagfusion.model import count_macs as counting
     from dagfusion.nodes.diffusion.schedulers import is_flow_matching
 
     if steps < 1:
@@ -173,15 +215,23 @@ def sample(
         one_step_original = family.name == "pixart" and total == 1
         scale_input = getattr(sched, "scale_model_input", None)
 
-        with apply_patches(model.patches, module):
+        records: list[StepRecord] = []
+        reports: list[tuple[Any, Any, Any]] = []
+        measure = count_macs and unwrap_compiled(module) is module
+        with apply_patches(model.patches, module), contextlib.ExitStack() as stack:
+            counter = stack.enter_context(counting(module, records=False)) if measure else None
             run = SamplingRun(
                 handle=model, module=module, family=family.name, scheduler=sched, timesteps=tuple(values),
                 steps=total, guidance_scale=guidance_scale, cfg=cfg, seed=int(seed), shape=shape,
                 device=device, dtype=dtype,
             )
-            hooks = [h for h in (p.begin(run) for p in model.patches if hasattr(p, "begin")) if h is not None]
+            begun = [(p, p.begin(run)) for p in model.patches if hasattr(p, "begin")]
+            begun = [(p, h) for p, h in begun if h is not None]
+            hooks = [h for _, h in begun]
+            denoiser_calls = [0]
 
             def call_module(call: DenoiserCall) -> Any:
+                denoiser_calls[0] += 1
                 return family.call(call.module, call.sample, call.timestep, call.kwargs)
 
             forward = chain(hooks, call_module) if hooks else call_module
@@ -189,6 +239,9 @@ def sample(
                 for i, t in enumerate(timesteps):
                     if ctx is not None:
                         ctx.check_cancelled()
+                    started = time.perf_counter()
+                    calls_before = denoiser_calls[0]
+                    macs_before = counter.total if counter is not None else 0
                     model_input = torch.cat([latents] * 2) if cfg else latents
                     if scale_input is not None:
                         model_input = scale_input(model_input, t)
@@ -206,14 +259,25 @@ def sample(
                     latents = result[1] if one_step_original and len(result) > 1 else result[0]
                     for hook in hooks:
                         hook.after_step(info, latents)
+                    records.append(StepRecord(
+                        i, values[i], denoiser_calls[0] - calls_before,
+                        counter.total - macs_before if counter is not None else None, time.perf_counter() - started,
+                    ))
                     if ctx is not None:
                         ctx.progress(i + 1, total, timestep=values[i])
                         if preview_every and ctx.handler is not None and ((i + 1) % preview_every == 0 or i + 1 == total):
                             ctx.preview(latent_preview(latents), label=f"step {i + 1}/{total}")
             finally:
-                for hook in hooks:
-                    hook.end()
+                for patch, hook in begun:
+                    reports.append((patch, hook, hook.end()))
 
+    report = RunReport(
+        steps=tuple(records),
+        patches=_patch_reports(reports),
+        info={"family": family.name, "sampler": spec.name, "scheduler": spec.class_name, "steps": total,
+              "cfg": cfg, "guidance_scale": guidance_scale, "seed": int(seed), "batch": batch,
+              "macs_counted": measure},
+    )
     lineage = {
         **dict(latent.lineage),
         "model": {k: model.info.get(k) for k in ("source", "fingerprint", "dtype", "pipeline") if k in model.info},
@@ -223,7 +287,22 @@ def sample(
                     "strength": strength},
         "conditioning": {k: v for k, v in conditioning.meta.items() if k in ("prompt", "negative_prompt", "class_labels")},
     }
-    return Latent(latents, lineage)
+    return Latent(latents, lineage), report
+
+
+def _patch_reports(reports: list[tuple[Any, Any, Any]]) -> dict[str, Any]:
+    """``{patch key: plain report}`` of the hooks that returned one (a repeated key gets ``#2`` …)."""
+    out: dict[str, Any] = {}
+    for patch, hook, value in reports:
+        if value is None:
+            continue
+        key = patch_key(patch)
+        name, n = key, 1
+        while name in out:
+            n += 1
+            name = f"{key}#{n}"
+        out[name] = plain_report(value, f"{type(hook).__qualname__}.end() of patch {type(patch).__name__}")
+    return out
 
 
 def latent_preview(latents: Any) -> Any:
@@ -252,7 +331,7 @@ def _sample_example() -> dict[str, Any]:
 
 @node(
     "dagfusion.sampling.Sample",
-    version="1.0.0",
+    version="1.1.0",
     category="sampling",
     inputs=[
         Input("model", MODEL, link_only=True, description="The denoiser handle (with its patches)."),
@@ -273,8 +352,14 @@ def _sample_example() -> dict[str, Any]:
         Input("strength", FLOAT, 1.0, min=0.0, max=1.0,
               description="Denoising strength: 1 = from pure noise; lower keeps more of the input latent (img2img)."),
         Input("preview_every", INT, 0, min=0, max=1000, description="Emit a latent preview every N steps (0 = none)."),
+        Input("count_macs", BOOLEAN, True,
+              description="Count the multiply-accumulates of every step for the report (off: a little less overhead)."),
     ],
-    outputs=[Output("latent", LATENT, "The denoised latents.")],
+    outputs=[
+        Output("latent", LATENT, "The denoised latents."),
+        Output("report", RUN_REPORT,
+               "What the run did: per step whether the denoiser ran, its MACs and seconds; per patch its statistics."),
+    ],
     examples=[_sample_example],
     ui={"color": "#7e57c2"},
 )
@@ -292,19 +377,22 @@ def sample_node(
     eta: float,
     strength: float,
     preview_every: int,
-) -> Latent:
+    count_macs: bool,
+) -> tuple[Latent, RunReport]:
     """Denoise a latent with dagfusion's sampling loop (CFG, seeded noise, step hooks for patches).
 
     Runs the model handle's patches around every denoiser call, reports progress every step
     (cancellable) and can emit latent previews. With strength below 1 it continues from the
-    input latent (img2img).
+    input latent (img2img). The report says, per step, whether the denoiser ran, the MACs it
+    computed and the seconds taken, and holds each patch's statistics (cache and LazyDiT
+    statistics nodes read it).
     """
     if strength <= 0.0:
         raise ValueError("strength must be greater than 0 (0 would run no step)")
-    return sample(
+    return run_sampling(
         model, conditioning, latent, scheduler=scheduler, sampler=sampler, steps=steps,
         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, strength=strength,
-        seed=seed, ctx=ctx, preview_every=preview_every,
+        seed=seed, ctx=ctx, preview_every=preview_every, count_macs=count_macs,
     )
 
 

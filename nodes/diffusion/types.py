@@ -11,13 +11,29 @@ Conventions:
 - ``VIDEO``: float32 tensor ``(B, F, C, H, W)`` in ``[0, 1]``.
 - ``LATENT``: a :class:`~dagfusion.nodes.diffusion.data.Latent` (samples in the denoiser's
   latent space, already scaled by the VAE's scaling factor).
+- ``RUN_REPORT``: a :class:`~dagfusion.model.RunReport` (what a sampling run did; JSON on disk).
 """
 
 from __future__ import annotations
 
-from dagfusion import SocketType
+from typing import Any
+
+from dagfusion import Serializer, SocketType
 
 _PKG = "dagfusion.nodes.diffusion"
+
+
+def _save_report(value: Any, path: str) -> None:
+    from dagfusion.model.report import save_report
+
+    save_report(value, path)
+
+
+def _load_report(path: str) -> Any:
+    from dagfusion.model.report import load_report
+
+    return load_report(path)
+
 
 MODEL = SocketType(
     "MODEL",
@@ -77,5 +93,13 @@ VIDEO = SocketType(
     color="#4db6ac",
 )
 
-TYPES: tuple[SocketType, ...] = (MODEL, VAE, CLIP, SCHEDULER, CONDITIONING, LATENT, IMAGE, MASK, VIDEO)
+RUN_REPORT = SocketType(
+    "RUN_REPORT",
+    python_types=("dagfusion.model.report.RunReport",),
+    description="What a sampling run did: per step whether the denoiser ran, its MACs and seconds; per patch its statistics.",
+    color="#ce93d8",
+    serializer=Serializer(_save_report, _load_report),
+)
+
+TYPES: tuple[SocketType, ...] = (MODEL, VAE, CLIP, SCHEDULER, CONDITIONING, LATENT, IMAGE, MASK, VIDEO, RUN_REPORT)
 """Every socket type this pack registers, in registration order."""

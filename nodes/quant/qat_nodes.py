@@ -42,7 +42,7 @@ def _quantized_example(bits: str = "int4") -> Any:
               description="Train the latent weights as well as the scales (off: scales only)."),
     ],
     outputs=[Output("model", MODEL, "The model with trainable latent weights and scales (fake-quantized while it runs).")],
-    examples=[lambda: {"model": _quantized_example()}],
+    examples=[lambda: {"model": _quantized_example()}, lambda: {"model": _quantized_example(), "train_weights": False}],
     ui={"color": "#7e57c2"},
 )
 def trainable(ctx: RunContext, model: Any, train_weights: bool) -> Any:

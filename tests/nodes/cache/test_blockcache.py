@@ -11,7 +11,8 @@ pytest.importorskip("diffusers")
 
 from dagfusion.nodes.cache import blockcache as bc
 from dagfusion.nodes.cache.blockcache import BlockCachePatch
-from dagfusion.nodes.diffusion.sampling import sample
+from dagfusion.nodes.cache.blockcache import BlockCacheConfig
+from dagfusion.nodes.diffusion.sampling import run_sampling
 
 STEPS = 6
 
@@ -32,7 +33,17 @@ def models() -> dict[str, tuple[Any, Any, Any]]:
 
 def run(model: Any, conditioning: Any, latent: Any, steps: int = STEPS) -> Any:
     with torch.no_grad():
-        return sample(model, conditioning, latent, steps=steps, guidance_scale=4.0, seed=3).samples
+        out, report = run_sampling(model, conditioning, latent, steps=steps, guidance_scale=4.0, seed=3)
+    REPORTS.update(report.patches)
+    return out.samples
+
+
+REPORTS: dict[str, Any] = {}
+
+
+def stats_of(patch: Any) -> dict[str, Any]:
+    """What ``patch``'s hook reported in the last run of a handle carrying it (from the run report)."""
+    return REPORTS[patch.key]
 
 
 def assert_clean(module: Any) -> None:
@@ -43,9 +54,9 @@ def assert_clean(module: Any) -> None:
 @pytest.mark.parametrize("kind", ["pixart", "dit"])
 def test_interval_one_reproduces_the_plain_sampler_exactly(models: Any, kind: str) -> None:
     model, conditioning, latent = models[kind]
-    patch = BlockCachePatch(span=(0, 1), interval=1)
+    patch = BlockCachePatch(BlockCacheConfig(span=(0, 1), interval=1))
     assert torch.equal(run(model.with_patch(patch), conditioning, latent), run(model, conditioning, latent))
-    assert patch.last_stats["partial_calls"] == 0 and patch.last_stats["mac_fraction"] == 1.0
+    assert stats_of(patch)["partial_calls"] == 0 and stats_of(patch)["mac_fraction"] == 1.0
     assert_clean(model.denoiser)
 
 
@@ -77,9 +88,9 @@ def test_reusing_the_residual_of_the_same_inputs_gives_the_full_output(models: A
 def test_partial_steps_skip_the_span_and_count_fewer_macs(models: Any, kind: str) -> None:
     model, conditioning, latent = models[kind]
     plain = run(model, conditioning, latent)
-    patch = BlockCachePatch(span=(1, 2), interval=2)
+    patch = BlockCachePatch(BlockCacheConfig(span=(1, 2), interval=2))
     cached = run(model.with_patch(patch), conditioning, latent)
-    stats = patch.last_stats
+    stats = stats_of(patch)
     assert stats["full_calls"] == 3 and stats["partial_calls"] == 3
     assert [mode for _, mode in stats["modes"]] == ["full", "partial"] * 3
     assert 0.5 < stats["mac_fraction"] < 1.0
@@ -89,7 +100,7 @@ def test_partial_steps_skip_the_span_and_count_fewer_macs(models: Any, kind: str
 
 def test_sampling_twice_is_identical_and_never_sees_a_stale_cache(models: Any) -> None:
     model, conditioning, latent = models["pixart"]
-    handle = model.with_patch(BlockCachePatch(span=(0, 1), interval=3))
+    handle = model.with_patch(BlockCachePatch(BlockCacheConfig(span=(0, 1), interval=3)))
     first = run(handle, conditioning, latent)
     # A run of another length in between must not leave anything behind for the next run.
     run(handle, conditioning, latent, steps=4)
@@ -100,7 +111,7 @@ def test_sampling_twice_is_identical_and_never_sees_a_stale_cache(models: Any) -
 
 def test_an_error_inside_a_cached_step_restores_the_blocks(models: Any) -> None:
     model, conditioning, latent = models["pixart"]
-    patch = BlockCachePatch(span=(0, 1), interval=2)
+    patch = BlockCachePatch(BlockCacheConfig(span=(0, 1), interval=2))
     calls = {"n": 0}
     block = model.denoiser.transformer_blocks[1]
 
@@ -121,12 +132,12 @@ def test_an_error_inside_a_cached_step_restores_the_blocks(models: Any) -> None:
 def test_delta_dit_switches_spans_at_the_boundary(models: Any) -> None:
     model, conditioning, latent = models["dit"]
     assert bc.spans_for(4, (1, 2), (0, 1), 2) == [(1, 2), (1, 2), (0, 1), (0, 1)]
-    patch = BlockCachePatch(span=(1, 2), late_span=(0, 1), boundary=3, interval=2)
+    patch = BlockCachePatch(BlockCacheConfig(span=(1, 2), late_span=(0, 1), boundary=3, interval=2))
     run(model.with_patch(patch), conditioning, latent)
-    modes = [mode for _, mode in patch.last_stats["modes"]]
+    modes = [mode for _, mode in stats_of(patch)["modes"]]
     # Step 3 is partial in the plan, but its span differs from the one cached at step 2: it runs in full.
     assert modes == ["full", "partial", "full", "full", "full", "partial"]
-    assert "late_span" in patch.key and patch.key != BlockCachePatch(span=(1, 2), interval=2).key
+    assert "late_span" in patch.key and patch.key != BlockCachePatch(BlockCacheConfig(span=(1, 2), interval=2)).key
 
 
 def test_spans_and_models_are_checked_with_clear_errors(models: Any) -> None:
@@ -143,4 +154,4 @@ def test_spans_and_models_are_checked_with_clear_errors(models: Any) -> None:
         bc.blocks_of(tiny.sd_handles()["model"].denoiser)
     model, conditioning, latent = models["pixart"]
     with pytest.raises(ValueError, match="out of range"):
-        run(model.with_patch(BlockCachePatch(span=(1, 5), interval=2)), conditioning, latent)
+        run(model.with_patch(BlockCachePatch(BlockCacheConfig(span=(1, 5), interval=2))), conditioning, latent)

@@ -14,6 +14,7 @@ pytest.importorskip("diffusers")
 
 from dagfusion.nodes.cache import deepcache
 from dagfusion.nodes.cache.deepcache import (
+    DeepCacheConfig,
     DeepCacheHook,
     DeepCachePatch,
     capture_deep_feature,
@@ -21,7 +22,7 @@ from dagfusion.nodes.cache.deepcache import (
 )
 from dagfusion.model import count_macs
 from dagfusion.nodes.cache.schedules import full_steps, parse_steps, power_center_steps
-from dagfusion.nodes.diffusion.sampling import sample
+from dagfusion.nodes.diffusion.sampling import run_sampling, sample
 
 # --- schedules ---------------------------------------------------------------------------------
 
@@ -203,18 +204,28 @@ def sdxl() -> dict[str, Any]:
     }
 
 
+LAST: dict[str, Any] = {}
+
+
 def run(parts: dict[str, Any], model: Any = None, **options: Any) -> Any:
+    """The latents of one run; its report is kept for :func:`stats_of`."""
     options = {"steps": 6, "guidance_scale": 5.0, "seed": 1, "sampler": "euler", **options}
-    return sample(model or parts["model"], parts["conditioning"], parts["latent"], **options).samples
+    latent, LAST["report"] = run_sampling(model or parts["model"], parts["conditioning"], parts["latent"], **options)
+    return latent.samples
+
+
+def stats_of(patch: Any) -> dict[str, Any]:
+    """What ``patch``'s hook reported in the last :func:`run`."""
+    return LAST["report"].patch(patch.key)
 
 
 def test_interval_one_equals_the_plain_sampler(sd: dict[str, Any]) -> None:
     plain = run(sd)
-    patch = DeepCachePatch(interval=1)
+    patch = DeepCachePatch(DeepCacheConfig(interval=1))
     cached = run(sd, sd["model"].with_patch(patch))
     assert torch.equal(cached, plain)
-    assert patch.last_stats["full_calls"] == 6 and patch.last_stats["partial_calls"] == 0
-    assert patch.last_stats["mac_fraction"] == 1.0
+    assert stats_of(patch)["full_calls"] == 6 and stats_of(patch)["partial_calls"] == 0
+    assert stats_of(patch)["mac_fraction"] == 1.0
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
@@ -223,14 +234,14 @@ def test_caching_stays_close_and_computes_fewer_macs(kind: str, interval: int, r
     parts = request.getfixturevalue(kind)
     guidance = 5.0 if kind == "sd" else 1.0  # SDXL without guidance: single-half batches
     plain = run(parts, guidance_scale=guidance)
-    patch = DeepCachePatch(interval=interval)
+    patch = DeepCachePatch(DeepCacheConfig(interval=interval))
     cached = run(parts, parts["model"].with_patch(patch), guidance_scale=guidance)
     assert torch.isfinite(cached).all()
     assert not torch.equal(cached, plain)
     relative_l1 = ((cached - plain).abs().sum() / plain.abs().sum()).item()
     assert relative_l1 < 0.1, relative_l1
 
-    stats = patch.last_stats
+    stats = stats_of(patch)
     plan = full_steps("uniform", 6, interval)
     assert stats["plan"] == plan
     assert stats["modes"] == [[i, "full" if f else "partial"] for i, f in enumerate(plan)]
@@ -246,23 +257,23 @@ def test_caching_stays_close_and_computes_fewer_macs(kind: str, interval: int, r
 
 
 def test_full_call_macs_match_an_uncached_forward(sd: dict[str, Any]) -> None:
-    patch = DeepCachePatch(interval=2)
+    patch = DeepCachePatch(DeepCacheConfig(interval=2))
     run(sd, sd["model"].with_patch(patch), steps=2)
     unet = sd["model"].denoiser
     x, t, kwargs = _sd_inputs(unet, batch=2)
     with torch.no_grad(), count_macs(unet) as counter:
         unet(x, t, **kwargs)
-    assert patch.last_stats["macs_full_call"] == counter.total
+    assert stats_of(patch)["macs_full_call"] == counter.total
 
 
 def test_deeper_branches_compute_more(sd: dict[str, Any]) -> None:
     plain = run(sd)
     fractions = []
     for branch in (0, 1):
-        patch = DeepCachePatch(interval=3, branch=branch)
+        patch = DeepCachePatch(DeepCacheConfig(interval=3, branch=branch))
         cached = run(sd, sd["model"].with_patch(patch))
         assert torch.isfinite(cached).all() and not torch.equal(cached, plain)
-        fractions.append(patch.last_stats["mac_fraction"])
+        fractions.append(stats_of(patch)["mac_fraction"])
     assert fractions[0] < fractions[1] < 1.0
 
 
@@ -270,7 +281,7 @@ def test_state_never_leaks_between_runs_and_nothing_is_changed(sd: dict[str, Any
     base = sd["model"]
     unet = base.denoiser
     weights = {k: v.clone() for k, v in unet.state_dict().items()}
-    patched = base.with_patch(DeepCachePatch(interval=3))
+    patched = base.with_patch(DeepCachePatch(DeepCacheConfig(interval=3)))
     first = run(sd, patched)
     second = run(sd, patched)
     clone = run(sd, patched.clone())
@@ -287,7 +298,7 @@ def test_a_changed_batch_layout_runs_in_full(sd: dict[str, Any]) -> None:
     from dagfusion.model import DenoiserCall, StepInfo
 
     unet = sd["model"].denoiser
-    hook = DeepCachePatch(interval=4).begin(_FakeRun(unet, steps=4))
+    hook = DeepCachePatch(DeepCacheConfig(interval=4)).begin(_FakeRun(unet, steps=4))
     assert isinstance(hook, DeepCacheHook)
     outputs = []
     for index, batch in enumerate([2, 2, 1, 1]):
@@ -296,8 +307,8 @@ def test_a_changed_batch_layout_runs_in_full(sd: dict[str, Any]) -> None:
         call = DenoiserCall(StepInfo(index, 4, t, float(t)), unet, x, t, kwargs, halves, "unet")
         with torch.no_grad():
             outputs.append(hook.denoise(call, lambda c: unet(c.sample, c.timestep, **c.kwargs).sample))
-    hook.end()
-    assert [m for _, m in hook.patch.last_stats["modes"]] == ["full", "partial", "full", "partial"]
+    stats = hook.end()
+    assert [m for _, m in stats["modes"]] == ["full", "partial", "full", "partial"]
     assert all(o.shape[0] == b for o, b in zip(outputs, [2, 2, 1, 1]))
 
 
@@ -312,7 +323,7 @@ class _FakeRun:
 
 def _node(model: Any, **inputs: Any) -> Any:
     values = {"interval": 3, "branch": 0, "schedule": "uniform", "full_steps": "", "pow": 1.4, "center": 15,
-              "start_step": 0, "end_step": 10000, **inputs}
+              "start_step": 0, "end_step": None, **inputs}
     return deepcache.deep_cache.fn(None, model=model, **values)
 
 
@@ -345,7 +356,7 @@ def test_node_errors_are_clear(sd: dict[str, Any]) -> None:
         run(sd, model, steps=4)
     # A deeper branch than the UNet has, attached without the node, fails when sampling starts.
     with pytest.raises(ValueError, match="out of range"):
-        run(sd, sd["model"].with_patch(DeepCachePatch(branch=5)), steps=1)
+        run(sd, sd["model"].with_patch(DeepCachePatch(DeepCacheConfig(branch=5))), steps=1)
 
 
 def test_node_rejects_transformer_denoisers() -> None:
@@ -407,3 +418,62 @@ nodes:
     assert torch.equal(second.output("a.latent").samples, a)
     assert torch.equal(second.output("b.latent").samples, a)
     assert first.output("load.model").patches == ()
+    # Every run carries its statistics in its own report, also the run served from the cache.
+    stats = first.output("a.report").patch(first.output("fast.model").patches[0].key)
+    assert [m for _, m in stats["modes"]] == ["full", "partial", "partial", "full", "partial"]
+    assert "plain" in second.cached and second.output("plain.report") == first.output("plain.report")
+    assert second.output("a.report").patches == first.output("a.report").patches
+
+
+def test_old_workflows_saying_end_step_10000_are_migrated() -> None:
+    from dagfusion.registry import Registry
+    from dagfusion.validation import validate
+    from dagfusion.workflow import parse_workflow
+
+    registry = Registry.from_plugins(load_entrypoints=False, environ={})
+    text = """format_version: 1
+nodes:
+  load: {type: dagfusion.models.LoadEmbedded, inputs: {model: shapes-sd}}
+  old: {type: dagfusion.cache.DeepCache, version: 1.0.0, inputs: {model: {from: load.model}, interval: 3, end_step: 10000}}
+  kept: {type: dagfusion.cache.DeepCache, version: 1.0.0, inputs: {model: {from: load.model}, end_step: 8}}
+  new: {type: dagfusion.cache.DeepCache, inputs: {model: {from: load.model}, interval: 3}}
+"""
+    workflow, problems = parse_workflow(text)
+    assert problems == []
+    validated = validate(workflow, registry)
+    nodes = validated.workflow.nodes
+    assert "end_step" not in nodes["old"].inputs and nodes["old"].version == "2.0.0"
+    assert nodes["kept"].inputs["end_step"] == 8
+    assert any("'old'" in w and "migrated" in w for w in validated.warnings)
+    spec = registry.get("dagfusion.cache.DeepCache")
+    assert spec.input("end_step").optional and not spec.input("end_step").required
+
+
+def test_every_setting_is_in_the_key_and_plans_match_the_loose_settings(sd: dict[str, Any]) -> None:
+    from dagfusion.fingerprint import fingerprint
+
+    base = DeepCacheConfig(interval=3, schedule="non-uniform", center=2)
+    changed = [DeepCacheConfig(interval=2, schedule="non-uniform", center=2),
+               DeepCacheConfig(interval=3, schedule="non-uniform", center=3),
+               DeepCacheConfig(interval=3, schedule="non-uniform", center=2, pow=2.0),
+               DeepCacheConfig(interval=3, schedule="non-uniform", center=2, branch=1),
+               DeepCacheConfig(interval=3, schedule="non-uniform", center=2, start_step=1),
+               DeepCacheConfig(interval=3, schedule="non-uniform", center=2, end_step=5),
+               DeepCacheConfig(schedule="explicit", full_steps=(0, 2))]
+    handles = [sd["model"].with_patch(DeepCachePatch(c)) for c in (base, *changed)]
+    assert len({fingerprint(h) for h in handles}) == len(handles)
+    assert DeepCachePatch(base, measure=False).key == DeepCachePatch(base).key  # reporting is not a setting
+    assert DeepCacheConfig(end_step=None).plan(6) == DeepCacheConfig(end_step=10000).plan(6)
+    with pytest.raises(ValueError, match="end_step"):
+        DeepCacheConfig(start_step=3, end_step=2)
+
+
+def test_counting_for_the_report_changes_no_bit_of_the_result(sd: dict[str, Any]) -> None:
+    model = sd["model"].with_patch(DeepCachePatch(DeepCacheConfig(interval=3, branch=1)))
+    options = {"steps": 6, "guidance_scale": 5.0, "seed": 1, "sampler": "euler"}
+    counted, report = run_sampling(model, sd["conditioning"], sd["latent"], **options)
+    plain = sample(model, sd["conditioning"], sd["latent"], **options)
+    assert torch.equal(counted.samples, plain.samples)
+    assert [s.computed for s in report.steps] == [True, False, False, True, False, False]
+    # The sampler's per-step count agrees with the MACs the cache measured for its calls.
+    assert report.macs == report.patch(model.patches[0].key)["macs"]

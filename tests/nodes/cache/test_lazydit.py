@@ -25,7 +25,7 @@ from dagfusion.model import FunctionPatch, apply_patches
 from dagfusion.nodes.cache import lazydit as ld
 from dagfusion.nodes.cache.lazydit import LazyGates, architecture, new_gates
 from dagfusion.nodes.cache.lazydit_objective import LazyGateObjective
-from dagfusion.nodes.diffusion.sampling import sample
+from dagfusion.nodes.diffusion.sampling import run_sampling, sample
 
 STEPS = 6
 
@@ -47,7 +47,17 @@ def models() -> dict[str, tuple[Any, Any, Any]]:
 
 def run(model: Any, conditioning: Any, latent: Any, **options: Any) -> Any:
     options = {"steps": STEPS, "guidance_scale": 4.0, "sampler": "euler", "seed": 3, **options}
-    return sample(model, conditioning, latent, **options).samples
+    out, report = run_sampling(model, conditioning, latent, **options)
+    REPORTS.update(report.patches)
+    return out.samples
+
+
+REPORTS: dict[str, Any] = {}
+
+
+def stats_of(patch: Any) -> dict[str, Any]:
+    """What ``patch``'s hook reported in the last run of a handle carrying it (from the run report)."""
+    return REPORTS[patch.key]
 
 
 def gates_for(model: Any, seed: int = 0, **settings: Any) -> LazyGates:
@@ -109,7 +119,7 @@ def test_nothing_skipped_reproduces_the_plain_sampler_exactly(models: Any, kind:
         with counting(model.denoiser) as counts:
             out = run(model.with_patch(patch), conditioning, latent)
         assert torch.equal(out, plain), settings
-        stats = patch.last_stats
+        stats = stats_of(patch)
         assert stats["skipped"] == 0 and stats["skip_fraction"] == 0.0
         assert stats["evaluated"] == counts["attn"] + counts["mlp"] == STEPS * len(stats_slots(model)) * 2
 
@@ -127,7 +137,7 @@ def test_laziness_skips_about_its_fraction_and_counts_exactly(models: Any, kind:
     patch = gates_for(model, seed=1, rule="laziness", laziness=laziness)
     with counting(model.denoiser) as counts:
         out = run(model.with_patch(patch), conditioning, latent)
-    stats = patch.last_stats
+    stats = stats_of(patch)
     assert torch.isfinite(out).all()
     # Much closer to the plain run than another seed's plain run is.
     assert relative(out, plain) < 0.1 * relative(other_seed, plain)
@@ -160,10 +170,10 @@ def test_fixed_threshold_skips_where_the_score_is_above_it(models: Any) -> None:
     assert counts == {"attn": blocks * 2, "mlp": blocks * 2}  # step 0 only
     late = gates_for(model, rule="threshold", threshold=0.0, start_step=4)
     run(model.with_patch(late), conditioning, latent)
-    assert [c["skipped"] for c in late.last_stats["steps"]] == [0, 0, 0, 0, blocks * 4, blocks * 4]
+    assert [c["skipped"] for c in stats_of(late)["steps"]] == [0, 0, 0, 0, blocks * 4, blocks * 4]
     mid = gates_for(model, rule="threshold", threshold=0.5)
     run(model.with_patch(mid), conditioning, latent)
-    assert 0 < mid.last_stats["skip_fraction"] < 1
+    assert 0 < stats_of(mid)["skip_fraction"] < 1
 
 
 def test_sampling_twice_gives_identical_results_and_leaves_the_module_unchanged(models: Any) -> None:
@@ -172,10 +182,10 @@ def test_sampling_twice_gives_identical_results_and_leaves_the_module_unchanged(
     patch = gates_for(model, seed=2, rule="laziness", laziness=0.5)
     lazy = model.with_patch(patch)
     first = run(lazy, conditioning, latent)
-    stats = patch.last_stats
+    stats = stats_of(patch)
     second = run(lazy, conditioning, latent)
     assert torch.equal(first, second)
-    assert patch.last_stats == stats
+    assert stats_of(patch) == stats
     assert_clean(model.denoiser)
     assert torch.equal(run(model, conditioning, latent), before)
 
@@ -190,17 +200,54 @@ def test_sampling_twice_gives_identical_results_and_leaves_the_module_unchanged(
     assert torch.equal(run(lazy, conditioning, latent), first)
 
 
-def test_stats_node_finds_the_run_that_made_a_latent(models: Any, settings: Any, tmp_path: Path) -> None:
+def test_stats_node_reads_the_report_of_the_run(models: Any, settings: Any, tmp_path: Path) -> None:
     model, conditioning, latent = models["pixart"]
     patch = gates_for(model, rule="laziness", laziness=0.5)
     lazy = model.with_patch(patch)
-    made = sample(lazy, conditioning, latent, steps=STEPS, guidance_scale=4.0, sampler="euler", seed=3)
-    sample(lazy, conditioning, latent, steps=3, guidance_scale=4.0, sampler="euler", seed=5)  # a later run
-    fraction, text = ld.lazydit_stats.fn(context(settings, tmp_path), model=lazy, latent=made)
+    options = {"guidance_scale": 4.0, "sampler": "euler"}
+    _, report = run_sampling(lazy, conditioning, latent, steps=STEPS, seed=3, **options)
+    _, later = run_sampling(lazy, conditioning, latent, steps=3, seed=5, **options)  # a later run changes nothing
+    fraction, text = ld.lazydit_stats.fn(context(settings, tmp_path), report=report)
     assert json.loads(text)["calls"] == STEPS and fraction == json.loads(text)["skip_fraction"] > 0
-    assert patch.last_stats["calls"] == 3
-    with pytest.raises(ValueError, match="no LazyDiT sampling run"):
-        ld.lazydit_stats.fn(context(settings, tmp_path), model=lazy, latent=latent)
+    assert json.loads(text) == report.patch(patch.key)
+    assert later.patch(patch.key)["calls"] == 3
+    assert not hasattr(patch, "last_stats") and not hasattr(patch, "runs")
+    _, plain = run_sampling(model.with_patch(gates_for(model)), conditioning, latent, steps=2, seed=3, **options)
+    with pytest.raises(ValueError, match="no LazyDiT skipping"):
+        ld.lazydit_stats.fn(context(settings, tmp_path), report=plain)
+
+
+def test_the_stats_node_works_on_a_run_served_from_the_cache(engine: Any, tmp_path: Path) -> None:
+    from dagfusion.testing import models as tiny
+    from dagfusion.validation import validate
+    from dagfusion.workflow import load_workflow, parse_workflow
+
+    folder = tiny.write_model("pixart", tmp_path / "pixart", seed=0)
+    head = f"""
+format_version: 1
+nodes:
+  load: {{{{type: dagfusion.models.LoadDiffusers, inputs: {{{{path: "{folder}", dtype: fp32}}}}}}}}
+  text: {{{{type: dagfusion.text.Encode, inputs: {{{{clip: {{{{from: load.clip}}}}, prompt: a red circle}}}}}}}}
+  latent: {{{{type: dagfusion.latent.EmptyLatent, inputs: {{{{model: {{{{from: load.model}}}}, width: 32, height: 32}}}}}}}}
+  gates: {{{{type: dagfusion.cache.LazyDiTGates, inputs: {{{{model: {{{{from: load.model}}}}, seed: 1, init_bias: 0.5}}}}}}}}
+  lazy: {{{{type: dagfusion.cache.LazyDiT, inputs: {{{{model: {{{{from: gates.model}}}}, laziness: 0.5}}}}}}}}
+  sample: {{{{type: dagfusion.sampling.Sample, inputs: {{{{model: {{{{from: lazy.model}}}}, conditioning: {{{{from: text.conditioning}}}},
+           latent: {{{{from: latent.latent}}}}, steps: 4, guidance_scale: 4.0, sampler: euler}}}}}}}}
+"""
+    first = engine.run(load_workflow(head.format(), text=True), out=tmp_path / "one")
+    assert first.ok, first.errors
+    stats = "  stats: {type: dagfusion.cache.LazyDiTStats, inputs: {report: {from: sample.report}}}\n"
+    second = engine.run(load_workflow(head.format() + stats, text=True), out=tmp_path / "two")
+    assert second.ok, second.errors
+    assert "sample" in second.cached and "stats" in second.executed
+    data = json.loads(second.output("stats.stats"))
+    assert data["calls"] == 4 and second.output("stats.skip_fraction") == data["skip_fraction"] > 0
+    # A file written for LazyDiTStats 1.x (model and latent) is migrated to read the report.
+    old = "  stats: {type: dagfusion.cache.LazyDiTStats, version: 1.0.0, inputs: {model: {from: lazy.model}, latent: {from: sample.latent}}}\n"
+    workflow, problems = parse_workflow(head.format() + old)
+    assert problems == []
+    migrated = validate(workflow, engine.registry).workflow.nodes["stats"]
+    assert set(migrated.inputs) == {"report"} and str(migrated.inputs["report"]) == "sample.report"
 
 
 # --- training -----------------------------------------------------------------------------------------
