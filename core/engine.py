@@ -32,7 +32,8 @@ from dagfusion.record import RunRecorder, provenance, write_record
 from dagfusion.registry import Registry, default_registry
 from dagfusion.settings import Settings
 from dagfusion.sources import SourceText, read_source, read_text
-from dagfusion.validation import ValidatedWorkflow, check, sweep_point_problems, with_constants
+from dagfusion.sweeppoints import sweep_point_problems, with_constants
+from dagfusion.validation import ValidatedWorkflow, check
 from dagfusion.workflow import Link, Workflow, apply_overrides, parse_workflow, sweep_points
 
 WorkflowSource = Workflow | str | os.PathLike[str]

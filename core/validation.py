@@ -15,16 +15,15 @@ and :func:`with_constants` derives one sweep point's validated workflow from the
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from dagfusion.errors import Problem, UnsafeOperationError, ValidationError, did_you_mean
+from dagfusion.migration import resolve_version
 from dagfusion.node import REQUIRED, InputSpec, NodeSpec, OutputSpec
 from dagfusion.registry import Registry
-from dagfusion.semver import parse_version
 from dagfusion.settings import Settings
 from dagfusion.workflow import NODE_ID, Link, NodeInstance, Workflow, sweep_points
 from dagfusion.yamlsource import paused_gc
@@ -161,7 +160,7 @@ def _check(
             )
             inst = replace(inst, type=spec.type_id)
         if inst.version is not None:
-            inst = _resolve_version(workflow, inst, spec, registry, problems, warnings)
+            inst = resolve_version(workflow, inst, spec, registry, problems, warnings)
         specs[node_id] = spec
         nodes[node_id] = inst
         if spec.type_id not in indexes:
@@ -212,7 +211,7 @@ def _check(
             if problem:
                 problems.append(Problem(problem[0], problem[1], node=node_id, input=name, line=workflow.node_line(node_id, name)))
         if spec.check is not None:
-            problems.extend(_node_check_problems(workflow, node_id, inst, spec))
+            problems.extend(node_check_problems(workflow, node_id, inst, spec))
         for input_spec in index.required:
             if input_spec.name not in given:
                 problems.append(
@@ -434,7 +433,7 @@ def node_check_values(spec: NodeSpec, given: Mapping[str, Any]) -> dict[str, Any
     return values
 
 
-def _node_check_problems(
+def node_check_problems(
     workflow: Workflow, node_id: str, inst: NodeInstance, spec: NodeSpec, *, sweep_line: int | None = None
 ) -> list[Problem]:
     """The problems ``spec.check`` finds in the node's constant inputs, located in the file
@@ -471,136 +470,6 @@ def _cycle_in(graph: nx.DiGraph, component: set[str]) -> list[str]:
     return [u for u, _ in edges]
 
 
-def _resolve_version(
-    workflow: Workflow,
-    inst: NodeInstance,
-    spec: NodeSpec,
-    registry: Registry,
-    problems: list[Problem],
-    warnings: list[str],
-) -> NodeInstance:
-    if inst.version is None:
-        return inst
-    line = workflow.line("nodes", inst.id, "version")
-    pinned = parse_version(inst.version)
-    installed = spec.parsed_version
-    if pinned is None:
-        problems.append(Problem("bad-version", f"version {inst.version!r} is not MAJOR.MINOR.PATCH", node=inst.id, line=line))
-        return inst
-    if pinned.major > installed.major or (pinned.major == installed.major and pinned > installed):
-        problems.append(
-            Problem(
-                "version-unsatisfied",
-                f"the file needs {spec.type_id} {pinned}, but {registry.origin_description(spec.type_id)} "
-                f"provides {installed}; upgrade that plugin",
-                node=inst.id,
-                line=line,
-            )
-        )
-        return inst
-    if pinned.major == installed.major:
-        return replace(inst, version=str(installed))
-    inputs = dict(inst.inputs)
-    for major in range(pinned.major, installed.major):
-        migrate = spec.migrations.get(major)
-        if migrate is None:
-            problems.append(
-                Problem(
-                    "version-unsatisfied",
-                    f"the file was written for {spec.type_id} {pinned}; installed {installed} has no migration "
-                    f"from major version {major}",
-                    node=inst.id,
-                    line=line,
-                )
-            )
-            return inst
-        try:
-            inputs = dict(migrate(dict(inputs)))
-        except Exception as exc:  # a migration that cannot handle this file is a user-facing problem
-            problems.append(
-                Problem("migration-failed", f"migrating from {major}.x failed: {type(exc).__name__}: {exc}", node=inst.id, line=line)
-            )
-            return inst
-    warnings.append(
-        f"node '{inst.id}' ({spec.type_id}) was written for version {pinned}; its inputs were migrated to {installed}. "
-        "Save the workflow to keep the upgrade."
-    )
-    return replace(inst, version=str(installed), inputs=inputs)
-
-
-# --- sweep points ------------------------------------------------------------------------------
-
-
-def with_constants(validated: ValidatedWorkflow, values: Mapping[tuple[str, str], Any]) -> ValidatedWorkflow:
-    """``validated`` with ``{(node id, input): constant}`` set and its sweep removed, without
-    validating again: the caller vouches for the values (:func:`check` checked every swept
-    value, :func:`sweep_point_problems` every node check they take part in). A constant that
-    replaces a link drops that dependency; the order stays topological."""
-    workflow = validated.workflow
-    nodes = dict(workflow.nodes)
-    parents = validated.parents
-    changed: dict[str, list[str]] = {}
-    for (node_id, input_name), value in values.items():
-        inst = nodes[node_id]
-        inputs = dict(inst.inputs)
-        if isinstance(inputs.get(input_name), Link):
-            changed[node_id] = []
-        inputs[input_name] = value
-        nodes[node_id] = replace(inst, inputs=inputs)
-    if changed:
-        parents = dict(parents)
-        for node_id in changed:
-            parents[node_id] = tuple(dict.fromkeys(link.node for _, link in nodes[node_id].links()))
-    return ValidatedWorkflow(
-        replace(workflow, nodes=nodes, sweep=()), validated.specs, parents, validated.order, validated.warnings
-    )
-
-
-def sweep_point_problems(validated: ValidatedWorkflow, limit: int | None = None) -> list[Problem]:
-    """Problems the node checks (``@node(check=...)``) of swept nodes find in sweep points.
-
-    A node check sees a combination of values; it is run once for each distinct combination
-    of the swept inputs of its node (at most the number of sweep points, usually far fewer),
-    so every point is covered without building the points. Each problem names the swept
-    values, ``sweep point {key=value, ...}: ...``. Stops after ``limit`` problems.
-    """
-    workflow = validated.workflow
-    groups = workflow.sweep
-    touched: dict[str, list[int]] = {}
-    for index, group in enumerate(groups):
-        for key in group:
-            link = Link.parse(key)
-            if link is not None and link.node in validated.specs and validated.specs[link.node].check is not None:
-                if index not in touched.setdefault(link.node, []):
-                    touched[link.node].append(index)
-    problems: list[Problem] = []
-    for node_id, indexes in touched.items():
-        spec = validated.specs[node_id]
-        inst = workflow.nodes[node_id]
-        # Per group: its rows, each the node's swept values at one position of the group's lists.
-        per_group = []
-        for index in indexes:
-            group = groups[index]
-            keys = [k for k in group if k.startswith(node_id + ".") and Link.parse(k) is not None]
-            rows = dict.fromkeys(tuple(group[k][i] for k in keys) for i in range(min(len(v) for v in group.values())))
-            per_group.append((index, keys, list(rows)))
-        for combo in itertools.product(*(rows for _, _, rows in per_group)):
-            given = dict(inst.inputs)
-            named = []
-            for (index, keys, _), row in zip(per_group, combo):
-                for key, value in zip(keys, row):
-                    given[key.partition(".")[2]] = value
-                    named.append(f"{key}={value!r}")
-            found = _node_check_problems(
-                workflow, node_id, replace(inst, inputs=given), spec, sweep_line=workflow.line("sweep", per_group[0][0])
-            )
-            for problem in found:
-                problems.append(replace(problem, message=f"sweep point {', '.join(named)}: {problem.message}"))
-            if limit is not None and len(problems) >= limit:
-                return problems
-    return problems
-
-
 __all__ = [
     "NODE_ID",
     "TypeChecks",
@@ -608,8 +477,7 @@ __all__ = [
     "check",
     "check_constant",
     "effective_default",
+    "node_check_problems",
     "node_check_values",
-    "sweep_point_problems",
     "validate",
-    "with_constants",
 ]

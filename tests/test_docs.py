@@ -68,10 +68,12 @@ def test_format_reference_example_is_valid(registry: Registry) -> None:
     assert problems == [] and validated is not None
     codes = re.findall(r"`([a-z-]+)`", (DOCS / "format.md").read_text().split("## Validation problems")[1].split("##")[0])
     import dagfusion.sources as s
+    import dagfusion.migration as m_
+    import dagfusion.sweeppoints as sp
     import dagfusion.validation as v
     import dagfusion.workflow as w
     import dagfusion.yamlsource as y
 
-    source = "".join(inspect.getsource(m) for m in (s, v, w, y))
+    source = "".join(inspect.getsource(m) for m in (s, v, w, y, m_, sp))
     used = set(re.findall(r'(?:Problem\(\s*|code = |")([a-z]+(?:-[a-z]+)+)"', source))
     assert used <= set(codes), f"undocumented problem codes: {sorted(used - set(codes))}"
