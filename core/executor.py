@@ -38,6 +38,7 @@ from dagfusion.node import REQUIRED, NodeSpec
 from dagfusion.plan import Plan
 from dagfusion.registry import Registry
 from dagfusion.settings import Settings
+from dagfusion.threads import ThreadPolicy
 from dagfusion.validation import TypeChecks, effective_default
 from dagfusion.workflow import Link
 
@@ -116,7 +117,11 @@ def execute(
 
     :param check_mutation: Fingerprint linked inputs before and after each node and fail a
         node that changed one it did not declare ``mutates`` (slow; meant for tests).
+
+    Torch gets the settings' thread count (:mod:`dagfusion.threads`) before the first node that
+    runs with torch imported; a run that never imports torch never touches it.
     """
+    threads = ThreadPolicy(settings.threads)
     handler = handler or _NullHandler()
     cancel_token = cancel_token or CancelToken()
     hook = registry.hook
@@ -168,6 +173,7 @@ def execute(
             inputs = _gather_inputs(node_id, spec, inst.inputs, values, registry, checks)
             before = _input_fingerprints(spec, inputs) if check_mutation else None
             hook.before_node_run(node_id=node_id, spec=spec, inputs=inputs, context=ctx)
+            threads.apply_if_imported()
             t0 = time.perf_counter()
             outputs = spec.normalize_outputs(spec.fn(ctx, **inputs))
             seconds = time.perf_counter() - t0

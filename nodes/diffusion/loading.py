@@ -91,22 +91,65 @@ def check_weights(folder: Path, allow_pickle: bool) -> None:
     raise FileNotFoundError(f"expected model weights (*.safetensors) in {folder}, found none")
 
 
-def _component_class(library: str, class_name: str) -> tuple[type, str]:
-    """The class a ``model_index.json`` entry names, and its kind (model/tokenizer/scheduler)."""
-    if library == "diffusers":
-        import diffusers
+#: Where the classes the supported pipelines name are defined: (library, class) → module.
+#: Importing that module alone skips the libraries' lazy top-level lookup; a class missing here
+#: (or moved in another library version) is found through the top level instead.
+KNOWN_CLASSES: dict[tuple[str, str], str] = {
+    ("diffusers", "UNet2DConditionModel"): "diffusers.models.unets.unet_2d_condition",
+    ("diffusers", "UNetSpatioTemporalConditionModel"): "diffusers.models.unets.unet_spatio_temporal_condition",
+    ("diffusers", "AutoencoderKL"): "diffusers.models.autoencoders.autoencoder_kl",
+    ("diffusers", "AutoencoderKLTemporalDecoder"): "diffusers.models.autoencoders.autoencoder_kl_temporal_decoder",
+    ("diffusers", "AutoencoderTiny"): "diffusers.models.autoencoders.autoencoder_tiny",
+    ("diffusers", "DiTTransformer2DModel"): "diffusers.models.transformers.dit_transformer_2d",
+    ("diffusers", "PixArtTransformer2DModel"): "diffusers.models.transformers.pixart_transformer_2d",
+    ("diffusers", "Transformer2DModel"): "diffusers.models.transformers.transformer_2d",
+    ("transformers", "CLIPTextModel"): "transformers.models.clip.modeling_clip",
+    ("transformers", "CLIPTextModelWithProjection"): "transformers.models.clip.modeling_clip",
+    ("transformers", "CLIPTokenizer"): "transformers.models.clip.tokenization_clip",
+    ("transformers", "T5EncoderModel"): "transformers.models.t5.modeling_t5",
+    ("transformers", "T5Tokenizer"): "transformers.models.t5.tokenization_t5",
+    ("transformers", "UMT5EncoderModel"): "transformers.models.umt5.modeling_umt5",
+}
 
-        cls = getattr(diffusers, class_name, None)
-        if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin):
+
+def _lookup_class(library: str, class_name: str) -> Any:
+    """What ``library.class_name`` is: from its :data:`KNOWN_CLASSES` module, else the library's
+    top level (``None`` if neither has it). Imports nothing outside ``library``."""
+    import importlib
+
+    module_name = KNOWN_CLASSES.get((library, class_name))
+    if module_name is not None:
+        try:
+            found = getattr(importlib.import_module(module_name), class_name, None)
+        except ImportError:
+            found = None
+        if found is not None:
+            return found
+    return getattr(importlib.import_module(library), class_name, None)
+
+
+def _component_class(library: str, class_name: str) -> tuple[type, str]:
+    """The class a ``model_index.json`` entry names, and its kind (model/tokenizer/scheduler).
+
+    Only diffusers models (``ModelMixin``) and transformers models (``PreTrainedModel``) and
+    tokenizers (``PreTrainedTokenizerBase``) are accepted, whatever module the class is found in.
+    """
+    if library == "diffusers":
+        from diffusers.models.modeling_utils import ModelMixin
+
+        cls = _lookup_class(library, class_name)
+        if isinstance(cls, type) and issubclass(cls, ModelMixin):
             return cls, "diffusers-model"
     elif library == "transformers":
-        import transformers
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-        cls = getattr(transformers, class_name, None)
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            return cls, "transformers-model"
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase):
+        cls = _lookup_class(library, class_name)
+        if isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerBase):
             return cls, "tokenizer"
+        from transformers.modeling_utils import PreTrainedModel
+
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            return cls, "transformers-model"
     raise ValueError(
         f"model_index.json names {library}.{class_name}, which is not a diffusers model or a transformers "
         "model or tokenizer; dagfusion loads no other classes"

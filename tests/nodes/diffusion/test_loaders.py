@@ -159,6 +159,40 @@ def test_model_index_cannot_name_arbitrary_classes(sd_folder, tmp_path):
         load_diffusers_folder(folder, cache=ModelCache())
 
 
+def test_known_classes_are_the_classes_the_libraries_name():
+    import importlib
+
+    from dagfusion.nodes.diffusion.loading import KNOWN_CLASSES, _component_class
+
+    for (library, class_name), module in KNOWN_CLASSES.items():
+        assert module.startswith(library + ".")
+        top_level = getattr(importlib.import_module(library), class_name)
+        assert getattr(importlib.import_module(module), class_name) is top_level, (library, class_name)
+        cls, kind = _component_class(library, class_name)
+        assert cls is top_level and kind in ("diffusers-model", "transformers-model", "tokenizer")
+
+
+def test_classes_outside_the_table_are_found_through_the_top_level(monkeypatch):
+    from dagfusion.nodes.diffusion import loading
+
+    assert ("diffusers", "UNet2DModel") not in loading.KNOWN_CLASSES
+    assert loading._component_class("diffusers", "UNet2DModel") == (diffusers.UNet2DModel, "diffusers-model")
+    # a table entry whose module moved in another library version falls back too
+    monkeypatch.setitem(loading.KNOWN_CLASSES, ("diffusers", "AutoencoderKL"), "diffusers.models.moved_away")
+    assert loading._component_class("diffusers", "AutoencoderKL") == (diffusers.AutoencoderKL, "diffusers-model")
+
+
+@pytest.mark.parametrize(("library", "class_name"), [
+    ("diffusers", "DDIMScheduler"), ("diffusers", "StableDiffusionPipeline"), ("transformers", "pipeline"),
+    ("transformers", "CLIPTextConfig"), ("diffusers", "NoSuchModel"), ("torch", "load"),
+])
+def test_only_models_and_tokenizers_are_instantiable(library, class_name):
+    from dagfusion.nodes.diffusion.loading import _component_class
+
+    with pytest.raises(ValueError, match="dagfusion loads no other classes"):
+        _component_class(library, class_name)
+
+
 def test_missing_model_index_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_diffusers_folder(tmp_path)

@@ -99,3 +99,25 @@ def test_load_embedded_node(engine) -> None:
     assert type(model.denoiser).__name__ == "PixArtTransformer2DModel"
     assert result.output("load.clip").kind == "t5"
     assert model.info["source"] == "embedded:shapes-dit"
+
+
+def test_loading_an_embedded_model_imports_only_its_own_classes(tmp_path: Path) -> None:
+    """The loader imports the modules of the classes model_index.json names, not every pipeline
+    or model family the libraries offer (checked in a fresh process)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from dagfusion.nodes.diffusion.loading import load_diffusers_folder\n"
+        "from dagfusion.nodes.shapes.models import folder\n"
+        "load_diffusers_folder(folder('shapes-sd'))\n"
+        "needed = ['diffusers.models.unets.unet_2d_condition', 'diffusers.models.autoencoders.autoencoder_kl',\n"
+        "          'transformers.models.clip.modeling_clip', 'transformers.models.clip.tokenization_clip']\n"
+        "unneeded = ['diffusers.pipelines', 'transformers.pipelines', 'transformers.models.t5']\n"
+        "print([m for m in needed if m not in sys.modules], [m for m in unneeded if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, cwd=tmp_path,
+                          env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[] []"
