@@ -2,7 +2,7 @@
 
 For each target of average bits: mixed precision (``dagfusion.quant.MixedPrecision``'s allocation
 from the sensitivity of ``benchmarks/quant_quality.py``), then BitsFusion's two distillation
-stages through the training loop (``dagfusion.quant.Trainable`` + ``dagfusion.train.QuantDistillLoss``:
+stages through the training loop (``dagfusion.quant.Trainable`` + ``dagfusion.quant.DistillLoss``:
 stage I CFG-aware output distillation, stage II the v-prediction loss with timesteps weighted by
 the measured error profile), then packed again (``dagfusion.quant.Freeze``). Quality on held-out
 prompts against the fp32 model with the same seeds: PSNR, SSIM, ShapeEval all-correct.

@@ -12,15 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 from dagfusion import hookimpl
-from dagfusion.nodes.cache import blockcache, cachequant, deepcache, diffusers_caches, lazydit
+from dagfusion.nodes.cache import blockcache, cachequant_nodes, deepcache, diffusers_caches, lazydit
 
-NODES = (*deepcache.NODES, *blockcache.NODES, *cachequant.NODES, *diffusers_caches.NODES, *lazydit.NODES)
+NODES = (*deepcache.NODES, *blockcache.NODES, *cachequant_nodes.NODES, *diffusers_caches.NODES, *lazydit.NODES)
 """Every node of the pack, in palette order."""
 
 
 @hookimpl
 def register_types(register: Any) -> None:
-    for socket_type in cachequant.TYPES:
+    for socket_type in cachequant_nodes.TYPES:
         register(socket_type)
 
 

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dagfusion import INT, STRING, Input, Output, RunContext, node
+from dagfusion import INT, STRING, Input, NodeInputError, Output, Problem, RunContext, node
 from dagfusion.model import CallCosts, DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook, call_layout, unwrap_compiled
 from dagfusion.nodes.cache import schedules
+from dagfusion.nodes.cache.checks import enforce
 from dagfusion.nodes.cache.stats import FeatureCacheStats, call_stats
 from dagfusion.nodes.diffusion.types import MODEL
 
@@ -360,6 +361,29 @@ def _delta_dit_example() -> dict[str, Any]:
     return {"model": tiny.dit_model(), "interval": 2, "span": "1-2", "late_span": "0-1", "boundary": 2}
 
 
+def check_inputs(values: Mapping[str, Any]) -> Iterator[Problem]:
+    """The spans are ``'start-end'`` with ``start < end`` (the model's block count is checked when the
+    node runs), and a ``late_span`` comes with a ``boundary`` of at least 1."""
+    for name in ("span", "late_span"):
+        text = values.get(name)
+        if not isinstance(text, str) or not text.strip():
+            continue
+        try:
+            start, end = parse_span(text, None, name)
+        except ValueError as exc:
+            yield Problem("bad-span", str(exc), input=name)
+            continue
+        if not 0 <= start < end:
+            yield Problem("bad-span", f"{name}: block span {start}-{end} needs 0 <= start < end", input=name)
+    late, boundary = values.get("late_span"), values.get("boundary")
+    if isinstance(late, str) and late.strip() and isinstance(boundary, int) and boundary < 1:
+        yield Problem(
+            "missing-boundary",
+            "boundary must be at least 1 when late_span is given (the step where late_span takes over)",
+            input="boundary",
+        )
+
+
 @node(
     "dagfusion.cache.BlockCache",
     version="1.1.0",
@@ -376,6 +400,7 @@ def _delta_dit_example() -> dict[str, Any]:
     outputs=[Output("model", MODEL, "The model with block caching applied while sampling.")],
     examples=[_example, _delta_dit_example],
     ui={"color": "#26a69a"},
+    check=check_inputs,
 )
 def block_cache(ctx: RunContext, model: Any, interval: int, span: str, late_span: str, boundary: int) -> Any:
     """Speed up a DiT/PixArt by reusing the residual of a span of transformer blocks between full steps.
@@ -386,14 +411,21 @@ def block_cache(ctx: RunContext, model: Any, interval: int, span: str, late_span
     blocks in the late ones, as Δ-DiT does. Compare against the plain model with the same seed
     (dagfusion.metrics.Fidelity).
     """
-    blocks = blocks_of(model.denoiser)
-    count = len(blocks)
-    early = parse_span(span, count, "span") if span.strip() else (1, count - 1)
-    if not span.strip():
-        check_span(early, count)
-    late = parse_span(late_span, count, "late_span") if late_span.strip() else None
-    if late is not None and boundary < 1:
-        raise ValueError("boundary must be at least 1 when late_span is given (the step where late_span takes over)")
+    enforce(check_inputs, {"span": span, "late_span": late_span, "boundary": boundary})
+    try:
+        count = len(blocks_of(model.denoiser))
+    except TypeError as exc:
+        raise NodeInputError("model", str(exc)) from None
+    try:
+        early = parse_span(span, count, "span") if span.strip() else (1, count - 1)
+        if not span.strip():
+            check_span(early, count)
+    except ValueError as exc:
+        raise NodeInputError("span", str(exc)) from None
+    try:
+        late = parse_span(late_span, count, "late_span") if late_span.strip() else None
+    except ValueError as exc:
+        raise NodeInputError("late_span", str(exc)) from None
     config = BlockCacheConfig(span=early, interval=interval, late_span=late, boundary=boundary if late is not None else None)
     return model.with_patch(BlockCachePatch(config))
 

@@ -29,6 +29,10 @@ not grow with the number of steps.
 
 The joint cache + quantization workflow (calibrating on a quantized model, correcting both
 errors) is built from these nodes and the quantizer pack's.
+
+Modules: :mod:`~dagfusion.nodes.cache.cachequant_dp` (the dynamic programme and the calibration
+statistics), this module (the schedule, calibration and the patches) and
+:mod:`~dagfusion.nodes.cache.cachequant_nodes` (the nodes and the ``CACHE_SCHEDULE`` type).
 """
 
 from __future__ import annotations
@@ -36,12 +40,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dagfusion import BOOLEAN, FLOAT, INT, SEED, STRING, Input, Output, RunContext, SocketType, node
+from dagfusion import RunContext
 from dagfusion.nodes.cache import blockcache
+from dagfusion.nodes.cache.cachequant_dp import PairStatistics, optimal_full_steps, schedule_cost
 from dagfusion.nodes.cache.deepcache import (
     DeepCacheConfig,
     DeepCacheHook,
@@ -51,154 +56,9 @@ from dagfusion.nodes.cache.deepcache import (
     unet_of,
 )
 from dagfusion.model import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook, unwrap_compiled
-from dagfusion.nodes.diffusion.schedulers import SAMPLER_CHOICES
-from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL
 
 OBJECTIVES = ("feature", "corrected")
 """What the schedule minimises: the raw feature distance (the paper) or the distance left after correction."""
-
-# --- the dynamic programme -----------------------------------------------------------------------
-
-
-def segment_cost(distance: Callable[[int, int], float], start: int, end: int) -> float:
-    """``Σ_{t = start+1}^{end-1} distance(start, t)``: the error of reusing step ``start``'s feature until ``end``."""
-    return sum(distance(start, t) for t in range(start + 1, end))
-
-
-def optimal_full_steps(distance: Callable[[int, int], float], steps: int, full: int, max_segment: int) -> list[int]:
-    """The ``full`` step indices (step 0 included) minimising the summed segment cost (see the module docstring).
-
-    :param distance: ``distance(s, t)`` for ``0 <= s < t < steps`` with ``t - s < max_segment``.
-    :param max_segment: The longest segment (a full step and the steps reusing it).
-    :raises ValueError: when ``full`` is not in ``1 … steps`` or ``full * max_segment < steps``.
-    """
-    if not 1 <= full <= steps:
-        raise ValueError(f"the number of full steps must be between 1 and the step count {steps}, got {full}")
-    if max_segment < 1 or full * max_segment < steps:
-        raise ValueError(
-            f"{full} full steps with segments of at most {max_segment} steps cannot cover {steps} steps: "
-            f"raise max_segment to at least {math.ceil(steps / full)} or use more full steps"
-        )
-    inf = float("inf")
-    cost: dict[tuple[int, int], float] = {}
-    for s in range(steps):
-        running = 0.0
-        for e in range(s + 1, min(steps, s + max_segment) + 1):
-            if e - 1 > s:
-                running += distance(s, e - 1)
-            cost[(s, e)] = running
-    # best[k][e]: least cost of covering steps [0, e) with k segments; back[k][e]: start of the last one.
-    best = [[inf] * (steps + 1) for _ in range(full + 1)]
-    back = [[-1] * (steps + 1) for _ in range(full + 1)]
-    best[0][0] = 0.0
-    for k in range(1, full + 1):
-        for e in range(k, steps + 1):
-            for s in range(max(k - 1, e - max_segment), e):
-                if best[k - 1][s] == inf:
-                    continue
-                value = best[k - 1][s] + cost[(s, e)]
-                if value < best[k][e]:
-                    best[k][e], back[k][e] = value, s
-    starts = []
-    e = steps
-    for k in range(full, 0, -1):
-        s = back[k][e]
-        starts.append(s)
-        e = s
-    return sorted(starts)
-
-
-def schedule_cost(distance: Callable[[int, int], float], steps: int, full_steps: Sequence[int]) -> float:
-    """The summed segment cost of a given set of full steps (step 0 is always full)."""
-    starts = sorted({0, *full_steps})
-    ends = [*starts[1:], steps]
-    return sum(segment_cost(distance, s, e) for s, e in zip(starts, ends))
-
-
-# --- the calibration statistics ------------------------------------------------------------------
-
-
-class PairStatistics:
-    """Per-channel sums of the features of every pair of steps at most ``window - 1`` apart.
-
-    ``add(t, f)`` is called with each step's feature in order; the sums for ``(s, t)`` hold
-    ``n, Σx, Σy, Σx², Σxy, Σy²`` over every element of channel ``c`` (x = f_s, y = f_t), in float64.
-    """
-
-    def __init__(self, window: int, channel_dim: int) -> None:
-        self.window = int(window)
-        self.channel_dim = int(channel_dim)
-        self.recent: list[tuple[int, Any]] = []
-        self.sums: dict[tuple[int, int], Any] = {}
-        self.energy: dict[int, float] = {}  # Σy² over all channels of step t
-        self.channels: int | None = None
-        self.shape: tuple[int, ...] | None = None
-
-    def _flat(self, feature: Any) -> Any:
-        import torch
-
-        f = feature.detach().to(torch.float64)
-        return f.movedim(self.channel_dim, -1).reshape(-1, f.shape[self.channel_dim])
-
-    @staticmethod
-    def _sums(fx: Any, fy: Any) -> Any:
-        """``n, Σx, Σy, Σx², Σxy, Σy²`` per channel of flattened ``(elements, channels)`` features, on the CPU."""
-        import torch
-
-        n = torch.full((fy.shape[1],), float(fy.shape[0]), dtype=torch.float64, device=fy.device)
-        return torch.stack([n, fx.sum(0), fy.sum(0), (fx * fx).sum(0), (fx * fy).sum(0), (fy * fy).sum(0)]).cpu()
-
-    def cross(self, x: Any, y: Any) -> Any:
-        """The per-channel sums of the pair ``(x, y)`` (two features of one shape), as :meth:`fit_sums` takes them."""
-        return self._sums(self._flat(x), self._flat(y))
-
-    def add(self, index: int, feature: Any) -> None:
-        """Record step ``index``'s feature (any shape with the channel at ``channel_dim``)."""
-        if self.shape is not None and tuple(feature.shape) != self.shape:
-            raise ValueError(
-                f"the cached feature changed shape during calibration ({self.shape} at an earlier step, "
-                f"{tuple(feature.shape)} at step {index}): calibrate with one batch layout"
-            )
-        self.shape = tuple(feature.shape)
-        y = self._flat(feature)
-        self.channels = int(y.shape[1])
-        self.energy[index] = float((y * y).sum())
-        for s, x in self.recent:
-            if index - s < self.window:
-                self.sums[(s, index)] = self._sums(x, y)
-        self.recent.append((index, y))
-        self.recent = [(s, x) for s, x in self.recent if index + 1 - s < self.window]
-
-    def distance(self, s: int, t: int) -> float:
-        """``‖f_t - f_s‖² / ‖f_t‖²``."""
-        n, sx, sy, sxx, sxy, syy = self.sums[(s, t)]
-        return float((sxx - 2 * sxy + syy).sum()) / max(self.energy[t], 1e-30)
-
-    def fit(self, s: int, t: int) -> tuple[Any, Any]:
-        """Per-channel least squares ``(a, b)`` with ``a ⊙ f_s + b ≈ f_t`` (float32 tensors, CPU)."""
-        return self.fit_sums(self.sums[(s, t)])
-
-    @staticmethod
-    def fit_sums(sums: Any) -> tuple[Any, Any]:
-        """Per-channel least squares ``(a, b)`` with ``a ⊙ x + b ≈ y`` from the sums of ``(x, y)``."""
-        import torch
-
-        n, sx, sy, sxx, sxy, syy = sums
-        mx, my = sx / n, sy / n
-        var_x = sxx / n - mx * mx
-        cov = sxy / n - mx * my
-        ridge = 1e-6 * float(var_x.clamp(min=0).mean()) + 1e-12  # pulls a towards 1 where f_s is constant
-        a = (cov + ridge) / (var_x.clamp(min=0) + ridge)
-        b = my - a * mx
-        return a.to(torch.float32), b.to(torch.float32)
-
-    def corrected_distance(self, s: int, t: int) -> float:
-        """The relative squared error left after :meth:`fit`'s correction."""
-        n, sx, sy, sxx, sxy, syy = self.sums[(s, t)]
-        a, b = (v.to(sx.dtype) for v in self.fit(s, t))
-        residual = syy - 2 * a * sxy - 2 * b * sy + a * a * sxx + 2 * a * b * sx + n * b * b
-        return float(residual.clamp(min=0).sum()) / max(self.energy[t], 1e-30)
-
 
 # --- the schedule ---------------------------------------------------------------------------------
 
@@ -527,136 +387,3 @@ def check_fits(schedule: CacheSchedule, module: Any) -> None:
     else:
         assert schedule.span is not None
         blockcache.check_span(schedule.span, len(blockcache.blocks_of(module)))
-
-
-# --- nodes ----------------------------------------------------------------------------------------
-
-_PKG = "dagfusion.nodes.cache.cachequant"
-
-CACHE_SCHEDULE = SocketType(
-    "CACHE_SCHEDULE",
-    python_types=(f"{_PKG}.CacheSchedule",),
-    description="A calibrated cache schedule: which steps compute in full, and the per-step correction of reused features.",
-    color="#4db6ac",
-)
-
-
-def _calibrate_example_unet() -> dict[str, Any]:
-    from dagfusion.testing import models as tiny
-
-    handles = tiny.sd_handles()
-    return {"model": handles["model"], "conditioning": handles["conditioning"], "latent": handles["latent"],
-            "steps": 6, "interval": 3, "guidance_scale": 4.0}
-
-
-def _calibrate_example_dit() -> dict[str, Any]:
-    from dagfusion.testing import models as tiny
-
-    handles = tiny.pixart_handles()
-    return {"model": handles["model"], "conditioning": handles["conditioning"], "latent": handles["latent"],
-            "steps": 5, "interval": 2, "span": "0-1", "objective": "corrected", "guidance_scale": 4.0}
-
-
-@node(
-    "dagfusion.cache.CacheQuantCalibrate",
-    version="1.0.0",
-    category="cache",
-    inputs=[
-        Input("model", MODEL, link_only=True, description="The UNet or DiT/PixArt model to calibrate (as you will sample it)."),
-        Input("conditioning", CONDITIONING, link_only=True, description="Calibration prompt(s)."),
-        Input("latent", LATENT, link_only=True, description="A latent of the size you will sample; its batch is the calibration batch."),
-        Input("reference", MODEL, link_only=True, optional=True,
-              description="CacheQuant's joint setting: the full-precision model when 'model' is quantized; the "
-                          "quantization error of the cached feature is then corrected too."),
-        Input("steps", INT, 25, min=2, max=1000, description="The step count you will sample with."),
-        Input("interval", INT, 3, min=1, max=1000,
-              description="Speedup target: as many full steps as a uniform schedule with this interval (ceil(steps / interval))."),
-        Input("full_count", INT, 0, min=0, max=1000, description="Number of full steps; 0: from 'interval'."),
-        Input("max_segment", INT, 0, min=0, max=1000,
-              description="Longest run of steps reusing one full step's feature; 0: twice the uniform interval."),
-        Input("objective", STRING, "feature", choices=OBJECTIVES,
-              description="What the schedule minimises: the feature distance (the paper), or the distance left after correction."),
-        Input("branch", INT, 0, min=0, max=64, description="UNets: the DeepCache branch (0 = shallowest, fastest)."),
-        Input("span", STRING, "", description="Transformers: cached blocks 'start-end' (end exclusive); empty: all but the first and last."),
-        Input("sampler", STRING, "default", choices=SAMPLER_CHOICES, description="The sampler you will use (first-order)."),
-        Input("guidance_scale", FLOAT, 7.5, min=0.0, max=100.0, description="Guidance scale, as you will sample."),
-        Input("seed", SEED, 0, min=0, max=2**63 - 1, description="Seed of the calibration run's noise."),
-    ],
-    outputs=[
-        Output("schedule", CACHE_SCHEDULE, "The calibrated schedule with its error correction."),
-        Output("full_steps", STRING, "The chosen full steps, comma-separated (usable as DeepCache's explicit schedule)."),
-        Output("report", STRING, "JSON: the chosen and the uniform schedule's calibration cost, distances, settings."),
-    ],
-    examples=[_calibrate_example_unet, _calibrate_example_dit],
-    ui={"color": "#26a69a"},
-)
-def cachequant_calibrate(
-    ctx: RunContext, model: Any, conditioning: Any, latent: Any, reference: Any, steps: int, interval: int,
-    full_count: int, max_segment: int, objective: str, branch: int, span: str, sampler: str, guidance_scale: float,
-    seed: int,
-) -> tuple[CacheSchedule, str, str]:
-    """Calibrate CacheQuant's cache schedule: one full sampling run, a dynamic-programming choice of
-    full steps and a per-channel linear correction of every reused step's feature.
-
-    The full steps minimise the summed distance between each reused feature and the one cached
-    at its segment's start; the correction ``a ⊙ f + b`` is fitted by least squares per step.
-    UNets cache DeepCache's deep feature (``branch``); DiT/PixArt cache the residual of a span of
-    transformer blocks. Apply it with dagfusion.cache.CacheQuant, sampling with the same step count.
-
-    With a quantized model and its full-precision 'reference' (CacheQuant's joint cache +
-    quantization setting), a second per-channel correction maps every step's feature to the
-    reference's: on reused steps the cache error is corrected first, then the quantization error.
-    """
-    if full_count > steps:
-        raise ValueError(f"full_count ({full_count}) is more than steps ({steps})")
-    kind = denoiser_kind(model.denoiser)
-    used_span = None
-    if kind == "dit" and span.strip():
-        used_span = blockcache.parse_span(span, len(blockcache.blocks_of(model.denoiser)), "span")
-    schedule = calibrate(
-        model, conditioning, latent, steps=steps, full=full_count, interval=0 if full_count else interval,
-        max_segment=max_segment, branch=branch, span=used_span,
-        objective=objective, reference=reference, ctx=ctx, sampler=sampler, guidance_scale=guidance_scale, seed=seed,
-    )
-    return schedule, ", ".join(str(i) for i in schedule.full_steps), json.dumps(schedule.report, default=float)
-
-
-def _apply_example(*, correct: bool = True) -> dict[str, Any]:
-    from dagfusion.testing import models as tiny
-
-    handles = tiny.sd_handles()
-    schedule = calibrate(handles["model"], handles["conditioning"], handles["latent"], steps=6, full=2, guidance_scale=4.0)
-    return {"model": handles["model"], "schedule": schedule, "correct": correct}
-
-
-def _apply_example_raw() -> dict[str, Any]:
-    return _apply_example(correct=False)
-
-
-@node(
-    "dagfusion.cache.CacheQuant",
-    version="1.1.0",
-    category="cache",
-    inputs=[
-        Input("model", MODEL, link_only=True, description="The model the schedule was calibrated on."),
-        Input("schedule", CACHE_SCHEDULE, link_only=True, description="From dagfusion.cache.CacheQuantCalibrate."),
-        Input("correct", BOOLEAN, True, description="Apply the decoupled error correction to reused features."),
-    ],
-    outputs=[Output("model", MODEL, "The model sampling with the calibrated cache schedule.")],
-    examples=[_apply_example, _apply_example_raw],
-    ui={"color": "#26a69a"},
-)
-def cachequant(ctx: RunContext, model: Any, schedule: CacheSchedule, correct: bool) -> Any:
-    """Sample with a calibrated CacheQuant schedule: DeepCache-style on UNets, block caching on DiT/PixArt.
-
-    Full steps run the whole denoiser and cache the feature; every other step reuses it,
-    corrected per channel (``a ⊙ f + b``) when ``correct`` is on. Sampling must use the step
-    count the schedule was calibrated for.
-    """
-    check_fits(schedule, model.denoiser)
-    return model.with_patch(schedule_patch(schedule, correct=correct))
-
-
-TYPES = (CACHE_SCHEDULE,)
-NODES = (cachequant_calibrate, cachequant)
-"""The nodes of this module."""

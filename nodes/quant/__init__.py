@@ -14,7 +14,7 @@ Nodes:
 - ``dagfusion.quant.MixedPrecision`` — bits per layer chosen from a sensitivity to meet an
   average-bits budget exactly as WeightOnly counts it (a knapsack), then quantized; savable
   with Save.
-- ``dagfusion.quant.Trainable``, ``dagfusion.train.QuantDistillLoss``, ``dagfusion.quant.Freeze``,
+- ``dagfusion.quant.Trainable``, ``dagfusion.quant.DistillLoss``, ``dagfusion.quant.Freeze``,
   ``dagfusion.quant.ErrorProfile`` — BitsFusion's quantization-aware distillation through the
   ordinary training loop: latent weights and scales train through a straight-through estimator
   against the full-precision teacher (stage I: CFG-aware output distillation; stage II: the

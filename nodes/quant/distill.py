@@ -149,7 +149,8 @@ class QuantDistillObjective(NoiseScheduleObjective):
 
 
 @node(
-    "dagfusion.train.QuantDistillLoss",
+    "dagfusion.quant.DistillLoss",
+    former_ids=["dagfusion.train.QuantDistillLoss"],
     version="1.0.0",
     category="training/objectives",
     inputs=[

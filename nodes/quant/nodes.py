@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from dagfusion import DICT, FLOAT, INT, PATH, SEED, STRING, Input, Output, RunContext, node
+from dagfusion import DICT, FLOAT, INT, PATH, SEED, STRING, Input, NodeInputError, Output, RunContext, node
 from dagfusion.model import applied_patch, patches_of
 from dagfusion.nodes.diffusion.schedulers import SAMPLER_CHOICES
 from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL
 from dagfusion.nodes.quant.backend import BACKENDS
 from dagfusion.nodes.quant.formats import FORMATS
-from dagfusion.nodes.quant.mixed import DEFAULT_BITS_TEXT
+from dagfusion.nodes.quant.mixed import DEFAULT_BITS_TEXT, check_bits
 from dagfusion.nodes.quant.patch import DEFAULT_KEEP_TEXT, DEFAULT_MIN_PARAMS
 from dagfusion.nodes.quant.types import QUANT_SENSITIVITY
 
@@ -323,6 +323,7 @@ def _sensitivity_example() -> dict[str, Any]:
     persist=True,
     examples=[_sensitivity_example],
     ui={"color": "#7e57c2"},
+    check=check_bits,
 )
 def sensitivity(
     ctx: RunContext, model: Any, conditioning: Any, latent: Any, sampler: str, steps: int, calibration_steps: int,
@@ -347,7 +348,10 @@ def sensitivity(
 
     node_id = "dagfusion.quant.Sensitivity"
     module = require_denoiser(model, node_id)
-    widths = parse_bits(bits, where=f"{node_id} input 'bits'")
+    try:
+        widths = parse_bits(bits)
+    except ValueError as exc:
+        raise NodeInputError("bits", str(exc)) from None
     patterns = parse_keep(keep)
     calls = record_calls(model, conditioning, latent, steps=steps, count=calibration_steps, sampler=sampler,
                          guidance_scale=guidance_scale, seed=seed)

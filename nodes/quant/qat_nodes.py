@@ -51,7 +51,7 @@ def trainable(ctx: RunContext, model: Any, train_weights: bool) -> Any:
     Each integer-format layer gets a latent weight (the full-precision weight) and its scales as
     trainable parameters; while the model runs it computes with the fake-quantized weight
     (straight-through rounding), and the full-precision weights act as the teacher. Train it with
-    dagfusion.train.Train (trainable: patches) and dagfusion.train.QuantDistillLoss, then pack it
+    dagfusion.train.Train (trainable: patches) and dagfusion.quant.DistillLoss, then pack it
     again with dagfusion.quant.Freeze.
     """
     from dagfusion.nodes.quant.qat import QATPatch
@@ -209,7 +209,7 @@ def error_profile_node(
     Samples twice with the same seed — the full-precision model and the quantized one — and
     compares the denoiser outputs step by step (relative L2 error, which includes the drift the
     error has caused so far); the per-bin means weight stage II's timestep sampling
-    (dagfusion.train.QuantDistillLoss).
+    (dagfusion.quant.DistillLoss).
     """
     if without_quantization(model) is model:
         raise ValueError(f"{ctx.node_id} input 'model': expected a quantized model, got one without weight quantization")

@@ -29,3 +29,13 @@ SLOW = frozenset({"dagfusion.train.TrainVAE"})
 )
 def test_node_contract(type_id: str, tmp_path: Path) -> None:
     assert_node_contract(BUILTINS.get(type_id), BUILTINS, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("pack", ["cache", "quant"])
+def test_node_type_ids_follow_their_pack(pack: str) -> None:
+    """Every node a pack registers is in the pack's namespace (a moved node keeps its old id as a former id)."""
+    import importlib
+
+    module = importlib.import_module(f"dagfusion.nodes.{pack}")
+    outside = [spec.type_id for spec in module.NODES if not spec.type_id.startswith(f"dagfusion.{pack}.")]
+    assert outside == []

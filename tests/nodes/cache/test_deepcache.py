@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from dagfusion.nodes.cache import deepcache
+from dagfusion import NodeInputError
 from dagfusion.nodes.cache.deepcache import (
     DeepCacheConfig,
     DeepCacheHook,
@@ -342,14 +343,17 @@ def test_node_returns_a_patched_clone_with_a_settings_key(sd: dict[str, Any]) ->
 
 
 def test_node_errors_are_clear(sd: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match=r"branch 2 is out of range.*2 up-blocks.*between 0 .* and 1"):
+    with pytest.raises(NodeInputError, match=r"branch 2 is out of range.*2 up-blocks.*between 0 .* and 1") as info:
         _node(sd["model"], branch=2)
-    with pytest.raises(ValueError, match="full_steps is required"):
+    assert info.value.input == "branch"
+    with pytest.raises(NodeInputError, match="full_steps is required") as info:
         _node(sd["model"], schedule="explicit")
-    with pytest.raises(ValueError, match="full_steps.*'three'"):
+    assert info.value.input == "full_steps"
+    with pytest.raises(NodeInputError, match="full_steps.*'three'"):
         _node(sd["model"], schedule="explicit", full_steps="0,three")
-    with pytest.raises(ValueError, match="end_step"):
+    with pytest.raises(NodeInputError, match=r"end_step \(5\) must be greater than start_step \(5\)") as info:
         _node(sd["model"], start_step=5, end_step=5)
+    assert info.value.input == "end_step"
     # An explicit list made for more steps fails at sampling time, naming the input.
     model = _node(sd["model"], schedule="explicit", full_steps="0,8")
     with pytest.raises(ValueError, match="full_steps lists step"):
@@ -364,8 +368,9 @@ def test_node_rejects_transformer_denoisers() -> None:
     from dagfusion.testing import models as tiny
 
     dit = ModelHandle.from_module(tiny._cached_pipeline("dit", 0).transformer)
-    with pytest.raises(TypeError, match=r"DiTTransformer2DModel.*DiT cache"):
+    with pytest.raises(NodeInputError, match=r"DiTTransformer2DModel.*DiT cache") as info:
         _node(dit)
+    assert info.value.input == "model"
 
 
 # --- through the engine --------------------------------------------------------------------------
@@ -477,3 +482,34 @@ def test_counting_for_the_report_changes_no_bit_of_the_result(sd: dict[str, Any]
     assert [s.computed for s in report.steps] == [True, False, False, True, False, False]
     # The sampler's per-step count agrees with the MACs the cache measured for its calls.
     assert report.macs == report.patch(model.patches[0].key)["macs"]
+
+
+def test_validation_reports_a_start_step_not_below_end_step_before_running(registry) -> None:
+    from dagfusion.validation import check
+    from dagfusion.workflow import load_workflow
+
+    text = """format_version: 1
+nodes:
+  load: {type: dagfusion.models.LoadEmbedded, inputs: {model: shapes-sd}}
+  cache:
+    type: dagfusion.cache.DeepCache
+    inputs: {model: {from: load.model}, start_step: 8, end_step: 8, schedule: explicit, full_steps: ''}
+"""
+    _, problems, _ = check(load_workflow(text, text=True), registry)
+    found = sorted((p.node, p.input, p.code) for p in problems)
+    assert found == [("cache", "end_step", "bad-range"), ("cache", "full_steps", "missing-full-steps")], problems
+    assert all(p.line == 6 for p in problems)
+
+
+def test_a_linked_bad_end_step_fails_the_run_naming_the_input(engine, tmp_path) -> None:
+    from dagfusion.workflow import load_workflow
+
+    text = """format_version: 1
+nodes:
+  load: {type: dagfusion.models.LoadEmbedded, inputs: {model: shapes-sd}}
+  end: {type: dagfusion.util.Integer, inputs: {value: 2}}
+  cache: {type: dagfusion.cache.DeepCache, inputs: {model: {from: load.model}, start_step: 4, end_step: {from: end.value}}}
+"""
+    result = engine.run(load_workflow(text, text=True), out=tmp_path / "runs", targets=["cache"])
+    error = result.errors["cache"].original
+    assert isinstance(error, NodeInputError) and error.input == "end_step"

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from dagfusion import NodeInputError  # noqa: E402
 from dagfusion.nodes.cache import diffusers_caches as dc  # noqa: E402
 from dagfusion.nodes.cache.diffusers_caches import (  # noqa: E402
     METHODS,
@@ -187,8 +188,9 @@ def test_cache_is_close_skips_work_repeats_and_leaves_the_module_as_it_was(kind,
 )
 def test_unsupported_combinations_name_method_class_and_alternatives(kind, method, models) -> None:
     model = models[kind][0]
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(NodeInputError) as info:
         make(model, method, mag_ratios="1, 1, 1")
+    assert info.value.input == "model"
     message = str(info.value)
     assert method in message and CLASSES[kind] in message
     assert ", ".join(SUPPORTED[kind]) in message
@@ -218,13 +220,15 @@ def test_pixart_micro_conditions_rule_out_faster_cache() -> None:
 
 def test_input_errors(models) -> None:
     pixart = models["pixart"][0]
-    with pytest.raises(ValueError, match="MagCacheCalibrate"):
+    with pytest.raises(NodeInputError, match="MagCacheCalibrate") as info:
         make(pixart, "mag_cache")
-    with pytest.raises(ValueError, match="positive"):
+    assert info.value.input == "mag_ratios"
+    with pytest.raises(NodeInputError, match="positive"):
         make(pixart, "mag_cache", mag_ratios="1, -1")
-    with pytest.raises(ValueError, match="timestep_skip_range"):
+    with pytest.raises(NodeInputError, match="timestep_skip_range") as info:
         make(pixart, "pyramid_attention_broadcast", timestep_skip_range="800, 100")
-    with pytest.raises(ValueError, match="skip nothing"):
+    assert info.value.input == "timestep_skip_range"
+    with pytest.raises(NodeInputError, match="skip nothing"):
         make(pixart, "pyramid_attention_broadcast", spatial_attention_block_skip_range=0, cross_attention_block_skip_range=0)
     assert dc.parse_timestep_range("") is None
     assert dc.parse_timestep_range(" -1, 681 ") == (-1.0, 681.0)
@@ -345,3 +349,69 @@ nodes:
     assert torch.equal(second.output("again.latent").samples, first.output("sample.latent").samples)
     assert first.output("load.model").patches == ()
     assert_clean(first.output("load.model").denoiser)
+
+
+def test_each_method_node_takes_only_its_inputs_and_makes_the_legacy_patch(models) -> None:
+    """The per-method nodes and the deprecated DiffusersCache build the same patch (same key, same settings)."""
+    pixart = models["pixart"][0]
+    cases = {
+        "first_block_cache": {"threshold": 0.1},
+        "pyramid_attention_broadcast": {"cross_attention_block_skip_range": 0, "timestep_skip_range": "0, 1000"},
+        "faster_cache": {"unconditional_batch_skip_range": 3},
+        "taylorseer": {"cache_interval": 2, "max_order": 2},
+        "mag_cache": {"mag_ratios": "1.0, 0.9, 1.1", "max_skip_steps": 2},
+    }
+    for method, inputs in cases.items():
+        spec = dc.METHOD_NODES[method]
+        names = {i.name for i in spec.inputs} - {"model"}
+        assert set(inputs) <= names and "method" not in names
+        defaults = {i.name: i.default for i in spec.inputs if i.name != "model"}
+        new = spec.fn(None, model=pixart, **{**defaults, **inputs}).patches[0]
+        old = make(pixart, method, **inputs).patches[0]
+        assert type(new) is DiffusersCachePatch and new.key == old.key and new.settings == old.settings
+
+
+def test_an_old_diffusers_cache_workflow_still_loads_and_samples_like_the_method_node(engine, tmp_path) -> None:
+    from dagfusion.testing import models as tiny
+    from dagfusion.workflow import load_workflow
+
+    folder = tiny.write_model("pixart", tmp_path / "tiny-pixart")
+    head = f"""format_version: 1
+nodes:
+  load: {{type: dagfusion.models.LoadDiffusers, inputs: {{path: "{folder}", dtype: fp32}}}}
+  text: {{type: dagfusion.text.Encode, inputs: {{clip: {{from: load.clip}}, prompt: a red fox}}}}
+  latent: {{type: dagfusion.latent.EmptyLatent, inputs: {{model: {{from: load.model}}, width: 16, height: 16}}}}
+  sample: {{type: dagfusion.sampling.Sample, inputs: {{model: {{from: cache.model}}, conditioning: {{from: text.conditioning}}, latent: {{from: latent.latent}}, sampler: euler, steps: 4, guidance_scale: 4.0, seed: 5}}}}
+"""
+    old = head + "  cache: {type: dagfusion.cache.DiffusersCache, inputs: {model: {from: load.model}, method: first_block_cache, threshold: 0.3}}\n"
+    new = head + "  cache: {type: dagfusion.cache.FirstBlockCache, inputs: {model: {from: load.model}, threshold: 0.3}}\n"
+    first = engine.run(load_workflow(old, text=True), out=tmp_path / "old")
+    second = engine.run(load_workflow(new, text=True), out=tmp_path / "new")
+    assert first.ok and second.ok, (first.errors, second.errors)
+    assert torch.equal(first.output("sample.latent").samples, second.output("sample.latent").samples)
+
+
+@pytest.mark.parametrize(
+    ("node_type", "inputs", "bad_input"),
+    [
+        ("dagfusion.cache.PyramidAttentionBroadcast",
+         "spatial_attention_block_skip_range: 0, cross_attention_block_skip_range: 0", "spatial_attention_block_skip_range"),
+        ("dagfusion.cache.PyramidAttentionBroadcast", "timestep_skip_range: '800, 100'", "timestep_skip_range"),
+        ("dagfusion.cache.FasterCache", "timestep_skip_range: 'a, b'", "timestep_skip_range"),
+        ("dagfusion.cache.MagCache", "mag_ratios: '1, -1'", "mag_ratios"),
+        ("dagfusion.cache.MagCache", "mag_ratios: ''", "mag_ratios"),
+        ("dagfusion.cache.DiffusersCache", "method: mag_cache, mag_ratios: ''", "mag_ratios"),
+    ],
+)
+def test_validation_reports_bad_method_inputs_before_running(registry, node_type, inputs, bad_input) -> None:
+    from dagfusion.validation import check
+    from dagfusion.workflow import load_workflow
+
+    text = f"""format_version: 1
+nodes:
+  load: {{type: dagfusion.models.LoadEmbedded, inputs: {{model: shapes-dit}}}}
+  cache: {{type: {node_type}, inputs: {{model: {{from: load.model}}, {inputs}}}}}
+"""
+    _, problems, _ = check(load_workflow(text, text=True), registry)
+    assert [(p.node, p.input) for p in problems] == [("cache", bad_input)], problems
+    assert problems[0].line == 4

@@ -20,11 +20,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from dagfusion import NodeInputError  # noqa: E402
 from dagfusion.context import CancelToken, RunContext
 from dagfusion.model import FunctionPatch, apply_patches
 from dagfusion.nodes.cache import lazydit as ld
 from dagfusion.nodes.cache.lazydit import LazyGates, architecture, new_gates
-from dagfusion.nodes.cache.lazydit_objective import LazyGateObjective
+from dagfusion.nodes.cache.lazydit.objective import LazyGateObjective
 from dagfusion.nodes.diffusion.sampling import run_sampling, sample
 
 STEPS = 6
@@ -282,7 +283,7 @@ nodes:
   data: {{type: dagfusion.shapes.Dataset, inputs: {{resolution: 32}}}}
   gates: {{type: dagfusion.cache.LazyDiTGates, inputs: {{model: {{from: load.model}}, seed: 0}}}}
   objective:
-    type: dagfusion.train.LazyGateLoss
+    type: dagfusion.cache.LazyGateLoss
     inputs: {{sampling_steps: 10, target_laziness: 0.5, laziness_weight: 1.0, beta_schedule: linear,
               beta_start: 0.0001, beta_end: 0.02}}
   train:
@@ -421,5 +422,5 @@ def test_gates_refuse_another_architecture_and_unets(models: Any, settings: Any,
         ld.lazydit_gates.fn(ctx, model=unet, seed=0, init_bias=0.0)
     with pytest.raises(ValueError, match="no LazyDiT gates"):
         ld.lazydit.fn(ctx, model=pixart, rule="laziness", laziness=0.5, threshold=0.5, start_step=1)
-    with pytest.raises(ValueError, match="already has LazyDiT gates"):
+    with pytest.raises(NodeInputError, match="already has LazyDiT gates"):
         ld.lazydit_gates.fn(ctx, model=pixart.with_patch(gates_for(pixart)), seed=0, init_bias=0.0)

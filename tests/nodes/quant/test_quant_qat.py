@@ -156,8 +156,8 @@ nodes:
     inputs: {{model: {{from: quant.model}}, conditioning: {{from: text.conditioning}}, latent: {{from: latent.latent}},
               steps: 4, bins: 4, guidance_scale: 4.0}}
   student: {{type: dagfusion.quant.Trainable, inputs: {{model: {{from: quant.model}}}}}}
-  stage1: {{type: dagfusion.train.QuantDistillLoss, inputs: {{stage: output, guidance_min: 2.0, guidance_max: 6.0}}}}
-  stage2: {{type: dagfusion.train.QuantDistillLoss, inputs: {{stage: noise, timestep_weights: {{from: profile.timestep_weights}}}}}}
+  stage1: {{type: dagfusion.quant.DistillLoss, inputs: {{stage: output, guidance_min: 2.0, guidance_max: 6.0}}}}
+  stage2: {{type: dagfusion.quant.DistillLoss, inputs: {{stage: noise, timestep_weights: {{from: profile.timestep_weights}}}}}}
   train1:
     type: dagfusion.train.Train
     inputs: {{model: {{from: student.model}}, data: {{from: data.dataset}}, clip: {{from: load.clip}}, vae: {{from: load.vae}},

@@ -15,7 +15,7 @@ For each batch row (``ᾱ`` the noise schedule, ``Δ = T // sampling_steps`` the
    and ``ρ`` alone sets how lazy the gates become; with ``τ < 1`` it stops pushing once the
    gates are lazy enough on average, and the MSE decides *which* modules are lazy.
 
-The objective reaches the gates through :func:`~dagfusion.nodes.cache.lazydit.controller` of
+The objective reaches the gates through :func:`~dagfusion.nodes.cache.lazydit.session.controller` of
 ``model_call.module`` (the loop applies the model's patches, so the :class:`LazyGates` patch is
 applied) and switches modes with ``session.using(...)``. It trains the gates only: the Train node
 must use ``trainable: patches`` (the loss refuses a model whose own weights would train). The
@@ -109,7 +109,7 @@ class LazyGateObjective(NoiseScheduleObjective):
 
     def loss(self, model_call: Any, batch: Any, step: Any, generator: Any) -> tuple[Any, dict[str, float]]:
         import torch
-        from dagfusion.nodes.cache.lazydit import controller
+        from dagfusion.nodes.cache.lazydit.session import controller
 
         module = model_call.module
         ctl = controller(module)
@@ -146,8 +146,9 @@ class LazyGateObjective(NoiseScheduleObjective):
 
 
 @node(
-    "dagfusion.train.LazyGateLoss",
+    "dagfusion.cache.LazyGateLoss",
     version="1.0.0",
+    former_ids=["dagfusion.train.LazyGateLoss"],
     category="training/objectives",
     inputs=[
         Input("laziness_weight", FLOAT, 1.0, min=0.0, max=1e6,
