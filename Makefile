@@ -6,14 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dagfusion-installed
 UI_ASSETS := ui/static/vendor/manifest.json
 
-.PHONY: setup run test docs bench clean chromium
+.PHONY: setup run test test-fast docs bench clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU build here; a CUDA user installs their own build beforehand
 	$(PY) -m pip show torch >/dev/null 2>&1 || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,diffusion,ui]"
+	$(PY) -m pip install --quiet -e ".[dev,diffusion,ui,serve]"
 	touch $(STAMP)
 
 # The canvas's third-party JavaScript: from the npm registry at the versions in ui/package-lock.json
@@ -35,6 +35,10 @@ run: $(STAMP) $(UI_ASSETS)
 
 test: setup
 	$(PY) -m pytest
+
+# The fast subset (everything not marked slow): a few minutes on a 2-core machine
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
 
 docs: setup
 	$(VENV)/bin/dagfusion docs

@@ -2,7 +2,8 @@
 
 ``dagfusion run WF.yaml|PICTURE.png [--set node.input=value]… [--out DIR] [--no-cache] [--json-events]``,
 ``dagfusion validate``, ``dagfusion nodes [--json]``, ``dagfusion plugins``, ``dagfusion schema``,
-``dagfusion docs``, ``dagfusion inspect PICTURE.png``, ``dagfusion ui [WF.yaml|PICTURE.png]``.
+``dagfusion docs``, ``dagfusion inspect PICTURE.png``, ``dagfusion ui [WF.yaml|PICTURE.png]``,
+``dagfusion serve``, ``dagfusion submit WF``, ``dagfusion jobs``, ``dagfusion cancel JOB`` (the job server).
 
 Exit codes: 0 ok, 1 a node failed, 2 invalid workflow or usage, 130 cancelled (Ctrl-C cancels
 the run cleanly; a second Ctrl-C aborts). Importing this module, ``--help`` and ``validate``
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--model-dir", action="append", default=[], metavar="DIR", help="also search models in DIR")
         p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (unsafe: runs code from the file)")
         p.add_argument("--device", help="torch device (default: auto, cuda > mps > cpu)")
+        p.add_argument("--threads", metavar="N|auto", help="CPU threads torch computes with (default: auto, see the README)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE", help="override an input (value read as YAML)")
 
     run = sub.add_parser("run", help="run a workflow file, or the workflow embedded in a dagfusion PNG")
@@ -77,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--read-dir", action="append", default=[], metavar="DIR", help="also allow reading files under DIR")
     ui.add_argument("--model-dir", action="append", default=[], metavar="DIR", help="also search models in DIR")
     ui.add_argument("--device", help="torch device (default: auto, cuda > mps > cpu)")
+    ui.add_argument("--threads", metavar="N|auto", help="CPU threads torch computes with (default: auto, see the README)")
+    from dagfusion.server.commands import add_parsers as add_server_parsers  # argparse only
+
+    add_server_parsers(sub)
     return parser
 
 
@@ -125,6 +131,8 @@ def _settings(args: argparse.Namespace) -> Any:
         changes["allow_pickle"] = True
     if getattr(args, "device", None):
         changes["device"] = args.device
+    if getattr(args, "threads", None):
+        changes["threads"] = args.threads
     return base.with_overrides(**changes) if changes else base
 
 
@@ -340,7 +348,7 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
 
 
 #: Commands that load the installed plugins: each warns once about a disabled plugin.
-_PLUGIN_COMMANDS = frozenset({"run", "validate", "nodes", "plugins", "schema", "ui"})
+_PLUGIN_COMMANDS = frozenset({"run", "validate", "nodes", "plugins", "schema", "ui", "serve"})
 
 
 def _check_plugins(command: str) -> None:
@@ -441,6 +449,13 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return ui_main(args.workflow, engine=Engine(settings=_settings(args)), port=args.port, host=args.host)
 
 
+def _cmd_server(args: argparse.Namespace) -> int:
+    """``serve``, ``submit``, ``jobs``, ``cancel``: the job server and its client."""
+    from dagfusion.server.commands import run as run_server_command
+
+    return run_server_command(args, _settings)
+
+
 _COMMANDS = {
     "run": _cmd_run,
     "validate": _cmd_validate,
@@ -450,6 +465,10 @@ _COMMANDS = {
     "docs": _cmd_docs,
     "inspect": _cmd_inspect,
     "ui": _cmd_ui,
+    "serve": _cmd_server,
+    "submit": _cmd_server,
+    "jobs": _cmd_server,
+    "cancel": _cmd_server,
 }
 
 

@@ -16,7 +16,9 @@ Settings file: ``$DAGFUSION_CONFIG`` if set, else ``./dagfusion.toml`` if it exi
 Environment: ``DAGFUSION_MODEL_DIRS`` and ``DAGFUSION_READ_DIRS`` (``os.pathsep``-separated),
 ``DAGFUSION_OUTPUT_DIR``, ``DAGFUSION_CACHE_DIR``, ``DAGFUSION_CACHE_BYTES``, ``DAGFUSION_MODEL_CACHE_BYTES``,
 ``DAGFUSION_DEVICE``, ``DAGFUSION_ALLOW_PICKLE`` (``1``/``true``), ``DAGFUSION_MAX_IMAGE_PIXELS``,
-``DAGFUSION_MAX_VIDEO_PIXELS``, ``DAGFUSION_MAX_SWEEP_POINTS``, ``DAGFUSION_ALLOW_REMOTE``, ``DAGFUSION_PLUGINS_STRICT``.
+``DAGFUSION_MAX_VIDEO_PIXELS``, ``DAGFUSION_MAX_SWEEP_POINTS``, ``DAGFUSION_ALLOW_REMOTE``, ``DAGFUSION_PLUGINS_STRICT``,
+``DAGFUSION_THREADS``, ``DAGFUSION_SERVER_DIR``, ``DAGFUSION_SERVER_HISTORY_DAYS``,
+``DAGFUSION_SERVER_REQUEUE_INTERRUPTED``, ``DAGFUSION_SERVER_MAX_QUEUE``, ``DAGFUSION_SERVER_CPU_JOBS``.
 Environment values are checked exactly as the settings file's are.
 """
 
@@ -66,6 +68,16 @@ class Settings:
             than loopback. Requests still need the per-launch token.
         plugins_strict: Make every plugin failure an error (exit 2) instead of a warning that
             disables that plugin; for plugin authors' CI.
+        threads: CPU threads torch computes with during runs: an integer ≥ 1 or ``"auto"``
+            (``OMP_NUM_THREADS`` if set, else half the usable CPUs, 1 to 4; see
+            :mod:`dagfusion.threads`).
+        server_dir: The job server's state folder: its queue and history database, its lock
+            and its access token file (readable by the user only).
+        server_history_days: Days the job server keeps finished jobs' records (0: forever).
+        server_requeue_interrupted: Re-queue, once, a job that was running when the job server
+            stopped (the second time it is marked failed).
+        server_max_queue: Most jobs waiting in the job server's queue (more are refused).
+        server_cpu_jobs: Jobs the job server runs at once on the CPU (one per GPU).
         source: Where the settings came from (for ``dagfusion plugins``/diagnostics).
     """
 
@@ -82,6 +94,12 @@ class Settings:
     max_sweep_points: int = DEFAULT_MAX_SWEEP_POINTS
     allow_remote: bool = False
     plugins_strict: bool = False
+    threads: int | str = "auto"
+    server_dir: Path = field(default_factory=lambda: Path.home() / ".local" / "state" / "dagfusion" / "server")
+    server_history_days: int = 30
+    server_requeue_interrupted: bool = True
+    server_max_queue: int = 10_000
+    server_cpu_jobs: int = 1
     source: str = "defaults"
 
     @classmethod
@@ -181,8 +199,11 @@ _BUDGETS = {
     "max_image_pixels": 1,
     "max_video_pixels": 1,
     "max_sweep_points": 1,
+    "server_history_days": 0,
+    "server_max_queue": 1,
+    "server_cpu_jobs": 1,
 }
-_PATHS = {"output_dir", "cache_dir"}
+_PATHS = {"output_dir", "cache_dir", "server_dir"}
 _KNOWN = {f.name for f in fields(Settings)} - {"source"}
 
 
@@ -203,7 +224,7 @@ def _from_mapping(data: dict[str, Any], where: str) -> dict[str, Any]:
             out[key] = Path(value).expanduser()
         elif key in _BUDGETS:
             out[key] = _budget(value, key, where)
-        elif key in ("allow_pickle", "allow_remote", "plugins_strict"):
+        elif key in ("allow_pickle", "allow_remote", "plugins_strict", "server_requeue_interrupted"):
             if not isinstance(value, bool):
                 raise SettingsError(f"{where}: {key} must be true or false, got {value!r}")
             out[key] = value
@@ -211,7 +232,18 @@ def _from_mapping(data: dict[str, Any], where: str) -> dict[str, Any]:
             if not isinstance(value, str):
                 raise SettingsError(f"{where}: device must be a string, got {value!r}")
             out[key] = value
+        elif key == "threads":
+            out[key] = _threads(value, where)
     return out
+
+
+def _threads(value: Any, where: str) -> int | str:
+    from dagfusion.threads import parse_threads
+
+    try:
+        return parse_threads(value, where)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def _budget(value: Any, key: str, where: str) -> int:
@@ -245,7 +277,10 @@ def _from_environment(env: Any) -> dict[str, Any]:
     raw = env.get("DAGFUSION_DEVICE")
     if raw:
         out["device"] = raw
-    for key in ("allow_pickle", "allow_remote", "plugins_strict"):
+    raw = env.get("DAGFUSION_THREADS")
+    if raw:
+        out["threads"] = _threads(raw, "DAGFUSION_THREADS")
+    for key in ("allow_pickle", "allow_remote", "plugins_strict", "server_requeue_interrupted"):
         name = f"DAGFUSION_{key.upper()}"
         raw = env.get(name)
         if raw:
