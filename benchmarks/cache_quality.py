@@ -127,8 +127,9 @@ def run(loaded: Any, model: Any, prompts: list[str], steps: int, guidance: float
 def main(argv: list[str] | None = None) -> int:
     from dagfusion.nodes.diffusion.loading import load_diffusers_folder
     from dagfusion.nodes.shapes.dataset import ShapesDataset
-    from dagfusion.nodes.shapes.evaluator import SHIPPED, load_shapeeval, score
-    from dagfusion.nodes.shapes.metrics import frechet_distance, psnr, ssim
+    from dagfusion.nodes.metrics.evaluator import SHIPPED, load_shapeeval, score
+    from dagfusion.nodes.metrics.fidelity import psnr, ssim
+    from dagfusion.nodes.metrics.frechet import frechet_distance
     from dagfusion.nodes.shapes.models import EMBEDDED, folder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

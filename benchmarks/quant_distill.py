@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     from dagfusion.nodes.quant.patch import average_bits
     from dagfusion.nodes.quant.qat import QATPatch, freeze
     from dagfusion.nodes.shapes.dataset import ShapesDataset
-    from dagfusion.nodes.shapes.evaluator import SHIPPED, load_shapeeval, score
-    from dagfusion.nodes.shapes.metrics import psnr, ssim
+    from dagfusion.nodes.metrics.evaluator import SHIPPED, load_shapeeval, score
+    from dagfusion.nodes.metrics.fidelity import psnr, ssim
     from dagfusion.nodes.shapes.models import folder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
           f"torch threads {torch.get_num_threads()}")
     reference = generate(loaded, loaded.model, prompts, args.seeds, args.steps, args.guidance)
     base = score(evaluator, reference, labels)["all_correct"]
-    from dagfusion.nodes.shapes.metrics import frechet_distance
+    from dagfusion.nodes.metrics.frechet import frechet_distance
 
     with torch.no_grad():
         reference_features = evaluator.embed(reference)

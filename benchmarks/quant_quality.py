@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     from dagfusion.nodes.quant.mixed import allocate, quantize_allocation, spec_for_bits
     from dagfusion.nodes.quant.patch import average_bits, quantize_module
     from dagfusion.nodes.shapes.dataset import ShapesDataset
-    from dagfusion.nodes.shapes.evaluator import SHIPPED, load_shapeeval, score
-    from dagfusion.nodes.shapes.metrics import psnr, ssim
+    from dagfusion.nodes.metrics.evaluator import SHIPPED, load_shapeeval, score
+    from dagfusion.nodes.metrics.fidelity import psnr, ssim
     from dagfusion.nodes.shapes.models import folder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         variants.append((label, quantize_allocation(unet, sens, allocation)))
 
-    from dagfusion.nodes.shapes.metrics import frechet_distance
+    from dagfusion.nodes.metrics.frechet import frechet_distance
 
     with torch.no_grad():
         reference_features = evaluator.embed(reference)

@@ -93,7 +93,7 @@ def pipeline_check(name: str, prompts: list[str], guidance: float, evaluator: An
     """ShapeEval of images sampled by diffusers' own pipeline from the shipped folder (25 steps)."""
     from diffusers import DiffusionPipeline
 
-    from dagfusion.nodes.shapes.evaluator import score
+    from dagfusion.nodes.metrics.evaluator import score
     from dagfusion.nodes.shapes.models import folder
 
     pipe = DiffusionPipeline.from_pretrained(str(folder(name)), torch_dtype=torch.float32)
@@ -110,8 +110,8 @@ def pipeline_check(name: str, prompts: list[str], guidance: float, evaluator: An
 def main(argv: list[str] | None = None) -> int:
     from dagfusion.nodes.diffusion.loading import load_diffusers_folder
     from dagfusion.nodes.shapes.dataset import ShapesDataset
-    from dagfusion.nodes.shapes.evaluator import load_shapeeval, score
-    from dagfusion.nodes.shapes.metrics import frechet_distance
+    from dagfusion.nodes.metrics.evaluator import load_shapeeval, score
+    from dagfusion.nodes.metrics.frechet import frechet_distance
     from dagfusion.nodes.shapes.models import EMBEDDED, folder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args(argv)
 
-    from dagfusion.nodes.shapes.evaluator import SHIPPED
+    from dagfusion.nodes.metrics.evaluator import SHIPPED
 
     evaluator = load_shapeeval(SHIPPED)
     prompts = ShapesDataset(split="eval").prompts() * args.seeds

@@ -11,6 +11,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "io": "dagfusion.nodes.io",
     "diffusion": "dagfusion.nodes.diffusion",
     "shapes": "dagfusion.nodes.shapes",
+    "metrics": "dagfusion.nodes.metrics",
     "training": "dagfusion.nodes.training",
     "cache": "dagfusion.nodes.cache",
     "quant": "dagfusion.nodes.quant",

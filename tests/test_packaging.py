@@ -36,7 +36,7 @@ def test_wheel_contains_package_data_and_no_generic_modules(wheel: zipfile.ZipFi
         "dagfusion/nodes/__init__.py",
         "dagfusion/ui/__init__.py",
         "dagfusion/workflows/quickstart.yaml",
-        "dagfusion/nodes/shapes/weights/shapeeval.safetensors",
+        "dagfusion/nodes/metrics/weights/shapeeval.safetensors",
         "dagfusion/nodes/diffusion/configs/sdxl/unet/config.json",
         "dagfusion/ui/static/canvas.js",
         "dagfusion/ui/static/canvas.css",

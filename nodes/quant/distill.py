@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dagfusion import FLOAT, STRING, Input, Output, RunContext, node
+from dagfusion.nodes.cache.checks import enforce
+from dagfusion.nodes.quant.checks import check_distill
 from dagfusion.nodes.training.objectives import MODEL_SCHEDULE_INPUTS, PREDICTIONS, NoiseScheduleObjective, mse
 from dagfusion.nodes.training.types import OBJECTIVE
 
@@ -166,6 +168,7 @@ class QuantDistillObjective(NoiseScheduleObjective):
     ],
     outputs=[Output("objective", OBJECTIVE, "The distillation loss (train with trainable: patches).")],
     examples=[{}, {"stage": "noise", "prediction": "v_prediction", "zero_terminal_snr": True, "timestep_weights": "1, 3, 2"}],
+    check=check_distill,
 )
 def quant_distill_loss(
     ctx: RunContext, stage: str, guidance_min: float, guidance_max: float, timestep_weights: str, prediction: str,
@@ -177,7 +180,13 @@ def quant_distill_loss(
     guidance scales drawn from a range; stage II ('noise') is the noise-prediction loss with
     timesteps drawn where the quantization error is largest. Use with dagfusion.train.Train,
     trainable: patches, on a model from dagfusion.quant.Trainable; give the model's noise schedule.
+    A guidance range with guidance_min above guidance_max, unreadable timestep_weights or more
+    bins than timesteps, and epsilon prediction on a zero-terminal-SNR schedule are refused
+    (at validation for constants, as NodeInputError for linked values).
     """
+    enforce(check_distill, {"guidance_min": guidance_min, "guidance_max": guidance_max,
+                            "timestep_weights": timestep_weights, "train_timesteps": train_timesteps,
+                            "prediction": prediction, "zero_terminal_snr": zero_terminal_snr})
     return QuantDistillObjective(
         train_timesteps=train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end,
         zero_terminal_snr=zero_terminal_snr, stage=stage, prediction=prediction, guidance_min=guidance_min,

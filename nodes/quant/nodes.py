@@ -8,7 +8,9 @@ from dagfusion import DICT, FLOAT, INT, PATH, SEED, STRING, Input, NodeInputErro
 from dagfusion.model import applied_patch, patches_of
 from dagfusion.nodes.diffusion.schedulers import SAMPLER_CHOICES
 from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL
+from dagfusion.nodes.cache.checks import enforce
 from dagfusion.nodes.quant.backend import BACKENDS
+from dagfusion.nodes.quant.checks import check_weight_only, input_error
 from dagfusion.nodes.quant.formats import FORMATS
 from dagfusion.nodes.quant.mixed import DEFAULT_BITS_TEXT, check_bits
 from dagfusion.nodes.quant.patch import DEFAULT_KEEP_TEXT, DEFAULT_MIN_PARAMS
@@ -17,24 +19,27 @@ from dagfusion.nodes.quant.types import QUANT_SENSITIVITY
 # --- shared checks ----------------------------------------------------------------------------
 
 
-def require_denoiser(model: Any, node_id: str, input_name: str = "model") -> Any:
-    """The diffusers denoiser behind ``model``.
+def require_denoiser(model: Any, input_name: str = "model") -> Any:
+    """The diffusers denoiser behind ``model`` (a node's ``input_name`` input).
 
-    :raises TypeError: naming the node input, what it expects and what it got.
+    :raises NodeInputError: naming ``input_name``, what it expects and what it got (the executor
+        names the node).
     """
     from dagfusion.model import unwrap_compiled
     from dagfusion.nodes.quant.patch import is_diffusers_model
 
     module = model.denoiser
     if not is_diffusers_model(module):
-        raise TypeError(
-            f"{node_id} input {input_name!r}: expected a diffusers denoiser (a diffusers ModelMixin such as "
-            f"UNet2DConditionModel or PixArtTransformer2DModel), got a {type(unwrap_compiled(module)).__name__}"
+        raise NodeInputError(
+            input_name,
+            "expected a diffusers denoiser (a diffusers ModelMixin such as UNet2DConditionModel or "
+            f"PixArtTransformer2DModel), got a {type(unwrap_compiled(module)).__name__}",
         )
     if str(model.info.get("quantization", "")).startswith("torchao"):
-        raise TypeError(
-            f"{node_id} input {input_name!r}: expected an unquantized model (or one quantized by the torch backend), "
-            f"got a model already quantized by torchao ({model.info['quantization']}); quantize the original model instead"
+        raise NodeInputError(
+            input_name,
+            "expected an unquantized model (or one quantized by the torch backend), got a model already quantized "
+            f"by torchao ({model.info['quantization']}); quantize the original model instead",
         )
     return module
 
@@ -120,6 +125,7 @@ def _example(format: str, **extra: Any) -> Any:
     ],
     examples=[_example("int8"), _example("int4", group_size=32, min_params=0), _example("fp8_e4m3", keep="default, *attn2*")],
     ui={"color": "#7e57c2"},
+    check=check_weight_only,
 )
 def weight_only(
     ctx: RunContext, model: Any, format: str, group_size: int, keep: str, min_params: int, backend: str
@@ -142,8 +148,8 @@ def weight_only(
         report,
     )
 
-    node_id = "dagfusion.quant.WeightOnly"
-    module = require_denoiser(model, node_id)
+    enforce(check_weight_only, {"format": format, "backend": backend})
+    module = require_denoiser(model)
     spec = QuantSpec.parse(format, group_size=group_size if format == "int4" else None)
     chosen = backends.resolve_backend(backend, model.device, spec)
     patch = quantize_module(
@@ -225,10 +231,10 @@ def save_quantized(ctx: RunContext, model: Any, filename: str) -> dict[str, Any]
     patches = quant_patches(model)
     if not patches:
         names = [type(p).__name__ for p in model.patches]
-        raise ValueError(
-            "dagfusion.quant.Save input 'model': expected a model quantized by dagfusion.quant.WeightOnly "
-            f"(backend 'torch') or loaded by dagfusion.quant.Load, got a model without a weight-quantization patch "
-            f"(patches: {names or 'none'})"
+        raise NodeInputError(
+            "model",
+            "expected a model quantized by dagfusion.quant.WeightOnly (backend 'torch') or loaded by "
+            f"dagfusion.quant.Load, got a model without a weight-quantization patch (patches: {names or 'none'})",
         )
     path = storage.save(patches[-1], ctx.output_path(filename))
     return {"path": str(path), "bytes": path.stat().st_size}
@@ -267,9 +273,12 @@ def load_quantized(ctx: RunContext, model: Any, path: str) -> Any:
     """
     from dagfusion.nodes.quant import storage
 
-    module = require_denoiser(model, "dagfusion.quant.Load")
+    module = require_denoiser(model)
     file = ctx.input_path(path)
-    patch = storage.load(file, module, device=_weights_device(module))
+    try:
+        patch = storage.load(file, module, device=_weights_device(module))
+    except ValueError as exc:  # not such a file, or one of another architecture
+        raise NodeInputError("path", str(exc)) from None
     return replacing_quantization(model, patch)
 
 
@@ -346,8 +355,7 @@ def sensitivity(
     from dagfusion.nodes.quant.mixed import measure_sensitivity, parse_bits, record_calls
     from dagfusion.nodes.quant.patch import parse_keep
 
-    node_id = "dagfusion.quant.Sensitivity"
-    module = require_denoiser(model, node_id)
+    module = require_denoiser(model)
     try:
         widths = parse_bits(bits)
     except ValueError as exc:
@@ -454,9 +462,11 @@ def mixed_precision(ctx: RunContext, model: Any, sensitivity: Any, target_bits: 
     from dagfusion.nodes.quant.mixed import allocate, quantize_allocation
     from dagfusion.nodes.quant.patch import average_bits, report
 
-    node_id = "dagfusion.quant.MixedPrecision"
-    module = require_denoiser(model, node_id)
-    allocation = allocate(module, sensitivity, target_bits, node=node_id)
+    module = require_denoiser(model)
+    try:
+        allocation = allocate(module, sensitivity, target_bits)
+    except ValueError as exc:  # "input 'target_bits': …" or "input 'sensitivity': …"
+        raise input_error(exc) from None
     patch = quantize_allocation(
         module, sensitivity, allocation,
         progress=lambda done, total: ctx.progress(done, total, message="quantizing layers"),

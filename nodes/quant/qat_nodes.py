@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from dagfusion import BOOLEAN, FLOAT, INT, SEED, STRING, Input, Output, RunContext, node
+from dagfusion import BOOLEAN, FLOAT, INT, SEED, STRING, Input, NodeInputError, Output, RunContext, node
 from dagfusion.model import DenoiserCall, Forward, ModelPatch, SamplingRun, StepHook, patches_of
 from dagfusion.nodes.diffusion.schedulers import SAMPLER_CHOICES
 from dagfusion.nodes.diffusion.types import CONDITIONING, LATENT, MODEL
+from dagfusion.nodes.cache.checks import enforce
+from dagfusion.nodes.quant.checks import check_error_profile
 from dagfusion.nodes.quant.nodes import quant_patches, without_quantization
 
 
@@ -58,9 +60,10 @@ def trainable(ctx: RunContext, model: Any, train_weights: bool) -> Any:
 
     found = quant_patches(model)
     if len(found) != 1:
-        raise ValueError(
-            f"{ctx.node_id} input 'model': expected a model quantized by the torch backend (one weight-quantization "
-            f"patch, from dagfusion.quant.WeightOnly, MixedPrecision or Load), got one with {len(found)}"
+        raise NodeInputError(
+            "model",
+            "expected a model quantized by the torch backend (one weight-quantization patch, from "
+            f"dagfusion.quant.WeightOnly, MixedPrecision or Load), got one with {len(found)}",
         )
     patch = QATPatch(found[0], model.denoiser, train_weights=train_weights)
     return without_quantization(model).with_patch(patch)
@@ -93,9 +96,8 @@ def freeze_node(ctx: RunContext, model: Any) -> tuple[Any, float]:
 
     found = _qat_patches(model)
     if len(found) != 1:
-        raise ValueError(
-            f"{ctx.node_id} input 'model': expected a model from dagfusion.quant.Trainable (one quantization-aware "
-            f"patch), got one with {len(found)}"
+        raise NodeInputError(
+            "model", f"expected a model from dagfusion.quant.Trainable (one quantization-aware patch), got one with {len(found)}"
         )
     packed = freeze(found[0])
     return without_quantization(model).with_patch(packed), float(average_bits(model.denoiser, packed))
@@ -199,6 +201,7 @@ def _profile_example() -> dict[str, Any]:
     ],
     examples=[_profile_example],
     ui={"color": "#7e57c2"},
+    check=check_error_profile,
 )
 def error_profile_node(
     ctx: RunContext, model: Any, conditioning: Any, latent: Any, steps: int, bins: int, train_timesteps: int,
@@ -212,7 +215,8 @@ def error_profile_node(
     (dagfusion.quant.DistillLoss).
     """
     if without_quantization(model) is model:
-        raise ValueError(f"{ctx.node_id} input 'model': expected a quantized model, got one without weight quantization")
+        raise NodeInputError("model", "expected a quantized model, got one without weight quantization")
+    enforce(check_error_profile, {"bins": bins, "train_timesteps": train_timesteps})
     weights, per_step = measure_error_profile(
         model, conditioning, latent, bins=bins, train_timesteps=train_timesteps, ctx=ctx,
         steps=steps, sampler=sampler, guidance_scale=guidance_scale, seed=seed,

@@ -1,8 +1,10 @@
 """The shapes world: a procedural dataset of coloured shapes with captions, labels, masks and
-depth; the ShapeEval detector metric; and image fidelity metrics (PSNR, SSIM, FD-shapes).
+depth, and the embedded shapes-world models (``dagfusion.models.LoadEmbedded``).
 
-Registering this pack imports neither torch nor the renderer; they load when a node runs.
-The pack uses the ``IMAGE`` and ``MASK`` types of the diffusion pack.
+The metrics measured on this world (ShapeEval, FD-shapes, PSNR/SSIM) are the
+:mod:`dagfusion.nodes.metrics` pack. Registering this pack imports neither torch nor the
+renderer; they load when a node runs. The pack uses the ``IMAGE`` and ``MASK`` types of the
+diffusion pack.
 """
 
 from __future__ import annotations
@@ -11,36 +13,19 @@ from typing import Any
 
 from dagfusion import (
     BOOLEAN,
-    DICT,
-    FLOAT,
     INT,
     LIST,
-    PATH,
     SEED,
     STRING,
     Input,
     Output,
     RunContext,
-    Serializer,
     SocketType,
     hookimpl,
     node,
-    union,
 )
 
 _PKG = "dagfusion.nodes.shapes"
-
-
-def _save_evaluator(value: Any, path: str) -> None:
-    from dagfusion.nodes.shapes.evaluator import save_shapeeval
-
-    save_shapeeval(value, path)
-
-
-def _load_evaluator(path: str) -> Any:
-    from dagfusion.nodes.shapes.evaluator import load_shapeeval
-
-    return load_shapeeval(path)
 
 
 SHAPES_DATASET = SocketType(
@@ -48,14 +33,6 @@ SHAPES_DATASET = SocketType(
     python_types=(f"{_PKG}.dataset.ShapesDataset",),
     description="A split of the procedural shapes world (rendered on the fly, seeded).",
     color="#fff176",
-)
-SHAPE_EVALUATOR = SocketType(
-    "SHAPE_EVALUATOR",
-    parents=("MODULE",),
-    python_types=(f"{_PKG}.evaluator.ShapeEvalNet",),
-    description="The ShapeEval attribute classifier (reads colour, shape, position, size, background).",
-    color="#dce775",
-    serializer=Serializer(_save_evaluator, _load_evaluator),
 )
 DEPTH = SocketType(
     "DEPTH",
@@ -149,189 +126,6 @@ def prompts(ctx: RunContext, dataset: Any, limit: int) -> list[str]:
     return captions
 
 
-@node(
-    "dagfusion.metrics.LoadShapeEval",
-    version="1.0.0",
-    category="metrics",
-    inputs=[
-        Input("path", PATH, optional=True, description="A ShapeEval safetensors file; empty: the classifier shipped with dagfusion."),
-    ],
-    outputs=[Output("evaluator", SHAPE_EVALUATOR)],
-    examples=[{}],
-)
-def load_evaluator(ctx: RunContext, path: str | None) -> Any:
-    """Load the ShapeEval classifier (the shipped one by default)."""
-    from dagfusion.nodes.shapes.evaluator import SHIPPED, load_shapeeval
-
-    if not path:
-        if not SHIPPED.is_file():
-            raise FileNotFoundError(f"the shipped ShapeEval weights are missing ({SHIPPED})")
-        return load_shapeeval(SHIPPED)
-    return load_shapeeval(ctx.input_path(path))
-
-
-@node(
-    "dagfusion.metrics.TrainShapeEval",
-    version="1.0.0",
-    category="metrics",
-    inputs=[
-        Input("steps", INT, 1200, min=1, max=1_000_000),
-        Input("batch_size", INT, 128, min=1, max=4096),
-        Input("learning_rate", FLOAT, 2e-3, min=0.0, max=1.0),
-        Input("pool_size", INT, 12288, min=16, max=1_000_000, description="Renders made once and reused with augmentation."),
-        Input("seed", SEED, 0, min=0),
-    ],
-    outputs=[Output("evaluator", SHAPE_EVALUATOR), Output("final_loss", FLOAT)],
-    persist=True,
-    examples=[{"steps": 2, "batch_size": 4, "pool_size": 16}],
-)
-def train_evaluator(ctx: RunContext, steps: int, batch_size: int, learning_rate: float, pool_size: int, seed: int) -> tuple[Any, float]:
-    """Train ShapeEval on renders of the training split (seeded; kept in the disk cache)."""
-    from dagfusion.nodes.shapes.evaluator import train_shapeeval
-
-    def progress(step: int, total: int, loss: float) -> None:
-        ctx.progress(step, total, message="training ShapeEval", loss=loss)
-
-    model, report = train_shapeeval(
-        steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, pool_size=pool_size,
-        device=ctx.device, progress=progress,
-    )
-    return model, report.final_loss
-
-
-@node(
-    "dagfusion.metrics.SaveShapeEval",
-    version="1.0.0",
-    category="metrics",
-    inputs=[
-        Input("evaluator", SHAPE_EVALUATOR, link_only=True),
-        Input("filename", STRING, "shapeeval.safetensors", description="Name inside the run's output folder."),
-        Input("half", BOOLEAN, True, description="Store fp16 weights (the shipped form, < 1 MB)."),
-    ],
-    outputs=[Output("path", STRING)],
-    pure=False,
-    output_node=True,
-)
-def save_evaluator(ctx: RunContext, evaluator: Any, filename: str, half: bool) -> str:
-    """Save a ShapeEval classifier as safetensors with its attribute vocabulary."""
-    import torch
-
-    from dagfusion.nodes.shapes.evaluator import save_shapeeval
-
-    path = ctx.output_path(filename)
-    save_shapeeval(evaluator, path, dtype=torch.float16 if half else torch.float32)
-    return str(path)
-
-
-def _untrained_evaluator() -> Any:
-    """A seeded, untrained ShapeEval (examples must not depend on the shipped weights)."""
-    import torch
-
-    from dagfusion.nodes.shapes.evaluator import ShapeEvalNet
-
-    torch.manual_seed(0)
-    return ShapeEvalNet().eval()
-
-
-def _scored_example() -> dict[str, Any]:
-    data = _dataset(split="eval", resolution=32).batch(0, 2)
-    return {"images": data.images, "prompts": list(data.captions), "evaluator": _untrained_evaluator()}
-
-
-@node(
-    "dagfusion.metrics.ShapeEval",
-    version="1.1.0",
-    category="metrics",
-    inputs=[
-        Input("images", "IMAGE", description="Generated images, (B, 3, H, W) in [0, 1]."),
-        Input(
-            "prompts",
-            union(STRING, LIST),
-            description="The single-object captions they were generated from: one per image, or one "
-            "caption for every image (link the same text the prompt was encoded from).",
-        ),
-        Input("evaluator", SHAPE_EVALUATOR, link_only=True),
-    ],
-    outputs=[
-        Output("scores", DICT, "Accuracy per attribute and 'all_correct', in [0, 1]."),
-        Output("all_correct", FLOAT, "Fraction of images with every attribute right."),
-    ],
-    examples=[_scored_example],
-)
-def shape_eval(ctx: RunContext, images: Any, prompts: list[str], evaluator: Any) -> tuple[dict[str, float], float]:
-    """Score images against their prompts: per-attribute and all-correct accuracy."""
-    from dagfusion.nodes.shapes.evaluator import score
-
-    captions = [prompts] * int(images.shape[0]) if isinstance(prompts, str) else list(prompts)
-    scores = score(evaluator, images, captions)
-    return scores, scores["all_correct"]
-
-
-def _pair_example() -> dict[str, Any]:
-    data = _dataset(split="eval", resolution=32).batch(0, 2)
-    return {"images": data.images * 0.9, "reference": data.images}
-
-
-@node(
-    "dagfusion.metrics.Fidelity",
-    version="1.0.0",
-    category="metrics",
-    inputs=[
-        Input("images", "IMAGE", description="Images of an accelerated run."),
-        Input("reference", "IMAGE", description="The full run's images with the same seeds."),
-    ],
-    outputs=[
-        Output("psnr", FLOAT, "Mean PSNR in dB over images with a difference (inf if all identical)."),
-        Output("ssim", FLOAT, "Mean SSIM."),
-        Output("relative_l1", FLOAT, "|images - reference|₁ / |reference|₁."),
-        Output("per_image", LIST, "[{psnr, ssim}] per image."),
-    ],
-    examples=[_pair_example],
-)
-def fidelity(ctx: RunContext, images: Any, reference: Any) -> dict[str, Any]:
-    """PSNR, SSIM and relative L1 of images against a reference run."""
-    import math
-
-    from dagfusion.nodes.shapes.metrics import psnr, relative_l1, ssim
-
-    p = psnr(images, reference).tolist()
-    s = ssim(images, reference).tolist()
-    finite = [v for v in p if math.isfinite(v)]
-    return {
-        "psnr": sum(finite) / len(finite) if finite else float("inf"),
-        "ssim": sum(s) / len(s),
-        "relative_l1": relative_l1(images, reference),
-        "per_image": [{"psnr": a, "ssim": b} for a, b in zip(p, s)],
-    }
-
-
-def _fd_example() -> dict[str, Any]:
-    data = _dataset(split="eval", resolution=32)
-    return {"images": data.batch(0, 4).images, "reference": data.batch(4, 4).images, "evaluator": _untrained_evaluator()}
-
-
-@node(
-    "dagfusion.metrics.FDShapes",
-    version="1.0.0",
-    category="metrics",
-    inputs=[
-        Input("images", "IMAGE", description="Generated images."),
-        Input("reference", "IMAGE", description="Rendered (or full-precision) images to compare with."),
-        Input("evaluator", SHAPE_EVALUATOR, link_only=True),
-    ],
-    outputs=[Output("fd", FLOAT, "Fréchet distance on ShapeEval features (FD-shapes; not FID).")],
-    examples=[_fd_example],
-)
-def fd_shapes(ctx: RunContext, images: Any, reference: Any, evaluator: Any) -> float:
-    """FD-shapes: Fréchet distance between ShapeEval features of two image sets."""
-    import torch
-
-    from dagfusion.nodes.shapes.metrics import frechet_distance
-
-    with torch.no_grad():
-        return frechet_distance(evaluator.embed(images), evaluator.embed(reference))
-
-
 def _embedded_example() -> dict[str, Any]:
     return {"model": "shapes-sd", "device": "cpu", "dtype": "fp32"}
 
@@ -367,12 +161,12 @@ def load_embedded(ctx: RunContext, model: str, device: str, dtype: str) -> dict[
     return {"model": loaded.model, "clip": loaded.clip, "vae": loaded.vae, "scheduler": loaded.scheduler}
 
 
-NODES = (dataset, render, prompts, load_embedded, load_evaluator, train_evaluator, save_evaluator, shape_eval, fidelity, fd_shapes)
+NODES = (dataset, render, prompts, load_embedded)
 
 
 @hookimpl
 def register_types(register: Any) -> None:
-    for socket_type in (SHAPES_DATASET, SHAPE_EVALUATOR, DEPTH):
+    for socket_type in (SHAPES_DATASET, DEPTH):
         register(socket_type)
 
 

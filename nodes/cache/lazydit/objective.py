@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dagfusion.nodes.cache.checks import enforce
+from dagfusion.nodes.cache.lazydit.checks import check_gate_loss
 from dagfusion import FLOAT, INT, STRING, Input, Output, RunContext, node
 from dagfusion.nodes.training.objectives import (
     MODEL_SCHEDULE_INPUTS,
@@ -163,6 +165,7 @@ class LazyGateObjective(NoiseScheduleObjective):
     ],
     outputs=[Output("objective", OBJECTIVE, "The LazyDiT gate loss (train with trainable: patches).")],
     examples=[{}, {"prediction": "v_prediction", "zero_terminal_snr": True, "target_laziness": 1.0, "laziness_weight": 0.01}],
+    check=check_gate_loss,
 )
 def lazy_gate_loss(
     ctx: RunContext, laziness_weight: float, target_laziness: float, sampling_steps: int, prediction: str,
@@ -175,7 +178,11 @@ def lazy_gate_loss(
     (s·previous + (1 − s)·current per attention/MLP module) and without, plus a penalty pushing
     the mean lazy score up to the target. Use with dagfusion.train.Train, trainable: patches, on a
     model carrying dagfusion.cache.LazyDiTGates; give the model's noise schedule and prediction type.
+    sampling_steps above train_timesteps // 2 and epsilon prediction on a zero-terminal-SNR schedule
+    are refused (at validation for constants, as NodeInputError for linked values).
     """
+    enforce(check_gate_loss, {"sampling_steps": sampling_steps, "train_timesteps": train_timesteps,
+                              "prediction": prediction, "zero_terminal_snr": zero_terminal_snr})
     return LazyGateObjective(
         train_timesteps=train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end,
         zero_terminal_snr=zero_terminal_snr, prediction=prediction, laziness_weight=laziness_weight,

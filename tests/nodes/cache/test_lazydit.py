@@ -424,3 +424,28 @@ def test_gates_refuse_another_architecture_and_unets(models: Any, settings: Any,
         ld.lazydit.fn(ctx, model=pixart, rule="laziness", laziness=0.5, threshold=0.5, start_step=1)
     with pytest.raises(NodeInputError, match="already has LazyDiT gates"):
         ld.lazydit_gates.fn(ctx, model=pixart.with_patch(gates_for(pixart)), seed=0, init_bias=0.0)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "name", "code"),
+    [("{sampling_steps: 600, train_timesteps: 1000}", "sampling_steps", "bad-range"),
+     ("{prediction: epsilon, zero_terminal_snr: true}", "prediction", "bad-prediction")],
+)
+def test_gate_loss_validation_names_node_and_input(registry: Any, inputs: str, name: str, code: str) -> None:
+    from dagfusion.validation import check
+    from dagfusion.workflow import load_workflow
+
+    text = f"format_version: 1\nnodes:\n  loss: {{type: dagfusion.cache.LazyGateLoss, inputs: {inputs}}}\n"
+    _, problems, _ = check(load_workflow(text, text=True), registry)
+    assert [(p.node, p.input, p.code) for p in problems] == [("loss", name, code)]
+
+
+def test_gate_loss_linked_bad_value_raises_node_input_error(tmp_path: Path) -> None:
+    from dagfusion import NodeInputError
+    from dagfusion.testing import NodeCallContext
+
+    with pytest.raises(NodeInputError) as info:
+        ld.lazy_gate_loss.fn(NodeCallContext(tmp_path), laziness_weight=1.0, target_laziness=0.5, sampling_steps=600,
+                             prediction="epsilon", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                             train_timesteps=1000, zero_terminal_snr=False)
+    assert info.value.input == "sampling_steps"

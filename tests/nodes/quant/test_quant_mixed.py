@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from dagfusion import NodeInputError
 from dagfusion.testing import NodeCallContext
 
 torch = pytest.importorskip("torch")
@@ -261,10 +262,11 @@ def test_an_infeasible_target_names_node_input_expected_and_received(
     sens = measured["sensitivity"]
     lowest = allocate(handles["model"].denoiser, sens, 32.0).minimum_average_bits
     assert 1.0 < lowest < 2.0
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(NodeInputError) as info:
         mixed_precision.fn(NodeCallContext(tmp_path), model=handles["model"], sensitivity=sens, target_bits=1.0)
+    assert info.value.input == "target_bits"
     message = str(info.value)
-    assert message.startswith("dagfusion.quant.MixedPrecision input 'target_bits': expected at least ")
+    assert message.startswith("input 'target_bits': expected at least ")
     assert f"{lowest:.3f}" in message and "layers at 1 bit with scales" in message and message.endswith("got 1.0")
     assert allocate(handles["model"].denoiser, sens, lowest + 1e-9).average_bits <= lowest + 1e-9
 
@@ -273,10 +275,11 @@ def test_a_sensitivity_of_another_model_is_refused(measured: dict[str, Any], tmp
     from dagfusion.model import ModelHandle
 
     pixart = ModelHandle.from_module(tiny._cached_pipeline("pixart", 0).transformer, vae_scale_factor=2)
-    with pytest.raises(ValueError, match=r"MixedPrecision input 'sensitivity': expected a sensitivity measured on this "
-                                         r"model's architecture \(PixArtTransformer2DModel.*got one measured on a "
-                                         r"UNet2DConditionModel"):
+    with pytest.raises(NodeInputError, match=r"input 'sensitivity': expected a sensitivity measured on this "
+                                             r"model's architecture \(PixArtTransformer2DModel.*got one measured on a "
+                                             r"UNet2DConditionModel") as info:
         mixed_precision.fn(NodeCallContext(tmp_path), model=pixart, sensitivity=measured["sensitivity"], target_bits=3.0)
+    assert info.value.input == "sensitivity"
 
 
 def test_quantize_module_takes_a_format_per_layer(handles: dict[str, Any]) -> None:

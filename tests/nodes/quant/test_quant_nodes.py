@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+from dagfusion import NodeInputError
 from dagfusion.model import FunctionPatch, ModelHandle
 from dagfusion.nodes.quant import backend as backends
 from dagfusion.nodes.quant.formats import QuantSpec
@@ -62,15 +63,18 @@ def test_quantizing_again_replaces_the_quantization_but_keeps_other_patches(hand
 
 def test_a_model_that_is_not_a_diffusers_denoiser_is_refused(tmp_path: Path) -> None:
     model = ModelHandle.from_module(torch.nn.Linear(4, 4))
-    with pytest.raises(TypeError, match="input 'model': expected a diffusers denoiser.*got a Linear"):
+    with pytest.raises(NodeInputError, match="input 'model': expected a diffusers denoiser.*got a Linear") as info:
         _quantize(model, NodeCallContext(tmp_path))
-    with pytest.raises(TypeError, match="dagfusion.quant.Load input 'model'.*got a Linear"):
+    assert info.value.input == "model"
+    with pytest.raises(NodeInputError, match="input 'model'.*got a Linear") as info:
         load_quantized.fn(NodeCallContext(tmp_path), model=model, path=str(tmp_path / "x.safetensors"))
+    assert info.value.input == "model"
 
 
 def test_save_needs_a_quantized_model(handles: dict[str, Any], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="Save input 'model': expected a model quantized by .*WeightOnly.*got a model without"):
+    with pytest.raises(NodeInputError, match="input 'model': expected a model quantized by .*WeightOnly.*got a model without") as info:
         save_quantized.fn(NodeCallContext(tmp_path), model=handles["model"], filename="q.safetensors")
+    assert info.value.input == "model"
 
 
 def test_save_and_load_nodes_sample_identically(handles: dict[str, Any], tmp_path: Path) -> None:
@@ -157,7 +161,7 @@ def test_the_torchao_path_quantizes_linear_layers_of_a_copy(
     assert report["backend"] == "torchao" and report["quantized_layers"] == len(chosen)
     assert "Linear layers only" in report["layers"]["down_blocks.0.resnets.0.conv1"]["kept"]
     assert 8.0 < out["average_bits"] < 32.0  # the fp32 Conv layers stay fp32 here
-    with pytest.raises(TypeError, match="already quantized by torchao"):
+    with pytest.raises(NodeInputError, match="already quantized by torchao"):
         _quantize(quantized, NodeCallContext(tmp_path), format="int8", backend="torch")
 
 
@@ -183,7 +187,7 @@ def test_torchao_quantizes_a_copy_on_cuda(handles: dict[str, Any], tmp_path: Pat
         ref = unet(x, t, encoder_hidden_states=context).sample.float()
         got = quantized.denoiser(x, t, encoder_hidden_states=context).sample.float()
     assert float((got - ref).abs().sum() / ref.abs().sum()) < 0.15
-    with pytest.raises(ValueError, match="without a weight-quantization patch"):
+    with pytest.raises(NodeInputError, match="without a weight-quantization patch"):
         save_quantized.fn(NodeCallContext(tmp_path), model=quantized, filename="q.safetensors")
 
 

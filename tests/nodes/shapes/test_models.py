@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 
 from dagfusion.nodes.shapes import models  # noqa: E402
 from dagfusion.nodes.shapes.dataset import ShapesDataset  # noqa: E402
-from dagfusion.nodes.shapes.evaluator import SHIPPED, load_shapeeval, score  # noqa: E402
+from dagfusion.nodes.metrics.evaluator import SHIPPED, load_shapeeval, score  # noqa: E402
 
 NAMES = tuple(models.EMBEDDED)
 HELD_OUT = ShapesDataset(split="eval").prompts()[::8]  # 12 prompts spread over the held-out split

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dagfusion.nodes.shapes.dataset import ShapesDataset
-from dagfusion.nodes.shapes.evaluator import (
+from dagfusion.nodes.metrics.evaluator import (
     SHIPPED,
     load_shapeeval,
     predict,

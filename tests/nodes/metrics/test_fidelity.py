@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from dagfusion.nodes.shapes.metrics import frechet_distance, psnr, relative_l1, ssim
+from dagfusion.nodes.metrics.fidelity import psnr, relative_l1, ssim
+from dagfusion.nodes.metrics.frechet import frechet_distance
 
 
 def test_psnr_known_value() -> None:
