@@ -389,8 +389,22 @@ def launch(
     return running
 
 
-def main(workflow: str | None, *, engine: Any, port: int | None = None, host: str = HOST) -> int:
-    """``dagfusion ui [WF.yaml|PICTURE.png]``: open the canvas and serve it until Ctrl-C."""
+def main(
+    workflow: str | None,
+    *,
+    engine: Any,
+    port: int | None = None,
+    host: str = HOST,
+    server: str | None = None,
+    token: str | None = None,
+    state_dir: str | None = None,
+) -> int:
+    """``dagfusion ui [WF.yaml|PICTURE.png]``: open the canvas and serve it until Ctrl-C.
+
+    Runs are jobs of one queue (:func:`dagfusion.ui.jobqueue.open_queue`): the job server at
+    ``server`` (``--server URL``, token ``token``), else the job service run in this process on
+    ``state_dir`` (default: the settings' ``server_dir``), or the server already running there.
+    """
     problem = vendor_problem()
     if problem:
         print(f"dagfusion ui: {problem}", file=sys.stderr)
@@ -400,7 +414,16 @@ def main(workflow: str | None, *, engine: Any, port: int | None = None, host: st
     except UnsafeOperationError as exc:
         print(f"dagfusion ui: {exc}", file=sys.stderr)
         return 2
-    backend = CanvasBackend(engine)
+    from dagfusion.errors import WorkflowError
+    from dagfusion.ui.jobqueue import open_queue
+
+    try:
+        queue = open_queue(engine, server=server, token=token, state_dir=state_dir)
+    except (ConnectionError, ValueError, WorkflowError) as exc:
+        print(f"dagfusion ui: {exc}", file=sys.stderr)
+        return 2
+    print(f"dagfusion ui: runs are jobs of {queue.description}", flush=True)
+    backend = CanvasBackend(engine, queue=queue)
     graph, notice = initial_graph(backend, workflow)
     demo = build_app(backend, graph, notice)
     try:

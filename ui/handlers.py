@@ -33,6 +33,7 @@ from dagfusion.workflow import Link, Workflow, parse_workflow, sweep_points
 from dagfusion.yamlsource import MAX_BYTES
 
 from dagfusion.ui.graph import MAX_NODES, catalog, graph_to_workflow, workflow_to_graph
+from dagfusion.ui.jobqueue import JobQueue
 from dagfusion.ui.runs import RunQueue
 
 #: Problems that leave nothing sensible to draw: a file with any of them is not opened.
@@ -64,13 +65,18 @@ def _slug(name: str) -> str:
 
 
 class CanvasBackend:
-    """The server side of one canvas app: one engine, one run queue, many browser sessions."""
+    """The server side of one canvas app: one engine, one run queue, many browser sessions.
 
-    def __init__(self, engine: Any, *, queue: RunQueue | None = None) -> None:
+    Runs are jobs of the job server's queue (:class:`~dagfusion.ui.jobqueue.JobQueue`): by
+    default the job service runs in this process on a temporary state folder;
+    ``dagfusion ui`` passes the queue of the settings' ``server_dir`` or of a running server.
+    """
+
+    def __init__(self, engine: Any, *, queue: JobQueue | RunQueue | None = None) -> None:
         self.engine = engine
         self.registry = engine.registry
         self.settings = engine.settings
-        self.queue = queue if queue is not None else RunQueue(engine)
+        self.queue = queue if queue is not None else JobQueue.local(engine)
         self._catalog: dict[str, Any] | None = None
 
     # --- palette -------------------------------------------------------------------------

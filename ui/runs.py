@@ -11,8 +11,6 @@ so nothing here knows about Gradio: the canvas polls :meth:`Run.snapshot` and th
 
 from __future__ import annotations
 
-import base64
-import io
 import itertools
 import logging
 import threading
@@ -38,13 +36,12 @@ from dagfusion.events import (
     RunFinished,
     RunStarted,
 )
+from dagfusion.server.previews import PREVIEW_SIDE, encode_preview
 from dagfusion.settings import DEFAULT_MAX_SWEEP_POINTS
 from dagfusion.workflow import Workflow, sweep_points
 
 logger = logging.getLogger("dagfusion.ui")
 
-#: Longest side of a preview sent to the browser (bigger pictures are scaled down).
-PREVIEW_SIDE = 768
 #: Previews kept per run (the oldest are dropped beyond it).
 MAX_PREVIEWS = 32
 #: Finished runs kept in the queue's history.
@@ -79,74 +76,24 @@ class Preview:
         }
 
 
-def _to_pil(image: Any) -> Any:
-    """A PIL image from a PIL image, a NumPy array or a torch tensor (C,H,W / H,W,C / H,W)."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image
-    array = image
-    if hasattr(array, "detach"):  # torch tensor, imported by whoever made it
-        array = array.detach().float().cpu().numpy()
-    import numpy as np
-
-    array = np.asarray(array)
-    while array.ndim > 3:
-        array = array[0]
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = np.transpose(array, (1, 2, 0))
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.dtype != np.uint8:
-        array = np.clip(array.astype(np.float64), 0.0, 1.0)
-        array = (array * 255.0 + 0.5).astype(np.uint8)
-    return Image.fromarray(array)
-
-
-def encode_preview(preview: Any) -> tuple[str, int, int, str]:
-    """``(data URL, width, height, kind)`` of a preview: a picture, or a list of frames (video)."""
-    frames = list(preview) if isinstance(preview, (list, tuple)) else None
-    if frames is not None and len(frames) > 1:
-        pictures = [_thumbnail(_to_pil(f)) for f in frames[:120]]
-        buffer = io.BytesIO()
-        first = pictures[0].convert("RGB")
-        first.save(buffer, format="GIF", save_all=True, append_images=[p.convert("RGB") for p in pictures[1:]], duration=83, loop=0)
-        kind, mime, size = "video", "image/gif", first.size
-    else:
-        picture = _thumbnail(_to_pil(frames[0] if frames else preview))
-        if picture.mode not in ("RGB", "RGBA", "L", "LA"):
-            picture = picture.convert("RGBA")
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        kind, mime, size = "image", "image/png", picture.size
-    url = f"data:{mime};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-    return url, size[0], size[1], kind
-
-
-def _thumbnail(picture: Any) -> Any:
-    if max(picture.size) > PREVIEW_SIDE:
-        picture = picture.copy()
-        picture.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
-    return picture
-
-
 class Run:
     """One submitted run and everything the canvas shows about it; also its event handler."""
 
-    def __init__(self, workflow: Workflow, *, name: str | None = None, number: int = 0) -> None:
+    def __init__(self, workflow: Workflow | None, *, name: str | None = None, number: int = 0) -> None:
+        """``workflow`` may be unknown (``None``): nodes are then learnt from the events."""
         self.id = uuid.uuid4().hex
         self.number = number
         self.workflow = workflow
-        self.name = name or workflow.name
+        self.name = name or (workflow.name if workflow is not None else "workflow")
         self.token = CancelToken()
         self.status = "queued"
         self.message = ""
         self.submitted = time.time()
         self.started: float | None = None
         self.finished: float | None = None
-        self.points = sweep_points(workflow)
+        self.points = sweep_points(workflow) if workflow is not None else 1
         self.point = 0
-        self.nodes: dict[str, str] = {node_id: "queued" for node_id in workflow.nodes}
+        self.nodes: dict[str, str] = {node_id: "queued" for node_id in workflow.nodes} if workflow is not None else {}
         self.progress: dict[str, dict[str, Any]] = {}
         self.errors: dict[str, str] = {}
         self.previews: list[Preview] = []
@@ -164,10 +111,16 @@ class Run:
                 preview = encode_preview(event.preview)
             except Exception:  # a preview that cannot be shown must not fail the run
                 logger.warning("cannot show the preview of node %s", event.node_id, exc_info=True)
+        self._apply(event, preview)
+
+    def _apply(self, event: Event, preview: tuple[str, int, int, str] | None) -> None:
+        """Fold one event into the run's state; ``preview`` is a ``NodePreview``'s encoded picture."""
         with self._lock:
             if isinstance(event, RunStarted):
                 self.point += 1
                 planned = set(event.nodes)
+                for node_id in event.nodes:  # nodes of an unknown workflow are learnt here
+                    self.nodes.setdefault(node_id, "queued")
                 covered = self._upstream(planned) - planned
                 for node_id in self.nodes:
                     # Upstream of a planned node but not planned: a cached result downstream
@@ -207,6 +160,8 @@ class Run:
 
     def _upstream(self, node_ids: set[str]) -> set[str]:
         """``node_ids`` and every node feeding them."""
+        if self.workflow is None:
+            return set(node_ids)
         seen: set[str] = set()
         stack = list(node_ids)
         while stack:
@@ -459,4 +414,4 @@ class RunQueue:
             run._finish("done", f"done in {seconds:.2f}s — {ran} ran, {cached} cached")
 
 
-__all__ = ["Preview", "Run", "RunQueue", "encode_preview"]
+__all__ = ["PREVIEW_SIDE", "Preview", "Run", "RunQueue", "encode_preview"]

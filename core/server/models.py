@@ -45,6 +45,7 @@ class JobOut(BaseModel):
     created: float
     started: float | None
     finished: float | None
+    seq: int = Field(0, description="the job's number: submissions are numbered in order")
 
 
 class JobList(BaseModel):

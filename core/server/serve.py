@@ -65,13 +65,18 @@ def worker_settings(settings: Any) -> dict[str, Any]:
 
 @dataclass
 class ServerOptions:
-    """How :func:`serve` runs: address, state folder, body cap, and whether to make a new token."""
+    """How :func:`serve` runs: address, state folder, body cap, whether to make a new token, and
+    what runs the jobs (``process``: local worker processes; ``ray``: Ray workers, on the cluster
+    at ``ray_address`` or a local one, ``ray_workers`` of them)."""
 
     host: str = "127.0.0.1"
     port: int = 8765
     state_dir: Path | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     new_token: bool = False
+    executor: str = "process"
+    ray_address: str | None = None
+    ray_workers: int | None = None
 
 
 def serve(settings: Any, options: ServerOptions, *, out: Callable[[str], None] = print) -> int:
@@ -97,13 +102,20 @@ def serve(settings: Any, options: ServerOptions, *, out: Callable[[str], None] =
         token = load_or_create_token(folder, fresh=options.new_token)
         sock = bind(options.host, options.port)
         port = sock.getsockname()[1]
+        sock.listen(2048)  # clients that connect once the address is printed wait, never refused
         policy = GuardPolicy.for_bind(options.host, port, token=token, max_body_bytes=options.max_request_bytes)
         output_root = Path(settings.output_dir).absolute() / "jobs"
         store = JobStore(folder / DATABASE_FILE, output_root)
         interrupted = store.recover(requeue=settings.server_requeue_interrupted)
         store.expire(settings.server_history_days)
-        slots = detect_slots(settings.device, settings.server_cpu_jobs)
-        executor = ProcessExecutor(worker_settings(settings))
+        if options.executor == "ray":
+            from dagfusion.server.ray_executor import RayExecutor
+
+            executor: Any = RayExecutor(settings, address=options.ray_address, workers=options.ray_workers)
+            slots = executor.slots
+        else:
+            slots = detect_slots(settings.device, settings.server_cpu_jobs)
+            executor = ProcessExecutor(worker_settings(settings))
         scheduler = Scheduler(store, executor, slots, history_days=settings.server_history_days)
         engine = Engine(settings=settings)
         service = JobService(store, scheduler, engine, max_queue=settings.server_max_queue)

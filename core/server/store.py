@@ -70,7 +70,7 @@ MIGRATIONS: tuple[str, ...] = (
 _PUBLIC = (
     "id", "status", "priority", "submitter", "name", "device", "points", "slot", "attempts",
     "interruptions", "cancel_requested", "error", "result", "output_dir", "event_count",
-    "created", "started", "finished",
+    "created", "started", "finished", "seq",
 )
 
 

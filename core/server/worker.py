@@ -42,20 +42,26 @@ class _Channel:
 
 
 class _Events:
-    """A progress handler forwarding each event (previews dropped) to the channel."""
+    """A progress handler forwarding each event to the channel; a ``NodePreview``'s picture
+    travels as a small data URL (:func:`dagfusion.server.previews.preview_data`)."""
 
-    def __init__(self, channel: _Channel, job_id: str) -> None:
+    def __init__(self, channel: Any, job_id: str) -> None:
         self.channel = channel
         self.job_id = job_id
 
     def handle(self, event: Any) -> None:
         data = event.to_dict()
         data.pop("preview", None)
+        if data.get("event") == "NodePreview":
+            from dagfusion.server.previews import preview_data
+
+            data["preview"] = preview_data(getattr(event, "preview", None))
         self.channel.send({"op": "event", "job": self.job_id, "data": data})
 
 
-def run_job(engine: Any, job: dict[str, Any], channel: _Channel, token: Any) -> dict[str, Any]:
-    """Run one job message with ``engine``; the ``done`` message's fields."""
+def run_job(engine: Any, job: dict[str, Any], channel: Any, token: Any) -> dict[str, Any]:
+    """Run one job message with ``engine``; the ``done`` message's fields. ``channel`` has
+    ``send(message)`` (the ``event`` messages go there)."""
     from dagfusion.errors import ValidationError, WorkflowError
 
     source = base64.b64decode(job["source"])
