@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="recompute every node (results are still cached)")
     run.add_argument("--json-events", action="store_true", help="print events as JSON lines instead of progress bars")
     run.add_argument("--target", action="append", default=None, metavar="NODE[.OUTPUT]", help="compute only what this needs")
+    run.add_argument("--executor", choices=("local", "ray"), default="local", help="run the points here (default) or on Ray workers")
+    run.add_argument("--ray-address", metavar="HOST:PORT", help="with --executor ray: a running Ray cluster (default: start a local one)")
+    run.add_argument("--ray-workers", type=int, metavar="N", help="with --executor ray: worker processes (default: the cluster's CPUs)")
 
     validate = sub.add_parser("validate", help="check a workflow and report every problem")
     validate.add_argument("workflow")
@@ -80,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--model-dir", action="append", default=[], metavar="DIR", help="also search models in DIR")
     ui.add_argument("--device", help="torch device (default: auto, cuda > mps > cpu)")
     ui.add_argument("--threads", metavar="N|auto", help="CPU threads torch computes with (default: auto, see the README)")
+    ui.add_argument("--server", metavar="URL", help="submit runs to this job server (`dagfusion serve`) instead of running them here")
+    ui.add_argument("--token", help="the job server's token (default: $DAGFUSION_TOKEN, else its state folder's token file)")
+    ui.add_argument(
+        "--state-dir", metavar="DIR",
+        help="queue folder of the runs (default: the server_dir setting; a job server running there is used instead)",
+    )
     from dagfusion.server.commands import add_parsers as add_server_parsers  # argparse only
 
     add_server_parsers(sub)
@@ -185,7 +194,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     handler = _JsonEventPrinter() if args.json_events else _RichProgress()
     try:
         with handler:
-            results = engine.run_sweep(
+            run_sweep = _ray_sweep(engine, args) if args.executor == "ray" else engine.run_sweep
+            results = run_sweep(
                 source,
                 overrides=args.overrides,
                 out=args.out,
@@ -210,6 +220,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for result in results:
             _summarize(result)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _ray_sweep(engine: Any, args: argparse.Namespace) -> Any:
+    """``engine.run_sweep`` with the points run on Ray workers (``--executor ray``)."""
+    from dagfusion.distributed.command import run_on_ray
+
+    def run_sweep(source: Any, **options: Any) -> list[Any]:
+        return run_on_ray(engine, source, address=args.ray_address, workers=args.ray_workers, **options).results
+
+    return run_sweep
 
 
 def _summarize(result: Any) -> None:
@@ -446,7 +466,10 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     from dagfusion.engine import Engine
 
-    return ui_main(args.workflow, engine=Engine(settings=_settings(args)), port=args.port, host=args.host)
+    return ui_main(
+        args.workflow, engine=Engine(settings=_settings(args)), port=args.port, host=args.host,
+        server=args.server, token=args.token, state_dir=args.state_dir,
+    )
 
 
 def _cmd_server(args: argparse.Namespace) -> int:

@@ -185,3 +185,15 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
     assert script is not None, "the dagfusion console script is not installed"
     done = subprocess.run([script, "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and "validate" in done.stdout
+
+
+def test_threads_flag_sets_the_thread_policy_and_refuses_bad_counts(tmp_path: Path, monkeypatch, capsys) -> None:
+    from dagfusion import cli as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DAGFUSION_THREADS", raising=False)
+    for flag, expected in (("3", 3), ("auto", "auto")):
+        args = cli_module._parser().parse_args(["run", str(BLURRED_NOISE), "--threads", flag])
+        assert cli_module._settings(args).threads == expected
+    assert main(["validate", str(BLURRED_NOISE), "--threads", "0"]) == EXIT_INVALID
+    assert "threads must be an integer ≥ 1 or 'auto'" in capsys.readouterr().err

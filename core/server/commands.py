@@ -40,6 +40,10 @@ def add_parsers(sub: Any) -> None:
     serve.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (unsafe)")
     serve.add_argument("--device", help="torch device (default: auto, one job per GPU)")
     serve.add_argument("--threads", metavar="N|auto", help="CPU threads torch computes with in each worker")
+    serve.add_argument("--executor", choices=("process", "ray"), default="process",
+                       help="run jobs in local worker processes (default) or on Ray workers")
+    serve.add_argument("--ray-address", metavar="HOST:PORT", help="with --executor ray: a running Ray cluster (default: a local one)")
+    serve.add_argument("--ray-workers", type=int, metavar="N", help="with --executor ray: Ray workers, one job each (default: the cluster's CPUs)")
 
     submit = sub.add_parser("submit", help="queue a workflow on a job server and print its job id")
     submit.add_argument("workflow", help="workflow YAML file or PNG written by dagfusion")
@@ -102,6 +106,7 @@ def _serve(args: argparse.Namespace, settings: Callable[[argparse.Namespace], An
     options = ServerOptions(
         host=args.host, port=args.port, state_dir=Path(args.state_dir) if args.state_dir else None,
         max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES, new_token=args.new_token,
+        executor=args.executor, ray_address=args.ray_address, ray_workers=args.ray_workers,
     )
     try:
         return serve(resolved, options, out=lambda line: print(line, flush=True))
