@@ -15,5 +15,6 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "training": "dagfusion.nodes.training",
     "cache": "dagfusion.nodes.cache",
     "quant": "dagfusion.nodes.quant",
+    "lora": "dagfusion.nodes.lora",
 }
 """Short name → module of every built-in pack, in registration order."""
