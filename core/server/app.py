@@ -2,7 +2,7 @@
 
 Routes (all but ``GET /health`` need the token; see :mod:`dagfusion.server.guard`):
 
-- ``GET /health`` — liveness and queue counts.
+- ``GET /health`` — liveness and queue counts (``HEAD /health``: the same status, no body).
 - ``POST /jobs`` — submit a workflow (JSON :class:`~dagfusion.server.models.SubmitRequest`);
   ``POST /jobs/upload`` — the same as a multipart form with a YAML or PNG ``file``.
 - ``GET /jobs?status=&submitter=&limit=&offset=`` — jobs, newest first, paginated.
@@ -22,26 +22,37 @@ import base64
 import binascii
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
+from dagfusion.server.files import list_outputs, resolve_output
+from dagfusion.server.models import (
+    ErrorOut,
+    Health,
+    JobList,
+    JobOut,
+    OutputList,
+    SubmitRequest,
+)
+from dagfusion.server.service import JobService, Refused
+from dagfusion.server.store import STATUSES, TERMINAL
 from fastapi import FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dagfusion.server.files import list_outputs, resolve_output
-from dagfusion.server.models import ErrorOut, Health, JobList, JobOut, OutputList, SubmitRequest
-from dagfusion.server.service import JobService, Refused
-from dagfusion.server.store import STATUSES, TERMINAL
-
 SUBMITTER_HEADER = "X-Dagfusion-Submitter"
 #: Seconds between SSE keep-alive comments.
 KEEPALIVE = 15.0
+#: Seconds an SSE stream waits for a new event before it checks whether its client left.
 POLL = 0.05
+#: Largest offset or event index a request may name (SQLite integers are 64-bit; JSON clients
+#: read numbers as doubles).
+MAX_INDEX = 2**53 - 1
 log = logging.getLogger("dagfusion.server")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": text}
@@ -53,7 +64,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 def _problem(status: int, title: str, detail: str = "", field: str | None = None, **extra: Any) -> JSONResponse:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "field": field, **extra}
-    return JSONResponse(body, status_code=status, media_type="application/problem+json")
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_TYPE)
 
 
 def _field_name(loc: Any) -> str:
@@ -89,6 +100,63 @@ def install_error_handlers(app: FastAPI) -> None:
         return _problem(500, "internal error", "the server failed; see its log", None)
 
 
+PROBLEM_TYPE = "application/problem+json"
+
+
+def problem_responses(schema: dict[str, Any]) -> dict[str, Any]:
+    """Declare every 4xx/5xx answer of ``schema`` as what the server sends: an
+    ``application/problem+json`` :class:`~dagfusion.server.models.ErrorOut` body."""
+    ref = {"$ref": "#/components/schemas/ErrorOut"}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for code, response in (operation.get("responses") or {}).items():
+                if str(code)[:1] in ("4", "5"):
+                    response["content"] = {PROBLEM_TYPE: {"schema": ref}}
+    components = schema.get("components", {}).get("schemas", {})
+    text = json.dumps(schema.get("paths", {}))
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if f"#/components/schemas/{unused}" not in text:
+            components.pop(unused, None)
+    return schema
+
+
+class EventBell:
+    """Wakes the SSE streams following a job as soon as the store appends one of its events
+    (rung from the writing thread; waited on in the event loop)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+
+    def ring(self, job_id: str) -> None:
+        with self._lock:
+            waiters = list(self._waiters.get(job_id, ()))
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # its loop has closed
+                pass
+
+    async def wait(self, job_id: str, timeout: float, ready: Any) -> None:
+        """Return once ``job_id`` gets an event, ``ready()`` is true, or after ``timeout`` s."""
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            self._waiters.setdefault(job_id, set()).add(waiter)
+        try:
+            if not ready():  # checked once listening, so an event appended meanwhile is not missed
+                try:
+                    await asyncio.wait_for(waiter[1].wait(), timeout)
+                except TimeoutError:
+                    pass
+        finally:
+            with self._lock:
+                waiting = self._waiters.get(job_id)
+                if waiting is not None:
+                    waiting.discard(waiter)
+                    if not waiting:
+                        del self._waiters[job_id]
+
+
 def _sse(index: int, data: dict[str, Any]) -> str:
     return f"id: {index}\nevent: {data.get('event', 'message')}\ndata: {json.dumps(data, default=str)}\n\n"
 
@@ -104,11 +172,21 @@ def create_app(service: JobService, *, version: str = "") -> FastAPI:
     )
     install_error_handlers(app)
     store = service.store
+    bell = EventBell()
+    store.add_listener(bell.ring)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problem_responses(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     def job_out(job: Any) -> dict[str, Any]:
         return job.public()
 
-    @app.get("/health", response_model=Health, tags=["server"])
+    @app.api_route("/health", methods=["GET", "HEAD"], response_model=Health, tags=["server"])
     def health() -> dict[str, Any]:
         counts = store.counts()
         return {"status": "ok", "version": version, "queued": counts["queued"], "running": counts["running"]}
@@ -154,7 +232,7 @@ def create_app(service: JobService, *, version: str = "") -> FastAPI:
         status: Annotated[str | None, Query(description=f"one of {', '.join(STATUSES)}")] = None,
         submitter: Annotated[str | None, Query(max_length=100)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_INDEX)] = 0,
     ) -> dict[str, Any]:
         if status is not None and status not in STATUSES:
             raise Refused(422, "invalid request", f"status must be one of {', '.join(STATUSES)}", "status")
@@ -184,7 +262,7 @@ def create_app(service: JobService, *, version: str = "") -> FastAPI:
     async def events(
         request: Request,
         job_id: str,
-        since: Annotated[int, Query(ge=0, description="index of the first event to send")] = 0,
+        since: Annotated[int, Query(ge=0, le=MAX_INDEX, description="index of the first event to send")] = 0,
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
     ) -> StreamingResponse:
         await run_in_threadpool(service.job, job_id)
@@ -192,9 +270,9 @@ def create_app(service: JobService, *, version: str = "") -> FastAPI:
         if last_event_id is not None:
             if not last_event_id.strip().isdigit():
                 raise Refused(422, "invalid request", "Last-Event-ID must be an event index", "Last-Event-ID")
-            start = max(start, int(last_event_id) + 1)
+            start = max(start, min(int(last_event_id) + 1, MAX_INDEX))
         return StreamingResponse(
-            _follow(request, service, job_id, start), media_type="text/event-stream",
+            _follow(request, service, job_id, start, bell), media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
@@ -212,13 +290,18 @@ def create_app(service: JobService, *, version: str = "") -> FastAPI:
     return app
 
 
-async def _follow(request: Request, service: JobService, job_id: str, index: int) -> AsyncIterator[str]:
+async def _follow(
+    request: Request, service: JobService, job_id: str, index: int, bell: EventBell
+) -> AsyncIterator[str]:
     """SSE lines of the job's events from ``index``, until ``JobFinished`` or the client leaves."""
     store = service.store
     quiet_since = time.monotonic()
     while True:
         if store.event_count(job_id) > index:
             batch = await run_in_threadpool(store.events, job_id, index, 500)
+            if not batch:  # counted but not yet committed
+                await asyncio.sleep(0.001)
+                continue
             for position, data in batch:
                 yield _sse(position, data)
                 index = position + 1
@@ -234,7 +317,7 @@ async def _follow(request: Request, service: JobService, job_id: str, index: int
         if time.monotonic() - quiet_since > KEEPALIVE:
             quiet_since = time.monotonic()
             yield ": keep-alive\n\n"
-        await asyncio.sleep(POLL)
+        await bell.wait(job_id, POLL, lambda seen=index: store.event_count(job_id) > seen)
 
 
-__all__ = ["SUBMITTER_HEADER", "create_app", "install_error_handlers"]
+__all__ = ["SUBMITTER_HEADER", "EventBell", "create_app", "install_error_handlers", "problem_responses"]

@@ -6,7 +6,7 @@ Python and torch nor a cold cache. A thread per worker reads its JSON lines and 
 to the :class:`~dagfusion.server.executor.JobSink`. When a worker dies (a crash, out of memory,
 killed), the job it ran is reported ``failed`` with the reason, its finished outputs stay in
 its folder, and the slot's next job starts a fresh worker. A cancelled job that does not stop
-within :data:`CANCEL_GRACE` seconds has its worker killed.
+within ``cancel_grace`` seconds (default :data:`CANCEL_GRACE`) has its worker killed.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from dagfusion.server.executor import JobSink, JobSpec, Outcome, Slot
 
-#: Seconds a cancelled job may take to stop before its worker is killed.
+#: Seconds a cancelled job may take to stop before its worker is killed (the default).
 CANCEL_GRACE = 20.0
 
 
@@ -40,8 +40,9 @@ def describe_exit(code: int | None) -> str:
 
 
 class _Worker:
-    def __init__(self, slot: Slot, command: list[str], env: Mapping[str, str] | None) -> None:
+    def __init__(self, slot: Slot, command: list[str], env: Mapping[str, str] | None, grace: float = CANCEL_GRACE) -> None:
         self.slot = slot
+        self.grace = grace
         self.lock = threading.Lock()
         self.job: str | None = None
         self.cancelled = False
@@ -86,7 +87,7 @@ class _Worker:
             self.job = None
         if sink is not None and job is not None:
             if cancelled:
-                sink.finished(job, Outcome("cancelled", f"stopped by force after {CANCEL_GRACE:g} s"))
+                sink.finished(job, Outcome("cancelled", f"stopped by force after {self.grace:g} s"))
             else:
                 sink.finished(
                     job,
@@ -103,12 +104,19 @@ class ProcessExecutor:
     """Runs each slot's jobs in a worker process of its own (see the module docstring).
 
     ``settings`` are overrides (JSON-compatible, as :meth:`Settings.load` takes them) applied in
-    every worker; ``env`` its environment (default: this process's).
+    every worker; ``env`` its environment (default: this process's); ``cancel_grace`` the
+    seconds a cancelled job may take to stop before its worker is killed.
     """
 
-    def __init__(self, settings: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, settings: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | None = None,
+        cancel_grace: float = CANCEL_GRACE,
+    ) -> None:
+        if not cancel_grace > 0:
+            raise ValueError(f"cancel_grace must be a positive number of seconds, got {cancel_grace!r}")
         self.settings = dict(settings or {})
         self.env = dict(env) if env is not None else None
+        self.cancel_grace = float(cancel_grace)
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -123,7 +131,7 @@ class ProcessExecutor:
                 raise RuntimeError("the executor is closed")
             worker = self._workers.get(slot.name)
             if worker is None or not worker.alive:
-                worker = self._workers[slot.name] = _Worker(slot, self._command(slot), self.env)
+                worker = self._workers[slot.name] = _Worker(slot, self._command(slot), self.env, self.cancel_grace)
         with worker.lock:
             worker.sink, worker.job, worker.cancelled = sink, job.id, False
         try:
@@ -152,7 +160,7 @@ class ProcessExecutor:
                 worker.send({"op": "cancel", "job": job_id})
             except OSError:
                 pass
-            timer = threading.Timer(CANCEL_GRACE, self._force_stop, args=(worker, job_id))
+            timer = threading.Timer(self.cancel_grace, self._force_stop, args=(worker, job_id))
             timer.daemon = True
             timer.start()
 

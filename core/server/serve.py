@@ -67,7 +67,8 @@ def worker_settings(settings: Any) -> dict[str, Any]:
 class ServerOptions:
     """How :func:`serve` runs: address, state folder, body cap, whether to make a new token, and
     what runs the jobs (``process``: local worker processes; ``ray``: Ray workers, on the cluster
-    at ``ray_address`` or a local one, ``ray_workers`` of them)."""
+    at ``ray_address`` or a local one, ``ray_workers`` of them) and how long a cancelled job may
+    take to stop before its worker process is killed (``cancel_grace`` seconds)."""
 
     host: str = "127.0.0.1"
     port: int = 8765
@@ -77,6 +78,7 @@ class ServerOptions:
     executor: str = "process"
     ray_address: str | None = None
     ray_workers: int | None = None
+    cancel_grace: float = 20.0
 
 
 def serve(settings: Any, options: ServerOptions, *, out: Callable[[str], None] = print) -> int:
@@ -115,7 +117,7 @@ def serve(settings: Any, options: ServerOptions, *, out: Callable[[str], None] =
             slots = executor.slots
         else:
             slots = detect_slots(settings.device, settings.server_cpu_jobs)
-            executor = ProcessExecutor(worker_settings(settings))
+            executor = ProcessExecutor(worker_settings(settings), cancel_grace=options.cancel_grace)
         scheduler = Scheduler(store, executor, slots, history_days=settings.server_history_days)
         engine = Engine(settings=settings)
         service = JobService(store, scheduler, engine, max_queue=settings.server_max_queue)

@@ -16,12 +16,13 @@ reason. :meth:`JobStore.claim` moves the best queued job (highest priority, then
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,13 @@ class JobStore:
         self._migrate()
         #: per job, the number of events stored (read without touching the database)
         self._counts: dict[str, int] = {}
+        self._listeners: list[Callable[[str], None]] = []
+
+    def add_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(job_id)`` whenever events are appended to a job: from the writing
+        thread, with the store locked, possibly just before the events are committed (so it
+        must return at once; what it raises is ignored)."""
+        self._listeners.append(listener)
 
     # --- connections and schema ------------------------------------------------------------
 
@@ -423,6 +431,9 @@ class JobStore:
         )
         conn.execute("UPDATE jobs SET event_count = ? WHERE id = ?", (start + len(events), job_id))
         self._counts[job_id] = start + len(events)
+        for listener in self._listeners:
+            with contextlib.suppress(Exception):  # a listener never breaks a write
+                listener(job_id)
 
     def event_count(self, job_id: str) -> int:
         """How many events the job has logged (cheap: kept in memory once seen)."""

@@ -55,12 +55,15 @@ def server_env(root: Path) -> dict[str, str]:
     }
 
 
-def start_server(root: Path, *extra: str, port: int = 0, timeout: float = 60) -> Running:
-    """``dagfusion serve`` in a subprocess; returns once it prints its address."""
+def start_server(
+    root: Path, *extra: str, port: int = 0, timeout: float = 60, env: dict[str, str] | None = None
+) -> Running:
+    """``dagfusion serve`` in a subprocess; returns once it prints its address. ``env`` is added
+    to :func:`server_env`."""
     state = root / "state"
     proc = subprocess.Popen(
         [sys.executable, "-m", "dagfusion.cli", "serve", "--port", str(port), "--state-dir", str(state), *extra],
-        cwd=root, env=server_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=root, env={**server_env(root), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
