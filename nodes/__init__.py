@@ -16,5 +16,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "cache": "dagfusion.nodes.cache",
     "quant": "dagfusion.nodes.quant",
     "lora": "dagfusion.nodes.lora",
+    "everyday": "dagfusion.nodes.everyday",
+    "rewards": "dagfusion.nodes.rewards",
 }
 """Short name → module of every built-in pack, in registration order."""

@@ -1,6 +1,6 @@
 """The diffusion foundation pack: model loading, text encoding, sampling with a step hook, VAE, images.
 
-Node ids (all version 1.0.0):
+Node ids:
 
 - models: ``dagfusion.models.LoadDiffusers``, ``dagfusion.models.LoadFromHFCache``,
   ``dagfusion.models.LoadSingleFile``

@@ -11,20 +11,44 @@ Each path tokenizes and encodes like the matching diffusers pipeline, so embeddi
 - ``t5``: lower-cased and stripped (PixArt's convention), padded to ``max_length`` (120 by
   default) with an attention mask.
 
-Prompts longer than the encoder takes are truncated, and a warning names what was cut.
+Prompts longer than the encoder takes are truncated, and a warning names what was cut. A list of
+prompts gives one conditioning row per prompt, each encoded exactly as it would be alone (the
+negative prompt is shared). Textual-inversion tokens added to the bundle (option
+``textual_inversion``: ``{token: vectors}``) are expanded in every prompt first: a multi-vector
+token ``<t>`` becomes ``<t> <t>_1 …``, as diffusers' ``maybe_convert_prompt`` does.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dagfusion import INT, STRING, Input, Output, RunContext, node
+from dagfusion import INT, LIST, STRING, Input, Output, RunContext, node, union
 from dagfusion.model import TextEncoderBundle
 from dagfusion.nodes.diffusion.data import Conditioning
 from dagfusion.nodes.diffusion.types import CLIP, CONDITIONING
 
 _logger = logging.getLogger("dagfusion.node")
+
+TEXTUAL_INVERSION = "textual_inversion"
+"""Bundle option holding ``{token: number of vectors}`` for each textual-inversion embedding in it."""
+
+
+def token_names(token: str, count: int) -> list[str]:
+    """The tokens a ``count``-vector embedding adds: ``token``, ``token_1`` … ``token_{count-1}``."""
+    return [token] + [f"{token}_{i}" for i in range(1, count)]
+
+
+def expand_tokens(prompt: str, tokenizer: Any, embeddings: Mapping[str, int]) -> str:
+    """``prompt`` with each multi-vector token replaced by all its parts (diffusers' ``maybe_convert_prompt``)."""
+    if not any(int(count) > 1 for count in embeddings.values()):
+        return prompt
+    for piece in set(tokenizer.tokenize(prompt)):
+        count = int(embeddings.get(piece, 1))
+        if count > 1:
+            prompt = prompt.replace(piece, " ".join(token_names(piece, count)))
+    return prompt
 
 
 def _tokenize(tokenizer: Any, text: str, max_length: int, warn: Any, label: str, **extra: Any) -> Any:
@@ -46,7 +70,7 @@ def _device_of(module: Any) -> Any:
 
 def encode_prompt(
     bundle: TextEncoderBundle,
-    prompt: str,
+    prompt: str | Sequence[str],
     negative_prompt: str = "",
     *,
     prompt_2: str = "",
@@ -54,7 +78,11 @@ def encode_prompt(
     max_length: int = 0,
     logger: logging.Logger | None = None,
 ) -> Conditioning:
-    """Encode ``prompt`` and ``negative_prompt`` with ``bundle`` (see the module docstring)."""
+    """Encode ``prompt`` (one string, or a list: one row each) and ``negative_prompt`` with ``bundle``
+    (see the module docstring)."""
+    if not isinstance(prompt, str):
+        return _encode_many(bundle, list(prompt), negative_prompt, prompt_2=prompt_2, clip_skip=clip_skip,
+                            max_length=max_length, logger=logger)
     import torch
 
     log = logger or _logger
@@ -72,24 +100,60 @@ def encode_prompt(
         )
     encoders = [r.get() for r in bundle.encoders]
     tokenizers = [r.get() for r in bundle.tokenizers]
+    embeddings = dict(bundle.options.get(TEXTUAL_INVERSION) or {})
+
+    def convert(text: str, tokenizer: Any) -> str:
+        return expand_tokens(text, tokenizer, embeddings) if embeddings and text else text
+
     meta: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "encoder": bundle.kind}
     with torch.no_grad():
         with _all_placed(bundle, encoders):
             if bundle.kind == "clip":
-                positive, negative = _encode_clip(encoders[0], tokenizers[0], prompt, negative_prompt, clip_skip, warn)
+                positive, negative = _encode_clip(
+                    encoders[0], tokenizers[0], convert(prompt, tokenizers[0]), convert(negative_prompt, tokenizers[0]),
+                    clip_skip, warn,
+                )
             elif bundle.kind == "sdxl":
                 positive, negative = _encode_sdxl(
                     encoders, tokenizers, prompt, prompt_2 or prompt, negative_prompt, clip_skip,
-                    bool(bundle.options.get("force_zeros_for_empty_prompt", True)), warn,
+                    bool(bundle.options.get("force_zeros_for_empty_prompt", True)), warn, convert,
                 )
             else:
                 limit = max_length or int(bundle.options.get("max_length", 120))
                 lowercase = bool(bundle.options.get("lowercase", True))
-                positive, negative = _encode_t5(encoders[0], tokenizers[0], prompt, negative_prompt, limit, lowercase, warn)
+                positive, negative = _encode_t5(
+                    encoders[0], tokenizers[0], convert(prompt, tokenizers[0]), convert(negative_prompt, tokenizers[0]),
+                    limit, lowercase, warn,
+                )
     meta["truncated"] = bool(warnings)
     if warnings:
         meta["warnings"] = warnings
     return Conditioning(bundle.kind, positive, negative, meta)
+
+
+def _encode_many(
+    bundle: TextEncoderBundle, prompts: list[Any], negative_prompt: str, **options: Any
+) -> Conditioning:
+    """One conditioning row per prompt, each encoded as it would be alone; the negative is shared."""
+    import torch
+
+    if not prompts:
+        raise ValueError("expected at least one prompt, got an empty list")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"expected a list of prompt strings; item {bad[0]} is a {type(prompts[bad[0]]).__name__}")
+    parts = [encode_prompt(bundle, p, negative_prompt, **options) for p in prompts]
+
+    def stack(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
+        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+
+    negative = None if parts[0].negative is None else stack([p.negative for p in parts])  # type: ignore[misc]
+    warnings = [w for p in parts for w in p.meta.get("warnings", ())]
+    meta: dict[str, Any] = {"prompt": list(prompts), "negative_prompt": negative_prompt, "encoder": bundle.kind,
+                            "truncated": bool(warnings)}
+    if warnings:
+        meta["warnings"] = list(dict.fromkeys(warnings))
+    return Conditioning(bundle.kind, stack([p.positive for p in parts]), negative, meta)
 
 
 class _all_placed:  # noqa: N801 - a context manager used like a function
@@ -138,6 +202,7 @@ def _encode_sdxl(
     clip_skip: int,
     force_zeros: bool,
     warn: Any,
+    convert: Any = None,
 ) -> tuple[dict, dict]:
     import torch
 
@@ -145,6 +210,7 @@ def _encode_sdxl(
         hidden_states, pooled = [], None
         for index, (text, tokenizer, encoder) in enumerate(zip(texts, tokenizers, encoders)):
             limit = tokenizer.model_max_length if lengths is None else lengths[index]
+            text = convert(text, tokenizer) if convert is not None else text
             tokens = _tokenize(tokenizer, text, limit, warn, "CLIP")
             out = encoder(tokens.input_ids.to(_device_of(encoder)), output_hidden_states=True)
             if pooled is None and out[0].ndim == 2:
@@ -192,13 +258,20 @@ def _encode_example() -> dict[str, Any]:
     return {"clip": tiny.sd_handles()["clip"], "prompt": "a red fox in the snow", "negative_prompt": "blurry"}
 
 
+def _encode_list_example() -> dict[str, Any]:
+    from dagfusion.testing import models as tiny
+
+    return {"clip": tiny.sd_handles()["clip"], "prompt": ["a red fox", "a blue cat"], "negative_prompt": ""}
+
+
 @node(
     "dagfusion.text.Encode",
-    version="1.0.0",
+    version="1.1.0",
     category="conditioning",
     inputs=[
         Input("clip", CLIP, link_only=True, description="Text encoder bundle from a model loader."),
-        Input("prompt", STRING, "", ui={"multiline": True}, description="What the picture should show."),
+        Input("prompt", union(STRING, LIST), "", ui={"multiline": True},
+              description="What the picture should show; a list of prompts gives one conditioning row each."),
         Input("negative_prompt", STRING, "", ui={"multiline": True},
               description="What to steer away from under guidance; empty means the model's unconditional embedding."),
         Input("prompt_2", STRING, "", ui={"multiline": True},
@@ -209,18 +282,19 @@ def _encode_example() -> dict[str, Any]:
               description="T5 only: maximum tokens (0 = the model's default, 120 for PixArt-alpha)."),
     ],
     outputs=[Output("conditioning", CONDITIONING, "Prompt and negative-prompt embeddings for a sampler.")],
-    examples=[_encode_example],
+    examples=[_encode_example, _encode_list_example],
 )
 def encode_node(
     ctx: RunContext,
     clip: TextEncoderBundle,
-    prompt: str,
+    prompt: str | list[str],
     negative_prompt: str,
     prompt_2: str,
     clip_skip: int,
     max_length: int,
 ) -> Conditioning:
-    """Encode a prompt and a negative prompt into conditioning (CLIP, SDXL dual CLIP or T5).
+    """Encode a prompt (or a list of prompts: a batch) and a negative prompt into conditioning
+    (CLIP, SDXL dual CLIP or T5).
 
     Prompts longer than the text encoder takes are truncated with a warning that names the cut text.
     """
