@@ -16,11 +16,7 @@ from pathlib import Path
 from types import TracebackType
 
 from dagfusion.errors import UnsafeOperationError, WorkflowError
-
-try:  # POSIX
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from dagfusion.pidlock import LockHeld, PidLock
 
 RECORD_FILES = ("workflow.yaml", "events.jsonl", "manifest.json")
 LOCK_FILE = ".dagfusion-run.lock"
@@ -113,31 +109,20 @@ class OutputLock:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._fd: int | None = None
+        self._lock = PidLock(folder / LOCK_FILE)
 
     def __enter__(self) -> OutputLock:
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = os.read(fd, 64).decode(errors="replace").strip()
-                os.close(fd)
-                raise OutputFolderBusy(
-                    f"output folder {str(self.folder)!r} is in use by another run"
-                    f"{f' (process {holder})' if holder else ''}; wait for it or choose another --out"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
+        try:
+            self._lock.acquire()
+        except LockHeld as held:
+            raise OutputFolderBusy(
+                f"output folder {str(self.folder)!r} is in use by another run"
+                f"{f' (process {held.holder})' if held.holder else ''}; wait for it or choose another --out"
+            ) from None
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._fd is not None:
-            if fcntl is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        self._lock.release()

@@ -16,11 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from dagfusion.errors import WorkflowError
-
-try:  # POSIX
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from dagfusion.pidlock import LockHeld, PidLock
 
 TOKEN_FILE = "token"
 ADDRESS_FILE = "server.json"
@@ -100,28 +96,19 @@ class FolderLock:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._fd: int | None = None
+        self._lock = PidLock(folder / LOCK_FILE, 0o600)
 
     def __enter__(self) -> FolderLock:
-        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = os.read(fd, 32).decode(errors="replace").strip()
-                os.close(fd)
-                raise ServerBusy(
-                    f"another job server (process {holder or '?'}) uses the state folder {self.folder}"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
+        try:
+            self._lock.acquire()
+        except LockHeld as held:
+            raise ServerBusy(
+                f"another queue service — a job server or a canvas — (process {held.holder or '?'}) uses the state folder {self.folder}"
+            ) from None
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._lock.release()
 
 
 __all__ = [
