@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dagfusion import Engine
-from dagfusion import cache as cache_module
+from dagfusion import diskcache as cache_module
 from dagfusion.cache import CacheDamage, DiskCache
 from dagfusion.executor import execute
 from dagfusion.registry import Registry
