@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 
-
 def estimate_nbytes(value: Any, _depth: int = 0) -> int:
     """A cheap estimate of the memory a value holds (tensors, modules, arrays, containers)."""
     torch = sys.modules.get("torch")
