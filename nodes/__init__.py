@@ -18,5 +18,6 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "lora": "dagfusion.nodes.lora",
     "everyday": "dagfusion.nodes.everyday",
     "rewards": "dagfusion.nodes.rewards",
+    "textcraftor": "dagfusion.nodes.textcraftor",
 }
 """Short name → module of every built-in pack, in registration order."""
