@@ -13,7 +13,9 @@ Each path tokenizes and encodes like the matching diffusers pipeline, so embeddi
 
 Prompts longer than the encoder takes are truncated, and a warning names what was cut. A list of
 prompts gives one conditioning row per prompt, each encoded exactly as it would be alone (the
-negative prompt is shared). Textual-inversion tokens added to the bundle (option
+negative prompt is shared). With ``weighting`` ``comfy`` or ``a1111`` (CLIP and SDXL), prompts use
+Automatic1111's weight syntax and ``BREAK`` and are encoded in windows instead of truncated
+(:mod:`dagfusion.nodes.everyday.weighted_encode`). Textual-inversion tokens added to the bundle (option
 ``textual_inversion``: ``{token: vectors}``) are expanded in every prompt first: a multi-vector
 token ``<t>`` becomes ``<t> <t>_1 …``, as diffusers' ``maybe_convert_prompt`` does.
 """
@@ -25,11 +27,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dagfusion import INT, LIST, STRING, Input, Output, RunContext, node, union
+from dagfusion.errors import NodeInputError, Problem
 from dagfusion.model import TextEncoderBundle
 from dagfusion.nodes.diffusion.data import Conditioning
 from dagfusion.nodes.diffusion.types import CLIP, CONDITIONING
 
 _logger = logging.getLogger("dagfusion.node")
+
+WEIGHTINGS = ("none", "comfy", "a1111")
+"""Values of Encode's ``weighting`` input: none (text as written), comfy or a1111 weights."""
 
 TEXTUAL_INVERSION = "textual_inversion"
 """Bundle option holding ``{token: number of vectors}`` for each textual-inversion embedding in it."""
@@ -77,12 +83,20 @@ def encode_prompt(
     clip_skip: int = 0,
     max_length: int = 0,
     logger: logging.Logger | None = None,
+    weighting: str = "none",
+    min_windows: int = 1,
 ) -> Conditioning:
     """Encode ``prompt`` (one string, or a list: one row each) and ``negative_prompt`` with ``bundle``
-    (see the module docstring)."""
+    (see the module docstring). ``weighting`` other than ``"none"`` parses weights and ``BREAK``
+    (:mod:`dagfusion.nodes.everyday.weighted_encode`); ``min_windows`` pads such an encoding to at
+    least that many windows. :raises PromptSyntaxError: unbalanced brackets (weighted modes)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"expected a weighting in {WEIGHTINGS}, got {weighting!r}")
+    if weighting != "none" and bundle.kind not in ("clip", "sdxl"):
+        raise ValueError(f"prompt weighting needs a CLIP or SDXL text encoder; this one is {bundle.kind!r}")
     if not isinstance(prompt, str):
         return _encode_many(bundle, list(prompt), negative_prompt, prompt_2=prompt_2, clip_skip=clip_skip,
-                            max_length=max_length, logger=logger)
+                            max_length=max_length, logger=logger, weighting=weighting)
     import torch
 
     log = logger or _logger
@@ -106,9 +120,16 @@ def encode_prompt(
         return expand_tokens(text, tokenizer, embeddings) if embeddings and text else text
 
     meta: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "encoder": bundle.kind}
+    if weighting != "none":
+        meta["weighting"] = weighting
     with torch.no_grad():
         with _all_placed(bundle, encoders):
-            if bundle.kind == "clip":
+            if weighting != "none":
+                positive, negative = _encode_weighted(
+                    bundle, encoders, tokenizers, convert(prompt, tokenizers[0]), convert(prompt_2 or prompt, tokenizers[-1]),
+                    convert(negative_prompt, tokenizers[0]), clip_skip, weighting, min_windows,
+                )
+            elif bundle.kind == "clip":
                 positive, negative = _encode_clip(
                     encoders[0], tokenizers[0], convert(prompt, tokenizers[0]), convert(negative_prompt, tokenizers[0]),
                     clip_skip, warn,
@@ -142,6 +163,12 @@ def _encode_many(
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
     if bad:
         raise TypeError(f"expected a list of prompt strings; item {bad[0]} is a {type(prompts[bad[0]]).__name__}")
+    if options.get("weighting", "none") != "none":
+        from dagfusion.nodes.everyday.weighted_encode import window_count
+
+        tokenizers = [r.get() for r in bundle.tokenizers]
+        texts = [*prompts, negative_prompt, options.get("prompt_2") or ""]
+        options["min_windows"] = window_count(tokenizers, texts)
     parts = [encode_prompt(bundle, p, negative_prompt, **options) for p in prompts]
 
     def stack(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -156,7 +183,21 @@ def _encode_many(
     return Conditioning(bundle.kind, stack([p.positive for p in parts]), negative, meta)
 
 
-class _all_placed:  # noqa: N801 - a context manager used like a function
+def _encode_weighted(
+    bundle: TextEncoderBundle, encoders: list[Any], tokenizers: list[Any], prompt: str, prompt_2: str, negative: str,
+    clip_skip: int, weighting: str, min_windows: int,
+) -> tuple[dict, dict]:
+    from dagfusion.nodes.everyday import weighted_encode as weighted
+
+    if bundle.kind == "clip":
+        return weighted.encode_clip_weighted(encoders[0], tokenizers[0], prompt, negative, clip_skip, weighting, min_windows)
+    force_zeros = bool(bundle.options.get("force_zeros_for_empty_prompt", True))
+    return weighted.encode_sdxl_weighted(
+        encoders, tokenizers, prompt, prompt_2, negative, clip_skip, force_zeros, weighting, min_windows
+    )
+
+
+class _all_placed:
     """Put every encoder of the bundle on its compute device, with the bundle's patches applied to
     each, for the duration."""
 
@@ -167,7 +208,7 @@ class _all_placed:  # noqa: N801 - a context manager used like a function
         for context in self._contexts:
             context.__enter__()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for context in reversed(self._contexts):
             context.__exit__(*exc)
 
@@ -264,9 +305,35 @@ def _encode_list_example() -> dict[str, Any]:
     return {"clip": tiny.sd_handles()["clip"], "prompt": ["a red fox", "a blue cat"], "negative_prompt": ""}
 
 
+def _encode_weighted_example() -> dict[str, Any]:
+    return {**_encode_example(), "prompt": "a (red:1.3) fox BREAK in [the snow]", "weighting": "comfy"}
+
+
+def _syntax_problems(texts: Mapping[str, Any]) -> list[Problem]:
+    from dagfusion.nodes.everyday.weighting import PromptSyntaxError, parse_weights
+
+    problems = []
+    for name, value in texts.items():
+        for index, text in enumerate([value] if isinstance(value, str) else list(value or ())):
+            if not isinstance(text, str):
+                continue
+            try:
+                parse_weights(text)
+            except PromptSyntaxError as exc:
+                where = f"item {index}: " if not isinstance(value, str) else ""
+                problems.append(Problem("bad-prompt", f"{where}{exc} in {text!r}", input=name))
+    return problems
+
+
+def _check_encode(inputs: Mapping[str, Any]) -> list[Problem]:
+    if inputs.get("weighting", "none") in (None, "none"):
+        return []
+    return _syntax_problems({k: inputs[k] for k in ("prompt", "negative_prompt", "prompt_2") if k in inputs})
+
+
 @node(
     "dagfusion.text.Encode",
-    version="1.1.0",
+    version="1.2.0",
     category="conditioning",
     inputs=[
         Input("clip", CLIP, link_only=True, description="Text encoder bundle from a model loader."),
@@ -280,9 +347,13 @@ def _encode_list_example() -> dict[str, Any]:
               description="CLIP only: use the hidden state this many layers before the last (0 = last)."),
         Input("max_length", INT, 0, min=0, max=4096,
               description="T5 only: maximum tokens (0 = the model's default, 120 for PixArt-alpha)."),
+        Input("weighting", STRING, "none", choices=WEIGHTINGS,
+              description="CLIP/SDXL: 'none' encodes the text as written; 'comfy' or 'a1111' read (word:1.3), "
+                          "(word), [word] and BREAK, and encode long prompts in windows instead of truncating."),
     ],
     outputs=[Output("conditioning", CONDITIONING, "Prompt and negative-prompt embeddings for a sampler.")],
-    examples=[_encode_example, _encode_list_example],
+    examples=[_encode_example, _encode_list_example, _encode_weighted_example],
+    check=_check_encode,
 )
 def encode_node(
     ctx: RunContext,
@@ -292,15 +363,26 @@ def encode_node(
     prompt_2: str,
     clip_skip: int,
     max_length: int,
+    weighting: str = "none",
 ) -> Conditioning:
     """Encode a prompt (or a list of prompts: a batch) and a negative prompt into conditioning
     (CLIP, SDXL dual CLIP or T5).
 
-    Prompts longer than the text encoder takes are truncated with a warning that names the cut text.
+    With ``weighting = none`` prompts longer than the text encoder takes are truncated with a
+    warning that names the cut text. ``comfy`` and ``a1111`` read Automatic1111's weight syntax
+    and ``BREAK``, and encode long prompts in windows of the encoder's length (see
+    :doc:`/everyday`); unbalanced brackets are an error naming the input and the position.
     """
+    if weighting != "none":
+        problems = _syntax_problems({"prompt": prompt, "negative_prompt": negative_prompt, "prompt_2": prompt_2})
+        if problems:
+            raise NodeInputError(problems[0].input or "prompt", problems[0].message)
+        if clip.kind not in ("clip", "sdxl"):
+            raise NodeInputError("weighting", f"expected a CLIP or SDXL text encoder for weighting {weighting!r}, "
+                                              f"got a {clip.kind!r} one; use weighting 'none'")
     return encode_prompt(
         clip, prompt, negative_prompt, prompt_2=prompt_2, clip_skip=clip_skip, max_length=max_length,
-        logger=ctx.logger,
+        logger=ctx.logger, weighting=weighting,
     )
 
 

@@ -1,14 +1,18 @@
-"""Everyday generation nodes: textual-inversion embeddings, image batches and grids, text lists.
+"""Everyday generation nodes: textual-inversion embeddings, conditioning blends, image batches,
+grids and geometry, text lists.
 
 Node ids (see :doc:`/everyday` for the guide):
 
-- conditioning: ``dagfusion.text.LoadEmbedding``
+- conditioning: ``dagfusion.text.LoadEmbedding``, ``dagfusion.conditioning.Average``,
+  ``dagfusion.conditioning.Concat``
 - image: ``dagfusion.image.Batch``, ``dagfusion.image.Unbatch``, ``dagfusion.image.Select``,
-  ``dagfusion.image.Concat``, ``dagfusion.image.Grid``
+  ``dagfusion.image.Concat``, ``dagfusion.image.Grid``, ``dagfusion.image.Resize``, ``dagfusion.image.Crop``,
+  ``dagfusion.image.Pad``, ``dagfusion.image.Composite``
+- latent: ``dagfusion.latent.Upscale``
 - text: ``dagfusion.text.List``, ``dagfusion.text.Join``, ``dagfusion.text.FormatMany``
 
-The pack uses the diffusion pack's types (``CLIP``, ``IMAGE``) and registers after it. Registering
-it imports neither torch nor transformers: each node imports them when it runs.
+The pack uses the diffusion pack's types (``CLIP``, ``IMAGE``, ``LATENT`` …) and registers after
+it. Registering it imports neither torch nor transformers: each node imports them when it runs.
 """
 
 from __future__ import annotations
@@ -16,9 +20,17 @@ from __future__ import annotations
 from typing import Any
 
 from dagfusion import hookimpl
-from dagfusion.nodes.everyday import batches, embeddings, grid, lists
+from dagfusion.nodes.everyday import (
+    batches,
+    conditioning_ops,
+    embeddings,
+    grid,
+    lists,
+    resize,
+    upscale,
+)
 
-NODES = (*embeddings.NODES, *batches.NODES, *grid.NODES, *lists.NODES)
+NODES = (*embeddings.NODES, *conditioning_ops.NODES, *batches.NODES, *grid.NODES, *resize.NODES, *upscale.NODES, *lists.NODES)
 """Every node of the pack, in palette order."""
 
 
