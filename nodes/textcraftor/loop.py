@@ -113,28 +113,6 @@ def read_prompts(prompts: Sequence[str]) -> list[str]:
     return out
 
 
-def _rng_state(generator: Any, device: Any) -> dict[str, Any]:
-    import torch
-
-    from dagfusion.nodes.training import checkpoint as ckpt
-
-    state = {"generator": ckpt.pack_bytes(generator.get_state()), "cpu": ckpt.pack_bytes(torch.get_rng_state())}
-    if device.type == "cuda":
-        state["cuda"] = ckpt.pack_bytes(torch.cuda.get_rng_state(device))
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], generator: Any, device: Any) -> None:
-    import torch
-
-    from dagfusion.nodes.training import checkpoint as ckpt
-
-    generator.set_state(ckpt.unpack_bytes(state["generator"]))
-    torch.set_rng_state(ckpt.unpack_bytes(state["cpu"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(ckpt.unpack_bytes(state["cuda"]), device)
-
-
 def train_encoder(
     model: Any,
     clip: Any,
@@ -164,6 +142,7 @@ def train_encoder(
     from dagfusion.nodes.training import checkpoint as ckpt
     from dagfusion.nodes.training.ema import EMA
     from dagfusion.nodes.training.loop import CheckpointPolicy, TrainingPaused, amp_dtype, scheduled_lr
+    from dagfusion.nodes.training.optim import optimizer_step, restore_state, rng_state
 
     log = logger or logging.getLogger("dagfusion.node")
     policy = checkpoints or CheckpointPolicy()
@@ -214,7 +193,7 @@ def train_encoder(
         tensors, plain = ckpt.optimizer_state(optimizer)
         document = {
             "key": key, "total": total, "losses": list(losses), "rewards": list(rewards),
-            "rng": _rng_state(generator, device), "optimizer": plain, "config": config.plain(),
+            "rng": rng_state(generator, device), "optimizer": plain, "config": config.plain(),
             "grad_scaler": scaler.state_dict() if scaler is not None else None,
             "objective": {"objective": "textcraftor", "reward": getattr(reward, "name", "reward")},
             "parameters": list(params), "prompts": len(texts),
@@ -237,14 +216,7 @@ def train_encoder(
             with torch.no_grad():
                 for name, p in params.items():
                     p.copy_(loaded.weights[name])
-            if ema is not None:
-                if loaded.ema is None:
-                    raise ValueError(f"the checkpoint {resume} has no EMA state but EMA is on")
-                ema.load(loaded.ema)
-            ckpt.restore_optimizer(optimizer, loaded.optimizer, loaded.state["optimizer"])
-            if scaler is not None and loaded.state.get("grad_scaler"):
-                scaler.load_state_dict(loaded.state["grad_scaler"])
-            _set_rng_state(loaded.state["rng"], generator, device)
+            restore_state(loaded, optimizer=optimizer, scaler=scaler, ema=ema, generator=generator, device=device)
             losses.extend(float(v) for v in loaded.state.get("losses", []))
             rewards.extend(float(v) for v in loaded.state.get("rewards", []))
             start, last = min(loaded.step, total), resume
@@ -294,21 +266,9 @@ def train_encoder(
                             f"the {what} became {values[what]} at step {step + 1}; training stopped{kept} "
                             "(lower the learning rate or train in fp32)"
                         )
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if config.max_grad_norm > 0:
-                    values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm))
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update()
+                norm = optimizer_step(loss, optimizer, scaler, params, config.max_grad_norm, ema)
+                if norm is not None:
+                    values["grad_norm"] = norm
                 losses.append(values["loss"])
                 rewards.append(values["reward"])
                 done = step + 1

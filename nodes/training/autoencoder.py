@@ -31,7 +31,8 @@ from typing import Any
 
 from dagfusion import BOOLEAN, FLOAT, INT, SEED, Input, Output, RunContext, RunCancelled, node, union
 from dagfusion.nodes.training import checkpoint as ckpt
-from dagfusion.nodes.training.loop import CheckpointPolicy, TrainingPaused, _rng_state, _set_rng_state, scheduled_lr
+from dagfusion.nodes.training.loop import CheckpointPolicy, TrainingPaused, scheduled_lr
+from dagfusion.nodes.training.optim import rng_state, set_rng_state
 from dagfusion.nodes.training.types import TRAINING_DATA
 
 TYPE_ID = "dagfusion.train.TrainVAE"
@@ -141,7 +142,7 @@ def train_vae(
             return None
         tensors, plain = ckpt.optimizer_state(optimizer)
         document = {"key": key, "total": config.steps, "recent_losses": list(recent), "optimizer": plain,
-                    "rng": _rng_state(generator, device), "config": asdict(config), "data": source.describe()}
+                    "rng": rng_state(generator, device), "config": asdict(config), "data": source.describe()}
         path = ckpt.save(policy.folder, done, weights=module.state_dict(), ema=None, optimizer=tensors, state=document)
         ckpt.prune(policy.folder, policy.keep)
         return path
@@ -152,7 +153,7 @@ def train_vae(
             loaded = ckpt.load(resume, device)
             module.load_state_dict(loaded.weights, strict=True)
             ckpt.restore_optimizer(optimizer, loaded.optimizer, loaded.state["optimizer"])
-            _set_rng_state(loaded.state["rng"], generator, device)
+            set_rng_state(loaded.state["rng"], generator, device)
             recent.extend(float(v) for v in loaded.state.get("recent_losses", []))
             start = min(loaded.step, config.steps)
             log.info("resuming VAE training from %s (step %d of %d)", resume, loaded.step, config.steps)

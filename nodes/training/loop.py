@@ -43,6 +43,7 @@ from typing import Any
 
 from dagfusion import RunCancelled
 from dagfusion.nodes.training import checkpoint as ckpt
+from dagfusion.nodes.training.optim import optimizer_step, restore_state, rng_state
 from dagfusion.nodes.training.params import patch_parameters, select
 
 SCHEDULES = ("constant", "cosine")
@@ -218,24 +219,6 @@ def _copy_for_training(model: Any) -> tuple[Any, list[Any], list[int]]:
     return module, patches, owning
 
 
-def _rng_state(generator: Any, device: Any) -> dict[str, Any]:
-    import torch
-
-    state = {"generator": ckpt.pack_bytes(generator.get_state()), "cpu": ckpt.pack_bytes(torch.get_rng_state())}
-    if device.type == "cuda":
-        state["cuda"] = ckpt.pack_bytes(torch.cuda.get_rng_state(device))
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any], generator: Any, device: Any) -> None:
-    import torch
-
-    generator.set_state(ckpt.unpack_bytes(state["generator"]))
-    torch.set_rng_state(ckpt.unpack_bytes(state["cpu"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(ckpt.unpack_bytes(state["cuda"]), device)
-
-
 def train(
     model: Any,
     data: Any,
@@ -331,7 +314,7 @@ def train(
     def state(done: int) -> dict[str, Any]:
         tensors, plain = ckpt.optimizer_state(optimizer)
         document = {
-            "key": key, "total": total, "recent_losses": list(recent), "rng": _rng_state(generator, device),
+            "key": key, "total": total, "recent_losses": list(recent), "rng": rng_state(generator, device),
             "optimizer": plain, "grad_scaler": scaler.state_dict() if scaler is not None else None,
             "config": config.plain(), "objective": objective.describe(), "data": source.describe(),
             "parameters": list(params), "model": {"source": model.info.get("source"), "class": type(module).__name__},
@@ -376,14 +359,7 @@ def train(
                         if name not in loaded.weights:
                             raise ValueError(f"the checkpoint {resume} has no parameter {name!r}")
                         p.copy_(loaded.weights[name])
-            if ema is not None:
-                if loaded.ema is None:
-                    raise ValueError(f"the checkpoint {resume} has no EMA state but EMA is on")
-                ema.load(loaded.ema)
-            ckpt.restore_optimizer(optimizer, loaded.optimizer, loaded.state["optimizer"])
-            if scaler is not None and loaded.state.get("grad_scaler"):
-                scaler.load_state_dict(loaded.state["grad_scaler"])
-            _set_rng_state(loaded.state["rng"], generator, device)
+            restore_state(loaded, optimizer=optimizer, scaler=scaler, ema=ema, generator=generator, device=device)
             recent.extend(float(v) for v in loaded.state.get("recent_losses", []))
             start = min(loaded.step, total)
             last_checkpoint = resume
@@ -430,23 +406,10 @@ def train(
                         f"the loss became {value} at step {step + 1}; lower the learning rate, clip gradients "
                         "(max_grad_norm) or train in fp32"
                     )
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
                 values = {"loss": value, "lr": lr, **{k: float(v) for k, v in logs.items()}}
-                if config.max_grad_norm > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-                    values["grad_norm"] = float(norm)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update()
+                norm = optimizer_step(loss, optimizer, scaler, params, config.max_grad_norm, ema)
+                if norm is not None:
+                    values["grad_norm"] = norm
                 losses.append(value)
                 recent.append(value)
                 done = step + 1
