@@ -9,7 +9,6 @@ loads the finished weights).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +131,7 @@ def train_node(ctx: RunContext, model: Any, clip: Any, vae: Any, reward: Any, pr
     from dagfusion.nodes.textcraftor.loop import CraftConfig, train_encoder
     from dagfusion.nodes.training import checkpoint as ckpt
     from dagfusion.nodes.training.loop import CheckpointPolicy
-    from dagfusion.nodes.training.train import checkpoint_path
+    from dagfusion.nodes.training.train import checkpoint_path, checkpoint_plan
 
     texts = read_prompt_input(ctx, prompts)
     try:
@@ -151,20 +150,7 @@ def train_node(ctx: RunContext, model: Any, clip: Any, vae: Any, reward: Any, pr
         "reward": reward, "prompts": texts, "config": config.plain(),
         "resume": fingerprint_path(explicit) if explicit is not None else None,
     })
-    folder = None
-    if checkpoint_every > 0:
-        if key is not None:
-            folder = ckpt.work_folder(ctx.settings.cache_dir, key)
-        else:
-            ctx.logger.warning("an input cannot be fingerprinted: checkpoints go to a folder of this run only")
-            safe = re.sub(r"[^A-Za-z0-9_-]", "-", f"{ctx.run_id}-{ctx.node_id}")
-            folder = Path(ctx.settings.cache_dir) / "training" / f"run-{safe}"
-    start_from = explicit
-    if folder is not None and auto_resume and key is not None:
-        own = ckpt.latest(folder)
-        if own is not None:
-            start_from = own
-            ctx.logger.info("found this training's checkpoint %s; continuing from it", own)
+    folder, start_from = checkpoint_plan(ctx, key, explicit, wanted=checkpoint_every > 0, auto_resume=auto_resume)
 
     def progress(step: int, total: int, values: dict[str, float]) -> None:
         ctx.progress(step, total, message="textcraftor", **values)

@@ -44,6 +44,34 @@ def training_key(parts: dict[str, Any]) -> str | None:
     return fingerprint({"node": f"{TYPE_ID}@{VERSION}", "format": FORMAT, **parts})
 
 
+def checkpoint_plan(
+    ctx: RunContext, key: str | None, explicit: Path | None, *, wanted: bool, auto_resume: bool
+) -> tuple[Path | None, Path | None]:
+    """Where a training node keeps its checkpoints and what it starts from: ``(folder, start)``.
+
+    The folder is the training's work area in the cache folder (by ``key``), or a folder of this
+    run only when an input cannot be fingerprinted; ``None`` when no checkpoints are ``wanted``.
+    With ``auto_resume``, the newest checkpoint of the same training replaces ``explicit``.
+    """
+    from dagfusion.nodes.training import checkpoint as ckpt
+
+    folder = None
+    if wanted:
+        if key is not None:
+            folder = ckpt.work_folder(ctx.settings.cache_dir, key)
+        else:
+            ctx.logger.warning("an input of the training cannot be fingerprinted: checkpoints go to a folder of this run only")
+            safe = re.sub(r"[^A-Za-z0-9_-]", "-", f"{ctx.run_id}-{ctx.node_id}")
+            folder = Path(ctx.settings.cache_dir) / "training" / f"run-{safe}"
+    start_from = explicit
+    if folder is not None and auto_resume and key is not None:
+        own = ckpt.latest(folder)
+        if own is not None:
+            start_from = own
+            ctx.logger.info("found this training's checkpoint %s; continuing from it", own)
+    return folder, start_from
+
+
 def checkpoint_path(ctx: RunContext, path: str) -> Path:
     """A checkpoint to resume from: inside this node's work area of the cache folder (written by
     dagfusion itself), or under the allowed read folders."""
@@ -184,20 +212,9 @@ def train_node(
         "model": model, "data": source, "clip": clip, "vae": vae, "objective": objective, "config": config.plain(),
         "resume": fingerprint_path(explicit) if explicit is not None else None,
     })
-    folder = None
-    if checkpoint_every > 0 or time_limit > 0:
-        if key is not None:
-            folder = ckpt.work_folder(ctx.settings.cache_dir, key)
-        else:
-            ctx.logger.warning("an input of the training cannot be fingerprinted: checkpoints go to a folder of this run only")
-            safe = re.sub(r"[^A-Za-z0-9_-]", "-", f"{ctx.run_id}-{ctx.node_id}")
-            folder = Path(ctx.settings.cache_dir) / "training" / f"run-{safe}"
-    start_from = explicit
-    if folder is not None and auto_resume and key is not None:
-        own = ckpt.latest(folder)
-        if own is not None:
-            start_from = own
-            ctx.logger.info("found this training's checkpoint %s; continuing from it", own)
+    folder, start_from = checkpoint_plan(
+        ctx, key, explicit, wanted=checkpoint_every > 0 or time_limit > 0, auto_resume=auto_resume
+    )
 
     def progress(step: int, total: int, values: dict[str, float]) -> None:
         ctx.progress(step, total, message="training", **values)
