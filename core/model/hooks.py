@@ -58,8 +58,9 @@ outer hooks and the sampler expect.
 
 ``forward(call)`` returns the raw model output tensor (before guidance is combined); a hook
 returns a tensor of the same shape as the output for the call it was given. After the
-scheduler step, ``after_step(step, latents)`` is called, and ``end()`` when the run finishes
-(also after a failure or cancel). ``end()`` returns the hook's **report** — this run's
+scheduler step, ``after_step(step, latents)`` is called (it may return new latents of the same
+shape, which replace them for the rest of the run, as latent-mask inpainting does), and
+``end()`` when the run finishes (also after a failure or cancel). ``end()`` returns the hook's **report** — this run's
 statistics as plain data (a dict or a dataclass of numbers, strings, lists and dicts) or
 ``None``; the sampler collects it into the run's :class:`~dagfusion.model.RunReport` under the
 patch's key. A hook never stores statistics on its patch: patches are shared by every handle,
@@ -267,8 +268,11 @@ class StepHook:
         """Return the model output for ``call``; call ``forward`` to run the real denoiser."""
         return forward(call)
 
-    def after_step(self, step: StepInfo, latents: Any) -> None:
-        """Called after the scheduler step with the new latents (read them; do not modify)."""
+    def after_step(self, step: StepInfo, latents: Any) -> Any:
+        """Called after the scheduler step with the new latents (do not modify them in place).
+
+        Returns ``None`` (keep them) or a tensor of the same shape that replaces them; with
+        several hooks, each sees the latents the previous one returned."""
 
     def end(self) -> Any:
         """Called once when the run ends, successfully or not; returns this run's report.

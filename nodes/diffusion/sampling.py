@@ -14,7 +14,8 @@ latents as ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``DiTPipe
 3. each step: batch both guidance halves, ``scale_model_input``, call the denoiser through the
    step-hook chain (:mod:`~dagfusion.model.hooks`), combine with classifier-free
    guidance (and optional rescale), ``scheduler.step`` (passing ``eta`` and the generator where
-   the scheduler takes them), report progress (which also checks for cancellation), preview.
+   the scheduler takes them), let step hooks see (and optionally replace) the new latents
+   (``after_step``), report progress (which also checks for cancellation), preview.
 
 Patches of the model handle are applied for the duration of the loop only.
 
@@ -258,7 +259,14 @@ def run_sampling(
                     result = sched.step(prediction, t, latents, **step_kwargs, return_dict=False)
                     latents = result[1] if one_step_original and len(result) > 1 else result[0]
                     for hook in hooks:
-                        hook.after_step(info, latents)
+                        replaced = hook.after_step(info, latents)
+                        if replaced is not None:  # e.g. latent-mask inpainting blends the known region back
+                            if tuple(replaced.shape) != tuple(latents.shape):
+                                raise ValueError(
+                                    f"step hook {type(hook).__qualname__}.after_step returned latents of shape "
+                                    f"{tuple(replaced.shape)}, expected {tuple(latents.shape)}"
+                                )
+                            latents = replaced
                     records.append(StepRecord(
                         i, values[i], denoiser_calls[0] - calls_before,
                         counter.total - macs_before if counter is not None else None, time.perf_counter() - started,

@@ -9,7 +9,10 @@ Node ids (see :doc:`/everyday` for the guide):
   ``dagfusion.image.Concat``, ``dagfusion.image.Grid``, ``dagfusion.image.Resize``, ``dagfusion.image.Crop``,
   ``dagfusion.image.Pad``, ``dagfusion.image.Composite``
 - latent: ``dagfusion.latent.Upscale``
+- inpaint: ``dagfusion.inpaint.Blend``, ``dagfusion.inpaint.Condition``; mask: ``dagfusion.mask.Grow``,
+  ``dagfusion.mask.Feather``, ``dagfusion.mask.Invert``, ``dagfusion.mask.FromImage``, ``dagfusion.mask.Rectangle``
 - text: ``dagfusion.text.List``, ``dagfusion.text.Join``, ``dagfusion.text.FormatMany``
+- model: ``dagfusion.models.Merge``
 
 The pack uses the diffusion pack's types (``CLIP``, ``IMAGE``, ``LATENT`` …) and registers after
 it. Registering it imports neither torch nor transformers: each node imports them when it runs.
@@ -25,12 +28,15 @@ from dagfusion.nodes.everyday import (
     conditioning_ops,
     embeddings,
     grid,
+    inpaint,
     lists,
+    merge,
     resize,
     upscale,
 )
 
-NODES = (*embeddings.NODES, *conditioning_ops.NODES, *batches.NODES, *grid.NODES, *resize.NODES, *upscale.NODES, *lists.NODES)
+NODES = (*embeddings.NODES, *conditioning_ops.NODES, *batches.NODES, *grid.NODES, *resize.NODES, *upscale.NODES,
+         *inpaint.NODES, *lists.NODES, *merge.NODES)
 """Every node of the pack, in palette order."""
 
 
