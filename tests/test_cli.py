@@ -12,6 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from dagfusion.cli import EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, main
 
 BLURRED_NOISE = Path(__file__).resolve().parents[1] / "workflows" / "blurred_noise.yaml"
@@ -48,6 +50,7 @@ def test_run_writes_outputs_and_record(tmp_path: Path) -> None:
     assert (out / "report.txt").read_text().startswith("blurred noise: mean=")
 
 
+@pytest.mark.slow
 def test_quickstart_draws_its_prompt_with_the_embedded_model(tmp_path: Path) -> None:
     workflow = Path(__file__).resolve().parents[1] / "workflows" / "quickstart.yaml"
     # one thread: tiny models gain nothing from more, and OpenMP spins badly when a core is busy
@@ -59,6 +62,7 @@ def test_quickstart_draws_its_prompt_with_the_embedded_model(tmp_path: Path) -> 
     assert "'all_correct': 1.0" in (out / "report.txt").read_text()
 
 
+@pytest.mark.slow
 def test_the_readmes_prompt_override_changes_what_is_drawn_and_scored(tmp_path: Path) -> None:
     workflow = Path(__file__).resolve().parents[1] / "workflows" / "quickstart.yaml"
     prompt = "a small blue square at the top on a white background"

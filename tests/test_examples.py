@@ -16,7 +16,15 @@ def test_there_are_example_workflows() -> None:
     assert any(p.name == "quickstart.yaml" for p in WORKFLOWS)
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+#: Workflows whose tiny run still trains for several seconds: full suite only.
+SLOW = frozenset({"distill_shapes", "mixed_precision_shapes"})
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW else p for p in WORKFLOWS],
+    ids=[p.stem for p in WORKFLOWS],
+)
 def test_example_workflow_runs(path: Path, engine: Engine, tmp_path: Path) -> None:
     workflow = load_workflow(path)
     overrides = list(workflow.metadata.get("test_overrides", []))

@@ -10,6 +10,8 @@ import pytest
 
 from .conftest import REPO, with_sweep
 
+pytestmark = pytest.mark.slow  # starts a browser, a cluster or servers: full suite only
+
 
 def test_cli_runs_on_ray(cluster: object, root: Path, capsys: pytest.CaptureFixture[str]) -> None:
 

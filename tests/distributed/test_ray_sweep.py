@@ -17,6 +17,8 @@ from dagfusion.model import default_cache
 
 from .conftest import REPO, make_settings, with_sweep
 
+pytestmark = pytest.mark.slow  # starts a browser, a cluster or servers: full suite only
+
 
 def pixels(path: Path) -> np.ndarray:
     with Image.open(path) as picture:

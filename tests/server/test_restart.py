@@ -10,7 +10,7 @@ import pytest
 
 from .conftest import SLOW, start_server, stop_server
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 def test_kill_and_restart_runs_every_job_exactly_once(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, settings
 
 from .conftest import TINY, Running, start_server, stop_server
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 EXAMPLES = 25
 
 

@@ -25,6 +25,8 @@ import pytest
 from dagfusion.pngmeta import png_info
 from dagfusion.registry import Registry
 
+pytestmark = pytest.mark.slow  # starts a browser, a cluster or servers: full suite only
+
 pytest.importorskip("gradio", reason="the canvas needs the ui extra: pip install 'dagfusion[ui]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need playwright (the dev extra)")
 

@@ -140,6 +140,7 @@ def test_the_error_profile_bins_and_fills_gaps() -> None:
     assert weights == pytest.approx([v / (sum(raw) / 4) for v in raw])
 
 
+@pytest.mark.slow
 def test_distillation_through_the_train_node_then_freeze_save_and_load(tmp_path: Path) -> None:
     folder = tiny.write_model("sd", tmp_path / "tiny-sd")
     settings = make_settings(tmp_path)

@@ -101,6 +101,7 @@ def test_load_embedded_node(engine) -> None:
     assert model.info["source"] == "embedded:shapes-dit"
 
 
+@pytest.mark.slow
 def test_loading_an_embedded_model_imports_only_its_own_classes(tmp_path: Path) -> None:
     """The loader imports the modules of the classes model_index.json names, not every pipeline
     or model family the libraries offer (checked in a fresh process)."""
