@@ -13,6 +13,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+from dagfusion.diskcache import CacheDamage, CacheEntryError, DiskCache  # re-exported: the disk store's home
+
 
 def estimate_nbytes(value: Any, _depth: int = 0) -> int:
     """A cheap estimate of the memory a value holds (tensors, modules, arrays, containers)."""
@@ -84,7 +86,5 @@ class OutputCache:
         self._entries.clear()
         self._used = 0
 
-
-from dagfusion.diskcache import CacheDamage, CacheEntryError, DiskCache  # noqa: E402  (re-exported)
 
 __all__ = ["CacheDamage", "CacheEntryError", "DiskCache", "OutputCache", "estimate_nbytes"]
