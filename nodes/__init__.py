@@ -19,5 +19,6 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "everyday": "dagfusion.nodes.everyday",
     "rewards": "dagfusion.nodes.rewards",
     "textcraftor": "dagfusion.nodes.textcraftor",
+    "structure": "dagfusion.nodes.structure",
 }
 """Short name → module of every built-in pack, in registration order."""

@@ -4,7 +4,7 @@ depth, and the embedded shapes-world models (``dagfusion.models.LoadEmbedded``).
 The metrics measured on this world (ShapeEval, FD-shapes, PSNR/SSIM) are the
 :mod:`dagfusion.nodes.metrics` pack. Registering this pack imports neither torch nor the
 renderer; they load when a node runs. The pack uses the ``IMAGE`` and ``MASK`` types of the
-diffusion pack.
+diffusion pack and the ``DEPTH`` and ``OBJECT_MASK`` types of the structure pack.
 """
 
 from __future__ import annotations
@@ -33,13 +33,6 @@ SHAPES_DATASET = SocketType(
     python_types=(f"{_PKG}.dataset.ShapesDataset",),
     description="A split of the procedural shapes world (rendered on the fly, seeded).",
     color="#fff176",
-)
-DEPTH = SocketType(
-    "DEPTH",
-    parents=("TENSOR",),
-    python_types=("torch.Tensor",),
-    description="Depth maps: float tensor (B, 1, H, W) in [0, 1], larger is farther.",
-    color="#a1887f",
 )
 
 
@@ -75,7 +68,7 @@ def _render_example() -> dict[str, Any]:
 
 @node(
     "dagfusion.shapes.Render",
-    version="1.0.0",
+    version="1.1.0",
     category="shapes",
     inputs=[
         Input("dataset", SHAPES_DATASET, link_only=True),
@@ -87,8 +80,8 @@ def _render_example() -> dict[str, Any]:
         Output("captions", LIST, "One caption per image."),
         Output("labels", LIST, "Per-image attribute labels (single-object datasets), else empty dicts."),
         Output("mask", "MASK", "(B, 1, H, W): where any object is."),
-        Output("object_masks", "TENSOR", "(B, K, H, W): one channel per object."),
-        Output("depth", DEPTH, "(B, 1, H, W): 1 = background, objects closer."),
+        Output("object_masks", "OBJECT_MASK", "(B, K, H, W): one channel per object."),
+        Output("depth", "DEPTH", "(B, 1, H, W) in the DEPTH convention: 1 = nearest, the background 0."),
     ],
     examples=[_render_example],
 )
@@ -102,7 +95,7 @@ def render(ctx: RunContext, dataset: Any, first_index: int, count: int) -> dict[
         "labels": [scene.labels() if len(scene.objects) == 1 else {} for scene in batch.scenes],
         "mask": masks.amax(dim=1, keepdim=True),
         "object_masks": masks,
-        "depth": batch.rendered.depth,
+        "depth": 1.0 - batch.rendered.depth,
     }
 
 
@@ -166,7 +159,7 @@ NODES = (dataset, render, prompts, load_embedded)
 
 @hookimpl
 def register_types(register: Any) -> None:
-    for socket_type in (SHAPES_DATASET, DEPTH):
+    for socket_type in (SHAPES_DATASET,):
         register(socket_type)
 
 

@@ -1,0 +1,57 @@
+"""The structure pack: depth, normals, layouts and object masks; ControlNet and T2I-Adapter
+(apply and train); latent structural diffusion (a joint RGB + depth + normal denoiser) and its
+structure-guided refiner.
+
+Modules, one job each:
+
+- :mod:`~dagfusion.nodes.structure.types` — the socket types;
+- :mod:`~dagfusion.nodes.structure.data` — :class:`~dagfusion.nodes.structure.data.Layout`;
+- :mod:`~dagfusion.nodes.structure.maps` — depth/normal/mask maps: conversions, visualisation, resizing;
+- :mod:`~dagfusion.nodes.structure.layout` — layouts from prompts and rasterised layouts;
+- :mod:`~dagfusion.nodes.structure.estimators` — depth estimators loaded from local folders;
+- :mod:`~dagfusion.nodes.structure.controlnet` — ControlNet load/apply (a model patch);
+- :mod:`~dagfusion.nodes.structure.adapter` — T2I-Adapter load/apply;
+- :mod:`~dagfusion.nodes.structure.train_control` — training ControlNets and adapters;
+- :mod:`~dagfusion.nodes.structure.structural` — latent structural diffusion and the refiner.
+
+Registering this pack imports neither torch nor diffusers: each node imports them when it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from dagfusion import hookimpl
+from dagfusion.nodes.structure.types import TYPES
+
+_NODE_MODULES = ("maps", "layout", "estimators", "metrics", "controlnet", "adapter", "train_control", "structural", "refiner")
+
+
+def _nodes() -> tuple[Any, ...]:
+    found: list[Any] = []
+    for name in _NODE_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name == f"{__name__}.{name}":
+                continue
+            raise
+        found.extend(getattr(module, "NODES", ()))
+    return tuple(found)
+
+
+NODES = _nodes()
+"""Every node of the pack, in palette order."""
+
+
+@hookimpl
+def register_types(register: Any) -> None:
+    for socket_type in TYPES:
+        register(socket_type)
+
+
+@hookimpl
+def register_nodes(register: Any) -> None:
+    for spec in NODES:
+        register(spec)
