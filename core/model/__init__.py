@@ -5,7 +5,8 @@ handle and returns a **new** handle carrying a patch. This package is what they 
 built-in node packs exactly as a third-party plugin does.
 
 Handles (:mod:`~dagfusion.model.handle`)
-    :class:`ModelHandle` (a denoiser), :class:`VAEHandle`, :class:`TextEncoderBundle`: a reference
+    :class:`ModelHandle` (a denoiser), :class:`VAEHandle`, :class:`TextEncoderBundle`,
+    :class:`ImageEncoderHandle`: a reference
     to shared weights (:class:`ComponentRef` into the model cache, or :class:`StaticRef`) plus an
     immutable tuple of patches; ``handle.with_patch(patch)`` copies no weights.
 Patches (:mod:`~dagfusion.model.patch`)
@@ -51,6 +52,7 @@ from dagfusion.model.families import (
 from dagfusion.model.handle import (
     ComponentRef,
     Handle,
+    ImageEncoderHandle,
     ModelHandle,
     Ref,
     SchedulerSpecLike,
@@ -110,6 +112,7 @@ __all__ = [
     "StepRecord",
     "TextEncoderBundle",
     "VAEHandle",
+    "ImageEncoderHandle",
     "applied_patch",
     "applying",
     "apply_patches",

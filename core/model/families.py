@@ -158,8 +158,9 @@ class Family:
             t = t[None].to(device)
         return t.expand(rows)
 
-    def combine(self, out: Any, module: Any, cfg: bool, batches: tuple[str, ...], scale: float, rescale: float) -> Any:
-        """The guided prediction the scheduler steps with (learned variance dropped)."""
+    def combine(self, out: Any, module: Any, cfg: bool, batches: tuple[str, ...], scale: Any, rescale: float) -> Any:
+        """The guided prediction the scheduler steps with (learned variance dropped). ``scale`` is
+        a float, or a tensor broadcast against the prediction (one scale per video frame)."""
         if cfg:
             first, second = out.chunk(2)
             cond, uncond = (second, first) if batches[0] == "uncond" else (first, second)

@@ -418,6 +418,69 @@ class TextEncoderBundle(Handle):
         return f"TextEncoderBundle({self.kind!r}, {self.info.get('source', '?')!r}{patches})"
 
 
+class ImageEncoderHandle(Handle):
+    """An image encoder (``CLIPVisionModelWithProjection``) with its image processor, by reference.
+
+    Image-to-video models (Stable Video Diffusion) condition on the embedding of their first
+    frame. An image-encoder patch's ``apply(module)`` is entered around each encode.
+
+    Attributes:
+        encoder: Reference to the vision model.
+        processor: Reference to its image processor (normalisation constants, input size), or
+            ``None`` for an encoder whose inputs need no processor.
+    """
+
+    def __init__(
+        self,
+        encoder: Ref,
+        processor: Ref | None = None,
+        *,
+        info: Mapping[str, Any] | None = None,
+        offload: bool = False,
+        patches: Sequence[Any] = (),
+    ) -> None:
+        super().__init__(info, offload, patches)
+        self.encoder = as_ref(encoder)
+        self.processor = as_ref(processor) if processor is not None else None
+
+    @classmethod
+    def from_modules(cls, encoder: Any, processor: Any = None, *, info: Mapping[str, Any] | None = None) -> ImageEncoderHandle:
+        base: dict[str, Any] = {"source": f"in-memory {type(encoder).__name__}"}
+        try:
+            param = next(encoder.parameters())
+            base.update(device=str(param.device), dtype=str(param.dtype).replace("torch.", ""))
+        except StopIteration:  # pragma: no cover
+            pass
+        base.update(info or {})
+        fingerprint = _fingerprint({"class": type(processor).__name__, "config": _plain(processor.to_dict())}) if processor is not None and hasattr(processor, "to_dict") else None
+        return cls(StaticRef(encoder), StaticRef(processor, fingerprint) if processor is not None else None, info=base)
+
+    @property
+    def module(self) -> Any:
+        """The shared vision model (unpatched: patches apply only inside :meth:`patched`)."""
+        return self.encoder.get()
+
+    @property
+    def image_processor(self) -> Any:
+        """The image processor, or ``None``."""
+        return self.processor.get() if self.processor is not None else None
+
+    def __dagfusion_fingerprint__(self) -> str:
+        return _fingerprint(
+            {
+                "encoder": self.encoder.fingerprint,
+                "processor": self.processor.fingerprint if self.processor is not None else None,
+                "info": _plain(self.info),
+                "offload": self.offload,
+                **self._patch_fingerprint(),
+            }
+        )
+
+    def __repr__(self) -> str:
+        patches = f", patches=[{self._patch_names()}]" if self.patches else ""
+        return f"ImageEncoderHandle({self.info.get('source', '?')!r}{patches})"
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A content fingerprint of a tokenizer (class, vocabulary, maximum length)."""
     try:

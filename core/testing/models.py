@@ -195,7 +195,41 @@ def build_svd_unet(seed: int = 0) -> Any:
     ).eval()
 
 
-BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "dit": build_dit, "pixart": build_pixart}
+def svd_scheduler_config() -> dict[str, Any]:
+    """Stable Video Diffusion's scheduler settings: Euler on Karras sigmas, v-prediction, EDM-style timesteps."""
+    return dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
+        prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1,
+        timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True,
+    )
+
+
+def build_svd(seed: int = 0) -> Any:
+    """A tiny ``StableVideoDiffusionPipeline``: the tiny video UNet, a temporal-decoder VAE (factor 2),
+    a 32-px CLIP vision encoder with projection and its image processor, Euler (Karras sigmas)."""
+    import torch
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = build_svd_unet(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLTemporalDecoder(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"], layers_per_block=1,
+    ).eval()
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        intermediate_size=37, patch_size=4,
+    )).eval()
+    processor = CLIPImageProcessor(crop_size=32, size=32)
+    return StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=encoder, unet=unet, scheduler=EulerDiscreteScheduler(**svd_scheduler_config()),
+        feature_extractor=processor,
+    )
+
+
+BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "dit": build_dit, "pixart": build_pixart, "svd": build_svd}
 
 
 def save(pipe: Any, folder: str | os.PathLike[str]) -> Path:
@@ -207,7 +241,7 @@ def save(pipe: Any, folder: str | os.PathLike[str]) -> Path:
 
 
 def write_model(kind: str, folder: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Build the tiny ``kind`` model (``sd``, ``sdxl``, ``dit``, ``pixart``) and save it into ``folder``."""
+    """Build the tiny ``kind`` model (``sd``, ``sdxl``, ``dit``, ``pixart``, ``svd``) and save it into ``folder``."""
     return save(_cached_pipeline(kind, seed), folder)
 
 

@@ -27,7 +27,15 @@ from typing import Any
 
 from dagfusion import UnsafeOperationError
 from dagfusion.confinement import check_tree_readable
-from dagfusion.model import ComponentRef, ModelCache, ModelHandle, TextEncoderBundle, VAEHandle, default_cache
+from dagfusion.model import (
+    ComponentRef,
+    ImageEncoderHandle,
+    ModelCache,
+    ModelHandle,
+    TextEncoderBundle,
+    VAEHandle,
+    default_cache,
+)
 from dagfusion.nodes.diffusion.data import SchedulerSpec
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -43,12 +51,14 @@ PICKLE_HINT = (
 
 @dataclass(frozen=True)
 class Loaded:
-    """The four outputs of a loader node."""
+    """The outputs of a loader node (``image_encoder`` for image-conditioned pipelines such as
+    Stable Video Diffusion, else ``None``)."""
 
     model: ModelHandle
     clip: TextEncoderBundle
     vae: VAEHandle
     scheduler: SchedulerSpec
+    image_encoder: ImageEncoderHandle | None = None
 
 
 def resolve_device(requested: str, auto: str) -> str:
@@ -105,6 +115,8 @@ KNOWN_CLASSES: dict[tuple[str, str], str] = {
     ("diffusers", "Transformer2DModel"): "diffusers.models.transformers.transformer_2d",
     ("transformers", "CLIPTextModel"): "transformers.models.clip.modeling_clip",
     ("transformers", "CLIPTextModelWithProjection"): "transformers.models.clip.modeling_clip",
+    ("transformers", "CLIPVisionModelWithProjection"): "transformers.models.clip.modeling_clip",
+    ("transformers", "CLIPImageProcessor"): "transformers.models.clip.image_processing_clip",
     ("transformers", "CLIPTokenizer"): "transformers.models.clip.tokenization_clip",
     ("transformers", "T5EncoderModel"): "transformers.models.t5.modeling_t5",
     ("transformers", "T5Tokenizer"): "transformers.models.t5.tokenization_t5",
@@ -129,10 +141,11 @@ def _lookup_class(library: str, class_name: str) -> Any:
 
 
 def _component_class(library: str, class_name: str) -> tuple[type, str]:
-    """The class a ``model_index.json`` entry names, and its kind (model/tokenizer/scheduler).
+    """The class a ``model_index.json`` entry names, and its kind (model/tokenizer/processor).
 
-    Only diffusers models (``ModelMixin``) and transformers models (``PreTrainedModel``) and
-    tokenizers (``PreTrainedTokenizerBase``) are accepted, whatever module the class is found in.
+    Only diffusers models (``ModelMixin``) and transformers models (``PreTrainedModel``),
+    tokenizers (``PreTrainedTokenizerBase``) and image processors (``ImageProcessingMixin``:
+    configuration only, no weights) are accepted, whatever module the class is found in.
     """
     if library == "diffusers":
         from diffusers.models.modeling_utils import ModelMixin
@@ -150,9 +163,13 @@ def _component_class(library: str, class_name: str) -> tuple[type, str]:
 
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
             return cls, "transformers-model"
+        from transformers.image_processing_base import ImageProcessingMixin
+
+        if isinstance(cls, type) and issubclass(cls, ImageProcessingMixin):
+            return cls, "processor"
     raise ValueError(
         f"model_index.json names {library}.{class_name}, which is not a diffusers model or a transformers "
-        "model or tokenizer; dagfusion loads no other classes"
+        "model, tokenizer or image processor; dagfusion loads no other classes"
     )
 
 
@@ -184,7 +201,7 @@ def load_component(
     if read_roots is not None:
         check_tree_readable(sub, read_roots)
     cls, kind = _component_class(library, class_name)
-    if kind == "tokenizer":
+    if kind in ("tokenizer", "processor"):
         return {name: cls.from_pretrained(str(sub), local_files_only=True)}
     check_weights(sub, allow_pickle)
     safetensors_only = None if allow_pickle else True
@@ -309,9 +326,16 @@ def load_diffusers_folder(
         kind, [ref(n) for n in encoders], [ref(t) for t in tokenizers], options=options,
         info={**info, "component": ",".join(encoders) or "none"}, offload=offload,
     )
-    for r in (model.ref, vae.ref, *clip.encoders, *clip.tokenizers):  # load now: errors belong to the loader node
+    image_encoder = None
+    if _present(index, "image_encoder"):
+        processor = ref("feature_extractor") if _present(index, "feature_extractor") else None
+        image_encoder = ImageEncoderHandle(
+            ref("image_encoder"), processor, info={**info, "component": "image_encoder"}, offload=offload
+        )
+    extra = (image_encoder.encoder, *([image_encoder.processor] if image_encoder and image_encoder.processor else [])) if image_encoder else ()
+    for r in (model.ref, vae.ref, *clip.encoders, *clip.tokenizers, *extra):  # load now: errors belong to the loader node
         r.get()
-    return Loaded(model, clip, vae, spec)
+    return Loaded(model, clip, vae, spec, image_encoder)
 
 
 # --- the local Hugging Face cache ---------------------------------------------------------------

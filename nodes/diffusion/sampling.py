@@ -134,12 +134,16 @@ def run_sampling(
     ctx: RunContext | None = None,
     preview_every: int = 0,
     count_macs: bool = True,
+    min_guidance_scale: float | None = None,
 ) -> tuple[Latent, RunReport]:
     """:func:`sample`, also returning the run's :class:`~dagfusion.model.RunReport` (see the
     module docstring); the latents are the same as :func:`sample`'s.
 
     :param count_macs: Count the MACs of every step (forward hooks on the denoiser's layers for
         the run; skipped for a ``torch.compile``'d denoiser, whose steps then report ``None``).
+    :param min_guidance_scale: Video models only: the guidance scale ramps linearly across the
+        frames from this value (first frame) to ``guidance_scale`` (last frame), as Stable Video
+        Diffusion samples; guidance applies when ``guidance_scale > 1``. ``None``: one scale.
     :raises TypeError: a step hook's ``end()`` returned something that is not plain data.
     """
     import torch
@@ -173,6 +177,11 @@ def run_sampling(
         )
     shape = tuple(init.shape)
     batch = shape[0]
+    if min_guidance_scale is not None and not family.video:
+        raise ValueError(
+            f"min_guidance_scale ramps guidance across video frames; a {family.name} model makes images — "
+            "leave it unset"
+        )
 
     with model.use(module), torch.no_grad():
         _set_timesteps(sched, steps, device, shape)
@@ -209,6 +218,10 @@ def run_sampling(
             latent_shape=shape, scale=scale, guidance_scale=guidance_scale,
         )
         kwargs, batches, concat = prepared.kwargs, prepared.batches, prepared.concat
+        guidance: Any = guidance_scale
+        if cfg and min_guidance_scale is not None:  # one scale per frame, broadcast over (B, F, C, h, w)
+            guidance = torch.linspace(float(min_guidance_scale), float(guidance_scale), shape[1])
+            guidance = guidance.to(device, dtype).view(1, shape[1], *([1] * (len(shape) - 2)))
         step_kwargs = _step_kwargs(sched, eta, generator)
         values = [float(t) for t in timesteps.detach().float().cpu().tolist()]
         sigmas = _sigmas(sched)
@@ -255,7 +268,7 @@ def run_sampling(
                         kwargs, batches, family.name,
                     )
                     out = forward(call)
-                    prediction = family.combine(out, module, cfg, batches, guidance_scale, guidance_rescale)
+                    prediction = family.combine(out, module, cfg, batches, guidance, guidance_rescale)
                     result = sched.step(prediction, t, latents, **step_kwargs, return_dict=False)
                     latents = result[1] if one_step_original and len(result) > 1 else result[0]
                     for hook in hooks:
@@ -284,7 +297,8 @@ def run_sampling(
         patches=_patch_reports(reports),
         info={"family": family.name, "sampler": spec.name, "scheduler": spec.class_name, "steps": total,
               "cfg": cfg, "guidance_scale": guidance_scale, "seed": int(seed), "batch": batch,
-              "macs_counted": measure},
+              "macs_counted": measure,
+              **({"min_guidance_scale": min_guidance_scale} if min_guidance_scale is not None else {})},
     )
     lineage = {
         **dict(latent.lineage),
@@ -292,6 +306,7 @@ def run_sampling(
         "patches": [patch_key(p) for p in model.patches],
         "sampler": {"name": spec.name, "scheduler": spec.class_name, "steps": steps, "seed": int(seed),
                     "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "eta": eta,
+                    **({"min_guidance_scale": min_guidance_scale} if min_guidance_scale is not None else {}),
                     "strength": strength},
         "conditioning": {k: v for k, v in conditioning.meta.items() if k in ("prompt", "negative_prompt", "class_labels")},
     }
