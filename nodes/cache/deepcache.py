@@ -58,6 +58,7 @@ from dagfusion.nodes.cache.stats import FeatureCacheStats, call_stats
 from dagfusion.nodes.cache.unet_branch import (  # re-exported: the UNet side is part of DeepCache's interface
     capture_deep_feature,
     check_branch,
+    is_video_unet,
     unet_of,
     unet_partial_forward,
 )
@@ -199,6 +200,7 @@ class DeepCacheHook(StepHook):
         self._correct = correct
         self._correct_full = correct_full
         self._cache: tuple[Any, Any] | None = None  # (batch layout, deep feature)
+        self._video = is_video_unet(unet)
         self._calls: list[tuple[int, str, Any]] = []  # (step index, "full" | "partial", batch layout)
 
     def denoise(self, call: DenoiserCall, forward: Forward) -> Any:
@@ -223,7 +225,8 @@ class DeepCacheHook(StepHook):
             ),
         )
         # A feature of another batch (an inner hook changed the call) cannot be reused.
-        self._cache = (layout, deep.clone()) if deep is not None and deep.shape[0] == call.sample.shape[0] else None
+        rows = call.sample.shape[0] * (call.sample.shape[1] if self._video else 1)  # video UNets fold frames into rows
+        self._cache = (layout, deep.clone()) if deep is not None and deep.shape[0] == rows else None
         self._calls.append((index, "full", layout))
         return out
 

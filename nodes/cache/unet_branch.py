@@ -8,19 +8,30 @@ from typing import Any
 
 from dagfusion.model import unwrap_compiled
 
-def unet_of(module: Any) -> Any:
-    """The ``UNet2DConditionModel`` behind ``module`` (looking through ``torch.compile``).
+VIDEO_UNET = "UNetSpatioTemporalConditionModel"
+UNET_CLASSES = ("UNet2DConditionModel", VIDEO_UNET)
 
-    :raises TypeError: naming the class, when ``module`` is not a ``UNet2DConditionModel``.
+
+def unet_of(module: Any) -> Any:
+    """The UNet behind ``module`` (looking through ``torch.compile``): a ``UNet2DConditionModel``
+    (SD 1/2, SDXL) or a ``UNetSpatioTemporalConditionModel`` (Stable Video Diffusion).
+
+    :raises TypeError: naming the class, when ``module`` is neither.
     """
     inner = unwrap_compiled(module)
-    if "UNet2DConditionModel" not in {cls.__name__ for cls in type(inner).__mro__}:
+    if not {cls.__name__ for cls in type(inner).__mro__} & set(UNET_CLASSES):
         raise TypeError(
-            f"DeepCache works on UNet denoisers (diffusers UNet2DConditionModel: SD 1.x/2.x, SDXL); this model's "
-            f"denoiser is a {type(inner).__name__}. For transformer denoisers (DiT, PixArt) use the DiT cache "
-            "nodes of the cache pack instead"
+            f"DeepCache works on UNet denoisers (diffusers UNet2DConditionModel: SD 1.x/2.x, SDXL; "
+            f"UNetSpatioTemporalConditionModel: Stable Video Diffusion); this model's denoiser is a "
+            f"{type(inner).__name__}. For transformer denoisers (DiT, PixArt) use the DiT cache nodes of the cache "
+            "pack instead"
         )
     return inner
+
+
+def is_video_unet(unet: Any) -> bool:
+    """Whether ``unet`` is a ``UNetSpatioTemporalConditionModel``."""
+    return VIDEO_UNET in {cls.__name__ for cls in type(unwrap_compiled(unet)).__mro__}
 
 
 def max_branch(unet: Any) -> int:
@@ -55,12 +66,16 @@ def unet_partial_forward(unet: Any, sample: Any, timestep: Any, kwargs: dict[str
     conditions, image hints), attention masks, GLIGEN, ControlNet and T2I-Adapter residuals
     (those of the shallow blocks) and upsample sizes for odd latent sizes.
 
+    A ``UNetSpatioTemporalConditionModel`` goes through :func:`video_partial_forward`.
+
     :param kwargs: The keyword inputs of the UNet call (``encoder_hidden_states`` …).
     :returns: The output tensor (not a ``UNet2DConditionOutput``).
     """
     import torch
 
     unet = unwrap_compiled(unet)
+    if is_video_unet(unet):
+        return video_partial_forward(unet, sample, timestep, kwargs, branch, deep)
     unknown = sorted(set(kwargs) - _KNOWN_KWARGS)
     if unknown:
         raise TypeError(f"DeepCache's partial UNet forward does not know the input(s) {unknown}")
@@ -161,6 +176,78 @@ def unet_partial_forward(unet: Any, sample: Any, timestep: Any, kwargs: dict[str
     if unet.conv_norm_out:
         sample = unet.conv_act(unet.conv_norm_out(sample))
     return unet.conv_out(sample)
+
+
+_VIDEO_KWARGS = frozenset({"encoder_hidden_states", "added_time_ids", "return_dict"})
+
+
+def video_partial_forward(unet: Any, sample: Any, timestep: Any, kwargs: dict[str, Any], branch: int, deep: Any) -> Any:
+    """:func:`unet_partial_forward` for a ``UNetSpatioTemporalConditionModel``: video latents
+    ``(B, F, C, h, w)`` in, the output ``(B, F, C_out, h, w)`` out.
+
+    Follows diffusers' ``UNetSpatioTemporalConditionModel.forward`` for the shallow blocks: the
+    timestep and added-time-id embeddings, both repeated per frame, the image embeddings repeated
+    per frame, frames flattened into the batch, an all-video ``image_only_indicator`` for the
+    temporal layers; the cached ``deep`` feature (frames flattened) enters up-block
+    ``len(up_blocks) - 1 - branch``.
+    """
+    import torch
+
+    unknown = sorted(set(kwargs) - _VIDEO_KWARGS)
+    if unknown:
+        raise TypeError(f"DeepCache's partial video UNet forward does not know the input(s) {unknown}")
+    encoder_hidden_states = kwargs["encoder_hidden_states"]
+    added_time_ids = kwargs["added_time_ids"]
+    up_blocks = unet.up_blocks
+    first_up = len(up_blocks) - 1 - branch
+    factor = 2**unet.num_upsamplers
+    forward_upsample_size = any(dim % factor != 0 for dim in sample.shape[-2:])
+
+    timesteps = timestep
+    if not torch.is_tensor(timesteps):
+        timesteps = torch.tensor([timesteps], dtype=torch.float32, device=sample.device)
+    elif timesteps.ndim == 0:
+        timesteps = timesteps[None].to(sample.device)
+    batch, frames = sample.shape[:2]
+    emb = unet.time_embedding(unet.time_proj(timesteps.expand(batch)).to(dtype=sample.dtype))
+    time_embeds = unet.add_time_proj(added_time_ids.flatten()).reshape((batch, -1)).to(emb.dtype)
+    emb = emb + unet.add_embedding(time_embeds)
+    hidden = sample.flatten(0, 1)
+    emb = emb.repeat_interleave(frames, dim=0)
+    encoder_hidden_states = encoder_hidden_states.repeat_interleave(frames, dim=0)
+    indicator = torch.zeros(batch, frames, dtype=hidden.dtype, device=hidden.device)
+
+    hidden = unet.conv_in(hidden)
+    needed = sum(len(block.resnets) for block in up_blocks[first_up:])
+    skips: tuple[Any, ...] = (hidden,)
+    for block in unet.down_blocks:
+        if len(skips) >= needed:
+            break
+        if getattr(block, "has_cross_attention", False):
+            hidden, res = block(hidden_states=hidden, temb=emb, encoder_hidden_states=encoder_hidden_states,
+                                image_only_indicator=indicator)
+        else:
+            hidden, res = block(hidden_states=hidden, temb=emb, image_only_indicator=indicator)
+        skips += res
+    skips = skips[:needed]
+
+    hidden = deep
+    upsample_size = None
+    for index in range(first_up, len(up_blocks)):
+        block = up_blocks[index]
+        res = skips[-len(block.resnets):]
+        skips = skips[: -len(block.resnets)]
+        if index != len(up_blocks) - 1 and forward_upsample_size:
+            upsample_size = skips[-1].shape[2:]
+        if getattr(block, "has_cross_attention", False):
+            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res,
+                           encoder_hidden_states=encoder_hidden_states, upsample_size=upsample_size,
+                           image_only_indicator=indicator)
+        else:
+            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size,
+                           image_only_indicator=indicator)
+    hidden = unet.conv_out(unet.conv_act(unet.conv_norm_out(hidden)))
+    return hidden.reshape(batch, frames, *hidden.shape[1:])
 
 
 def capture_deep_feature(unet: Any, branch: int, run: Any, transform: Any = None) -> tuple[Any, Any]:
