@@ -13,6 +13,7 @@ Node ids (see :doc:`/everyday` for the guide):
   ``dagfusion.mask.Feather``, ``dagfusion.mask.Invert``, ``dagfusion.mask.FromImage``, ``dagfusion.mask.Rectangle``
 - text: ``dagfusion.text.List``, ``dagfusion.text.Join``, ``dagfusion.text.FormatMany``
 - model: ``dagfusion.models.Merge``
+- edit: ``dagfusion.edit.EDICTInvert``, ``dagfusion.edit.EDICTGenerate`` (exact inversion, :mod:`~dagfusion.nodes.everyday.edict`)
 
 The pack uses the diffusion pack's types (``CLIP``, ``IMAGE``, ``LATENT`` …) and registers after
 it. Registering it imports neither torch nor transformers: each node imports them when it runs.
@@ -26,6 +27,7 @@ from dagfusion import hookimpl
 from dagfusion.nodes.everyday import (
     batches,
     conditioning_ops,
+    edict,
     embeddings,
     grid,
     inpaint,
@@ -36,7 +38,7 @@ from dagfusion.nodes.everyday import (
 )
 
 NODES = (*embeddings.NODES, *conditioning_ops.NODES, *batches.NODES, *grid.NODES, *resize.NODES, *upscale.NODES,
-         *inpaint.NODES, *lists.NODES, *merge.NODES)
+         *inpaint.NODES, *edict.NODES, *lists.NODES, *merge.NODES)
 """Every node of the pack, in palette order."""
 
 
