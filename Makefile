@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU build here; a CUDA user installs their own build beforehand
 	$(PY) -m pip show torch >/dev/null 2>&1 || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,diffusion,ui,serve,ray]"
+	$(PY) -m pip install --quiet -e ".[dev,diffusion,ui,serve,ray,video]"
 	touch $(STAMP)
 
 # The canvas's third-party JavaScript: from the npm registry at the versions in ui/package-lock.json

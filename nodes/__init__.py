@@ -20,5 +20,6 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "rewards": "dagfusion.nodes.rewards",
     "textcraftor": "dagfusion.nodes.textcraftor",
     "structure": "dagfusion.nodes.structure",
+    "video": "dagfusion.nodes.video",
 }
 """Short name → module of every built-in pack, in registration order."""
