@@ -165,6 +165,16 @@ class VideoBatch:
         return self.rendered.video
 
     @property
+    def images(self) -> torch.Tensor:
+        """The clips ``(B, F, 3, H, W)`` (what training data sources read)."""
+        return self.rendered.video
+
+    @property
+    def captions(self) -> tuple[str, ...]:
+        """Each clip's description (the SVD layout takes no text; kept for reports)."""
+        return tuple(c.description for c in self.clips)
+
+    @property
     def first_frames(self) -> torch.Tensor:
         """(B, 3, H, W): what an image-to-video model is given."""
         return self.rendered.video[:, 0]

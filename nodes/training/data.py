@@ -37,7 +37,8 @@ class Examples:
     """A batch from a data source.
 
     Attributes:
-        images: Float tensor ``(B, C, H, W)`` with values in [0, 1] (C = 3; a 4th channel is dropped).
+        images: Float tensor ``(B, C, H, W)`` with values in [0, 1] (C = 3; a 4th channel is dropped),
+            or clips ``(B, F, C, H, W)`` for objectives that prepare video batches themselves.
         captions: One caption per image.
         raw: The source's own batch object (masks, labels … for objectives that want them).
     """
@@ -48,8 +49,11 @@ class Examples:
 
     def __post_init__(self) -> None:
         images = self.images
-        if getattr(images, "ndim", None) != 4:
-            raise ValueError(f"a data source must give images (B, C, H, W), got shape {tuple(getattr(images, 'shape', ()))}")
+        if getattr(images, "ndim", None) not in (4, 5):
+            raise ValueError(
+                f"a data source must give images (B, C, H, W) or clips (B, F, C, H, W), got shape "
+                f"{tuple(getattr(images, 'shape', ()))}"
+            )
         if len(self.captions) != images.shape[0]:
             raise ValueError(f"a data source gave {images.shape[0]} images but {len(self.captions)} captions")
 

@@ -163,7 +163,7 @@ class _TextCache:
     def __init__(self, clip: Any, device: Any, limit: int = 4096) -> None:
         self.clip = clip
         self.device = device
-        self.kind = clip.kind
+        self.kind = getattr(clip, "kind", None)  # an image encoder has none: its objective prepares batches
         self.limit = limit
         self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
@@ -387,18 +387,30 @@ def train(
                     group["lr"] = lr
                 examples = source.examples(step * config.batch_size, config.batch_size)
                 captions = tuple(examples.captions)
-                if config.caption_dropout > 0:
-                    drop = torch.rand((len(captions),), generator=generator) < config.caption_dropout
-                    captions = tuple("" if d else c for c, d in zip(captions, drop.tolist()))
-                images = examples.images[:, :3] if examples.images.shape[1] == 4 else examples.images
-                x0 = encode(images, generator)
-                shape = tuple(x0.shape)
-                prepared = prepare(captions, shape)
-                if prepared.concat is not None:
-                    raise ValueError(f"training {family.name} models (with concatenated image latents) is not supported")
-                empty = ("",) * len(captions)
-                call = ModelCall(module, family, prepared.kwargs, autocast,
-                                 lambda empty=empty, shape=shape: prepare(empty, shape).kwargs)
+                custom = objective.batch_inputs(examples, vae=vae, encoder=clip, device=device, generator=generator)
+                if custom is not None:  # the objective prepared the batch (e.g. video on its first frame)
+                    x0 = custom.x0
+                    bound = family.prepare(
+                        module, custom.conditioning, batch=int(x0.shape[0]), cfg=False, device=device,
+                        dtype=torch.float32, latent_shape=tuple(x0.shape), scale=scale, guidance_scale=1.0,
+                    )
+                    call = ModelCall(module, family, bound.kwargs, autocast, None, concat=bound.concat)
+                else:
+                    if config.caption_dropout > 0:
+                        drop = torch.rand((len(captions),), generator=generator) < config.caption_dropout
+                        captions = tuple("" if d else c for c, d in zip(captions, drop.tolist()))
+                    images = examples.images[:, :3] if examples.images.shape[1] == 4 else examples.images
+                    x0 = encode(images, generator)
+                    shape = tuple(x0.shape)
+                    prepared = prepare(captions, shape)
+                    if prepared.concat is not None:
+                        raise ValueError(
+                            f"training {family.name} models (with concatenated image latents) needs an objective that "
+                            "prepares its batches (batch_inputs), such as the video EDM objective"
+                        )
+                    empty = ("",) * len(captions)
+                    call = ModelCall(module, family, prepared.kwargs, autocast,
+                                     lambda empty=empty, shape=shape: prepare(empty, shape).kwargs)
                 loss, logs = objective.loss(call, TrainBatch(x0, captions, examples), TrainStep(step, total), generator)
                 value = float(loss.detach())
                 if not math.isfinite(value):

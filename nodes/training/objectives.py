@@ -108,11 +108,12 @@ class ModelCall:
     """
 
     def __init__(self, module: Any, family: Any, inputs: Mapping[str, Any], autocast: Any,
-                 unconditional: Any = None) -> None:
+                 unconditional: Any = None, *, concat: Any = None) -> None:
         self.module = module
         self.family = family
         self.inputs = dict(inputs)
         self.autocast = autocast
+        self.concat = concat
         self._unconditional = unconditional
         self._unconditional_inputs: dict[str, Any] | None = None
 
@@ -132,12 +133,28 @@ class ModelCall:
     def __call__(self, sample: Any, timesteps: Any, **inputs: Any) -> Any:
         """The module's prediction for ``sample`` at ``timesteps`` (one per row), in float32.
 
-        ``inputs`` replace bound inputs of the same name for this call.
+        ``inputs`` replace bound inputs of the same name for this call. With ``concat`` (a family
+        whose conditioning is partly concatenated to the noisy latents, such as SVD's image
+        latents), it is appended to ``sample`` along the family's channel dimension first.
         """
+        if self.concat is not None:
+            import torch
+
+            sample = torch.cat([sample, self.concat.to(device=sample.device, dtype=sample.dtype)], dim=self.family.channel_dim)
         kwargs = {**self.inputs, **inputs} if inputs else self.inputs
         with self.autocast():
             out = self.family.call(self.module, sample, timesteps, kwargs)
         return self.family.drop_variance(out, self.module).float()
+
+
+@dataclass(frozen=True)
+class BatchInputs:
+    """A batch an objective prepared itself (:meth:`Objective.batch_inputs`): the clean samples
+    ``x0`` in the denoiser's space (float32 on the training device) and the conditioning (a
+    :class:`~dagfusion.nodes.diffusion.data.Conditioning` of a kind the model's family takes)."""
+
+    x0: Any
+    conditioning: Any
 
 
 class Objective:
@@ -152,6 +169,18 @@ class Objective:
     def loss(self, model_call: ModelCall, batch: TrainBatch, step: TrainStep, generator: Any) -> tuple[Any, dict[str, float]]:
         """A scalar loss tensor for ``batch`` and extra values to report."""
         raise NotImplementedError(f"{type(self).__name__} must implement loss(model_call, batch, step, generator)")
+
+    def batch_inputs(self, examples: Any, *, vae: Any, encoder: Any, device: Any, generator: Any) -> BatchInputs | None:
+        """Prepare a batch yourself, or ``None`` (the default) to let the loop do it.
+
+        The loop's own preparation drops captions, encodes images with the VAE and captions with
+        the text encoder. An objective whose model is conditioned otherwise (a video UNet on its
+        first frame) returns :class:`BatchInputs` here; the loop then binds that conditioning
+        through the model family (concatenated latents included) and skips its own. ``encoder``
+        is whatever the training was given as its encoder (a text bundle or an image encoder);
+        draw all randomness from ``generator``.
+        """
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Plain data: the objective's name, what it predicts, its schedule and timestep sampling."""

@@ -113,7 +113,9 @@ def _example(objective: str) -> Any:
         Input("model", "MODEL", link_only=True, description="The model to train (it is copied; the input handle never changes)."),
         Input("data", union("SHAPES_DATASET", TRAINING_DATA), link_only=True,
               description="Training data: a shapes dataset or any TRAINING_DATA source (images with captions)."),
-        Input("clip", "CLIP", link_only=True, description="The text encoder bundle for the captions (frozen)."),
+        Input("clip", union("CLIP", "CLIP_VISION"), link_only=True,
+              description="The frozen encoder of the conditions: the text encoder bundle for captions, or an image "
+                          "encoder for objectives that condition on images (video on its first frame)."),
         Input("vae", "VAE", optional=True, link_only=True,
               description="The VAE that maps images to the model's latents (frozen); absent: the model works on pixels in [-1, 1]."),
         Input("objective", OBJECTIVE, link_only=True, description="What to minimise (Epsilon, VPrediction, RectifiedFlow, or a plug-in objective)."),

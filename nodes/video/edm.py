@@ -21,20 +21,13 @@ the augmentation strength is drawn per clip (``ln s ~ N(aug_p_mean, aug_p_std²)
 conditions of a clip are zeroed with probability ``condition_dropout`` (the unconditional half
 classifier-free guidance uses).
 
-**Training-loop seam.** The generic loop (:mod:`~dagfusion.nodes.training.loop`) reads images
-``(B, C, H, W)`` with captions, conditions through the text encoder and refuses families whose
-conditioning is channel-concatenated. :class:`EDMVideoObjective` is therefore written against
-a two-part extension of the loop's objective interface, implemented here so it is tested
-directly:
-
-1. ``objective.batch_inputs(examples, *, vae, encoder, device, generator)`` — the objective
-   builds the clean latents and the conditioning from the raw examples (here: clips
-   ``(B, F, 3, H, W)``) and returns :class:`VideoBatchInputs`; the loop then calls
-   ``family.prepare`` with that conditioning instead of the captions' (the default
-   ``Objective`` would return ``None``: the loop's own path);
-2. :class:`VideoModelCall` — a :class:`~dagfusion.nodes.training.objectives.ModelCall` that also
-   carries the family's channel-concatenated latents (``Prepared.concat``) and appends them to
-   every sample it is called with.
+**Training loop.** The shared loop (:mod:`~dagfusion.nodes.training.loop`) drives this
+objective through its batch seam: ``batch_inputs(examples, *, vae, encoder, device, generator)``
+builds the clean latents and the ``svd`` conditioning from the raw examples (clips
+``(B, F, 3, H, W)``, the first frame as the condition) and returns
+:class:`~dagfusion.nodes.training.objectives.BatchInputs`; the loop binds that conditioning
+through the model family, whose channel-concatenated image latents the
+:class:`~dagfusion.nodes.training.objectives.ModelCall` appends to every sample.
 """
 
 from __future__ import annotations
@@ -46,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dagfusion.nodes.training.objectives import (
+    BatchInputs,
     ModelCall,
     Objective,
     TrainBatch,
@@ -119,26 +113,9 @@ def denoise(network: Callable[[Any, Any], Any], x_noisy: Any, sigma: Any) -> Any
 # --- the model call with concatenated latents --------------------------------------------------
 
 
-class VideoModelCall(ModelCall):
-    """A :class:`~dagfusion.nodes.training.objectives.ModelCall` for families whose conditioning is
-    partly concatenated to the noisy latents (SVD's image latents, ``Prepared.concat``).
-
-    ``concat`` ``(B, F, C', h, w)`` is appended along ``family.channel_dim`` to every sample the
-    call receives; ``concat=None`` is a plain ``ModelCall``.
-    """
-
-    def __init__(self, module: Any, family: Any, inputs: Mapping[str, Any], autocast: Any,
-                 unconditional: Any = None, *, concat: Any = None) -> None:
-        super().__init__(module, family, inputs, autocast, unconditional)
-        self.concat = concat
-
-    def __call__(self, sample: Any, timesteps: Any, **inputs: Any) -> Any:
-        import torch
-
-        if self.concat is not None:
-            concat = self.concat.to(device=sample.device, dtype=sample.dtype)
-            sample = torch.cat([sample, concat], dim=self.family.channel_dim)
-        return super().__call__(sample, timesteps, **inputs)
+VideoModelCall = ModelCall
+"""A model call with ``concat`` (the image latents appended to every sample): the training loop's
+own :class:`~dagfusion.nodes.training.objectives.ModelCall`."""
 
 
 def svd_model_call(module: Any, conditioning: Any, shape: tuple[int, ...], *, autocast: Any = None) -> VideoModelCall:
@@ -210,10 +187,12 @@ def first_frame_conditioning(
     noise: Any,
     noise_aug: Any,
     fps: int,
-    motion_bucket_id: int,
+    motion_bucket_id: int | Any,
     drop: Any = None,
 ) -> Any:
     """The ``svd`` conditioning of first frames ``first`` ``(B, 3, H, W)`` in ``[0, 1]``.
+
+    ``motion_bucket_id`` is one id for every row or one per row (a sequence or ``(B,)`` tensor).
 
     As :func:`~dagfusion.nodes.video.svd.svd_conditioning` with one augmentation strength per row
     (``noise_aug`` ``(B,)``) and the augmentation ``noise`` ``(B, 3, H, W)`` given; rows where
@@ -237,23 +216,23 @@ def first_frame_conditioning(
         keep = (~drop.bool()).to(embeds.dtype)
         embeds = embeds * keep.view(-1, 1, 1)
         latents = latents * keep.view(-1, 1, 1, 1)
+    buckets = torch.as_tensor(motion_bucket_id, dtype=torch.float32)
+    buckets = buckets.expand(noise_aug.shape[0]) if buckets.ndim == 0 else buckets.reshape(-1)
+    if buckets.shape[0] != noise_aug.shape[0]:
+        raise ValueError(f"expected one motion bucket id or {int(noise_aug.shape[0])}, got {int(buckets.shape[0])}")
     ids = torch.stack([
         torch.full_like(noise_aug.float(), float(fps - 1)),
-        torch.full_like(noise_aug.float(), float(motion_bucket_id)),
+        buckets,
         noise_aug.float(),
     ], dim=1).to(embeds.dtype)
     return Conditioning("svd", {"encoder_hidden_states": embeds, "image_latents": latents.unsqueeze(1),
                                 "added_time_ids": ids}, None,
-                        meta={"fps": int(fps), "motion_bucket_id": int(motion_bucket_id)})
+                        meta={"fps": int(fps), "motion_bucket_id": [float(b) for b in buckets.tolist()]})
 
 
-@dataclass(frozen=True)
-class VideoBatchInputs:
-    """What :meth:`EDMVideoObjective.batch_inputs` returns: the clean latents ``x0``
-    ``(B, F, C, h, w)`` and the ``svd`` conditioning to bind for them."""
-
-    x0: Any
-    conditioning: Any
+VideoBatchInputs = BatchInputs
+"""What :meth:`EDMVideoObjective.batch_inputs` returns: the clean latents ``x0`` ``(B, F, C, h, w)``
+and the ``svd`` conditioning (the loop's :class:`~dagfusion.nodes.training.objectives.BatchInputs`)."""
 
 
 # --- the objective -----------------------------------------------------------------------------
@@ -267,7 +246,8 @@ class EDMVideoObjective(Objective):
         p_mean, p_std: ``ln σ ~ N(p_mean, p_std²)`` (SVD's image-to-video values by default).
         aug_p_mean, aug_p_std: ``ln s ~ N(aug_p_mean, aug_p_std²)`` for the first frame's noise
             augmentation strength ``s`` (SVD's conditioning-augmentation distribution).
-        fps, motion_bucket_id: The micro-conditions given with every clip.
+        fps, motion_bucket_id: The micro-conditions given with every clip (a data source whose raw
+            batches carry ``motion_bucket_ids``, like the shapes-video world, gives one per clip).
         condition_dropout: Probability of zeroing a clip's image embedding and image latents.
     """
 
@@ -315,8 +295,11 @@ class EDMVideoObjective(Objective):
         aug = torch.exp(self.aug_p_mean + self.aug_p_std * torch.randn((batch,), generator=generator))
         noise = torch.randn(tuple(clips[:, 0].shape), generator=generator)
         drop = torch.rand((batch,), generator=generator) < self.condition_dropout
+        raw = getattr(examples, "raw", None)
+        buckets = getattr(raw, "motion_bucket_ids", None)  # data that knows each clip's motion (shapes-video)
         cond = first_frame_conditioning(encoder, vae, clips[:, 0], noise=noise, noise_aug=aug, fps=self.fps,
-                                        motion_bucket_id=self.motion_bucket_id, drop=drop)
+                                        motion_bucket_id=self.motion_bucket_id if buckets is None else list(buckets),
+                                        drop=drop)
         return VideoBatchInputs(x0, cond)
 
     def loss(self, model_call: ModelCall, batch: TrainBatch, step: TrainStep, generator: Any) -> tuple[Any, dict[str, float]]:

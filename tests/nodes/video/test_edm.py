@@ -4,6 +4,7 @@ v-prediction denoises exactly, the first-frame conditioning equals the sampler's
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import pytest
@@ -150,3 +151,41 @@ def test_objective_settings_are_checked_and_keyed() -> None:
     with pytest.raises(ValueError, match="video latents"):
         EDMVideoObjective().loss(None, TrainBatch(torch.zeros(1, 4, 8, 8), ("",)), TrainStep(0, 1),  # type: ignore[arg-type]
                                  torch.Generator())
+
+
+def test_the_shared_training_loop_trains_a_video_unet_on_shapes_clips() -> None:
+    """The loop's batch seam: clips in, first-frame conditioning bound, image latents concatenated;
+    each clip's motion bucket comes from the shapes-video data."""
+    import torch
+
+    from dagfusion.model import ImageEncoderHandle, ModelHandle, VAEHandle
+    from dagfusion.nodes.diffusion.data import SchedulerSpec
+    from dagfusion.nodes.shapes.motion import ShapesVideoDataset
+    from dagfusion.nodes.training.loop import TrainConfig, train
+    from dagfusion.nodes.video.edm import EDMVideoObjective
+    from dagfusion.testing import models as tiny
+
+    pipe = tiny._cached_pipeline("svd", 0)
+    model = ModelHandle.from_module(pipe.unet, scheduler=SchedulerSpec("EulerDiscreteScheduler", tiny.svd_scheduler_config()),
+                                    vae_scale_factor=2)
+    encoder = ImageEncoderHandle.from_modules(pipe.image_encoder, pipe.feature_extractor)
+    vae = VAEHandle.from_module(pipe.vae)
+    data = ShapesVideoDataset("train", resolution=32, frames=3, seed=0)
+    seen: list[Any] = []
+    objective = EDMVideoObjective()
+    original = objective.batch_inputs
+
+    def spy(examples: Any, **kwargs: Any) -> Any:
+        out = original(examples, **kwargs)
+        seen.append(out.conditioning.positive["added_time_ids"][:, 1].tolist())
+        return out
+
+    object.__setattr__(objective, "batch_inputs", spy)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    result = train(model, data, encoder, vae, objective, TrainConfig(steps=3, batch_size=2, learning_rate=1e-3, seed=0))
+    assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
+    batch = data.batch(0, 2)
+    assert seen[0] == [float(b) for b in batch.motion_bucket_ids]
+    trained = result.model.denoiser.state_dict()
+    assert any(not torch.equal(trained[k], before[k]) for k in before)
+    assert all(torch.equal(pipe.unet.state_dict()[k], before[k]) for k in before)  # the input model is untouched
