@@ -12,7 +12,10 @@ Modules, one job each:
 - :mod:`~dagfusion.nodes.structure.controlnet` — ControlNet load/apply (a model patch);
 - :mod:`~dagfusion.nodes.structure.adapter` — T2I-Adapter load/apply;
 - :mod:`~dagfusion.nodes.structure.train_control` — training ControlNets and adapters;
-- :mod:`~dagfusion.nodes.structure.structural` — latent structural diffusion and the refiner.
+- :mod:`~dagfusion.nodes.structure.structural` — latent structural diffusion's nodes (the model in
+  ``structural_model``, its sampler family in ``structural_family``, data and objective in
+  ``structural_data``, the file format in ``structural_io``);
+- :mod:`~dagfusion.nodes.structure.refiner` — the structure-guided refiner's conditions.
 
 Registering this pack imports neither torch nor diffusers: each node imports them when it runs.
 """
@@ -49,6 +52,13 @@ NODES = _nodes()
 def register_types(register: Any) -> None:
     for socket_type in TYPES:
         register(socket_type)
+
+
+@hookimpl
+def register_denoiser_families(register: Any) -> None:
+    from dagfusion.nodes.structure.structural_family import register_denoiser_families as families
+
+    families(register)
 
 
 @hookimpl
