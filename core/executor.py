@@ -39,7 +39,7 @@ from dagfusion.plan import Plan
 from dagfusion.registry import Registry
 from dagfusion.settings import Settings
 from dagfusion.threads import ThreadPolicy
-from dagfusion.validation import TypeChecks, effective_default
+from dagfusion.validation import TypeChecks, bypass_input, effective_default
 from dagfusion.workflow import Link
 
 logger = logging.getLogger("dagfusion.executor")
@@ -159,6 +159,19 @@ def execute(
             continue
 
         handler.handle(NodeStarted(run_id, node_id=node_id, node_type=spec.type_id))
+        if inst.bypass:  # not run: each output passes on its input of the same type
+            try:
+                inputs = _gather_inputs(node_id, spec, inst.inputs, values, registry, checks)
+            except ValidationError as exc:
+                error = NodeExecutionError(node_id, spec.type_id, exc)
+                result.errors[node_id] = error
+                broken[node_id] = node_id
+                handler.handle(NodeFailed(run_id, node_id=node_id, node_type=spec.type_id, error=str(error), traceback=""))
+                continue
+            values[node_id] = {o.name: inputs.get(bypass_input(spec, o.name, inst.inputs) or "") for o in spec.outputs}
+            result.executed.append(node_id)
+            handler.handle(NodeFinished(run_id, node_id=node_id, node_type=spec.type_id, seconds=0.0))
+            continue
         ctx = RunContext(
             node_id=node_id,
             run_id=run_id,

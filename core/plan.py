@@ -132,7 +132,7 @@ def _make_plan(
             continue
         spec = specs[node_id]
         outputs = None
-        if use_cache and spec.pure:
+        if use_cache and spec.pure and not validated.workflow.nodes[node_id].bypass:
             outputs = _lookup(
                 keys[node_id], spec, memory, disk, types, lambda damage, n=node_id: warnings.append((n, str(damage)))
             )
@@ -227,6 +227,8 @@ def _cache_keys(
         given = nodes[node_id].inputs
         h = new_hasher()
         h.update(layout[0])
+        if nodes[node_id].bypass:
+            h.update(b"bypass\0")
         cacheable = spec.pure
         for input_spec, name, is_path in layout[1]:
             value = given.get(input_spec.name, REQUIRED)

@@ -82,6 +82,7 @@ def workflow_schema(registry: Registry) -> dict[str, Any]:
         "properties": {
             "type": {"type": "string", "enum": sorted(s.type_id for s in registry)},
             "version": {"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
+            "bypass": {"type": "boolean", "description": "skip the node; each output passes on its input of the same type"},
             "inputs": {"type": "object"},
             "ui": {"type": "object"},
         },

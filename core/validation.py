@@ -212,6 +212,18 @@ def _check(
                 problems.append(Problem(problem[0], problem[1], node=node_id, input=name, line=workflow.node_line(node_id, name)))
         if spec.check is not None:
             problems.extend(node_check_problems(workflow, node_id, inst, spec))
+        if inst.bypass:
+            for output in spec.outputs:
+                if bypass_input(spec, output.name, given) is None:
+                    problems.append(
+                        Problem(
+                            "bypass-impossible",
+                            f"node {node_id!r} cannot be bypassed: its output {output.name!r} ({output.type_name}) "
+                            f"has no {output.type_name} input to pass through",
+                            node=node_id,
+                            line=workflow.line("nodes", node_id, "bypass"),
+                        )
+                    )
         for input_spec in index.required:
             if input_spec.name not in given:
                 problems.append(
@@ -257,6 +269,17 @@ def _check(
         return None, problems, warnings
     resolved = workflow.with_nodes(nodes)
     return ValidatedWorkflow(resolved, specs, parents, order, tuple(warnings)), [], warnings
+
+
+def bypass_input(spec: NodeSpec, output_name: str, given: Mapping[str, Any]) -> str | None:
+    """The input a bypassed node passes on as its output ``output_name``: the first input of
+    exactly the output's type that is linked, else the first of that type; ``None`` if none."""
+    output = spec.output(output_name)
+    if output is None:
+        return None
+    same = [i.name for i in spec.inputs if i.type_name == output.type_name]
+    linked = [name for name in same if isinstance(given.get(name), Link)]
+    return (linked or same or [None])[0]
 
 
 def _link_problem(

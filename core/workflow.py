@@ -47,7 +47,7 @@ FORMAT_VERSION = 1
 
 NODE_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 TOP_LEVEL_KEYS = ("format_version", "metadata", "nodes", "outputs", "sweep", "ui")
-NODE_KEYS = ("type", "version", "inputs", "ui")
+NODE_KEYS = ("type", "version", "bypass", "inputs", "ui")
 LINK_KEY = "from"
 _NODE_KEY_SET = frozenset(NODE_KEYS)
 _LINK = re.compile(r"([A-Za-z_][A-Za-z0-9_-]*)\.([A-Za-z_][A-Za-z0-9_]*)")
@@ -79,7 +79,8 @@ class Link:
 class NodeInstance:
     """One node of a workflow: its id, type, optional pinned version, inputs and layout.
 
-    ``inputs`` maps input names to constants or :class:`Link` objects.
+    ``inputs`` maps input names to constants or :class:`Link` objects. A ``bypass`` node is not
+    run: each of its outputs passes on its first input of the same type.
     """
 
     id: str
@@ -87,6 +88,7 @@ class NodeInstance:
     inputs: Mapping[str, Any] = field(default_factory=dict)
     version: str | None = None
     ui: Mapping[str, Any] = field(default_factory=dict)
+    bypass: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
@@ -94,7 +96,7 @@ class NodeInstance:
 
     @classmethod
     def _trusted(
-        cls, id: str, type: str, inputs: dict[str, Any], version: str | None, ui: dict[str, Any]
+        cls, id: str, type: str, inputs: dict[str, Any], version: str | None, ui: dict[str, Any], bypass: bool = False
     ) -> NodeInstance:
         """An instance over freshly built dicts it may own (no copies, no checks)."""
         inst = object.__new__(cls)
@@ -104,6 +106,7 @@ class NodeInstance:
         setattr_(inst, "inputs", MappingProxyType(inputs))
         setattr_(inst, "version", version)
         setattr_(inst, "ui", MappingProxyType(ui))
+        setattr_(inst, "bypass", bypass)
         return inst
 
     def links(self) -> Iterator[tuple[str, Link]]:
@@ -176,6 +179,8 @@ class Workflow:
             entry: dict[str, Any] = {"type": inst.type}
             if inst.version is not None:
                 entry["version"] = inst.version
+            if inst.bypass:
+                entry["bypass"] = True
             if inst.inputs:
                 entry["inputs"] = {k: _plain(v) for k, v in inst.inputs.items()}
             if inst.ui:
@@ -379,6 +384,10 @@ def _parse_node(node_id: Any, raw: Any, smap: SourceMap, problems: list[Problem]
     if version is not None and not isinstance(version, str):
         add("bad-value", f"'version' must be a string like '1.2.0', got {version!r}", "version")
         version = None
+    bypass = raw.get("bypass", False)
+    if not isinstance(bypass, bool):
+        add("bad-value", f"'bypass' must be true or false, got {bypass!r}", "bypass")
+        bypass = False
     node_ui = raw.get("ui") or {}
     if not isinstance(node_ui, dict):
         add("bad-value", f"'ui' must be a mapping, got {type(node_ui).__name__}", "ui")
@@ -407,7 +416,7 @@ def _parse_node(node_id: Any, raw: Any, smap: SourceMap, problems: list[Problem]
                 inputs[name] = link
             else:
                 inputs[name] = value
-    return NodeInstance._trusted(node_id, node_type, inputs, version, dict(node_ui))
+    return NodeInstance._trusted(node_id, node_type, inputs, version, dict(node_ui), bypass)
 
 
 def _parse_sweep(raw: Any, smap: SourceMap, problems: list[Problem]) -> tuple[Mapping[str, tuple[Any, ...]], ...]:

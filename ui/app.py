@@ -54,13 +54,25 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 STATIC_DIR = PACKAGE_DIR / "static"
 VENDOR_DIR = STATIC_DIR / "vendor"
 VENDOR_FILES = ("litegraph.core.js", "litegraph.css")
-OWN_FILES = ("canvas.js", "canvas.css")
+#: The canvas's own scripts, loaded in this order: canvas.js (helpers and the app's core) first,
+#: then one file per job, each adding its methods to the app.
+OWN_SCRIPTS = (
+    "canvas.js",
+    "canvas-palette.js",
+    "canvas-nodes.js",
+    "canvas-widgets.js",
+    "canvas-io.js",
+    "canvas-runs.js",
+    "canvas-undo.js",
+)
+OWN_FILES = (*OWN_SCRIPTS, "canvas.css")
 
 TEMPLATE = '<div class="dagfusion-canvas-root" data-testid="dagfusion-canvas"></div>'
 JS_ON_LOAD = "window.DagfusionCanvas.mount(element, props, server, watch);"
 PAGE_CSS = """
 .gradio-container { max-width: 100% !important; padding: 8px !important; }
 footer { display: none !important; }
+html, body { overflow: hidden !important; height: 100% !important; }
 """
 
 
@@ -83,7 +95,7 @@ def _url(path: Path) -> str:
 def head_html() -> str:
     """The ``<link>`` and ``<script>`` tags of the canvas, all served by this process."""
     styles = [VENDOR_DIR / "litegraph.css", STATIC_DIR / "canvas.css"]
-    scripts = [VENDOR_DIR / "litegraph.core.js", STATIC_DIR / "canvas.js"]
+    scripts = [VENDOR_DIR / "litegraph.core.js", *(STATIC_DIR / name for name in OWN_SCRIPTS)]
     return "".join(f'<link rel="stylesheet" href="{_url(p)}">' for p in styles) + "".join(
         f'<script src="{_url(p)}"></script>' for p in scripts
     )
@@ -183,6 +195,10 @@ with _no_stub_file():
         @server
         def df_cancel(self, run_id: Any) -> dict[str, Any]:
             return self._server().cancel(run_id)
+
+        @server
+        def df_results(self, run_id: Any) -> dict[str, Any]:
+            return self._server().results(run_id)
 
         @server
         def df_paths(self, prefix: Any) -> list[str]:

@@ -12,11 +12,17 @@ two exchange this small, documented schema (``GRAPH_VERSION``)::
          "order": ["tensor", "sigma"],      # optional: the order inputs are written in
          "pos": [320, 80],                  # canvas position, saved as the node's ui.pos
          "auto_pos": true,                  # optional: pos was laid out, not read from ui.pos
+         "bypass": true,                    # optional: the node is bypassed (docs/format.md)
          "ui": {}}                          # any other ui keys of the node, kept as they are
       ],
       "links": [{"from": ["noise", "tensor"], "to": ["blur", "tensor"]}],
-      "workflow": {"metadata": {}, "outputs": null, "sweep": [], "ui": {},
+      "workflow": {"metadata": {}, "outputs": null, "sweep": [],
+                   "ui": {"groups": [{"title": "inputs", "bounding": [0, 0, 400, 300]}]},
                    "source": "blur.yaml"}        # optional: the file it was opened from
+
+The workflow's ``ui`` section holds the canvas's groups (``groups``: title, ``bounding``
+``[x, y, width, height]`` and optional ``color``). A node whose type is not registered is kept as
+it is (its constants and links) and drawn as a placeholder; saving writes it back unchanged.
     }
 
 :func:`graph_to_workflow` gives exactly the :class:`Workflow` the CLI runs (its ``dump()`` is the
@@ -264,6 +270,8 @@ def graph_to_data(graph: Any) -> tuple[dict[str, Any] | None, list[Problem]]:
         version = raw.get("version")
         if isinstance(version, str) and version:
             entry["version"] = version
+        if raw.get("bypass") is True:
+            entry["bypass"] = True
         inputs = raw.get("inputs") or {}
         if not isinstance(inputs, Mapping):
             problems.append(_bad("'inputs' must be a mapping", node=node_id))
@@ -303,6 +311,8 @@ def graph_to_data(graph: Any) -> tuple[dict[str, Any] | None, list[Problem]]:
         out: dict[str, Any] = {"type": entry["type"]}
         if "version" in entry:
             out["version"] = entry["version"]
+        if entry.get("bypass"):
+            out["bypass"] = True
         if entry["inputs"]:
             rank = {name: index for index, name in enumerate(entry["order"])}
             names = sorted(entry["inputs"], key=lambda n: rank.get(n, len(rank)))  # stable for the rest
@@ -445,6 +455,7 @@ def workflow_to_graph(workflow: Workflow) -> dict[str, Any]:
                 "pos": pos or layout[node_id],
                 "ui": ui,
                 **({} if pos else {"auto_pos": True}),  # the canvas may tidy these up
+                **({"bypass": True} if inst.bypass else {}),
             }
         )
     return {

@@ -36,10 +36,21 @@ from dagfusion.ui.graph import MAX_NODES, catalog, graph_to_workflow, workflow_t
 from dagfusion.ui.jobqueue import JobQueue
 from dagfusion.ui.runs import RunQueue
 
-#: Problems that leave nothing sensible to draw: a file with any of them is not opened.
-UNDRAWABLE = frozenset(
-    {"unknown-node-type", "unknown-input", "dangling-reference", "version-unsatisfied", "bad-version", "migration-failed"}
-)
+#: Problems that leave nothing sensible to draw: a file with any of them is not opened. (A node
+#: of an unknown type is drawn as a placeholder keeping its inputs and links.)
+UNDRAWABLE = frozenset({"unknown-input", "dangling-reference", "version-unsatisfied", "bad-version", "migration-failed"})
+#: What a run's results show: pictures and text files found in its output folders.
+RESULT_IMAGES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp"}
+RESULT_TEXTS = frozenset({".txt", ".csv", ".md", ".json"})
+#: The run record's own files (listed as the folder, not shown as results).
+RECORD_FILES = frozenset({"workflow.yaml", "events.jsonl", "manifest.json"})
+#: Most result files sent for one run, largest picture and text, and all of them together.
+MAX_RESULT_FILES = 48
+MAX_RESULT_IMAGE_BYTES = 8 * 1024 * 1024
+MAX_RESULT_TEXT_BYTES = 64 * 1024
+MAX_RESULT_BYTES = 32 * 1024 * 1024
+#: Folder levels searched below a run's output folder.
+RESULT_DEPTH = 2
 #: Largest PNG accepted for its embedded workflow (the shared reader's limit).
 MAX_PNG_BYTES = sources.MAX_PNG_BYTES
 #: Suggestions returned for a path being typed.
@@ -201,6 +212,62 @@ class CanvasBackend:
         cancelled = self.queue.cancel(run_id)
         return {"ok": cancelled, "run": run.summary(self.queue.position(run))}
 
+    def results(self, run_id: Any) -> dict[str, Any]:
+        """A finished run's results, read from its output folders: pictures (as data URLs, at full
+        size) and text files, each bounded (:data:`MAX_RESULT_FILES`, :data:`MAX_RESULT_IMAGE_BYTES`,
+        :data:`MAX_RESULT_TEXT_BYTES`, :data:`MAX_RESULT_BYTES` in all). Only folders inside this
+        canvas's output folder are read, and links are not followed."""
+        run = self.queue.get(run_id) if isinstance(run_id, str) else None
+        if run is None:
+            return {"ok": False, "error": "no such run"}
+        out: dict[str, Any] = {"ok": True, "run": run.id, "folders": list(run.output_dirs), "images": [], "texts": [], "notes": []}
+        if run.active:
+            out["notes"].append("the run has not finished")
+            return out
+        root = Path(self.settings.output_dir).resolve()
+        budget = MAX_RESULT_BYTES
+        files: list[tuple[Path, Path]] = []
+        for folder in run.output_dirs:
+            base = Path(folder)
+            try:
+                resolved = base.resolve()
+                resolved.relative_to(root)
+            except (OSError, ValueError):
+                out["notes"].append(f"{folder} is not in this canvas's output folder")
+                continue
+            if not resolved.is_dir():
+                out["notes"].append(f"{folder} is not on this machine")
+                continue
+            files.extend((resolved, f) for f in _result_files(resolved))
+        for base, path in files:
+            if len(out["images"]) + len(out["texts"]) >= MAX_RESULT_FILES:
+                out["notes"].append(f"only the first {MAX_RESULT_FILES} result files are shown")
+                break
+            suffix = path.suffix.lower()
+            try:
+                size = path.lstat().st_size
+            except OSError:
+                continue
+            name = path.relative_to(base).as_posix()
+            if suffix in RESULT_IMAGES:
+                if size > MAX_RESULT_IMAGE_BYTES or size > budget:
+                    out["notes"].append(f"{name} is too large to show ({size:,} bytes)")
+                    continue
+                data = _read_regular(path, size)
+                if data is None:
+                    continue
+                budget -= size
+                url = f"data:{RESULT_IMAGES[suffix]};base64," + base64.b64encode(data).decode("ascii")
+                out["images"].append({"name": name, "path": str(path), "url": url, "bytes": size})
+            else:
+                data = _read_regular(path, min(size, MAX_RESULT_TEXT_BYTES))
+                if data is None:
+                    continue
+                budget -= len(data)
+                text = data.decode("utf-8", errors="replace")
+                out["texts"].append({"name": name, "path": str(path), "text": text, "truncated": size > MAX_RESULT_TEXT_BYTES})
+        return out
+
     # --- file paths ------------------------------------------------------------------------
 
     def paths(self, prefix: str) -> list[str]:
@@ -234,6 +301,39 @@ def _display(path: Path) -> str:
     except ValueError:
         return str(path)
     return "./" if str(relative) == "." else f"{relative}/"
+
+
+def _result_files(folder: Path, depth: int = 0) -> list[Path]:
+    """Pictures and text files under ``folder`` (sorted, links skipped, the run record left out)."""
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError:
+        return []
+    found: list[Path] = []
+    for entry in entries:
+        if entry.is_symlink() or entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if depth < RESULT_DEPTH:
+                found.extend(_result_files(entry, depth + 1))
+        elif entry.is_file() and entry.name not in RECORD_FILES and (entry.suffix.lower() in RESULT_IMAGES or entry.suffix.lower() in RESULT_TEXTS):
+            found.append(entry)
+        if len(found) > 4 * MAX_RESULT_FILES:
+            break
+    return found
+
+
+def _read_regular(path: Path, limit: int) -> bytes | None:
+    """Up to ``limit`` bytes of a regular file, opened without following a link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            return handle.read(limit)
+    except OSError:
+        return None
 
 
 def _is_link_mismatch(workflow: Workflow, problem: Problem) -> bool:

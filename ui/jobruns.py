@@ -32,7 +32,7 @@ from dagfusion.events import (
     RunStarted,
     RunWarning,
 )
-from dagfusion.ui.runs import Run
+from dagfusion.ui.runs import Run, done_message
 from dagfusion.workflow import Workflow
 
 _EVENTS: dict[str, type[Event]] = {
@@ -128,9 +128,9 @@ class JobRun(Run):
             str(root / r["output_dir"]) if r.get("output_dir") not in (None, ".") else str(root)
             for r in result if isinstance(r, Mapping) and r.get("output_dir") is not None
         ]
-        seconds, ran, cached = self._totals
+        seconds = self._totals[0]
         if status == "done":
-            message = f"done in {seconds:.2f}s — {ran} ran, {cached} cached"
+            message = done_message(seconds, *self.tally(), max(self.point, 1))
         elif status == "cancelled":
             message = "cancelled" if self.started else "cancelled before it started"
         else:

@@ -76,6 +76,13 @@ class Preview:
         }
 
 
+def done_message(seconds: float, ran: int, cached: int, points: int = 1) -> str:
+    """The toolbar's line for a finished run: ``done in 1.20s — 2 nodes ran, 7 cached``
+    (counted as the nodes are drawn: a node a cached result covers counts as cached)."""
+    where = f" over {points} sweep points" if points > 1 else ""
+    return f"done in {seconds:.2f}s{where} — {ran} node{'s' if ran != 1 else ''} ran, {cached} cached"
+
+
 class Run:
     """One submitted run and everything the canvas shows about it; also its event handler."""
 
@@ -172,6 +179,13 @@ class Run:
             stack.extend(link.node for _, link in self.workflow.nodes[node_id].links())
         return seen
 
+    def tally(self) -> tuple[int, int]:
+        """``(ran, cached)``: nodes that ran and nodes drawn as cached (served from the cache, or
+        covered by a cached result downstream), as the canvas shows them."""
+        with self._lock:
+            statuses = list(self.nodes.values())
+        return statuses.count("done"), statuses.count("cached")
+
     def _mark_cancelled(self) -> None:
         for node_id, status in self.nodes.items():
             if status in ACTIVE:
@@ -202,6 +216,8 @@ class Run:
                 "points": self.points,
                 "submitted": self.submitted,
                 "seconds": (self.finished or time.time()) - self.started if self.started else None,
+                "finished": self.finished,
+                "output_dirs": list(self.output_dirs),
             }
 
     def snapshot(self, since: int = 0) -> dict[str, Any]:
@@ -409,9 +425,7 @@ class RunQueue:
             run._finish("failed", run.message or "a node failed")
         else:
             seconds = sum(r.seconds for r in results)
-            ran = sum(len(r.executed) for r in results)
-            cached = sum(len(r.cached) for r in results)
-            run._finish("done", f"done in {seconds:.2f}s — {ran} ran, {cached} cached")
+            run._finish("done", done_message(seconds, *run.tally(), len(results)))
 
 
-__all__ = ["PREVIEW_SIDE", "Preview", "Run", "RunQueue", "encode_preview"]
+__all__ = ["PREVIEW_SIDE", "Preview", "Run", "RunQueue", "done_message", "encode_preview"]

@@ -76,7 +76,7 @@ def test_vendored_assets_are_built_from_the_lock_file() -> None:
 def test_the_page_loads_only_files_this_package_serves(backend: CanvasBackend) -> None:
     head = app.head_html()
     assert "http" not in head and "//" not in head.replace("/gradio_api/file=", "")
-    for ref in ("litegraph.core.js", "litegraph.css", "canvas.js", "canvas.css"):
+    for ref in ("litegraph.core.js", "litegraph.css", *app.OWN_FILES):
         assert ref in head
     for path in (app.VENDOR_DIR / "litegraph.core.js", app.STATIC_DIR / "canvas.js"):
         assert f"file={path.as_posix()}?v=" in head
@@ -87,7 +87,7 @@ def test_the_component_exposes_its_server_functions(backend: CanvasBackend) -> N
     (canvas,) = [b for b in demo.blocks.values() if isinstance(b, app.WorkflowCanvas)]
     config = canvas.get_config()
     assert set(config["server_fns"]) == {
-        "df_catalog", "df_check", "df_save", "df_open", "df_submit", "df_poll", "df_cancel", "df_paths",
+        "df_catalog", "df_check", "df_save", "df_open", "df_submit", "df_poll", "df_cancel", "df_paths", "df_results",
     }
     assert config["value"]["nodes"] == [] and config["props"]["notice"] == ""
     assert "backend" not in config  # the backend object stays on the server

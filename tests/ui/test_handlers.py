@@ -108,7 +108,6 @@ def test_open_a_valid_file(backend: CanvasBackend, quickstart_yaml: str) -> None
         ("format_version: 99\nnodes: {a: {type: dagfusion.util.Number}}\n", "reads up to 1"),
         ("format_version: 1\nnodes: [unclosed\n", "cannot open"),
         ("just text\n", "YAML mapping"),
-        ("format_version: 1\nnodes: {a: {type: dagfusion.util.Nummber}}\n", "did you mean"),
         ("format_version: 1\nnodes: {a: {type: dagfusion.util.Number, inputs: {valu: 1.0}}}\n", "has no input"),
         (
             "format_version: 1\nnodes:\n  t: {type: dagfusion.util.Text}\n  b: {type: dagfusion.tensor.Blur, inputs: {tensor: {from: t.text}}}\n",
@@ -121,6 +120,62 @@ def test_files_the_canvas_cannot_draw_are_refused(backend: CanvasBackend, text: 
     opened = backend.open_text(text, "bad.yaml")
     assert not opened["ok"] and "graph" not in opened
     assert expected in opened["error"], opened["error"]
+
+
+PLACEHOLDER_YAML = """\
+format_version: 1
+nodes:
+  noise:
+    type: dagfusion.tensor.Noise
+    inputs: {seed: 3}
+    ui: {pos: [0, 0]}
+  magic:
+    type: someplugin.Magic
+    version: 2.0.0
+    inputs: {tensor: {from: noise.tensor}, strength: 0.5, mode: fancy}
+    ui: {pos: [300, 0]}
+  blur:
+    type: dagfusion.tensor.Blur
+    inputs: {tensor: {from: magic.result}}
+    ui: {pos: [600, 0]}
+"""
+
+
+def canonical(text: str) -> str:
+    from dagfusion.workflow import parse_workflow
+
+    workflow, problems = parse_workflow(text, "x.yaml")
+    assert workflow is not None and problems == []
+    return workflow.dump()
+
+
+def test_unknown_node_types_open_as_placeholders_and_save_back_unchanged(backend: CanvasBackend) -> None:
+    text = canonical(PLACEHOLDER_YAML)
+    opened = backend.open_text(text, "plugin.yaml")
+    assert opened["ok"], opened
+    assert [(p["code"], p["node"]) for p in opened["problems"]] == [("unknown-node-type", "magic")]
+    (magic,) = [n for n in opened["graph"]["nodes"] if n["id"] == "magic"]
+    assert magic["type"] == "someplugin.Magic" and magic["version"] == "2.0.0"
+    assert magic["inputs"] == {"strength": 0.5, "mode": "fancy"}
+    assert {"from": ["magic", "result"], "to": ["blur", "tensor"]} in opened["graph"]["links"]
+    saved = backend.save(opened["graph"])
+    assert saved["ok"] and saved["yaml"] == text
+    assert not backend.submit(opened["graph"])["ok"]  # it cannot run until the type is installed
+
+
+def test_bypass_travels_through_the_graph(backend: CanvasBackend) -> None:
+    text = PLACEHOLDER_YAML.replace("someplugin.Magic", "dagfusion.tensor.Blur").replace(
+        "    version: 2.0.0\n    inputs: {tensor: {from: noise.tensor}, strength: 0.5, mode: fancy}",
+        "    bypass: true\n    inputs: {tensor: {from: noise.tensor}}",
+    ).replace("magic.result", "magic.tensor")
+    text = canonical(text)
+    opened = backend.open_text(text, "bypass.yaml")
+    assert opened["ok"] and opened["problems"] == [], opened
+    assert [n.get("bypass", False) for n in opened["graph"]["nodes"]] == [False, True, False]
+    assert backend.save(opened["graph"])["yaml"] == text
+    noise = text.replace("    type: dagfusion.tensor.Noise\n", "    type: dagfusion.tensor.Noise\n    bypass: true\n")
+    checked = backend.check(backend.open_text(noise.replace("    bypass: true\n    inputs: {tensor: {from: noise.tensor}}", "    inputs: {tensor: {from: noise.tensor}}"), "x.yaml")["graph"])
+    assert [p["code"] for p in checked["problems"]] == ["bypass-impossible"]
 
 
 def test_fixable_problems_open_and_are_marked(backend: CanvasBackend) -> None:
@@ -212,3 +267,25 @@ def test_paths_suggest_files_under_allowed_folders(backend: CanvasBackend, tmp_p
     assert f"{tmp_path}/models/" in backend.paths(f"{tmp_path}/mo")
     assert backend.paths("/etc/pass") == []  # outside the allowed folders: nothing suggested
     assert backend.paths("")  # the allowed folders themselves
+
+
+def test_results_of_a_finished_run_are_read_from_its_output_folder(backend: CanvasBackend, quickstart_yaml: str) -> None:
+    import base64
+
+    assert backend.results("no-such-run") == {"ok": False, "error": "no such run"}
+    run_id = backend.submit(_graph(quickstart_yaml))["run"]["id"]
+    state = _wait(backend, run_id)
+    assert state["status"] == "done"
+    (folder,) = backend.poll(run_id)["queue"][0]["output_dirs"]
+    secret = Path(folder).parent.parent.parent / "secret.txt"  # outside the run's folder
+    secret.write_text("not for the canvas", encoding="utf-8")
+    (Path(folder) / "linked.txt").symlink_to(secret)
+    results = backend.results(run_id)
+    assert results["ok"] and results["folders"] == [folder]
+    names = [i["name"] for i in results["images"]] + [t["name"] for t in results["texts"]]
+    assert names and "linked.txt" not in names and not {"workflow.yaml", "manifest.json", "events.jsonl"} & set(names)
+    image = results["images"][0]
+    assert image["url"].startswith("data:image/png;base64,")
+    assert base64.b64decode(image["url"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all("not for the canvas" not in t["text"] for t in results["texts"])
+    assert any(t["name"] == "report.txt" and t["text"].startswith("blurred noise: mean=") for t in results["texts"])

@@ -4,6 +4,11 @@
  * from the package's static/vendor folder, which the build step fills from the npm registry
  * at the version pinned in ui/package-lock.json.
  *
+ * This file holds the shared helpers and the CanvasApp class's core (start-up, the page's layout,
+ * litegraph set-up, node bookkeeping, checking, messages); the other canvas-*.js files add its
+ * other methods, one job each (palette, nodes, widgets, io, runs, undo), and are loaded after
+ * it in that order (see dagfusion/ui/app.py).
+ *
  * Talks to the server only through the canvas component's server functions (df_catalog,
  * df_check, df_save, df_open, df_submit, df_poll, df_cancel, df_paths) and its `value`
  * (the graph, in dagfusion's graph schema, see dagfusion/ui/graph.py).
@@ -27,6 +32,10 @@
   };
   const STATUS_ICONS = { queued: "…", running: "●", cached: "⟲", done: "✓", failed: "✕", skipped: "↷", cancelled: "■" };
   const RUN_ACTIVE = { queued: true, running: true };
+  /* litegraph type of the nodes drawn for node types this server does not know. */
+  const PLACEHOLDER = "dagfusion/placeholder";
+  /* Fixed size of a node's picture (the node does not grow with it). */
+  const PREVIEW_BOX = 160;
 
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
@@ -99,8 +108,6 @@
     return btoa(binary);
   }
 
-  /* ------------------------------------------------------------------------------------ */
-
   class CanvasApp {
     constructor(root, props, server, watch) {
       this.root = root;
@@ -111,9 +118,14 @@
       this.entries = {};
       this.problems = [];
       this.followed = null; // run id the canvas shows
+      this.lastRun = null; // the followed run's last state
+      this.runText = null; // the status line last written for it
+      this.pinned = false; // a message from the user's last action: kept until the next action
       this.previewSince = 0;
       this.previews = [];
       this.queue = [];
+      this.results = {}; // run id -> its results (pictures, texts), once loaded
+      this.openRun = null; // run id whose results the history shows
       this.lastSent = null;
       this.loading = false;
       this.checkSeq = 0;
@@ -123,9 +135,8 @@
       this.toastTimer = null;
       this.refusals = [];
       this.seq = 0;
+      this.timings = { created: performance.now() };
     }
-
-    /* --- start-up ---------------------------------------------------------------------- */
 
     async start() {
       this.buildDom();
@@ -142,15 +153,17 @@
       this.catalog = catalog;
       for (const entry of catalog.nodes) this.entries[entry.type] = entry;
       this.setupLiteGraph();
+      this.bindKeys();
       this.buildPalette();
       const initial = this.props.value;
       // Edits survive a page reload: they are kept in the browser under a key naming the
       // graph the server opened with (a server started on another file starts afresh).
       this.storageKey = "dagfusion.canvas." + hashText(JSON.stringify(initial || null));
+      const followed = this.rememberedRun(); // (read before loading a graph forgets it)
       const kept = this.restore();
       if (kept) {
         this.loadGraph(kept, { send: true });
-        this.setMessage("restored the canvas as you left it (Clear or Open… to start over)", "ok");
+        this.setMessage("restored the canvas as you left it (Clear or Open… to start over)", "ok", { pin: true });
       } else {
         if (initial && typeof initial === "object" && Array.isArray(initial.nodes)) {
           this.loadGraph(initial, { send: false });
@@ -158,11 +171,15 @@
           this.meta = { metadata: {}, outputs: null, sweep: [], ui: {} };
           this.scheduleSync();
         }
-        if (this.props.notice) this.setMessage(this.props.notice, "warn");
+        if (this.props.notice) this.setMessage(this.props.notice, "warn", { pin: true });
         else this.setMessage("ready");
       }
+      this.resetHistory(JSON.stringify(this.toGraph()));
       this.watch("value", () => this.onValueFromServer());
+      // The run followed before a reload is followed again (its statuses come back on the nodes).
+      if (followed) this.follow(followed, { keepMessage: true });
       this.pollSoon(0);
+      this.timings.ready = performance.now();
       this.root.dataset.ready = "true";
     }
 
@@ -207,8 +224,10 @@
           e.target.value = "";
         },
       });
-      this.runButton = el("button", { class: "df-btn df-primary", "data-testid": "df-run", title: "Validate and queue a run", onclick: () => this.run() }, "▶ Run");
+      this.runButton = el("button", { class: "df-btn df-primary", "data-testid": "df-run", title: "Validate and queue a run (Ctrl+Enter)", onclick: () => this.run() }, "▶ Run");
       this.cancelButton = el("button", { class: "df-btn", "data-testid": "df-cancel", title: "Cancel the run shown on the canvas", disabled: true, onclick: () => this.cancel() }, "■ Cancel");
+      this.undoButton = el("button", { class: "df-btn", "data-testid": "df-undo", title: "Undo (Ctrl+Z)", disabled: true, onclick: () => this.undo() }, "↶");
+      this.redoButton = el("button", { class: "df-btn", "data-testid": "df-redo", title: "Redo (Ctrl+Shift+Z)", disabled: true, onclick: () => this.redo() }, "↷");
       this.messageEl = el("div", { class: "df-message", "data-testid": "df-message", role: "status" });
       const toolbar = el(
         "div",
@@ -217,8 +236,12 @@
         this.cancelButton,
         el("span", { class: "df-sep" }),
         el("button", { class: "df-btn", "data-testid": "df-open", title: "Open a workflow YAML or a dagfusion PNG", onclick: () => this.fileInput.click() }, "Open…"),
-        el("button", { class: "df-btn", "data-testid": "df-save", title: "Download the workflow as YAML (the CLI's format)", onclick: () => this.save() }, "Save YAML"),
+        el("button", { class: "df-btn", "data-testid": "df-save", title: "Download the workflow as YAML, the CLI's format (Ctrl+S)", onclick: () => this.save() }, "Save YAML"),
         el("button", { class: "df-btn", "data-testid": "df-clear", title: "Remove every node", onclick: () => this.clear() }, "Clear"),
+        el("span", { class: "df-sep" }),
+        this.undoButton,
+        this.redoButton,
+        el("button", { class: "df-btn", "data-testid": "df-fit", title: "Show every node", onclick: () => this.fitView() }, "Fit"),
         el("span", { class: "df-sep" }),
         this.messageEl,
         this.fileInput
@@ -238,24 +261,29 @@
       this.stage = el("div", { class: "df-stage" }, this.canvasEl, this.toastEl, this.dropHint);
       this.inspectorEl = el("div", { class: "df-inspector", "data-testid": "df-inspector" });
       this.problemsEl = el("div", { class: "df-problems", "data-testid": "df-problems" });
+      this.problemsTitle = el("h3", { text: "Problems" });
       this.queueEl = el("div", { class: "df-queue", "data-testid": "df-queue" });
+      this.resultsEl = el("div", { class: "df-results", "data-testid": "df-results" });
       this.previewsEl = el("div", { class: "df-previews", "data-testid": "df-previews" });
+      // Fixed places, each scrolling on its own: the inspector on top, the problems under it,
+      // the runs (queue and history, with the open run's results), and a strip of live previews.
       const side = el(
         "aside",
         { class: "df-side" },
-        el("h3", { text: "Node" }),
-        this.inspectorEl,
-        el("h3", { text: "Problems" }),
-        this.problemsEl,
-        el("h3", { text: "Runs" }),
-        this.queueEl,
-        el("h3", { text: "Previews" }),
-        this.previewsEl
+        el("section", { class: "df-pane df-pane-node", "data-testid": "df-pane-node" }, el("h3", { text: "Node" }), this.inspectorEl),
+        el("section", { class: "df-pane df-pane-problems", "data-testid": "df-pane-problems" }, this.problemsTitle, this.problemsEl),
+        el("section", { class: "df-pane df-pane-runs", "data-testid": "df-pane-runs" }, el("h3", { text: "Runs" }), this.queueEl, this.resultsEl),
+        el("section", { class: "df-pane df-pane-previews", "data-testid": "df-pane-previews" }, el("h3", { text: "Previews" }), this.previewsEl)
       );
-      this.root.appendChild(el("div", { class: "df-app" }, toolbar, el("div", { class: "df-body" }, palette, this.stage, side)));
+      this.lightbox = el("div", { class: "df-lightbox", "data-testid": "df-lightbox", hidden: true, onclick: () => (this.lightbox.hidden = true) });
+      this.root.appendChild(el("div", { class: "df-app" }, toolbar, el("div", { class: "df-body" }, palette, this.stage, side), this.lightbox));
       this.renderInspector();
       this.renderProblems();
       this.renderQueue();
+      // A message about the user's last action stays until their next action.
+      const unpin = () => (this.pinned = false);
+      this.root.addEventListener("pointerdown", unpin, true);
+      this.root.addEventListener("keydown", unpin, true);
 
       this.stage.addEventListener("dragover", (e) => {
         e.preventDefault();
@@ -266,11 +294,10 @@
       this.stage.addEventListener("drop", (e) => this.onDrop(e));
     }
 
-    /* --- litegraph ----------------------------------------------------------------------- */
-
     setupLiteGraph() {
       const app = this;
-      LiteGraph.release_link_on_empty_shows_menu = false;
+      // A link released on the empty canvas opens the search box, filtered to nodes that fit it.
+      LiteGraph.release_link_on_empty_shows_menu = true;
       LiteGraph.catch_exceptions = true;
       LiteGraph.alt_drag_do_clone_nodes = true;
       for (const [name, info] of Object.entries(this.catalog.types)) {
@@ -286,20 +313,42 @@
       const drawNode = LGraphCanvas.prototype.drawNode;
       LGraphCanvas.prototype.drawNode = function (node, ctx) {
         drawingInputsOf = this.connecting_output ? node : null;
+        // litegraph drops titles, socket names and widgets below 60 % zoom; a fitted workflow is
+        // often smaller than that, so nodes are drawn in full down to 25 % (the canvas is already
+        // scaled: only litegraph's quality switch reads this value while a node is drawn).
+        const ds = this.ds;
+        const real = ds.scale;
+        if (real < 0.6 && real >= 0.25) ds.scale = 0.6;
         try {
           return drawNode.call(this, node, ctx);
         } finally {
+          ds.scale = real;
           drawingInputsOf = null;
         }
       };
+      // The search box is the canvas's own (titles and descriptions, ranked; see canvas-palette.js).
+      LGraphCanvas.prototype.showSearchBox = function (event, options) {
+        app.openSearch(event, options || {});
+        return null;
+      };
+      LGraphCanvas.prototype.showConnectionMenu = function (options) {
+        const o = options || {};
+        if (o.nodeFrom) app.openSearch(o.e, { node_from: o.nodeFrom, slot_from: o.slotFrom });
+        else if (o.nodeTo) app.openSearch(o.e, { node_to: o.nodeTo, slot_from: o.slotTo });
+      };
       for (const entry of this.catalog.nodes) {
         LiteGraph.registerNodeType(entry.type, this.nodeClass(entry));
+        // "Add Node" in the context menu lists node types by their registry category.
+        LiteGraph.registered_node_types[entry.type].category = entry.category || "other";
       }
       this.graph = new LGraph();
       const lgc = (this.lgc = new LGraphCanvas(this.canvasEl, this.graph));
       lgc.show_info = false;
       lgc.render_canvas_border = false;
       lgc.allow_searchbox = true;
+      // Zooming out far enough to see a large workflow whole.
+      lgc.ds.min_scale = 0.1;
+      lgc.ds.max_scale = 4;
       lgc.onNodeMoved = () => this.scheduleSync({ layout: true });
       lgc.onSelectionChange = () => this.renderInspector();
       lgc.onNodeSelected = () => this.renderInspector();
@@ -319,10 +368,17 @@
       this.graph.onConnectionChange = () => {
         if (!this.loading) this.scheduleSync();
       };
+      // Groups (added, moved, renamed or removed through litegraph's menus) have no callbacks:
+      // the graph is compared after every pointer gesture instead (a no-op when nothing changed).
+      document.addEventListener("pointerup", () => {
+        if (this.graph && !this.loading && this.root.isConnected) this.scheduleSync({ layout: true });
+      });
       const resize = () => {
         const rect = this.stage.getBoundingClientRect();
         if (rect.width > 0 && rect.height > 0) lgc.resize(Math.floor(rect.width), Math.floor(rect.height));
       };
+      this.canvasEl.addEventListener("pointermove", () => (this.lastPointerOnCanvas = true));
+      this.canvasEl.addEventListener("pointerleave", () => (this.lastPointerOnCanvas = false));
       new ResizeObserver(resize).observe(this.stage);
       resize();
       this.graph.start();
@@ -330,249 +386,10 @@
 
     accepts(expected, got) {
       if (!this.catalog) return true;
+      if (expected === "*" || got === "*") return true; // a placeholder's sockets take anything
       const list = this.catalog.accepts[expected];
       if (!list) return expected === got;
       return list.indexOf(got) !== -1;
-    }
-
-    nodeClass(entry) {
-      const app = this;
-      function DagfusionNode(title) {
-        this.title = entry.title;
-        this.dfEntry = entry;
-        this.dfType = entry.type;
-        this.dfId = null;
-        this.dfVersion = null;
-        this.dfInputs = {};
-        this.dfOrder = entry.inputs.map((i) => i.name);
-        this.dfUi = {};
-        this.dfStatus = null;
-        this.dfProgress = null;
-        this.dfProblems = [];
-        this.dfError = null;
-        this.dfPreview = null;
-        this.serialize_widgets = false;
-        const socketOnly = entry.inputs.filter((i) => !i.widget);
-        const withWidget = entry.inputs.filter((i) => i.widget);
-        for (const spec of socketOnly) this.addDfInput(spec);
-        for (const spec of entry.outputs) {
-          const color = app.typeColor(spec.type);
-          this.addOutput(spec.name, spec.type, { color_on: color, color_off: color, dfSpec: spec, tooltip: spec.description });
-        }
-        const rows = Math.max(socketOnly.length, entry.outputs.length);
-        this.widgets_start_y = rows * SLOT_H() + 6;
-        withWidget.forEach((spec, index) => {
-          const slot = this.addDfInput(spec);
-          slot.label = "";
-          slot.pos = [4, this.widgets_start_y + 2 + index * WIDGET_STEP() + WIDGET_H() / 2];
-          this.addDfWidget(spec);
-        });
-        this.size = this.computeSize();
-      }
-      DagfusionNode.title = entry.title;
-      DagfusionNode.desc = entry.summary;
-      const proto = DagfusionNode.prototype;
-
-      proto.addDfInput = function (spec) {
-        const color = app.typeColor(spec.type);
-        return this.addInput(spec.name, spec.type, { color_on: color, color_off: color, dfSpec: spec });
-      };
-
-      proto.addDfWidget = function (spec) {
-        const value = this.effectiveValue(spec.name);
-        const callback = (v) => app.setConstant(this, spec.name, v, { fromWidget: true });
-        let w;
-        switch (spec.widget) {
-          case "int":
-          case "seed":
-            w = this.addWidget("number", spec.name, value ?? 0, callback, { min: spec.min ?? -Infinity, max: spec.max ?? Infinity, step: 10, precision: 0 });
-            break;
-          case "float":
-          case "slider": {
-            const step = (spec.ui && spec.ui.step) || 0.1;
-            w = this.addWidget("number", spec.name, value ?? 0, callback, { min: spec.min ?? -Infinity, max: spec.max ?? Infinity, step: step * 10, precision: 3 });
-            break;
-          }
-          case "combo":
-            w = this.addWidget("combo", spec.name, value ?? spec.choices[0], callback, { values: spec.choices });
-            break;
-          case "toggle":
-            w = this.addWidget("toggle", spec.name, !!value, callback, {});
-            break;
-          default:
-            w = this.addWidget("text", spec.name, value ?? "", callback, { multiline: spec.widget === "multiline" });
-        }
-        w.dfSpec = spec;
-        return w;
-      };
-
-      proto.effectiveValue = function (name) {
-        if (Object.prototype.hasOwnProperty.call(this.dfInputs, name)) return this.dfInputs[name];
-        const spec = this.dfEntry.inputs.find((i) => i.name === name);
-        return spec && spec.has_default ? spec.default : undefined;
-      };
-
-      proto.inputSlot = function (name) {
-        return this.inputs ? this.inputs.findIndex((s) => s.name === name) : -1;
-      };
-
-      proto.outputSlot = function (name) {
-        return this.outputs ? this.outputs.findIndex((s) => s.name === name) : -1;
-      };
-
-      proto.isLinked = function (name) {
-        const index = this.inputSlot(name);
-        return index >= 0 && this.inputs[index].link != null;
-      };
-
-      proto.refreshWidgets = function () {
-        for (const w of this.widgets || []) {
-          const type = w.dfWidgetType || w.type;
-          const value = this.effectiveValue(w.name);
-          if (type === "toggle") w.value = !!value;
-          else if (type === "number") w.value = typeof value === "number" ? value : 0;
-          else w.value = value ?? "";
-          // A linked input shows where its value comes from instead of an editable widget.
-          w.disabled = this.isLinked(w.name);
-          if (w.disabled) {
-            w.dfWidgetType = type;
-            w.type = "df_linked";
-            w.draw = drawLinkedWidget;
-          } else if (w.dfWidgetType) {
-            w.type = w.dfWidgetType;
-            delete w.dfWidgetType;
-            delete w.draw;
-          }
-        }
-        this.setDirtyCanvas(true, true);
-      };
-
-      function drawLinkedWidget(ctx, node, width, y, height) {
-        const index = node.inputSlot(this.name);
-        const link = index >= 0 ? node.graph && node.graph.links[node.inputs[index].link] : null;
-        const origin = link ? node.graph.getNodeById(link.origin_id) : null;
-        const from = origin ? `${origin.dfId}.${origin.outputs[link.origin_slot].name}` : "a link";
-        ctx.save();
-        ctx.fillStyle = "#1a1a1a";
-        ctx.strokeStyle = "#444";
-        ctx.beginPath();
-        ctx.roundRect(15, y, width - 30, height, [height * 0.5]);
-        ctx.fill();
-        ctx.stroke();
-        ctx.fillStyle = "#8ab4f8";
-        ctx.font = "12px Arial";
-        ctx.textAlign = "left";
-        ctx.fillText(`${this.name} ← ${from}`, 26, y + height * 0.7);
-        ctx.restore();
-      }
-
-      proto.updateTitle = function () {
-        const defaultId = snake(entry.title);
-        const base = this.dfId && this.dfId.replace(/_\d+$/, "") !== defaultId ? `${entry.title} · ${this.dfId}` : entry.title;
-        this.title = base;
-      };
-
-      proto.computeSize = function () {
-        const ctx = app.lgc ? app.lgc.ctx : null;
-        const measure = (t) => (ctx ? (ctx.font = "14px Arial", ctx.measureText(t).width) : t.length * 8);
-        let width = Math.max(200, measure(this.title || "") + 60);
-        const socketRows = Math.max((this.inputs || []).filter((s) => !s.pos).length, (this.outputs || []).length);
-        for (let i = 0; i < socketRows; i++) {
-          const a = (this.inputs || []).filter((s) => !s.pos)[i];
-          const b = (this.outputs || [])[i];
-          width = Math.max(width, (a ? measure(a.name) : 0) + (b ? measure(b.name) : 0) + 60);
-        }
-        for (const w of this.widgets || []) {
-          const value = w.type === "number" ? short(w.value) : String(w.value ?? "").slice(0, 30);
-          width = Math.max(width, Math.min(360, measure(w.name) + measure(value) + 80));
-        }
-        if (this.size && this.size[0] > width) width = this.size[0];
-        const widgets = (this.widgets || []).length;
-        let height = (this.widgets_start_y || socketRows * SLOT_H() + 6) + (widgets ? widgets * WIDGET_STEP() + 4 : 0);
-        height = Math.max(height, SLOT_H());
-        if (this.dfPreview && this.dfPreview.complete && this.dfPreview.naturalWidth) {
-          const img = this.dfPreview;
-          const w = width - 20;
-          height += 8 + Math.min(256, (w * img.naturalHeight) / img.naturalWidth);
-        }
-        return [width, height];
-      };
-
-      proto.onResize = function () {
-        const wanted = this.computeSize();
-        if (this.size[1] < wanted[1]) this.size[1] = wanted[1];
-      };
-
-      proto.connect = function (slot, target, targetSlot) {
-        if (typeof slot === "string") slot = this.outputSlot(slot);
-        if (typeof target === "number") target = this.graph.getNodeById(target);
-        if (target && typeof targetSlot === "string") targetSlot = target.inputSlot ? target.inputSlot(targetSlot) : target.findInputSlot(targetSlot);
-        const output = this.outputs && this.outputs[slot];
-        const input = target && target.inputs && target.inputs[targetSlot];
-        if (output && input) {
-          const why = app.refusal(this, output, target, input);
-          if (why) {
-            app.refuse(why);
-            return null;
-          }
-        }
-        return LGraphNode.prototype.connect.call(this, slot, target, targetSlot);
-      };
-
-      proto.connectByType = function (slot, target, type) {
-        // A link dropped on a node's body: the first free input that accepts it, else any that does.
-        const output = this.outputs && this.outputs[slot];
-        if (!output || !target.inputs) return null;
-        const fits = target.inputs.map((input, i) => [input, i]).filter(([input]) => app.accepts(input.type, output.type));
-        const choice = fits.find(([input]) => input.link == null) || fits[0];
-        if (!choice) {
-          const title = target.dfId || target.title;
-          app.refuse(`Cannot connect ${this.dfId}.${output.name} (${output.type}): no input of ${title} accepts ${output.type}`);
-          return null;
-        }
-        return this.connect(slot, target, choice[1]);
-      };
-
-      proto.connectByTypeOutput = function (slot, source, type) {
-        const input = this.inputs && this.inputs[slot];
-        if (!input || !source.outputs) return null;
-        const index = source.outputs.findIndex((output) => app.accepts(input.type, output.type));
-        if (index < 0) {
-          app.refuse(`Cannot connect to ${this.dfId}.${input.name}: ${source.dfId || source.title} has no output that is a ${input.type}`);
-          return null;
-        }
-        return source.connect(index, this, slot);
-      };
-
-      proto.onConnectionsChange = function () {
-        this.refreshWidgets();
-        if (app.selectedNode() === this) app.renderInspector();
-      };
-
-      proto.onSerialize = function (o) {
-        o.df = { id: this.dfId, inputs: JSON.parse(JSON.stringify(this.dfInputs)), order: this.dfOrder.slice(), ui: JSON.parse(JSON.stringify(this.dfUi)), version: this.dfVersion };
-      };
-
-      proto.onConfigure = function (o) {
-        if (o && o.df) {
-          this.dfId = o.df.id || null;
-          this.dfInputs = o.df.inputs || {};
-          this.dfOrder = o.df.order || this.dfOrder;
-          this.dfUi = o.df.ui || {};
-          this.dfVersion = o.df.version || null;
-          this.refreshWidgets();
-        }
-      };
-
-      proto.getExtraMenuOptions = function () {
-        return [{ content: "Show in inspector", callback: () => app.select(this) }];
-      };
-
-      proto.onDrawForeground = function (ctx) {
-        app.drawNodeDecorations(this, ctx);
-      };
-
-      return DagfusionNode;
     }
 
     typeColor(type) {
@@ -616,148 +433,6 @@
       this.root.dataset.lastRefusal = message;
     }
 
-    /* --- drawing statuses, progress, problems and previews on nodes --------------------- */
-
-    drawNodeDecorations(node, ctx) {
-      const [w, h] = node.size;
-      const titleH = TITLE_H();
-      ctx.save();
-      const status = node.dfStatus;
-      const problems = node.dfProblems || [];
-      if (status && STATUS_COLORS[status]) {
-        const color = STATUS_COLORS[status];
-        ctx.strokeStyle = color;
-        ctx.lineWidth = status === "running" ? 3 : 2;
-        ctx.beginPath();
-        ctx.roundRect(-2, -titleH - 2, w + 4, h + titleH + 4, 8);
-        ctx.stroke();
-        let label = `${STATUS_ICONS[status] || ""} ${status}`;
-        const p = node.dfProgress;
-        if (status === "running" && p && p.total) label += ` ${p.step}/${p.total}`;
-        ctx.font = "bold 12px Arial";
-        const tw = ctx.measureText(label).width + 12;
-        ctx.fillStyle = color;
-        ctx.beginPath();
-        ctx.roundRect(0, -titleH - 20, tw, 17, 5);
-        ctx.fill();
-        ctx.fillStyle = "#111";
-        ctx.textAlign = "left";
-        ctx.fillText(label, 6, -titleH - 7);
-        if (p && p.total) {
-          const frac = Math.max(0, Math.min(1, p.step / p.total));
-          ctx.fillStyle = "#333";
-          ctx.fillRect(0, -3, w, 3);
-          ctx.fillStyle = color;
-          ctx.fillRect(0, -3, w * frac, 3);
-        }
-      }
-      if (problems.length) {
-        ctx.strokeStyle = "#ff5252";
-        ctx.lineWidth = 2;
-        ctx.setLineDash([6, 4]);
-        ctx.beginPath();
-        ctx.roundRect(-5, -titleH - 5, w + 10, h + titleH + 10, 10);
-        ctx.stroke();
-        ctx.setLineDash([]);
-        ctx.fillStyle = "#ff5252";
-        ctx.beginPath();
-        ctx.arc(w - 14, -titleH / 2, 9, 0, Math.PI * 2);
-        ctx.fill();
-        ctx.fillStyle = "#fff";
-        ctx.font = "bold 13px Arial";
-        ctx.textAlign = "center";
-        ctx.fillText("!", w - 14, -titleH / 2 + 5);
-        // mark the inputs concerned
-        for (const problem of problems) {
-          if (!problem.input) continue;
-          const index = node.inputSlot(problem.input);
-          if (index < 0) continue;
-          const pos = node.getConnectionPos(true, index);
-          ctx.strokeStyle = "#ff5252";
-          ctx.lineWidth = 2;
-          ctx.beginPath();
-          ctx.arc(pos[0] - node.pos[0], pos[1] - node.pos[1], 7, 0, Math.PI * 2);
-          ctx.stroke();
-        }
-      }
-      const lines = [];
-      for (const problem of problems) lines.push(["#ff8a80", (problem.input ? problem.input + ": " : "") + problem.message]);
-      if (node.dfError) lines.push(["#ff8a80", node.dfError]);
-      if (lines.length) {
-        ctx.font = "12px Arial";
-        ctx.textAlign = "left";
-        let y = h + 18;
-        for (const [color, text] of lines.slice(0, 4)) {
-          for (const line of wrapText(ctx, text, Math.max(w, 240)).slice(0, 3)) {
-            ctx.fillStyle = color;
-            ctx.fillText(line, 0, y);
-            y += 15;
-          }
-        }
-      }
-      const img = node.dfPreview;
-      if (img && img.complete && img.naturalWidth) {
-        const top = (node.widgets_start_y || 0) + ((node.widgets || []).length ? node.widgets.length * WIDGET_STEP() + 4 : 0) + 4;
-        const maxW = w - 20;
-        const maxH = Math.max(16, h - top - 6);
-        const scale = Math.min(maxW / img.naturalWidth, maxH / img.naturalHeight);
-        const dw = img.naturalWidth * scale;
-        const dh = img.naturalHeight * scale;
-        ctx.imageSmoothingEnabled = scale < 1;
-        ctx.drawImage(img, (w - dw) / 2, top, dw, dh);
-      }
-      ctx.restore();
-    }
-
-    /* --- palette -------------------------------------------------------------------------- */
-
-    buildPalette() {
-      this.groupsEl.innerHTML = "";
-      const groups = {};
-      for (const category of this.catalog.categories) {
-        const list = el("div", { class: "df-group-items" });
-        const details = el("details", { class: "df-group", open: true, dataset: { category } }, el("summary", { text: category.split("/").join(" / ") }), list);
-        groups[category] = list;
-        this.groupsEl.appendChild(details);
-      }
-      for (const entry of this.catalog.nodes) {
-        const item = el(
-          "div",
-          {
-            class: "df-item",
-            draggable: "true",
-            title: `${entry.type} ${entry.version}${entry.plugin ? " — " + entry.plugin : ""}\n\n${entry.description}`,
-            "data-testid": "df-palette-item",
-            dataset: { type: entry.type, search: `${entry.title} ${entry.type} ${entry.category} ${entry.description} ${entry.plugin || ""}`.toLowerCase() },
-            ondragstart: (e) => {
-              e.dataTransfer.setData("application/x-dagfusion-node", entry.type);
-              e.dataTransfer.effectAllowed = "copy";
-            },
-            onclick: () => this.addNodeAtCenter(entry.type),
-          },
-          el("div", { class: "df-item-title" }, el("span", { text: entry.title }), el("small", { text: entry.type })),
-          el("div", { class: "df-item-desc", text: entry.summary || "" })
-        );
-        groups[entry.category].appendChild(item);
-      }
-    }
-
-    filterPalette() {
-      const words = this.searchInput.value.toLowerCase().split(/\s+/).filter(Boolean);
-      for (const group of this.groupsEl.querySelectorAll(".df-group")) {
-        let shown = 0;
-        for (const item of group.querySelectorAll(".df-item")) {
-          const match = words.every((w) => item.dataset.search.includes(w));
-          item.hidden = !match;
-          if (match) shown++;
-        }
-        group.hidden = shown === 0;
-        if (words.length) group.open = true;
-      }
-    }
-
-    /* --- nodes ---------------------------------------------------------------------------- */
-
     freshId(entry) {
       const base = snake(entry.title);
       if (!this.nodeById(base)) return base;
@@ -773,6 +448,13 @@
       const entry = this.entries[type];
       if (!entry) return null;
       const node = LiteGraph.createNode(type);
+      this.seedNode(node, entry, options);
+      this.graph.add(node);
+      return node;
+    }
+
+    /* A node's dagfusion state from a graph node (see dagfusion/ui/graph.py), before it is added. */
+    seedNode(node, entry, options) {
       node.dfId = options.id || this.freshId(entry);
       node.dfInputs = Object.assign({}, options.inputs || {});
       if (options.order && options.order.length) {
@@ -781,12 +463,11 @@
       }
       node.dfUi = Object.assign({}, options.ui || {});
       node.dfVersion = options.version || null;
+      node.dfBypass = options.bypass === true;
       node.pos = options.pos ? [options.pos[0], options.pos[1]] : [40, 40];
       node.updateTitle();
       node.refreshWidgets();
       node.size = node.computeSize();
-      this.graph.add(node);
-      return node;
     }
 
     addNode(type, pos) {
@@ -850,137 +531,6 @@
       this.renderInspector();
     }
 
-    /* --- graph <-> canvas ---------------------------------------------------------------- */
-
-    toGraph() {
-      const nodes = [];
-      const links = [];
-      // File order is creation order (litegraph reorders _nodes to draw the selected on top).
-      const ordered = this.graph._nodes.filter((n) => n.dfEntry).sort((a, b) => a.dfSeq - b.dfSeq);
-      for (const node of ordered) {
-        const inputs = {};
-        for (const [name, value] of Object.entries(node.dfInputs)) {
-          if (!node.isLinked(name)) inputs[name] = value;
-        }
-        nodes.push({
-          id: node.dfId,
-          type: node.dfType,
-          version: node.dfVersion,
-          inputs,
-          order: node.dfOrder,
-          pos: [Math.round(node.pos[0]), Math.round(node.pos[1])],
-          ui: node.dfUi,
-        });
-        for (const slot of node.inputs || []) {
-          if (slot.link == null) continue;
-          const link = this.graph.links[slot.link];
-          const origin = link && this.graph.getNodeById(link.origin_id);
-          if (!origin || !origin.dfEntry) continue;
-          links.push({ from: [origin.dfId, origin.outputs[link.origin_slot].name], to: [node.dfId, slot.name] });
-        }
-      }
-      return { version: 1, nodes, links, workflow: this.meta || { metadata: {}, outputs: null, sweep: [], ui: {} } };
-    }
-
-    loadGraph(graph, { send = true } = {}) {
-      const missing = [];
-      this.loading = true;
-      this.refusals = [];
-      try {
-        this.graph.clear();
-        this.meta = graph.workflow || { metadata: {}, outputs: null, sweep: [], ui: {} };
-        const byId = {};
-        for (const gn of graph.nodes || []) {
-          if (!this.entries[gn.type]) {
-            missing.push(`${gn.id} (${gn.type})`);
-            continue;
-          }
-          byId[gn.id] = this.createNode(gn.type, gn);
-        }
-        for (const link of graph.links || []) {
-          const src = byId[link.from[0]];
-          const dst = byId[link.to[0]];
-          if (!src || !dst) continue;
-          const out = src.outputSlot(link.from[1]);
-          const inp = dst.inputSlot(link.to[1]);
-          if (out < 0 || inp < 0) {
-            this.refusals.push(`link ${link.from.join(".")} → ${link.to.join(".")} names a missing socket`);
-            continue;
-          }
-          src.connect(out, dst, inp);
-        }
-        for (const node of this.graph._nodes) node.refreshWidgets && node.refreshWidgets();
-        this.tidy((graph.nodes || []).filter((gn) => gn.auto_pos && byId[gn.id]).map((gn) => byId[gn.id]));
-      } finally {
-        this.loading = false;
-      }
-      this.clearRunState();
-      this.fitView();
-      this.renderInspector();
-      if (missing.length || this.refusals.length) {
-        this.toast(`Some parts could not be drawn: ${missing.concat(this.refusals).join("; ")}`, "error");
-      }
-      if (send) this.syncNow();
-      else this.lastSent = JSON.stringify(graph);
-      this.checkNow();
-    }
-
-    tidy(nodes) {
-      // Nodes the server laid out by depth (one column per x): respace the columns and rows
-      // with the real node sizes, so wide or tall nodes do not overlap.
-      if (!nodes.length) return;
-      const columns = new Map();
-      for (const node of nodes) {
-        const key = node.pos[0];
-        if (!columns.has(key)) columns.set(key, []);
-        columns.get(key).push(node);
-      }
-      let x = Math.min(...nodes.map((n) => n.pos[0]));
-      const top = Math.min(...nodes.map((n) => n.pos[1]));
-      for (const key of [...columns.keys()].sort((a, b) => a - b)) {
-        const column = columns.get(key).sort((a, b) => a.pos[1] - b.pos[1]);
-        let y = top;
-        for (const node of column) {
-          node.pos = [x, y];
-          y += node.size[1] + TITLE_H() + 60;
-        }
-        x += Math.max(...column.map((n) => n.size[0])) + 70;
-      }
-    }
-
-    fitView() {
-      const nodes = this.graph._nodes;
-      const ds = this.lgc.ds;
-      if (!nodes.length) {
-        ds.offset = [0, 0];
-        ds.scale = 1;
-        this.lgc.setDirty(true, true);
-        return;
-      }
-      let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
-      for (const n of nodes) {
-        x0 = Math.min(x0, n.pos[0]);
-        y0 = Math.min(y0, n.pos[1] - TITLE_H() - 24);
-        x1 = Math.max(x1, n.pos[0] + n.size[0]);
-        y1 = Math.max(y1, n.pos[1] + n.size[1] + 40);
-      }
-      const rect = this.canvasEl.getBoundingClientRect();
-      const width = rect.width || 800;
-      const height = rect.height || 600;
-      // Not below 0.6: litegraph stops drawing socket names there.
-      const scale = Math.max(0.6, Math.min(1, (width - 40) / (x1 - x0), (height - 40) / (y1 - y0)));
-      ds.scale = scale;
-      ds.offset = [20 / scale - x0, 20 / scale - y0];
-      this.lgc.setDirty(true, true);
-    }
-
-    onValueFromServer() {
-      const value = this.props.value;
-      if (!value || typeof value !== "object" || !Array.isArray(value.nodes)) return;
-      if (JSON.stringify(value) === this.lastSent) return; // our own edit coming back
-      this.loadGraph(value, { send: false });
-    }
-
     scheduleSync(opts) {
       if (this.loading) return;
       clearTimeout(this.syncTimer);
@@ -1000,6 +550,7 @@
       this.lastSent = text;
       this.props.value = graph; // the component's value: what Python event handlers receive
       if (this.storageKey) this.keep(text);
+      if (this.recordEdit) this.recordEdit(text);
       return graph;
     }
 
@@ -1054,427 +605,13 @@
       for (const warning of this.warnings || []) list.appendChild(el("div", { class: "df-warning", text: warning }));
     }
 
-    /* --- inspector (parameter widgets from each input's spec) ---------------------------- */
-
-    renderInspector() {
-      const box = this.inspectorEl;
-      if (!box) return;
-      box.innerHTML = "";
-      const node = this.selectedNode();
-      if (!node || !node.dfEntry) {
-        box.appendChild(el("div", { class: "df-empty", text: "Select a node to edit its inputs. Click or drag a palette entry to add one." }));
-        box.dataset.node = "";
-        return;
-      }
-      const entry = node.dfEntry;
-      box.dataset.node = node.dfId;
-      const idInput = el("input", { type: "text", value: node.dfId, class: "df-id", "data-testid": "df-node-id" });
-      const idError = el("div", { class: "df-field-error" });
-      idInput.addEventListener("change", () => {
-        const why = this.renameNode(node, idInput.value.trim());
-        idError.textContent = why || "";
-        if (why) idInput.value = node.dfId;
-      });
-      box.appendChild(el("div", { class: "df-insp-head" }, el("div", { class: "df-insp-title", text: entry.title }), el("code", { text: `${entry.type} ${entry.version}` })));
-      box.appendChild(el("label", { class: "df-field-row" }, el("span", { text: "id" }), idInput));
-      box.appendChild(idError);
-      if (entry.description) box.appendChild(el("p", { class: "df-insp-desc", text: entry.description }));
-      for (const spec of entry.inputs) box.appendChild(this.inputField(node, spec));
-      if (entry.outputs.length) {
-        box.appendChild(
-          el(
-            "div",
-            { class: "df-outputs" },
-            el("span", { text: "outputs: " }),
-            entry.outputs.map((o) => el("span", { class: "df-out", title: o.description || "" }, el("i", { class: "df-dot", style: `background:${this.typeColor(o.type)}` }), `${o.name} `, el("small", { text: o.type })))
-          )
-        );
-      }
-      this.renderInspectorProblems(node);
-    }
-
-    renderInspectorProblems(node) {
-      for (const holder of this.inspectorEl.querySelectorAll("[data-problem-for]")) {
-        const name = holder.dataset.problemFor;
-        const messages = (node.dfProblems || []).filter((p) => p.input === name).map((p) => p.message);
-        holder.textContent = messages.join("; ");
-        const field = holder.closest(".df-field");
-        field.classList.toggle("df-invalid", messages.length > 0);
-        // The server's verdict replaces the instant bounds check made while typing.
-        const local = field.querySelector("[data-testid=df-field-error]");
-        if (local && local.dataset.kind === "bound") local.textContent = "";
-      }
-    }
-
-    inputField(node, spec) {
-      const linked = node.isLinked(spec.name);
-      const explicit = Object.prototype.hasOwnProperty.call(node.dfInputs, spec.name);
-      const value = node.effectiveValue(spec.name);
-      const field = el("div", { class: "df-field", "data-testid": "df-field", dataset: { input: spec.name } });
-      const badge = spec.required ? "required" : spec.optional ? "optional" : "";
-      field.appendChild(
-        el(
-          "div",
-          { class: "df-field-label" },
-          el("i", { class: "df-dot", style: `background:${this.typeColor(spec.type)}` }),
-          el("b", { text: spec.name }),
-          el("small", { text: ` ${spec.type}${badge ? " · " + badge : ""}` }),
-          explicit && spec.has_default && !linked
-            ? el("button", { class: "df-reset", title: `reset to the default (${short(spec.default)})`, onclick: () => this.setConstant(node, spec.name, undefined) }, "↺")
-            : null
-        )
-      );
-      const local = el("div", { class: "df-field-error", "data-testid": "df-field-error" });
-      if (linked) {
-        const link = this.graph.links[node.inputs[node.inputSlot(spec.name)].link];
-        const origin = link && this.graph.getNodeById(link.origin_id);
-        field.appendChild(el("div", { class: "df-linked", text: origin ? `← ${origin.dfId}.${origin.outputs[link.origin_slot].name}` : "← linked" }));
-      } else if (!spec.widget) {
-        field.appendChild(el("div", { class: "df-linked df-socket-only", text: `connect a ${spec.type} output` }));
-      } else {
-        field.appendChild(this.widgetFor(node, spec, value, local));
-      }
-      if (spec.description) field.appendChild(el("div", { class: "df-field-desc", text: spec.description }));
-      field.appendChild(local);
-      field.appendChild(el("div", { class: "df-field-error", dataset: { problemFor: spec.name } }));
-      return field;
-    }
-
-    boundProblem(spec, value) {
-      if (spec.choices && spec.choices.length && !spec.choices.some((c) => JSON.stringify(c) === JSON.stringify(value))) return `expected one of ${JSON.stringify(spec.choices)}`;
-      if (typeof value === "number") {
-        if (!Number.isFinite(value)) return "expected a number";
-        if (spec.min !== null && spec.min !== undefined && value < spec.min) return `expected a value >= ${spec.min}, got ${value}`;
-        if (spec.max !== null && spec.max !== undefined && value > spec.max) return `expected a value <= ${spec.max}, got ${value}`;
-      }
-      return null;
-    }
-
-    widgetFor(node, spec, value, errorEl) {
-      const set = (v) => {
-        const why = v === undefined ? null : this.boundProblem(spec, v);
-        errorEl.textContent = why || "";
-        errorEl.dataset.kind = "bound";
-        this.setConstant(node, spec.name, v, { fromInspector: true });
-      };
-      const attrs = { "data-testid": "df-input", name: spec.name, "aria-label": spec.name };
-      switch (spec.widget) {
-        case "combo": {
-          const select = el("select", attrs);
-          spec.choices.forEach((choice, i) => {
-            const option = el("option", { value: String(i), text: short(choice) });
-            if (JSON.stringify(choice) === JSON.stringify(value)) option.selected = true;
-            select.appendChild(option);
-          });
-          select.addEventListener("change", () => set(spec.choices[Number(select.value)]));
-          return select;
-        }
-        case "toggle": {
-          const box = el("input", Object.assign({ type: "checkbox" }, attrs));
-          box.checked = !!value;
-          box.addEventListener("change", () => set(box.checked));
-          return box;
-        }
-        case "int":
-        case "seed":
-        case "float":
-        case "slider": {
-          const integer = spec.widget !== "float" && spec.widget !== "slider";
-          const input = el(
-            "input",
-            Object.assign({ type: "number", step: integer ? "1" : String((spec.ui && spec.ui.step) || "any"), min: spec.min ?? undefined, max: spec.max ?? undefined }, attrs)
-          );
-          input.value = value === undefined || value === null ? "" : String(value);
-          if (!spec.has_default) input.placeholder = "required";
-          input.addEventListener("change", () => {
-            const text = input.value.trim();
-            if (text === "") return set(undefined);
-            const number = Number(text);
-            if (!Number.isFinite(number) || (integer && !Number.isInteger(number))) {
-              errorEl.textContent = integer ? "expected a whole number" : "expected a number";
-              errorEl.dataset.kind = "parse";
-              return;
-            }
-            set(number);
-          });
-          if (spec.widget !== "seed") return input;
-          const dice = el("button", {
-            class: "df-btn df-small",
-            title: "a new random seed",
-            "data-testid": "df-seed-random",
-            onclick: () => {
-              const lo = Math.max(0, spec.min ?? 0);
-              const hi = Math.min(spec.max ?? 2 ** 32 - 1, 2 ** 32 - 1);
-              const seed = lo + Math.floor(Math.random() * (hi - lo + 1));
-              input.value = String(seed);
-              set(seed);
-            },
-          }, "random");
-          return el("div", { class: "df-row" }, input, dice);
-        }
-        case "multiline": {
-          const area = el("textarea", Object.assign({ rows: "3" }, attrs));
-          area.value = value ?? "";
-          area.addEventListener("change", () => set(area.value));
-          return area;
-        }
-        case "path": {
-          const listId = `df-paths-${Math.random().toString(36).slice(2)}`;
-          const input = el("input", Object.assign({ type: "text", list: listId, placeholder: "a file under the allowed folders" }, attrs));
-          const datalist = el("datalist", { id: listId });
-          input.value = value ?? "";
-          let timer = null;
-          const suggest = async () => {
-            const options = await this.call("df_paths", input.value);
-            datalist.innerHTML = "";
-            for (const option of options || []) datalist.appendChild(el("option", { value: option }));
-          };
-          input.addEventListener("input", () => {
-            clearTimeout(timer);
-            timer = setTimeout(suggest, 200);
-          });
-          input.addEventListener("focus", suggest);
-          input.addEventListener("change", () => set(input.value === "" && spec.has_default ? undefined : input.value));
-          const roots = (this.catalog.roots || []).join(", ");
-          return el("div", { class: "df-path" }, input, datalist, el("div", { class: "df-field-desc", text: roots ? `readable: ${roots}` : "" }));
-        }
-        default: {
-          const input = el("input", Object.assign({ type: "text" }, attrs));
-          input.value = value ?? "";
-          if (!spec.has_default) input.placeholder = "required";
-          input.addEventListener("change", () => set(input.value));
-          return input;
-        }
-      }
-    }
-
-    /* --- save and open -------------------------------------------------------------------- */
-
-    async save() {
-      this.syncNow();
-      const result = await this.call("df_save", this.toGraph());
-      if (!result) return this.toast("The server did not answer.", "error");
-      if (!result.ok) return this.toast(result.error, "error");
-      const blob = new Blob([result.yaml], { type: "application/x-yaml" });
-      const url = URL.createObjectURL(blob);
-      const a = el("a", { href: url, download: result.filename });
-      document.body.appendChild(a);
-      a.click();
-      a.remove();
-      setTimeout(() => URL.revokeObjectURL(url), 10000);
-      const n = (result.problems || []).length;
-      this.setMessage(n ? `saved ${result.filename} (${n} problem${n > 1 ? "s" : ""} left to fix before it runs)` : `saved ${result.filename}`, n ? "warn" : "ok");
-    }
-
-    async openFile(file) {
-      const buffer = await file.arrayBuffer();
-      this.setMessage(`opening ${file.name}…`);
-      const result = await this.call("df_open", { name: file.name, data: toBase64(buffer) });
-      if (!result) return this.toast("The server did not answer.", "error");
-      if (!result.ok) {
-        this.setMessage(`Not opened — the canvas is unchanged. ${result.error}`, "error");
-        this.toast(result.error, "error");
-        this.root.dataset.lastOpenError = result.error;
-        return;
-      }
-      this.loadGraph(result.graph);
-      const n = (result.problems || []).length;
-      this.setMessage(`opened ${file.name}${n ? ` — ${n} problem${n > 1 ? "s" : ""} marked on the nodes` : ""}`, n ? "warn" : "ok");
-      if (result.warnings && result.warnings.length) this.toast(result.warnings.join(" "), "warn");
-    }
-
-    onDrop(e) {
-      e.preventDefault();
-      this.stage.classList.remove("df-dropping");
-      const type = e.dataTransfer.getData("application/x-dagfusion-node");
-      if (type) {
-        const pos = this.lgc.convertEventToCanvasOffset(e);
-        this.addNode(type, [Math.round(pos[0]), Math.round(pos[1])]);
-        return;
-      }
-      const file = e.dataTransfer.files && e.dataTransfer.files[0];
-      if (file) this.openFile(file);
-    }
-
-    /* --- running ------------------------------------------------------------------------- */
-
-    async run() {
-      this.syncNow();
-      this.runButton.disabled = true;
-      try {
-        const result = await this.call("df_submit", this.toGraph());
-        if (!result) return this.toast("The server did not answer.", "error");
-        if (!result.ok) {
-          this.showProblems(result.problems || [], []);
-          this.setMessage(`Not run: ${result.error}`, "error");
-          this.toast("Fix the problems marked on the nodes before running.", "error");
-          return;
-        }
-        this.follow(result.run.id);
-        const where = result.run.position && result.run.position > 1 ? ` (queued, ${result.run.position - 1} ahead)` : "";
-        this.setMessage(`run #${result.run.number} submitted${where}`);
-      } finally {
-        this.runButton.disabled = false;
-      }
-    }
-
-    follow(runId) {
-      this.followed = runId;
-      this.previewSince = 0;
-      this.previews = [];
-      this.previewsEl.innerHTML = "";
-      for (const node of this.graph._nodes) {
-        node.dfStatus = null;
-        node.dfProgress = null;
-        node.dfError = null;
-        node.dfPreview = null;
-        node.size = node.computeSize();
-      }
-      this.lgc.setDirty(true, true);
-      this.pollSoon(0);
-    }
-
-    clearRunState() {
-      this.followed = null;
-      this.previewSince = 0;
-      this.previews = [];
-      if (this.previewsEl) this.previewsEl.innerHTML = "";
-      this.cancelButton.disabled = true;
-    }
-
-    async cancel(runId) {
-      const id = runId || this.followed;
-      if (!id) return;
-      const result = await this.call("df_cancel", id);
-      if (result && result.ok) this.setMessage(`cancelling run #${result.run.number}…`);
-      this.pollSoon(0);
-    }
-
-    pollSoon(delay) {
-      clearTimeout(this.pollTimer);
-      this.pollTimer = setTimeout(() => this.poll(), delay);
-    }
-
-    async poll() {
-      let next = 1500;
-      try {
-        const result = await this.call("df_poll", { run: this.followed, since: this.previewSince });
-        if (result) {
-          this.queue = result.queue || [];
-          this.renderQueue();
-          if (result.run && result.run.id === this.followed) {
-            this.applyRun(result.run);
-            if (RUN_ACTIVE[result.run.status]) next = 250;
-          }
-        }
-      } finally {
-        this.pollSoon(next);
-      }
-    }
-
-    applyRun(run) {
-      for (const node of this.graph._nodes) {
-        const status = run.nodes[node.dfId];
-        node.dfStatus = status && status !== "idle" ? status : null;
-        node.dfProgress = run.progress[node.dfId] || null;
-        node.dfError = run.errors[node.dfId] || null;
-      }
-      for (const preview of run.previews || []) {
-        this.previewSince = Math.max(this.previewSince, preview.index + 1);
-        this.addPreview(preview);
-      }
-      const active = !!RUN_ACTIVE[run.status];
-      this.cancelButton.disabled = !active;
-      this.root.dataset.runStatus = run.status;
-      this.root.dataset.runId = run.id;
-      let text = `run #${run.number}: ${run.status}`;
-      if (run.status === "queued" && run.position) text += ` (${run.position - 1} ahead)`;
-      if (run.points > 1) text += ` — point ${run.point}/${run.points}`;
-      if (run.node && run.status === "running") {
-        const p = run.progress[run.node];
-        text += ` — ${run.node}${p && p.total ? ` ${p.step}/${p.total}` : ""}`;
-      }
-      if (run.message && !active) text += ` — ${run.message}`;
-      else if (run.message === "cancelling…") text += " — cancelling…";
-      const kind = { done: "ok", failed: "error", error: "error", invalid: "error", cancelled: "warn" }[run.status] || "";
-      this.setMessage(text, kind);
-      if (run.problems && run.problems.length) this.showProblems(run.problems, []);
-      this.lgc.setDirty(true, true);
-    }
-
-    addPreview(preview) {
-      const node = this.nodeById(preview.node);
-      const img = new Image();
-      img.onload = () => {
-        if (node) {
-          node.dfPreview = img;
-          const size = node.computeSize();
-          node.size[1] = size[1];
-          this.lgc.setDirty(true, true);
-        }
-      };
-      img.src = preview.url;
-      img.alt = `${preview.node}: ${preview.label}`;
-      const figure = el(
-        "figure",
-        { class: "df-preview", "data-testid": "df-preview", dataset: { node: preview.node, index: String(preview.index), kind: preview.kind } },
-        img.cloneNode(),
-        el("figcaption", { text: `${preview.node}${preview.label ? " — " + preview.label : ""}` })
-      );
-      figure.querySelector("img").src = preview.url;
-      this.previewsEl.prepend(figure);
-      while (this.previewsEl.children.length > 24) this.previewsEl.lastChild.remove();
-    }
-
-    renderQueue() {
-      const box = this.queueEl;
-      box.innerHTML = "";
-      if (!this.queue.length) {
-        box.appendChild(el("div", { class: "df-empty", text: "No runs yet." }));
-        return;
-      }
-      for (const run of this.queue.slice(0, 20)) {
-        let detail = "";
-        if (run.status === "queued" && run.position) detail = `${run.position - 1} ahead`;
-        else if (run.status === "running") detail = `${run.done}/${run.planned} nodes${run.node ? " · " + run.node : ""}`;
-        else if (run.seconds !== null && run.seconds !== undefined) detail = `${run.seconds.toFixed(2)}s`;
-        box.appendChild(
-          el(
-            "div",
-            {
-              class: `df-run df-run-${run.status}${run.id === this.followed ? " df-followed" : ""}`,
-              "data-testid": "df-run-entry",
-              dataset: { run: run.id, status: run.status, number: String(run.number) },
-              title: run.message || "",
-              onclick: () => {
-                if (run.id !== this.followed) this.follow(run.id);
-              },
-            },
-            el("span", { class: "df-pill", text: run.status }),
-            el("span", { class: "df-run-name", text: `#${run.number} ${run.name}` }),
-            el("small", { text: detail }),
-            RUN_ACTIVE[run.status]
-              ? el("button", {
-                  class: "df-btn df-small",
-                  title: "cancel this run",
-                  "data-testid": "df-run-cancel",
-                  onclick: (e) => {
-                    e.stopPropagation();
-                    this.cancel(run.id);
-                  },
-                }, "✕")
-              : null
-          )
-        );
-      }
-    }
-
-    /* --- messages --------------------------------------------------------------------------- */
-
-    setMessage(text, kind) {
+    setMessage(text, kind, opts) {
       if (!this.messageEl) return;
       this.messageEl.textContent = text;
       this.messageEl.className = `df-message${kind ? " df-" + kind : ""}`;
+      this.messageEl.title = text;
+      // The followed run writes its state only while no message of the user's is shown.
+      this.pinned = !!(opts && opts.pin);
     }
 
     toast(text, kind) {
@@ -1484,8 +621,6 @@
       clearTimeout(this.toastTimer);
       this.toastTimer = setTimeout(() => (box.className = "df-toast"), 6000);
     }
-
-    /* --- helpers for tests and scripts ------------------------------------------------------ */
 
     nodeIds() {
       return this.toGraph().nodes.map((n) => n.id);
@@ -1511,6 +646,16 @@
       return [rect.left + canvasPos[0], rect.top + canvasPos[1]];
     }
 
+    /* The node's box on the page (title bar included): [left, top, right, bottom]. */
+    nodeClientRect(id) {
+      const node = this.nodeById(id);
+      if (!node) return null;
+      const a = this.lgc.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] - TITLE_H()]);
+      const b = this.lgc.ds.convertOffsetToCanvas([node.pos[0] + node.size[0], node.pos[1] + node.size[1]]);
+      const rect = this.canvasEl.getBoundingClientRect();
+      return [rect.left + a[0], rect.top + a[1], rect.left + b[0], rect.top + b[1]];
+    }
+
     nodeState(id) {
       const node = this.nodeById(id);
       if (!node) return null;
@@ -1522,6 +667,10 @@
         problems: node.dfProblems.map((p) => p.message),
         error: node.dfError,
         preview: !!(node.dfPreview && node.dfPreview.naturalWidth),
+        size: [Math.round(node.size[0]), Math.round(node.size[1])],
+        pos: [Math.round(node.pos[0]), Math.round(node.pos[1])],
+        bypass: !!node.dfBypass,
+        placeholder: !!(node.dfEntry && node.dfEntry.missing),
         inputs: Object.assign({}, node.dfInputs),
         linked: (node.inputs || []).filter((s) => s.link != null).map((s) => s.name),
       };
@@ -1531,6 +680,14 @@
   window.DagfusionCanvas = {
     CanvasApp,
     apps: [],
+    /* Shared by the other canvas-*.js files. */
+    util: { PLACEHOLDER, PREVIEW_BOX, TITLE_H, SLOT_H, WIDGET_H, WIDGET_STEP, NODE_IDENT, STATUS_COLORS, STATUS_ICONS, RUN_ACTIVE, el, snake, short, wrapText, hashText, toBase64 },
+    /* Adds methods to CanvasApp (each canvas-*.js file adds those of its job). */
+    mixin(methods) {
+      for (const name of Object.getOwnPropertyNames(methods)) {
+        Object.defineProperty(CanvasApp.prototype, name, Object.getOwnPropertyDescriptor(methods, name));
+      }
+    },
     get app() {
       return this.apps[this.apps.length - 1] || null;
     },
