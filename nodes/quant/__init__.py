@@ -3,10 +3,12 @@
 Nodes:
 
 - ``dagfusion.quant.WeightOnly`` — int8 (per channel), int4 (grouped, with zero-points) or fp8
-  e4m3 weights for a denoiser; outputs the model, its average bits per parameter and a per-layer
-  report. Pure PyTorch on any device (a patch that swaps dequantized weights in while sampling),
+  e4m3 weights for a denoiser; outputs the model, its nominal average bits per parameter (the
+  stored tensors), the bits per parameter of its saved file (``file_bits``: header and index
+  included) and a per-layer report. Pure PyTorch on any device (a patch that swaps dequantized weights in while sampling),
   or torchao's kernels on CUDA (``pip install dagfusion[gpu]``).
-- ``dagfusion.quant.Save`` — write a quantized model as one packed safetensors file.
+- ``dagfusion.quant.Save`` — write a quantized model as one packed safetensors file (a few flat
+  tensors and one index; outputs its bytes, its bits per parameter and the nominal bits).
 - ``dagfusion.quant.Load`` — load such a file onto a model of the same architecture, bit-exactly.
 - ``dagfusion.quant.Sensitivity`` — per layer and candidate bit width, how much quantizing only
   that layer changes the denoiser output (BitsFusion's sensitivity), from recorded calibration
@@ -26,7 +28,9 @@ Types: ``QUANT_SENSITIVITY`` (:mod:`~dagfusion.nodes.quant.types`).
 Modules: :mod:`~dagfusion.nodes.quant.formats` (the tensor maths and bit packing),
 :mod:`~dagfusion.nodes.quant.patch` (the patch, layer selection, average bits),
 :mod:`~dagfusion.nodes.quant.storage` (the file format), :mod:`~dagfusion.nodes.quant.backend`
-(torch or torchao), :mod:`~dagfusion.nodes.quant.mixed` (sensitivity and bit allocation).
+(torch or torchao), :mod:`~dagfusion.nodes.quant.mixed` (sensitivity and bit allocation),
+:mod:`~dagfusion.nodes.quant.sizes` (``python -m dagfusion.nodes.quant.sizes``: nominal and file
+bits of shapes-sd's quantized files).
 
 Registering this pack imports neither torch nor diffusers: each node imports them when it runs.
 """

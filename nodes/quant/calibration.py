@@ -300,3 +300,23 @@ def output_mse(module: Any, calls: Sequence[RecordedCall], patch: WeightQuantPat
             outputs = replay.run()
     elements = sum(r.numel() for r in reference)
     return sum(float((o.double() - r.double()).square().sum()) for o, r in zip(outputs, reference)) / elements
+
+
+def weight_error_sensitivity(module: Any, bits: Iterable[int], min_params: int = DEFAULT_MIN_PARAMS,
+                             group_size: int = 64) -> QuantSensitivity:
+    """A stand-in sensitivity without calibration calls: each selected layer's summed squared
+    weight error at each width (for examples and tests; the measured one is :func:`measure_sensitivity`)."""
+    import torch
+
+    widths = tuple(bits)
+    params = parameter_places(module)
+    errors: dict[str, dict[int, float]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in plan_layers(module, DEFAULT_KEEP, min_params).quantize:
+        weight = params[f"{name}.weight"].value.detach()
+        shapes[name] = tuple(weight.shape)
+        errors[name] = {
+            b: float(torch.sum((quantize(weight, spec_for_bits(b, group_size)).dequantize(dtype=torch.float32) - weight.float()) ** 2))
+            for b in widths
+        }
+    return QuantSensitivity(errors, shapes, widths, group_size, DEFAULT_KEEP, min_params, type(module).__name__)

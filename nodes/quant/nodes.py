@@ -98,7 +98,7 @@ def _example(format: str, **extra: Any) -> Any:
 
 @node(
     "dagfusion.quant.WeightOnly",
-    version="1.0.0",
+    version="1.1.0",
     category="quantization",
     inputs=[
         Input("model", MODEL, link_only=True, description="A diffusers denoiser (UNet or transformer)."),
@@ -120,8 +120,10 @@ def _example(format: str, **extra: Any) -> Any:
     ],
     outputs=[
         Output("model", MODEL, "The model with quantized weights while sampling."),
-        Output("average_bits", FLOAT, "Bits per denoiser parameter, counting codes, scales, zero-points and 16-bit layers."),
+        Output("average_bits", FLOAT, "Nominal bits per denoiser parameter: codes, scales, zero-points and 16-bit layers."),
         Output("report", DICT, "Totals and, per Linear/Conv layer, bits, bytes and relative weight error (or why it was kept)."),
+        Output("file_bits", FLOAT, "Bits per denoiser parameter of the file dagfusion.quant.Save writes: every byte, "
+                                   "header and index included."),
     ],
     examples=[_example("int8"), _example("int4", group_size=32, min_params=0), _example("fp8_e4m3", keep="default, *attn2*")],
     ui={"color": "#7e57c2"},
@@ -158,10 +160,12 @@ def weight_only(
     )
     if chosen == "torchao":
         return _with_torchao(model, module, patch, spec)
+    summary = report(module, patch, backend="torch")
     return {
         "model": replacing_quantization(model, patch),
         "average_bits": average_bits(module, patch),
-        "report": report(module, patch, backend="torch"),
+        "report": summary,
+        "file_bits": summary["file_bits"],
     }
 
 
@@ -184,10 +188,13 @@ def _with_torchao(model: Any, module: Any, patch: Any, spec: Any) -> dict[str, A
     fingerprint = _fingerprint({"source": model.ref.fingerprint, "torchao": converted.key})
     # An earlier torch-backend patch would swap dense weights back into the torchao copy: drop it.
     handle = without_quantization(model).with_denoiser(StaticRef(quantized, fingerprint), quantization=f"torchao:{spec.name}")
+    # torchao's copy is not saved by dagfusion.quant.Save: the file bits are those of the torch backend's file
+    summary = {**report(module, converted, backend="torchao"), **{k: report(module, patch)[k] for k in ("file_bits", "file_bytes")}}
     return {
         "model": handle,
         "average_bits": average_bits(module, converted),
-        "report": report(module, converted, backend="torchao"),
+        "report": summary,
+        "file_bits": summary["file_bits"],
     }
 
 
@@ -204,7 +211,7 @@ def _save_example() -> dict[str, Any]:
 
 @node(
     "dagfusion.quant.Save",
-    version="1.0.0",
+    version="1.1.0",
     category="quantization",
     inputs=[
         Input("model", MODEL, link_only=True, description="A model quantized by dagfusion.quant.WeightOnly (torch backend) or Load."),
@@ -213,6 +220,8 @@ def _save_example() -> dict[str, Any]:
     outputs=[
         Output("path", STRING, "Where the file was written."),
         Output("bytes", INT, "The file's size in bytes."),
+        Output("file_bits", FLOAT, "The file's bits per denoiser parameter (every byte, header included)."),
+        Output("average_bits", FLOAT, "Nominal bits per denoiser parameter (the tensors' bytes only)."),
     ],
     pure=False,
     output_node=True,
@@ -236,8 +245,12 @@ def save_quantized(ctx: RunContext, model: Any, filename: str) -> dict[str, Any]
             "expected a model quantized by dagfusion.quant.WeightOnly (backend 'torch') or loaded by "
             f"dagfusion.quant.Load, got a model without a weight-quantization patch (patches: {names or 'none'})",
         )
+    from dagfusion.nodes.quant.patch import average_bits, stored_bits
+
     path = storage.save(patches[-1], ctx.output_path(filename))
-    return {"path": str(path), "bytes": path.stat().st_size}
+    size, count = path.stat().st_size, stored_bits(model.denoiser, patches[-1])[1]
+    return {"path": str(path), "bytes": size, "file_bits": size * 8 / count if count else 0.0,
+            "average_bits": average_bits(model.denoiser, patches[-1])}
 
 
 # --- Load -------------------------------------------------------------------------------------
@@ -391,25 +404,10 @@ def sensitivity(
 
 
 def _proxy_sensitivity(module: Any, bits: tuple[int, ...], min_params: int) -> Any:
-    """A stand-in sensitivity for examples: each layer's squared weight error at each width."""
-    import torch
+    """A stand-in sensitivity for examples (:func:`~dagfusion.nodes.quant.calibration.weight_error_sensitivity`)."""
+    from dagfusion.nodes.quant.calibration import weight_error_sensitivity
 
-    from dagfusion.nodes.quant.formats import quantize
-    from dagfusion.nodes.quant.mixed import QuantSensitivity, spec_for_bits
-    from dagfusion.model import parameter_places
-    from dagfusion.nodes.quant.patch import DEFAULT_KEEP, plan_layers
-
-    params = parameter_places(module)
-    errors: dict[str, dict[int, float]] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name in plan_layers(module, DEFAULT_KEEP, min_params).quantize:
-        weight = params[f"{name}.weight"].value.detach()
-        shapes[name] = tuple(weight.shape)
-        errors[name] = {
-            b: float(torch.sum((quantize(weight, spec_for_bits(b, 64)).dequantize(dtype=torch.float32) - weight.float()) ** 2))
-            for b in bits
-        }
-    return QuantSensitivity(errors, shapes, bits, 64, DEFAULT_KEEP, min_params, type(module).__name__)
+    return weight_error_sensitivity(module, bits, min_params)
 
 
 def _mixed_example(target: float, bits: tuple[int, ...] = (2, 3, 4, 8)) -> Any:
@@ -425,7 +423,7 @@ def _mixed_example(target: float, bits: tuple[int, ...] = (2, 3, 4, 8)) -> Any:
 
 @node(
     "dagfusion.quant.MixedPrecision",
-    version="1.0.0",
+    version="1.1.0",
     category="quantization",
     inputs=[
         Input("model", MODEL, link_only=True,
@@ -438,9 +436,11 @@ def _mixed_example(target: float, bits: tuple[int, ...] = (2, 3, 4, 8)) -> Any:
     outputs=[
         Output("model", MODEL, "The model with mixed-precision weights while sampling (savable with dagfusion.quant.Save)."),
         Output("bits", DICT, "The bit width chosen for each quantized layer."),
-        Output("average_bits", FLOAT, "Bits per denoiser parameter actually stored (at most target_bits)."),
+        Output("average_bits", FLOAT, "Nominal bits per denoiser parameter actually stored (at most target_bits)."),
         Output("report", DICT, "WeightOnly's report plus the allocation: target, summed predicted error, layers "
                                "and parameters per bit width, whether the knapsack was solved exactly."),
+        Output("file_bits", FLOAT, "Bits per denoiser parameter of the file dagfusion.quant.Save writes: every byte, "
+                                   "header and index included (a little above average_bits)."),
     ],
     examples=[_mixed_example(3.0), _mixed_example(4.5, (1, 2, 4))],
     ui={"color": "#7e57c2"},
@@ -492,6 +492,7 @@ def mixed_precision(ctx: RunContext, model: Any, sensitivity: Any, target_bits: 
         "bits": dict(allocation.bits),
         "average_bits": achieved,
         "report": summary,
+        "file_bits": summary["file_bits"],
     }
 
 

@@ -424,8 +424,11 @@ def average_bits(module: Any, patch: WeightQuantPatch | None = None) -> float:
 def report(module: Any, patch: WeightQuantPatch, *, backend: str = "torch") -> dict[str, Any]:
     """Plain-data summary: totals and, per Linear/Conv layer, bits, bytes and error (or why kept).
 
-    Keys: ``format``, ``group_size``, ``backend``, ``average_bits``, ``params``, ``bytes``
-    (all parameters as stored), ``quantized_layers``, ``quantized_params``, ``kept_layers``,
+    Keys: ``format``, ``group_size``, ``backend``, ``average_bits`` (nominal: the stored
+    tensors' bits per parameter, as :func:`average_bits`; also as ``nominal_bits``),
+    ``file_bits`` (the bits per parameter of the file :func:`~dagfusion.nodes.quant.storage.save`
+    writes, header and index included), ``params``, ``bytes`` (all parameters as stored),
+    ``file_bytes`` (that file's exact size), ``quantized_layers``, ``quantized_params``, ``kept_layers``,
     ``mean_relative_error`` (parameter-weighted over quantized layers) and ``layers``:
     ``{name: {"bits", "bits_per_weight", "params", "bytes", "format", "group_size",
     "relative_error"}}`` for quantized layers and ``{"bits", "params", "bytes", "kept"}`` (the
@@ -462,14 +465,20 @@ def report(module: Any, patch: WeightQuantPatch, *, backend: str = "torch") -> d
             "bytes": int(tensor.numel()) * int(tensor.element_size()),
             "kept": reason,
         }
+    from dagfusion.nodes.quant.storage import file_nbytes
+
     bits, total = stored_bits(module, patch)
+    file_bytes = file_nbytes(patch)
     return {
         "format": patch.settings.get("format"),
         "group_size": patch.settings.get("spec", {}).get("group_size", 0),
         "backend": backend,
         "average_bits": bits / total if total else 0.0,
+        "nominal_bits": bits / total if total else 0.0,
+        "file_bits": file_bytes * 8 / total if total else 0.0,
         "params": total,
         "bytes": bits // 8,
+        "file_bytes": file_bytes,
         "quantized_layers": len(patch.layers),
         "quantized_params": quantized_params,
         "kept_layers": len(patch.kept_layers),

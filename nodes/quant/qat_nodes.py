@@ -79,20 +79,23 @@ def _freeze_example() -> dict[str, Any]:
 
 @node(
     "dagfusion.quant.Freeze",
-    version="1.0.0",
+    version="1.1.0",
     category="quantization",
     inputs=[Input("model", MODEL, link_only=True, description="A model from dagfusion.quant.Trainable, usually trained.")],
     outputs=[
         Output("model", MODEL, "The packed weight-quantized model (saves with dagfusion.quant.Save)."),
-        Output("average_bits", FLOAT, "Average bits per parameter of the denoiser, everything counted."),
+        Output("average_bits", FLOAT, "Nominal bits per parameter of the denoiser: codes, scales, zero-points and 16-bit layers."),
+        Output("file_bits", FLOAT, "Bits per denoiser parameter of the file dagfusion.quant.Save writes: every byte, "
+                                   "header and index included."),
     ],
     examples=[_freeze_example],
     ui={"color": "#7e57c2"},
 )
-def freeze_node(ctx: RunContext, model: Any) -> tuple[Any, float]:
+def freeze_node(ctx: RunContext, model: Any) -> tuple[Any, float, float]:
     """Pack a quantization-aware-trained model into low-bit codes again (the trained scales rounded up to fp16)."""
     from dagfusion.nodes.quant.patch import average_bits
     from dagfusion.nodes.quant.qat import freeze
+    from dagfusion.nodes.quant.storage import file_bits
 
     found = _qat_patches(model)
     if len(found) != 1:
@@ -100,7 +103,8 @@ def freeze_node(ctx: RunContext, model: Any) -> tuple[Any, float]:
             "model", f"expected a model from dagfusion.quant.Trainable (one quantization-aware patch), got one with {len(found)}"
         )
     packed = freeze(found[0])
-    return without_quantization(model).with_patch(packed), float(average_bits(model.denoiser, packed))
+    return (without_quantization(model).with_patch(packed), float(average_bits(model.denoiser, packed)),
+            float(file_bits(model.denoiser, packed)))
 
 
 # --- the error profile ----------------------------------------------------------------------------

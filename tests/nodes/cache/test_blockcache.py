@@ -84,6 +84,13 @@ def test_reusing_the_residual_of_the_same_inputs_gives_the_full_output(models: A
     assert_clean(module)
 
 
+# Relative L2 distance of the span-(1, 2), every-other-step cached run to the full run, measured
+# on these tiny models with these seeds: pixart 0.2383, dit 0.0163 (another seed's full run is at
+# 1.262 and 0.923). The bounds sit a little above the measured values: reusing the span's
+# residual must stay that close to the full run.
+CLOSE_TO_FULL = {"pixart": 0.26, "dit": 0.02}
+
+
 @pytest.mark.parametrize("kind", ["pixart", "dit"])
 def test_partial_steps_skip_the_span_and_count_fewer_macs(models: Any, kind: str) -> None:
     model, conditioning, latent = models[kind]
@@ -96,6 +103,12 @@ def test_partial_steps_skip_the_span_and_count_fewer_macs(models: Any, kind: str
     assert 0.5 < stats["mac_fraction"] < 1.0
     assert not torch.equal(cached, plain)
     assert torch.isfinite(cached).all()
+    with torch.no_grad():
+        other_seed = run_sampling(model, conditioning, latent, steps=STEPS, guidance_scale=4.0, seed=4)[0].samples
+    distance = float((cached - plain).norm() / plain.norm())
+    print(f"block cache {kind}: relative L2 to the full run {distance:.4f}, another seed's {float((other_seed - plain).norm() / plain.norm()):.4f}")
+    assert distance <= CLOSE_TO_FULL[kind]
+    assert distance < 0.25 * float((other_seed - plain).norm() / plain.norm())
 
 
 def test_sampling_twice_is_identical_and_never_sees_a_stale_cache(models: Any) -> None:

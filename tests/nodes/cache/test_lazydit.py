@@ -150,16 +150,52 @@ def test_laziness_skips_about_its_fraction_and_counts_exactly(models: Any, kind:
         assert counts[name] == evaluated - round(stats[f"{name}_skip_fraction"] * evaluated)
     assert stats["evaluated"] - stats["skipped"] == counts["attn"] + counts["mlp"]
     assert stats["skip_fraction"] == stats["skipped"] / stats["evaluated"]
-    # Step 0 computes everything; later steps skip about the target fraction (the threshold is the
-    # previous step's score quantile, so scores drifting between steps and the few modules of the
-    # tiny models make it approximate).
+    # Step 0 computes everything; how close later steps come to the target fraction is the next test.
     assert stats["steps"][0]["skipped"] == 0 and stats["steps"][0]["threshold"] is None
     assert stats["calls"] == STEPS and stats["rule"] == "laziness" and stats["laziness"] == laziness
     later = stats["steps"][1:]
-    fraction = sum(s["skipped"] for s in later) / sum(s["total"] for s in later)
-    assert abs(fraction - laziness) <= (0.0 if laziness == 1.0 else 0.2)
+    assert 0 < sum(s["skipped"] for s in later) <= sum(s["total"] for s in later)
     if laziness == 1.0:
         assert stats["skipped_calls"] == (STEPS - 1) * blocks * 2
+        assert all(s["skipped"] == s["total"] for s in later)
+
+
+def _batch_of(conditioning: Any, latent: Any, rows: int) -> tuple[Any, Any]:
+    """``rows`` copies of a one-row conditioning and latent (more gated slots per step)."""
+    from dagfusion.nodes.diffusion.data import Conditioning, Latent
+
+    def repeat(values: Any) -> Any:
+        if values is None:
+            return None
+        return {k: v.repeat(rows, *([1] * (v.dim() - 1))) if hasattr(v, "dim") and v.dim() > 0 else v for k, v in values.items()}
+
+    return (Conditioning(conditioning.kind, repeat(conditioning.positive), repeat(conditioning.negative)),
+            Latent(latent.samples.repeat(rows, *([1] * (latent.samples.dim() - 1)))))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["pixart", "dit"])
+@pytest.mark.parametrize("laziness", [0.25, 0.5])
+def test_laziness_skips_its_fraction_within_five_points(models: Any, kind: str, laziness: float) -> None:
+    """The laziness rule skips the asked fraction of modules on the steps after the first (the
+    documented behaviour: the threshold is the previous step's 1 − L score quantile). Measured at
+    25 steps over 8 rows (64 gated slots a step; the first test's 6 steps of one row leave only 8
+    slots a step and large timestep jumps): pixart 0.2331 / 0.4824, dit 0.2428 / 0.5020 for
+    laziness 0.25 / 0.5 — within ±0.05 of the target, the bound asserted."""
+    model, conditioning, latent = models[kind]
+    if kind == "dit":
+        from dagfusion.nodes.diffusion.conditioning import class_conditioning
+
+        conditioning, latent = class_conditioning(list(range(1, 9))), _batch_of(conditioning, latent, 8)[1]
+    else:
+        conditioning, latent = _batch_of(conditioning, latent, 8)
+    patch = gates_for(model, seed=1, rule="laziness", laziness=laziness)
+    run(model.with_patch(patch), conditioning, latent, steps=25)
+    later = stats_of(patch)["steps"][1:]
+    assert later[0]["total"] == 64
+    fraction = sum(s["skipped"] for s in later) / sum(s["total"] for s in later)
+    print(f"LazyDiT {kind} laziness {laziness}: skipped fraction after the first step {fraction:.4f}")
+    assert abs(fraction - laziness) <= 0.05
 
 
 def test_fixed_threshold_skips_where_the_score_is_above_it(models: Any) -> None:

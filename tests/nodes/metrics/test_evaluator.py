@@ -43,16 +43,33 @@ def test_shipped_file_is_small_and_fp16() -> None:
     assert all(t.dtype == torch.float16 for t in load_file(str(SHIPPED)).values())
 
 
-def test_training_is_seeded_and_learns(tmp_path: Path) -> None:
-    a, report = train_shapeeval(steps=30, batch_size=32, pool_size=256, seed=3)
-    b, _ = train_shapeeval(steps=30, batch_size=32, pool_size=256, seed=3)
+def test_training_is_seeded(tmp_path: Path) -> None:
+    a, _ = train_shapeeval(steps=10, batch_size=16, pool_size=128, seed=3, resolution=32)
+    b, _ = train_shapeeval(steps=10, batch_size=16, pool_size=128, seed=3, resolution=32)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
-    assert report.final_loss < 5.0  # the untrained loss is sum(log(classes)) ~ 6.9
     save_shapeeval(a, tmp_path / "w.safetensors")
     again = load_shapeeval(tmp_path / "w.safetensors")
     images = ShapesDataset("train", 1, 32).batch(0, 8).images
     assert predict(a, images) == predict(again, images)
+
+
+# A short training (160 steps of 32 at 32 px, lr 4e-3, 1,024 renders) read 240 held-out renders
+# (seed 2024) with all-correct 0.425 (colour 1.000, shape 0.425, position 1.000, size 0.996,
+# background 1.000); training and scoring took 40 s on a busy 2-core CPU, one thread. An untrained
+# network is at chance (all-correct ~ 1 / 720, loss ~ 6.9). The floors sit a few points below the
+# measured values.
+LEARNED_FLOOR = {"all_correct": 0.40, "colour": 0.97, "shape": 0.40, "position": 0.97, "size": 0.96, "background": 0.97}
+
+
+@pytest.mark.slow
+def test_a_short_training_reads_held_out_renders() -> None:
+    model, report = train_shapeeval(steps=160, batch_size=32, pool_size=1024, seed=3, resolution=32, learning_rate=4e-3)
+    batch = ShapesDataset("eval", 1, 32, seed=2024).batch(0, 240)
+    scores = score(model, batch.images, list(batch.captions))
+    print(f"ShapeEval after 160 steps: {scores}, final loss {report.final_loss:.3f}")
+    for key, floor in LEARNED_FLOOR.items():
+        assert scores[key] >= floor, (key, scores)
 
 
 def test_vocabulary_mismatch_is_refused(tmp_path: Path, shipped) -> None:

@@ -212,6 +212,14 @@ nodes:
     path = first.output("save.path")
     assert Path(path).is_file() and first.output("save.bytes") == Path(path).stat().st_size
     assert 4.0 < first.output("quant.average_bits") < 5.0
+    # Nominal and file bits: the file's bits (header and index included) are what WeightOnly
+    # predicted, a little above the nominal ones; Save reports both.
+    params = sum(p.numel() for p in first.output("load.model").denoiser.parameters())
+    assert first.output("save.file_bits") == first.output("save.bytes") * 8 / params
+    assert first.output("quant.file_bits") == first.output("save.file_bits")
+    assert first.output("quant.report")["file_bytes"] == first.output("save.bytes")
+    assert first.output("quant.average_bits") < first.output("quant.file_bits") < first.output("quant.average_bits") + 0.5
+    assert first.output("save.average_bits") == first.output("quant.average_bits")
     second = run_workflow(
         common
         + f'  qload: {{type: dagfusion.quant.Load, inputs: {{model: {{from: load.model}}, path: "{path}"}}}}\n'
