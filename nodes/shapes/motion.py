@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,26 @@ class MotionClip:
                 y = 1.0 - y
             points.append((x + offset[0], y + offset[1]))
         return points
+
+
+_DESCRIPTION = re.compile(
+    r"^a (?P<size>\w+) (?P<colour>\w+) (?P<shape>\w+) moving (?P<direction>\w+) (?P<speed>\w+) along the "
+    r"(?P<lane>\w+) lane on an? (?P<background>\w+) background$"
+)
+
+
+def parse_description(text: str) -> MotionClip | None:
+    """The clip a :attr:`MotionClip.description` describes, or ``None`` when it is not one (or its
+    direction does not fit its shape)."""
+    match = _DESCRIPTION.match(text.strip().lower())
+    if match is None:
+        return None
+    g = match.groupdict()
+    if (g["colour"] not in COLOURS or g["shape"] not in SHAPES or g["size"] not in SIZES or g["background"] not in BACKGROUNDS
+            or g["lane"] not in LANES or g["speed"] not in SPEEDS):
+        return None
+    clip = MotionClip(g["colour"], g["shape"], g["size"], g["background"], g["lane"], g["speed"])
+    return clip if clip.direction == g["direction"] else None
 
 
 def _stable_fraction(text: str) -> float:
