@@ -1,5 +1,6 @@
 """Metrics: the ShapeEval attribute classifier (shipped weights, training, saving, loading),
-ShapeEval accuracy of generated images against their prompts, FD-shapes, and image fidelity
+ShapeEval accuracy of generated images against their prompts, the ShapeEval-pair classifier
+for two-object images (:mod:`~dagfusion.nodes.metrics.pair_evaluator`), FD-shapes, and image fidelity
 (PSNR, SSIM, relative L1) of an accelerated run against a reference run.
 
 Registering this pack imports neither torch nor the classifier; they load when a node runs.
@@ -244,12 +245,171 @@ def fd_shapes(ctx: RunContext, images: Any, reference: Any, evaluator: Any) -> f
         return frechet_distance(evaluator.embed(images), evaluator.embed(reference))
 
 
-NODES = (load_evaluator, train_evaluator, save_evaluator, shape_eval, fidelity, fd_shapes)
+def _save_pair(value: Any, path: str) -> None:
+    from dagfusion.nodes.metrics.pair_evaluator import save_pair_evaluator
+
+    save_pair_evaluator(value, path)
+
+
+def _load_pair(path: str) -> Any:
+    from dagfusion.nodes.metrics.pair_evaluator import load_pair_evaluator
+
+    return load_pair_evaluator(path)
+
+
+PAIR_EVALUATOR = SocketType(
+    "PAIR_EVALUATOR",
+    parents=("MODULE",),
+    python_types=(f"{_PKG}.pair_evaluator.PairEvalNet",),
+    description="The ShapeEval-pair classifier (reads object count, both objects' colour and shape, and their relation).",
+    color="#c0ca33",
+    serializer=Serializer(_save_pair, _load_pair),
+)
+
+
+@node(
+    "dagfusion.metrics.LoadShapeEvalPair",
+    version="1.0.0",
+    category="metrics",
+    inputs=[
+        Input("path", PATH, optional=True, description="A ShapeEval-pair safetensors file; empty: the classifier shipped with dagfusion."),
+    ],
+    outputs=[Output("evaluator", PAIR_EVALUATOR)],
+    examples=[{}],
+)
+def load_pair_evaluator(ctx: RunContext, path: str | None) -> Any:
+    """Load the ShapeEval-pair classifier (the shipped one by default)."""
+    from dagfusion.nodes.metrics.pair_evaluator import SHIPPED, load_pair_evaluator as load
+
+    if not path:
+        if not SHIPPED.is_file():
+            raise FileNotFoundError(f"the shipped ShapeEval-pair weights are missing ({SHIPPED})")
+        return load(SHIPPED)
+    return load(ctx.input_path(path))
+
+
+@node(
+    "dagfusion.metrics.TrainShapeEvalPair",
+    version="1.0.0",
+    category="metrics",
+    inputs=[
+        Input("steps", INT, 2000, min=1, max=1_000_000),
+        Input("batch_size", INT, 96, min=1, max=4096),
+        Input("learning_rate", FLOAT, 2e-3, min=0.0, max=1.0),
+        Input("pairs", INT, 4096, min=1, max=1_000_000, description="Two-object renders per style (flat, solid) made once and reused with augmentation."),
+        Input("singles", INT, 1024, min=0, max=1_000_000, description="Single-object renders per style (they teach the count head 1)."),
+        Input("seed", SEED, 0, min=0, description="Seeds the initialisation and the batches."),
+        Input("data_seed", SEED, 0, min=0, description="Seeds the training renders."),
+    ],
+    outputs=[Output("evaluator", PAIR_EVALUATOR), Output("final_loss", FLOAT)],
+    persist=True,
+    examples=[{"steps": 2, "batch_size": 4, "pairs": 8, "singles": 4}],
+)
+def train_pair_evaluator(
+    ctx: RunContext, steps: int, batch_size: int, learning_rate: float, pairs: int, singles: int, seed: int, data_seed: int
+) -> tuple[Any, float]:
+    """Train ShapeEval-pair on two- and single-object renders of the training split, both styles (seeded)."""
+    from dagfusion.nodes.metrics.pair_evaluator import train_pair_evaluator as train
+
+    def progress(step: int, total: int, loss: float) -> None:
+        ctx.progress(step, total, message="training ShapeEval-pair", loss=loss)
+
+    model, report = train(
+        steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, data_seed=data_seed,
+        pairs=pairs, singles=singles, device=ctx.device, progress=progress,
+    )
+    return model, report.final_loss
+
+
+@node(
+    "dagfusion.metrics.SaveShapeEvalPair",
+    version="1.0.0",
+    category="metrics",
+    inputs=[
+        Input("evaluator", PAIR_EVALUATOR, link_only=True),
+        Input("filename", STRING, "shapeeval_pair.safetensors", description="Name inside the run's output folder."),
+        Input("half", BOOLEAN, True, description="Store fp16 weights (the shipped form, < 1 MB)."),
+    ],
+    outputs=[Output("path", STRING)],
+    pure=False,
+    output_node=True,
+)
+def save_pair_evaluator(ctx: RunContext, evaluator: Any, filename: str, half: bool) -> str:
+    """Save a ShapeEval-pair classifier as safetensors with its head vocabulary."""
+    import torch
+
+    from dagfusion.nodes.metrics.pair_evaluator import save_pair_evaluator as save
+
+    path = ctx.output_path(filename)
+    save(evaluator, path, dtype=torch.float16 if half else torch.float32)
+    return str(path)
+
+
+def _untrained_pair_evaluator() -> Any:
+    """A seeded, untrained ShapeEval-pair (examples must not depend on the shipped weights)."""
+    import torch
+
+    from dagfusion.nodes.metrics.pair_evaluator import PairEvalNet
+
+    torch.manual_seed(0)
+    return PairEvalNet().eval()
+
+
+def _pair_scored_example() -> dict[str, Any]:
+    pairs = _dataset(split="eval", objects=2, resolution=32, style="solid").batch(0, 2)
+    return {"images": pairs.images, "prompts": list(pairs.captions), "evaluator": _untrained_pair_evaluator()}
+
+
+@node(
+    "dagfusion.metrics.ShapeEvalPair",
+    version="1.0.0",
+    category="metrics",
+    inputs=[
+        Input("images", "IMAGE", description="Generated images, (B, 3, H, W) in [0, 1]."),
+        Input(
+            "prompts",
+            union(STRING, LIST),
+            description="The captions they were generated from (two objects in a relation, or single objects): "
+            "one per image, or one caption for every image.",
+        ),
+        Input("evaluator", PAIR_EVALUATOR, link_only=True),
+    ],
+    outputs=[
+        Output("scores", DICT, "Accuracy per head (count, colour_1, shape_1, colour_2, shape_2, relation) and 'all_correct', in [0, 1]."),
+        Output("all_correct", FLOAT, "Fraction of images with every head their prompt states right."),
+    ],
+    examples=[_pair_scored_example],
+)
+def shape_eval_pair(ctx: RunContext, images: Any, prompts: Any, evaluator: Any) -> tuple[dict[str, float], float]:
+    """Score images against two-object prompts: object count, each object's colour and shape, the relation."""
+    import torch
+
+    from dagfusion.errors import NodeInputError
+    from dagfusion.nodes.metrics.pair_evaluator import score
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise NodeInputError("images", f"expected an IMAGE tensor (B, 3, H, W), got {got}")
+    captions = [prompts] * int(images.shape[0]) if isinstance(prompts, str) else list(prompts)
+    if len(captions) != int(images.shape[0]):
+        raise NodeInputError("prompts", f"expected one caption per image ({images.shape[0]}) or a single caption, got {len(captions)}")
+    try:
+        scores = score(evaluator, images, captions)
+    except ValueError as error:
+        raise NodeInputError("prompts", str(error)) from None
+    return scores, scores["all_correct"]
+
+
+NODES = (
+    load_evaluator, train_evaluator, save_evaluator, shape_eval, fidelity, fd_shapes,
+    load_pair_evaluator, train_pair_evaluator, save_pair_evaluator, shape_eval_pair,
+)
 
 
 @hookimpl
 def register_types(register: Any) -> None:
     register(SHAPE_EVALUATOR)
+    register(PAIR_EVALUATOR)
 
 
 @hookimpl

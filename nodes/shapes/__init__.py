@@ -4,7 +4,8 @@ depth, and the embedded shapes-world models (``dagfusion.models.LoadEmbedded``).
 The metrics measured on this world (ShapeEval, FD-shapes, PSNR/SSIM) are the
 :mod:`dagfusion.nodes.metrics` pack. Registering this pack imports neither torch nor the
 renderer; they load when a node runs. The pack uses the ``IMAGE`` and ``MASK`` types of the
-diffusion pack and the ``DEPTH`` and ``OBJECT_MASK`` types of the structure pack.
+diffusion pack and the ``DEPTH``, ``NORMAL``, ``OBJECT_MASK`` and ``LAYOUT`` types of the
+structure pack.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dagfusion import (
     SocketType,
     hookimpl,
     node,
+    union,
 )
 
 _PKG = "dagfusion.nodes.shapes"
@@ -44,7 +46,7 @@ def _dataset(**kwargs: Any) -> Any:
 
 @node(
     "dagfusion.shapes.Dataset",
-    version="1.0.0",
+    version="1.1.0",
     category="shapes",
     inputs=[
         Input("split", STRING, "train", choices=("train", "eval"), description="'eval' holds out attribute combinations never trained on."),
@@ -52,13 +54,15 @@ def _dataset(**kwargs: Any) -> Any:
         Input("resolution", INT, 64, choices=(32, 64), description="Image side in pixels (64 for models, 32 for tests)."),
         Input("seed", SEED, 0, min=0, description="Seeds the scene order and every sample's jitter."),
         Input("jitter", BOOLEAN, True, description="Vary position, size and rotation slightly per sample."),
+        Input("style", STRING, "flat", choices=("flat", "solid"),
+              description="'flat': 2-D shapes (what the embedded models were trained on); 'solid': shaded 3-D solids with depth, normals and occlusion."),
     ],
     outputs=[Output("dataset", SHAPES_DATASET), Output("scenes", INT, "Number of distinct scenes in the split.")],
-    examples=[{"split": "eval", "resolution": 32}],
+    examples=[{"split": "eval", "resolution": 32}, {"split": "eval", "resolution": 32, "objects": 2, "style": "solid"}],
 )
-def dataset(ctx: RunContext, split: str, objects: int, resolution: int, seed: int, jitter: bool) -> tuple[Any, int]:
+def dataset(ctx: RunContext, split: str, objects: int, resolution: int, seed: int, jitter: bool, style: str) -> tuple[Any, int]:
     """The procedural shapes dataset: captions like "a large red circle on the left on a black background"."""
-    data = _dataset(split=split, objects=objects, resolution=resolution, seed=seed, jitter=jitter)
+    data = _dataset(split=split, objects=objects, resolution=resolution, seed=seed, jitter=jitter, style=style)
     return data, len(data)
 
 
@@ -95,8 +99,17 @@ def render(ctx: RunContext, dataset: Any, first_index: int, count: int) -> dict[
         "labels": [scene.labels() if len(scene.objects) == 1 else {} for scene in batch.scenes],
         "mask": masks.amax(dim=1, keepdim=True),
         "object_masks": masks,
-        "depth": 1.0 - batch.rendered.depth,
+        "depth": _depth_convention(batch.rendered.depth, getattr(dataset, "style", "flat")),
     }
+
+
+def _depth_convention(distance: Any, style: str) -> Any:
+    """The renderer's distance (background 1.0) in the DEPTH convention (1 = nearest): ``1 - d``
+    for the flat style, the solid style's range ``[SOLID_NEAR, 1]`` stretched to ``[1, 0]``."""
+    from dagfusion.nodes.shapes.solid import SOLID_NEAR
+    from dagfusion.nodes.structure.maps import depth_from_distance
+
+    return depth_from_distance(distance, SOLID_NEAR if style == "solid" else 0.0, 1.0)
 
 
 @node(
@@ -154,7 +167,40 @@ def load_embedded(ctx: RunContext, model: str, device: str, dtype: str) -> dict[
     return {"model": loaded.model, "clip": loaded.clip, "vae": loaded.vae, "scheduler": loaded.scheduler}
 
 
-NODES = (dataset, render, prompts, load_embedded)
+@node(
+    "dagfusion.shapes.RenderStructure",
+    version="1.0.0",
+    category="shapes",
+    inputs=[
+        Input("prompts", union(STRING, LIST),
+              description="Shapes-world captions (single objects or two objects in a relation): one, or a list (one image each)."),
+        Input("resolution", INT, 64, min=8, max=1024, description="Image side in pixels."),
+        Input("style", STRING, "solid", choices=("flat", "solid"), description="'solid': shaded 3-D solids; 'flat': the 2-D shapes the embedded models know."),
+        Input("jitter", BOOLEAN, False, description="Vary position, size, rotation (and, solid, turn, tilt and height) per image."),
+        Input("seed", SEED, 0, min=0, description="Seeds each image's jitter (image i: the generator of (seed, i))."),
+    ],
+    outputs=[
+        Output("image", "IMAGE", "(B, 3, H, W) in [0, 1]."),
+        Output("depth", "DEPTH", "(B, 1, H, W), 1 = nearest."),
+        Output("normal", "NORMAL", "(B, 3, H, W) camera-space unit normals (x right, y up, z towards the viewer)."),
+        Output("object_mask", "OBJECT_MASK", "(B, K, H, W): each object's visible pixels, in caption order."),
+        Output("layout", "LAYOUT", "Boxes, labels, attributes and depth order of the objects."),
+    ],
+    examples=[
+        {"prompts": "a red circle above a blue square on a black background", "resolution": 32},
+        {"prompts": ["a large green triangle on the left on a white background", "a yellow cross right of a purple square on a gray background"],
+         "resolution": 32, "style": "flat", "jitter": True, "seed": 3},
+    ],
+)
+def render_structure(ctx: RunContext, prompts: Any, resolution: int, style: str, jitter: bool, seed: int) -> dict[str, Any]:
+    """Render shapes-world captions with their structure: image, depth, normals, object masks, layout."""
+    from dagfusion.nodes.structure.layout import captions_of
+    from dagfusion.nodes.structure.layout import render_structure as render_captions
+
+    return render_captions(captions_of(prompts, "prompts"), resolution, style, jitter, seed, input="prompts")
+
+
+NODES = (dataset, render, prompts, load_embedded, render_structure)
 
 
 @hookimpl

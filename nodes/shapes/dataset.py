@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dagfusion.nodes.shapes.render import Rendered, render_batch
+from dagfusion.nodes.shapes.render import STYLES, Rendered, render_batch
 from dagfusion.nodes.shapes.world import Scene, scenes
 
 
@@ -40,6 +40,9 @@ class ShapesDataset:
         resolution: Image side in pixels (64 for models, 32 for tests).
         seed: Seeds the order of scenes and every sample's jitter.
         jitter: Randomise position, size and rotation slightly per sample.
+        style: ``"flat"`` (default: 2-D shapes, what the embedded models were trained on) or
+            ``"solid"`` (shaded 3-D solids with depth, normals and occlusion; see
+            :mod:`dagfusion.nodes.shapes.solid`).
     """
 
     split: str = "train"
@@ -47,9 +50,12 @@ class ShapesDataset:
     resolution: int = 64
     seed: int = 0
     jitter: bool = True
+    style: str = "flat"
     _scenes: tuple[Scene, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
         object.__setattr__(self, "_scenes", tuple(scenes(self.split, self.objects)))
 
     @property
@@ -70,7 +76,7 @@ class ShapesDataset:
     def batch(self, first_index: int, count: int) -> ShapesBatch:
         """Samples ``first_index … first_index + count - 1`` of the stream."""
         chosen = [self.scene_at(first_index + i) for i in range(count)]
-        rendered = render_batch(chosen, self.resolution, self.seed, first_index, self.jitter)
+        rendered = render_batch(chosen, self.resolution, self.seed, first_index, self.jitter, self.style)
         return ShapesBatch(rendered, tuple(s.caption for s in chosen), tuple(chosen))
 
     def prompts(self) -> list[str]:
@@ -78,7 +84,9 @@ class ShapesDataset:
         return [s.caption for s in self._scenes]
 
     def __dagfusion_fingerprint__(self) -> str:
-        return f"shapes:{self.split}:{self.objects}:{self.resolution}:{self.seed}:{self.jitter}"
+        flat = f"shapes:{self.split}:{self.objects}:{self.resolution}:{self.seed}:{self.jitter}"
+        return flat if self.style == "flat" else f"{flat}:{self.style}"
 
     def describe(self) -> dict[str, Any]:
-        return {"split": self.split, "objects": self.objects, "resolution": self.resolution, "scenes": len(self)}
+        described = {"split": self.split, "objects": self.objects, "resolution": self.resolution, "scenes": len(self)}
+        return described if self.style == "flat" else {**described, "style": self.style}

@@ -157,3 +157,43 @@ def parse_caption(caption: str) -> Scene | None:
     if g["size"] not in SIZES or g["colour"] not in COLOURS or g["shape"] not in SHAPES or g["background"] not in BACKGROUNDS:
         return None
     return Scene((ShapeObject(g["colour"], g["shape"], _PHRASE_TO_POSITION[g["phrase"]], g["size"]),), g["background"])
+
+
+_PAIR = re.compile(
+    r"^an? (?P<colour1>\w+) (?P<shape1>\w+) (?P<relation>above|below|left of|right of) an? (?P<colour2>\w+) (?P<shape2>\w+)"
+    r" on an? (?P<background>\w+) background$"
+)
+
+SINGLE_GRAMMAR = "a {size} {colour} {shape} {on the left|on the right|at the top|at the bottom|in the center} on a {background} background"
+PAIR_GRAMMAR = "a {colour} {shape} {above|below|left of|right of} a {colour} {shape} on a {background} background"
+GRAMMAR = (
+    f"'{SINGLE_GRAMMAR}' or '{PAIR_GRAMMAR}' with colour in {', '.join(COLOURS)}; shape in {', '.join(SHAPES)}; "
+    f"size in {', '.join(SIZES)}; background in {', '.join(BACKGROUNDS)}"
+)
+"""The caption grammar of the shapes world, in words (for error messages)."""
+
+
+def parse_pair_caption(caption: str) -> Scene | None:
+    """The two-object scene a relation caption describes (both objects small, positioned by the
+    relation as :data:`RELATIONS` says), or ``None`` if it is not one. Unlike the dataset's
+    scenes, the two colours may be equal."""
+    match = _PAIR.match(" ".join(caption.strip().lower().split()))
+    if match is None:
+        return None
+    g = match.groupdict()
+    if (
+        g["colour1"] not in COLOURS or g["colour2"] not in COLOURS or g["shape1"] not in SHAPES
+        or g["shape2"] not in SHAPES or g["background"] not in BACKGROUNDS
+    ):
+        return None
+    p1, p2 = RELATIONS[g["relation"]]
+    return Scene(
+        (ShapeObject(g["colour1"], g["shape1"], p1, "small"), ShapeObject(g["colour2"], g["shape2"], p2, "small")),
+        g["background"],
+        g["relation"],
+    )
+
+
+def parse_any_caption(caption: str) -> Scene | None:
+    """The scene of a single-object or a two-object caption, or ``None`` if it is neither."""
+    return parse_caption(caption) or parse_pair_caption(caption)
