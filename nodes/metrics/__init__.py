@@ -1,7 +1,9 @@
 """Metrics: the ShapeEval attribute classifier (shipped weights, training, saving, loading),
 ShapeEval accuracy of generated images against their prompts, the ShapeEval-pair classifier
-for two-object images (:mod:`~dagfusion.nodes.metrics.pair_evaluator`), FD-shapes, and image fidelity
-(PSNR, SSIM, relative L1) of an accelerated run against a reference run.
+for two-object images (:mod:`~dagfusion.nodes.metrics.pair_evaluator`), FD-shapes, image fidelity
+(PSNR, SSIM, relative L1) of an accelerated run against a reference run, and the shapes-video
+metrics (:mod:`~dagfusion.nodes.metrics.video`: motion accuracy, per-frame attributes with
+ShapeEval-frames, FD-shapes-video).
 
 Registering this pack imports neither torch nor the classifier; they load when a node runs.
 The pack uses the ``IMAGE`` type of the diffusion pack; its examples render scenes of the
@@ -30,6 +32,7 @@ from dagfusion import (
     node,
     union,
 )
+from dagfusion.nodes.metrics import video
 
 _PKG = "dagfusion.nodes.metrics"
 
@@ -403,6 +406,7 @@ def shape_eval_pair(ctx: RunContext, images: Any, prompts: Any, evaluator: Any) 
 NODES = (
     load_evaluator, train_evaluator, save_evaluator, shape_eval, fidelity, fd_shapes,
     load_pair_evaluator, train_pair_evaluator, save_pair_evaluator, shape_eval_pair,
+    *video.NODES,
 )
 
 
