@@ -34,6 +34,7 @@ from typing import Any
 
 from dagfusion import (
     BOOLEAN,
+    DICT,
     FLOAT,
     INT,
     PATH,
@@ -454,6 +455,9 @@ def controlnet_from_unet(ctx: RunContext, model: Any, conditioning_channels: int
 def _save_example(fmt: str) -> Any:
     def make() -> dict[str, Any]:
         name = "controlnet/tiny" + (".safetensors" if fmt == "safetensors" else "")
+        if fmt == "safetensors":
+            return {"control_net": tiny_controlnet(), "filename": name, "format": fmt, "dtype": "fp16",
+                    "provenance": {"steps": 2}}
         return {"control_net": tiny_controlnet(), "filename": name, "format": fmt}
 
     return make
@@ -461,13 +465,16 @@ def _save_example(fmt: str) -> Any:
 
 @node(
     "dagfusion.structure.SaveControlNet",
-    version="1.0.0",
+    version="1.1.0",
     category="structure/controlnet",
     inputs=[
         Input("control_net", CONTROL_NET, link_only=True, description="The ControlNet to write."),
         Input("filename", STRING, "controlnet", description="Name inside the run's output folder (a folder, or a .safetensors file)."),
         Input("format", STRING, "diffusers", choices=("diffusers", "safetensors"),
               description="'diffusers': a folder for ControlNetModel.from_pretrained; 'safetensors': one file with the config in its metadata."),
+        Input("dtype", STRING, "fp32", choices=("fp32", "fp16"), description="Precision of the written weights (single file)."),
+        Input("provenance", DICT, optional=True,
+              description="Plain facts to record in the single file's metadata (training workflow, steps, data seed …)."),
     ],
     outputs=[Output("path", STRING, "Where it was written.")],
     pure=False,
@@ -475,7 +482,8 @@ def _save_example(fmt: str) -> Any:
     examples=[_save_example("diffusers"), _save_example("safetensors")],
     ui={"color": _COLOR},
 )
-def save_controlnet(ctx: RunContext, control_net: ControlNetHandle, filename: str, format: str) -> str:
+def save_controlnet(ctx: RunContext, control_net: ControlNetHandle, filename: str, format: str, dtype: str,
+                    provenance: dict[str, Any] | None) -> str:
     """Write a ControlNet: a diffusers folder (config.json + safetensors), or one safetensors file
     with diffusers tensor names and the config and provenance in its metadata. LoadControlNet
     reads either back exactly.
@@ -485,7 +493,10 @@ def save_controlnet(ctx: RunContext, control_net: ControlNetHandle, filename: st
     if format == "safetensors":
         if not filename.endswith(".safetensors"):
             raise NodeInputError("filename", f"a single file needs a name ending in .safetensors, got {filename!r}")
-        return str(save_single_file(control_net, ctx.output_path(filename), {"dagfusion.run": str(ctx.run_id)}))
+        extra = {"provenance": {str(k): v for k, v in (provenance or {}).items()}, "dagfusion.run": str(ctx.run_id)}
+        return str(save_single_file(control_net, ctx.output_path(filename), extra, dtype))
+    if dtype != "fp32" or provenance:
+        raise NodeInputError("format", "dtype and provenance apply to the single-file format; use format 'safetensors'")
     if filename.endswith(".safetensors"):
         raise NodeInputError("filename", f"format 'diffusers' writes a folder; {filename!r} names a file")
     return str(save_folder(control_net, ctx.output_path(filename)))

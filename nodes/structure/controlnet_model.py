@@ -279,13 +279,23 @@ def save_folder(handle: ControlNetHandle, folder: Path) -> Path:
     return folder
 
 
-def save_single_file(handle: ControlNetHandle, path: Path, extra: Mapping[str, str] | None = None) -> Path:
-    """Write the ControlNet as one safetensors file: diffusers tensor names, the config and the
-    provenance in the metadata (:data:`METADATA_KEY`); :func:`load_module` reads it back exactly."""
+def save_single_file(
+    handle: ControlNetHandle, path: Path, extra: Mapping[str, Any] | None = None, dtype: str = "fp32"
+) -> Path:
+    """Write the ControlNet as one safetensors file: diffusers tensor names (floating tensors in
+    ``dtype``: ``"fp32"`` or ``"fp16"``), the config and the provenance in the metadata
+    (:data:`METADATA_KEY`); :func:`load_module` reads it back exactly."""
+    import torch
     from safetensors.torch import save_file
 
+    if dtype not in ("fp32", "fp16"):
+        raise ValueError(f"expected dtype 'fp32' or 'fp16', got {dtype!r}")
+    target = torch.float16 if dtype == "fp16" else torch.float32
     module = handle.module
-    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tensors = {
+        k: (v.detach().to(target) if v.is_floating_point() else v.detach()).contiguous().cpu()
+        for k, v in module.state_dict().items()
+    }
     config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
     document = {"config": _plain(config), "source": str(handle.info.get("source", "")),
                 "fingerprint": handle.fingerprint, **dict(extra or {})}
