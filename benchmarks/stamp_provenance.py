@@ -41,6 +41,8 @@ _SHAPEEVAL = "29e7b816f9b663c57a82f53b7a3f8c3024c166c6"  # Ship the ShapeEval cl
 _SHIP = "6cfd8f17885914f18351d24c8e54e62cceec6a93"  # Ship the embedded shapes-sd and shapes-dit models
 _DIT_STAGE2 = "ad39dc9246629308a515f392f69a799acdc3634b"  # shapes-dit after its second training stage
 _DIT_STAGE3 = "32a73746b429cfd7e5760c6d5d788c7e2b1c796d"  # shapes-dit: a third training stage
+_PAIR = "b7f2a129a0c8a6cba15ea657d232fc64ffb5733d"  # Structure world: ... the two-object evaluator
+_FRAMES = "fc13bb0028ed9dd88498f10241c6b0ba8f4beb08"  # Video metrics: ... ShapeEval-frames
 
 _VAE_NOTE = ("dagfusion.train.TrainVAE (node train_vae): 1,500 steps x 16, lr 1e-3, training seed 0; "
              "final loss 0.0235, reconstruction PSNR 30.4 dB (docs/shapes.md)")
@@ -112,6 +114,26 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "stage": "initialisation (frozen while training)",
         "provenance_notes": "dagfusion.train.NewModel (node build_dit, config shapes-dit, seed 0): the seeded random "
                             "initialisation of the T5 encoder, never trained; exported fp16.",
+    },
+    "nodes/metrics/weights/shapeeval_pair.safetensors": {
+        "training_workflow": "benchmarks/train_pair_evaluator.py",
+        "project_commit": _PAIR,
+        "steps": "2000",
+        "data_seed": "0",
+        "stage": "1 of 1",
+        "provenance_notes": "benchmarks/train_pair_evaluator.py: 2,000 steps x 96, lr 2e-3, 4,096 two-object renders "
+                            "of both styles (training split, data seed 0), training seed 0, one thread; saved fp16; "
+                            "held-out accuracy in the 'accuracy' key.",
+    },
+    "nodes/metrics/weights/shapeeval_frames.safetensors": {
+        "training_workflow": "benchmarks/train_frame_evaluator.py",
+        "project_commit": _FRAMES,
+        "steps": "600",
+        "data_seed": "0",
+        "stage": "1 of 1",
+        "provenance_notes": "benchmarks/train_frame_evaluator.py: 600 steps x 128, lr 2e-3, frames of 1,536 "
+                            "shapes-video training clips (data seed 0), training seed 0, one thread; saved fp16; "
+                            "held-out accuracy in the 'held_out_accuracy' key.",
     },
 }
 """The provenance of each shipped file (``training_workflow_sha256`` is computed from git)."""

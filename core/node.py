@@ -91,6 +91,12 @@ class InputSpec:
     mutates: bool = False
     link_only: bool = False
 
+    def __post_init__(self) -> None:
+        for bound in ("min", "max", "exclusive_min", "exclusive_max"):
+            value = getattr(self, bound)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise NodeDefinitionError(f"input {self.name!r}: {bound} must be a number, got {value!r}")
+
     @property
     def required(self) -> bool:
         """Whether the workflow must supply this input."""

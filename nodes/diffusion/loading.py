@@ -116,7 +116,6 @@ KNOWN_CLASSES: dict[tuple[str, str], str] = {
     ("transformers", "CLIPTextModel"): "transformers.models.clip.modeling_clip",
     ("transformers", "CLIPTextModelWithProjection"): "transformers.models.clip.modeling_clip",
     ("transformers", "CLIPVisionModelWithProjection"): "transformers.models.clip.modeling_clip",
-    ("transformers", "CLIPImageProcessor"): "transformers.models.clip.image_processing_clip",
     ("transformers", "CLIPTokenizer"): "transformers.models.clip.tokenization_clip",
     ("transformers", "T5EncoderModel"): "transformers.models.t5.modeling_t5",
     ("transformers", "T5Tokenizer"): "transformers.models.t5.tokenization_t5",

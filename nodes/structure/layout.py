@@ -215,7 +215,7 @@ def rasterise_layout(ctx: RunContext, layout: Any, width: int, height: int) -> t
     category="structure",
     inputs=[
         Input("object_mask", OBJECT_MASK, description="(B, K, H, W): one channel per object."),
-        Input("threshold", FLOAT, 0.5, min=0.0, max=1.0, exclusive_max=True, description="Pixels above it belong to the object."),
+        Input("threshold", FLOAT, 0.5, min=0.0, exclusive_max=1.0, description="Pixels above it belong to the object."),
         Input("labels", LIST, optional=True, description="A label per channel (optional)."),
     ],
     outputs=[Output("layout", LAYOUT, "One object per non-empty channel, boxed; empty channels are skipped.")],

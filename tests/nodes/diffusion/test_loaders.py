@@ -169,7 +169,7 @@ def test_known_classes_are_the_classes_the_libraries_name():
         top_level = getattr(importlib.import_module(library), class_name)
         assert getattr(importlib.import_module(module), class_name) is top_level, (library, class_name)
         cls, kind = _component_class(library, class_name)
-        assert cls is top_level and kind in ("diffusers-model", "transformers-model", "tokenizer")
+        assert cls is top_level and kind in ("diffusers-model", "transformers-model", "tokenizer", "processor")
 
 
 def test_classes_outside_the_table_are_found_through_the_top_level(monkeypatch):

@@ -1,0 +1,131 @@
+"""Structure-guided generation on the shapes world (CPU): the shapes ControlNet for shapes-sd.
+
+For held-out prompts (the evaluation split's single-object combinations, spread evenly), each
+with ``--seeds`` seeds, the ground-truth render of the prompt (flat style, jittered by the seed)
+gives the object mask the ControlNet is guided by. Measured in one process, one torch thread:
+
+- **object mask IoU** (:func:`dagfusion.nodes.structure.metrics.mask_iou`, objects segmented
+  against the plain background) between each generated image and the ground-truth mask, for
+  shapes-sd unguided and with the ControlNet;
+- the **ceiling**: the same IoU for the ground-truth render itself after the VAE round trip, and
+  for the render shifted by one pixel (how much a 1-px error alone costs);
+- **ShapeEval all-correct** of both against their prompts (the ControlNet must not cost attributes);
+- CPU seconds per image of each.
+
+The ratio guided IoU / ceiling is the headline (target ≥ 0.95).
+
+Usage::
+
+    python benchmarks/structure_shapes.py --controlnet path/to/shapes-controlnet-mask.safetensors [--prompts 48] [--seeds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def held_out_prompts(count: int) -> list[Any]:
+    from dagfusion.nodes.shapes.world import scenes
+
+    pool = scenes("eval", 1)
+    step = len(pool) / count
+    return [pool[int(i * step)] for i in range(count)]
+
+
+def ground_truth(prompts: list[Any], seeds: int) -> tuple[torch.Tensor, torch.Tensor, list[str], list[int]]:
+    """Renders and object masks of every (prompt, seed), seeds 0..seeds-1."""
+    from dagfusion.nodes.shapes.render import render_batch
+
+    images, masks, captions, seed_of = [], [], [], []
+    for seed in range(seeds):
+        rendered = render_batch(prompts, 64, seed=1000 + seed, first_index=0)
+        images.append(rendered.image)
+        masks.append(rendered.mask)
+        captions += [s.caption for s in prompts]
+        seed_of += [seed] * len(prompts)
+    return torch.cat(images), torch.cat(masks), captions, seed_of
+
+
+def sample(model_for: Any, clip: Any, vae: Any, captions: list[str], seeds: list[int], steps: int) -> tuple[torch.Tensor, float]:
+    """Images of each caption (``model_for(i)`` samples row ``i`` with its seed) and the seconds per image."""
+    from dagfusion.nodes.diffusion.data import Latent
+    from dagfusion.nodes.diffusion.sampling import sample as run
+    from dagfusion.nodes.diffusion.text import encode_prompt
+    from dagfusion.nodes.diffusion.vae import decode
+
+    start = time.perf_counter()
+    out = []
+    for i, (caption, seed) in enumerate(zip(captions, seeds)):
+        cond = encode_prompt(clip, caption, "")
+        latent = Latent(torch.zeros(1, 4, 16, 16))
+        result = run(model_for(i), cond, latent, steps=steps, guidance_scale=4.0, seed=seed)
+        out.append(decode(vae, result))
+    return torch.cat(out), (time.perf_counter() - start) / len(captions)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--controlnet", required=True, help="the shapes ControlNet (single safetensors file)")
+    parser.add_argument("--prompts", type=int, default=48)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from dagfusion.nodes.diffusion.loading import load_diffusers_folder
+    from dagfusion.nodes.metrics.evaluator import SHIPPED, load_shapeeval, score
+    from dagfusion.nodes.shapes.models import folder
+    from dagfusion.nodes.structure.controlnet import ControlNetPatch
+    from dagfusion.nodes.structure.controlnet_model import load_controlnet
+    from dagfusion.nodes.structure.metrics import mask_iou
+
+    loaded = load_diffusers_folder(folder("shapes-sd"))
+    controlnet = load_controlnet(Path(args.controlnet))
+    evaluator = load_shapeeval(SHIPPED)
+    prompts = held_out_prompts(args.prompts)
+    renders, masks, captions, seeds = ground_truth(prompts, args.seeds)
+
+    vae = loaded.vae.module
+    with torch.no_grad():
+        latents = vae.encode(renders * 2 - 1).latent_dist.mode()
+        round_trip = (vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
+    shifted = torch.roll(renders, shifts=1, dims=-1)
+
+    unguided, unguided_seconds = sample(lambda i: loaded.model, loaded.clip, loaded.vae, captions, seeds, args.steps)
+
+    def guided_model(i: int) -> Any:
+        return loaded.model.with_patch(ControlNetPatch(controlnet, masks[i:i + 1]))
+
+    guided, guided_seconds = sample(guided_model, loaded.clip, loaded.vae, captions, seeds, args.steps)
+
+    def iou(images: torch.Tensor) -> float:
+        return statistics.fmean(mask_iou(images, masks))
+
+    ceiling = iou(round_trip)
+    result = {
+        "prompts": args.prompts, "seeds": args.seeds, "steps": args.steps, "images": len(captions),
+        "iou": {"unguided": iou(unguided), "controlnet": iou(guided), "vae_round_trip_ceiling": ceiling,
+                "render_shifted_1px": iou(shifted), "render": iou(renders)},
+        "all_correct": {"unguided": score(evaluator, unguided, captions)["all_correct"],
+                        "controlnet": score(evaluator, guided, captions)["all_correct"],
+                        "render": score(evaluator, renders, captions)["all_correct"]},
+        "seconds_per_image": {"unguided": unguided_seconds, "controlnet": guided_seconds},
+    }
+    result["controlnet_iou_over_ceiling"] = result["iou"]["controlnet"] / ceiling
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
