@@ -39,21 +39,32 @@ _PKG = "dagfusion.nodes.metrics"
 
 def _save_evaluator(value: Any, path: str) -> None:
     from dagfusion.nodes.metrics.evaluator import save_shapeeval
+    from dagfusion.nodes.metrics.frame_evaluator import FrameEvalNet, save_frame_evaluator
 
-    save_shapeeval(value, path)
+    if isinstance(value, FrameEvalNet):
+        save_frame_evaluator(value, path)
+    else:
+        save_shapeeval(value, path)
 
 
 def _load_evaluator(path: str) -> Any:
-    from dagfusion.nodes.metrics.evaluator import load_shapeeval
+    from safetensors import safe_open
 
-    return load_shapeeval(path)
+    from dagfusion.nodes.metrics.evaluator import load_shapeeval
+    from dagfusion.nodes.metrics.frame_evaluator import FORMAT, load_frame_evaluator
+
+    with safe_open(path, framework="pt") as handle:
+        kind = (handle.metadata() or {}).get("format")
+    return load_frame_evaluator(path) if kind == FORMAT else load_shapeeval(path)
 
 
 SHAPE_EVALUATOR = SocketType(
     "SHAPE_EVALUATOR",
     parents=("MODULE",),
     python_types=(f"{_PKG}.evaluator.ShapeEvalNet",),
-    description="The ShapeEval attribute classifier (reads colour, shape, position, size, background).",
+    exclude=(f"{_PKG}.pair_evaluator.PairEvalNet",),
+    description="The ShapeEval attribute classifier (reads colour, shape, position, size, background), or "
+                "ShapeEval-frames (the same network reading video frames; no position).",
     color="#dce775",
     serializer=Serializer(_save_evaluator, _load_evaluator),
 )

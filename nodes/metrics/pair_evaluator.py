@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dagfusion.nodes.metrics.evaluator import FEATURES, INPUT_SIZE, _augment
+from dagfusion.nodes.metrics.evaluator import FEATURES, ShapeEvalNet, _augment
 from dagfusion.nodes.shapes.dataset import ShapesDataset
 from dagfusion.nodes.shapes.world import COLOURS, GRAMMAR, SHAPES, Scene, parse_any_caption
 
@@ -56,36 +56,13 @@ IGNORE = -100
 SHIPPED = Path(__file__).with_name("weights") / "shapeeval_pair.safetensors"
 
 
-class PairEvalNet(nn.Module):
+class PairEvalNet(ShapeEvalNet):
     """ShapeEval's body (four strided convolutions, a 128-d feature layer) with one linear head
     per entry of :data:`HEADS`."""
 
     def __init__(self, width: int = 32) -> None:
-        super().__init__()
-        w = width
-        self.body = nn.Sequential(
-            nn.Conv2d(3, w, 3, stride=2, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
-        )
-        self.features = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 16, FEATURES), nn.SiLU())
+        super().__init__(width)
         self.heads = nn.ModuleDict({name: nn.Linear(FEATURES, len(values)) for name, values in HEADS.items()})
-
-    @staticmethod
-    def prepare(images: torch.Tensor) -> torch.Tensor:
-        """(B,3,H,W) in [0,1] at any size → the network's normalised 64×64 input."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        x = images.float()
-        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False, antialias=True)
-        return x * 2 - 1
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits per head for images in [0, 1]."""
-        h = self.features(self.body(self.prepare(images)))
-        return {name: head(h) for name, head in self.heads.items()}
 
 
 def canonical(scene: Scene) -> dict[str, str | None]:
