@@ -240,6 +240,15 @@ class ModelHandle(Handle):
         super().__init__(info, offload, patches)
         self.ref = ref
         self.scheduler = scheduler
+        self.preview_vae: VAEHandle | None = None
+        """The VAE that made this model's latents, when a loader knows it: live previews fit a
+        cheap latent-to-RGB projection from it (not part of the fingerprint)."""
+
+    def with_preview_vae(self, vae: VAEHandle | None) -> ModelHandle:
+        """A clone whose live previews are fitted from ``vae`` (see :attr:`preview_vae`)."""
+        clone = self.clone()
+        clone.preview_vae = vae
+        return clone
 
     @classmethod
     def from_module(

@@ -334,7 +334,7 @@ def load_diffusers_folder(
     extra = (image_encoder.encoder, *([image_encoder.processor] if image_encoder and image_encoder.processor else [])) if image_encoder else ()
     for r in (model.ref, vae.ref, *clip.encoders, *clip.tokenizers, *extra):  # load now: errors belong to the loader node
         r.get()
-    return Loaded(model, clip, vae, spec, image_encoder)
+    return Loaded(model.with_preview_vae(vae), clip, vae, spec, image_encoder)
 
 
 # --- the local Hugging Face cache ---------------------------------------------------------------

@@ -287,7 +287,8 @@ def run_sampling(
                     if ctx is not None:
                         ctx.progress(i + 1, total, timestep=values[i])
                         if preview_every and ctx.handler is not None and ((i + 1) % preview_every == 0 or i + 1 == total):
-                            ctx.preview(latent_preview(latents), label=f"step {i + 1}/{total}")
+                            ctx.preview(latent_preview(latents, getattr(model, "preview_vae", None)),
+                                        label=f"step {i + 1}/{total}")
             finally:
                 for patch, hook in begun:
                     reports.append((patch, hook, hook.end()))
@@ -328,20 +329,12 @@ def _patch_reports(reports: list[tuple[Any, Any, Any]]) -> dict[str, Any]:
     return out
 
 
-def latent_preview(latents: Any) -> Any:
-    """A quick RGB picture of the first latent (first three channels, each stretched to 0..255)."""
-    import numpy as np
-    from PIL import Image
+def latent_preview(latents: Any, vae: Any = None) -> Any:
+    """A quick picture of the first latent (:func:`~dagfusion.nodes.diffusion.preview.preview_picture`):
+    through a latent-to-RGB projection fitted for ``vae``, else its first channels stretched."""
+    from dagfusion.nodes.diffusion.preview import preview_picture
 
-    x = latents[0].detach().float()
-    if x.ndim == 4:  # video: first frame
-        x = x[0]
-    x = x[:3] if x.shape[0] >= 3 else x[:1].expand(3, -1, -1)
-    lo = x.amin(dim=(1, 2), keepdim=True)
-    hi = x.amax(dim=(1, 2), keepdim=True)
-    x = ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
-    array = (x.permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-    return Image.fromarray(array)
+    return preview_picture(latents, vae)
 
 
 def _sample_example() -> dict[str, Any]:
