@@ -64,6 +64,7 @@ OWN_SCRIPTS = (
     "canvas-io.js",
     "canvas-runs.js",
     "canvas-undo.js",
+    "canvas-minimap.js",
 )
 OWN_FILES = (*OWN_SCRIPTS, "canvas.css")
 

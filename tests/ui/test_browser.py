@@ -788,3 +788,127 @@ def test_a_running_run_is_followed_again_after_a_reload(canvas: Canvas, tmp_path
     assert "restored" in _message(canvas)  # the restore message is not replaced by the run's progress
     page.click("[data-testid=df-cancel]")
     canvas.wait_run("cancelled")
+
+
+MINIMAP = "[data-testid=df-minimap]"
+MINIMAP_TOGGLE = "[data-testid=df-minimap-toggle]"
+
+
+def _minimap(canvas: Canvas) -> dict[str, Any]:
+    return canvas.js("app.minimapState()")
+
+
+def _view_centre(canvas: Canvas) -> list[float]:
+    """The graph point at the middle of the canvas."""
+    return canvas.js(
+        "(() => { const r = app.canvasEl.getBoundingClientRect();"
+        " return app.lgc.ds.convertCanvasToOffset([r.width / 2, r.height / 2]); })()"
+    )
+
+
+def test_the_minimap_draws_every_node_and_moves_the_view(browser: Any, server: str) -> None:
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    canvas = Canvas(page, server)
+    _open(canvas, CANVAS_QUICKSTART, 11)
+    page.wait_for_function("() => window.DagfusionCanvas.app.minimapState().nodes.length === 11")
+    box = page.locator(MINIMAP).bounding_box()
+    stage = page.locator("[data-testid=df-canvas]").bounding_box()
+    # A small overlay in the canvas's bottom-right corner.
+    assert 190 <= box["width"] <= 210 and 130 <= box["height"] <= 150, box
+    assert stage["x"] + stage["width"] - 40 < box["x"] + box["width"] <= stage["x"] + stage["width"]
+    assert stage["y"] + stage["height"] - 40 < box["y"] + box["height"] <= stage["y"] + stage["height"]
+
+    state = _minimap(canvas)
+    rects = {r["id"]: r for r in state["nodes"]}
+    assert sorted(rects) == sorted(canvas.node_ids())
+    positions = {n: canvas.state(n)["pos"] for n in rects}
+    for a in rects:
+        r = rects[a]
+        assert 0 <= r["x"] and r["x"] + r["w"] <= 200 and 0 <= r["y"] and r["y"] + r["h"] <= 140, (a, r)
+        for b in rects:  # laid out as on the canvas
+            if positions[a][0] + 10 < positions[b][0]:
+                assert r["x"] < rects[b]["x"], (a, b)
+            if positions[a][1] + 10 < positions[b][1]:
+                assert r["y"] < rects[b]["y"], (a, b)
+    # Each rectangle is painted on the minimap (its middle opaque), the space between them is not.
+    alphas = page.evaluate(
+        """(points) => { const c = document.querySelector('[data-testid=df-minimap] canvas');
+        const k = c.width / c.getBoundingClientRect().width; const ctx = c.getContext('2d');
+        return points.map(([x, y]) => ctx.getImageData(Math.floor(x * k), Math.floor(y * k), 1, 1).data[3]); }""",
+        [[r["x"] + r["w"] / 2, r["y"] + r["h"] / 2] for r in rects.values()] + [[1, 1]],
+    )
+    assert all(a > 180 for a in alphas[:-1]), alphas
+    assert alphas[-1] < 100, alphas
+    # Fitted: the whole graph is in view.
+    view = state["view"]
+    assert all(view["x"] <= r["x"] and r["x"] + r["w"] <= view["x"] + view["w"] + 1 for r in rects.values())
+
+    # Moving a node on the canvas moves its rectangle.
+    before = rects["prompt"]
+    start = canvas.js("app.nodeClientPos(arg)", "prompt")
+    canvas.drag(start, [start[0] + 120, start[1] + 60])
+    page.wait_for_function(
+        "x => window.DagfusionCanvas.app.minimapState().nodes.find(r => r.id === 'prompt').x > x + 3", arg=before["x"]
+    )
+
+    # A click near the minimap's top-left corner centres the view there: up and to the left.
+    positions = {n: canvas.state(n)["pos"] for n in rects}
+    selected = canvas.js("Object.keys(app.lgc.selected_nodes)")
+    offset = canvas.js("app.lgc.ds.offset.slice()")
+    centre = _view_centre(canvas)
+    page.mouse.click(box["x"] + 12, box["y"] + 10)
+    moved = canvas.js("app.lgc.ds.offset.slice()")
+    assert moved[0] > offset[0] + 50 and moved[1] > offset[1] + 50, (offset, moved)
+    now = _view_centre(canvas)
+    assert now[0] < centre[0] - 50 and now[1] < centre[1] - 50
+    page.wait_for_timeout(200)
+    view = _minimap(canvas)["view"]
+    assert abs(view["x"] + view["w"] / 2 - 11) < 3 and abs(view["y"] + view["h"] / 2 - 9) < 3, view
+    # Dragging across it takes the view along, to the bottom-right.
+    canvas.drag([box["x"] + 12, box["y"] + 10], [box["x"] + box["width"] - 12, box["y"] + box["height"] - 10])
+    last = _view_centre(canvas)
+    assert last[0] > centre[0] + 50 and last[1] > centre[1] + 50, (centre, last)
+    # The graph itself is untouched: no node moved, the selection is as it was.
+    assert {n: canvas.state(n)["pos"] for n in rects} == positions
+    assert canvas.js("Object.keys(app.lgc.selected_nodes)") == selected
+    assert canvas.errors == []
+    context.close()
+
+
+def test_the_minimap_toggle_and_key_are_remembered_after_a_reload(canvas: Canvas) -> None:
+    page = canvas.page
+    _open(canvas, QUICKSTART, 7)
+    minimap, toggle = page.locator(MINIMAP), page.locator(MINIMAP_TOGGLE)
+    assert minimap.is_visible() and toggle.get_attribute("aria-pressed") == "true"
+    page.click(MINIMAP_TOGGLE)
+    assert minimap.is_hidden() and toggle.get_attribute("aria-pressed") == "false"
+    # Hidden, it is not redrawn while the view changes.
+    draws = _minimap(canvas)["draws"]
+    canvas.js("(app.lgc.ds.offset[0] += 100, app.lgc.setDirty(true, true))")
+    page.wait_for_timeout(300)
+    assert _minimap(canvas)["draws"] == draws
+
+    page.reload()
+    page.wait_for_selector(READY)
+    assert minimap.is_hidden() and toggle.get_attribute("aria-pressed") == "false"
+    # M shows it again while the canvas has the focus...
+    canvas.page.locator("[data-testid=df-canvas]").click(position={"x": 5, "y": 5})
+    page.keyboard.press("m")
+    assert minimap.is_visible() and canvas.root.get_attribute("data-minimap") == "shown"
+    page.wait_for_function("() => window.DagfusionCanvas.app.minimapState().nodes.length === 7")
+    # ...but not while a text field has it.
+    page.fill("[data-testid=df-search]", "")
+    page.focus("[data-testid=df-search]")
+    page.keyboard.press("m")
+    assert minimap.is_visible() and page.input_value("[data-testid=df-search]") == "m"
+    page.fill("[data-testid=df-search]", "")
+
+    page.reload()
+    page.wait_for_selector(READY)
+    assert minimap.is_visible() and toggle.get_attribute("aria-pressed") == "true"
+    canvas.page.locator("[data-testid=df-canvas]").click(position={"x": 5, "y": 5})
+    page.keyboard.press("M")
+    assert minimap.is_hidden()
+    assert page.evaluate("() => window.localStorage.getItem('dagfusion.minimap')") == "hidden"
