@@ -12,7 +12,7 @@ Node ids (see :doc:`/everyday` for the guide):
 - inpaint: ``dagfusion.inpaint.Blend``, ``dagfusion.inpaint.Condition``; mask: ``dagfusion.mask.Grow``,
   ``dagfusion.mask.Feather``, ``dagfusion.mask.Invert``, ``dagfusion.mask.FromImage``, ``dagfusion.mask.Rectangle``
 - text: ``dagfusion.text.List``, ``dagfusion.text.Join``, ``dagfusion.text.FormatMany``
-- model: ``dagfusion.models.Merge``
+- model: ``dagfusion.models.Merge``, ``dagfusion.models.Bake`` (weight patches into a private copy, e.g. to export a merge)
 - edit: ``dagfusion.edit.EDICTInvert``, ``dagfusion.edit.EDICTGenerate`` (exact inversion, :mod:`~dagfusion.nodes.everyday.edict`)
 
 The pack uses the diffusion pack's types (``CLIP``, ``IMAGE``, ``LATENT`` …) and registers after
@@ -25,6 +25,7 @@ from typing import Any
 
 from dagfusion import hookimpl
 from dagfusion.nodes.everyday import (
+    bake,
     batches,
     conditioning_ops,
     edict,
@@ -38,7 +39,7 @@ from dagfusion.nodes.everyday import (
 )
 
 NODES = (*embeddings.NODES, *conditioning_ops.NODES, *batches.NODES, *grid.NODES, *resize.NODES, *upscale.NODES,
-         *inpaint.NODES, *edict.NODES, *lists.NODES, *merge.NODES)
+         *inpaint.NODES, *edict.NODES, *lists.NODES, *merge.NODES, *bake.NODES)
 """Every node of the pack, in palette order."""
 
 

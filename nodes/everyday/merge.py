@@ -15,7 +15,8 @@ again. The patch's key is the mode, ``alpha`` and B's (and C's) fingerprints; A'
 the handle's own fingerprint.
 
 B and C are read without their patches, so patched B or C handles are refused. A merged model
-carries a patch, which a diffusers folder cannot hold: ``dagfusion.train.Export`` refuses it.
+carries a patch, which a diffusers folder cannot hold: bake it first (``dagfusion.models.Bake``,
+:mod:`~dagfusion.nodes.everyday.bake`), then export the baked model.
 """
 
 from __future__ import annotations

@@ -76,7 +76,10 @@ def export(model: Any, clip: Any, vae: Any, scheduler: Any, folder: Path, *, dty
 
     if model.patches:
         names = ", ".join(type(p).__name__ for p in model.patches)
-        raise ValueError(f"the model carries patches ({names}), which a diffusers folder cannot hold; export the unpatched model")
+        raise ValueError(
+            f"the model carries patches ({names}), which a diffusers folder cannot hold; export the unpatched model, "
+            "or bake weight patches (merges, fused LoRAs) into it first with dagfusion.models.Bake"
+        )
     for what, handle in (("text encoder", clip), ("VAE", vae)):
         if handle is not None and handle.patches:
             names = ", ".join(type(p).__name__ for p in handle.patches)
