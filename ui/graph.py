@@ -14,6 +14,7 @@ two exchange this small, documented schema (``GRAPH_VERSION``)::
          "auto_pos": true,                  # optional: pos was laid out, not read from ui.pos
          "bypass": true,                    # optional: the node is bypassed (docs/format.md)
          "ui": {}}                          # any other ui keys of the node, kept as they are
+                                            # (the canvas's color, bgcolor and collapsed too)
       ],
       "links": [{"from": ["noise", "tensor"], "to": ["blur", "tensor"]}],
       "workflow": {"metadata": {}, "outputs": null, "sweep": [],
@@ -56,6 +57,10 @@ MAX_LINKS = 10_000
 
 MAX_GRAPH_BYTES = MAX_BYTES
 """A graph whose JSON form is larger is refused before any work (the limit of a workflow file)."""
+
+#: The keys of a node's ``ui`` the canvas writes after ``pos``, each only when set: its title and
+#: body colours (``color``, ``bgcolor``, litegraph's ``#rrggbb``) and ``collapsed: true``.
+LOOK_KEYS = ("color", "bgcolor", "collapsed")
 
 #: Columns and rows of the automatic layout for nodes without ``ui.pos``.
 COLUMN_WIDTH = 280
@@ -280,7 +285,13 @@ def graph_to_data(graph: Any) -> tuple[dict[str, Any] | None, list[Problem]]:
         ui = dict(raw.get("ui") or {}) if isinstance(raw.get("ui"), Mapping) else {}
         pos = _pos(raw.get("pos"))
         if pos is not None:
-            ui["pos"] = pos
+            if "pos" in ui:
+                ui["pos"] = pos
+            else:
+                # pos goes after the node's own keys and before the canvas's look (colours,
+                # collapsed), so a file the canvas wrote is written back the same.
+                look = {k: ui.pop(k) for k in LOOK_KEYS if k in ui}
+                ui = {**ui, "pos": pos, **look}
         entry["ui"] = ui
         order = raw.get("order")
         entry["order"] = [n for n in order if isinstance(n, str)] if isinstance(order, list) else []

@@ -8,6 +8,10 @@
 
   const { TITLE_H, el, toBase64 } = window.DagfusionCanvas.util;
 
+  /* A colour a node's `ui` may give (litegraph's palette writes "#rrggbb"). */
+  const COLOR_RE = /^(#[0-9a-fA-F]{3,8}|[a-zA-Z]{3,30}|(rgb|hsl)a?\([0-9.,%\s]{1,40}\))$/;
+  const isColor = (v) => typeof v === "string" && COLOR_RE.test(v);
+
   /* litegraph's colour for a new group (not written to the file). */
   const DEFAULT_GROUP_COLOR = () => (LGraphCanvas.node_colors.pale_blue ? LGraphCanvas.node_colors.pale_blue.groupcolor : "#3f789e");
 
@@ -29,7 +33,7 @@
           inputs,
           order: node.dfOrder,
           pos: [Math.round(node.pos[0]), Math.round(node.pos[1])],
-          ui: node.dfUi,
+          ui: this.nodeUi(node),
           ...(node.dfBypass ? { bypass: true } : {}),
         });
         for (const slot of node.inputs || []) {
@@ -105,6 +109,58 @@
       if (send) this.syncNow();
       else this.lastSent = JSON.stringify(graph);
       this.checkNow();
+    },
+
+    /* A node's look — its colours (title `color`, body `bgcolor`) and whether it is collapsed —
+     * is saved in its `ui` mapping beside `pos`, each key only when set. applyLook puts the look
+     * from `ui` on the litegraph node and returns the other keys (kept as they were); nodeUi
+     * gives them back with the node's look as it is now. A placeholder keeps its colours as read
+     * (it is drawn red). */
+    applyLook(node, ui) {
+      const placeholder = !!(node.dfEntry && node.dfEntry.missing);
+      if (!placeholder) {
+        for (const key of ["color", "bgcolor"]) {
+          if (isColor(ui[key])) {
+            node[key] = ui[key];
+            delete ui[key];
+          }
+        }
+      }
+      if (ui.collapsed === true) {
+        node.flags = node.flags || {};
+        node.flags.collapsed = true;
+        delete ui.collapsed;
+      }
+      return ui;
+    },
+
+    nodeUi(node) {
+      const ui = Object.assign({}, node.dfUi);
+      if (!(node.dfEntry && node.dfEntry.missing)) {
+        if (isColor(node.color)) ui.color = node.color;
+        if (isColor(node.bgcolor)) ui.bgcolor = node.bgcolor;
+      }
+      if (node.flags && node.flags.collapsed) ui.collapsed = true;
+      return ui;
+    },
+
+    /* Open… and Ctrl+O: the browser's file chooser, then openFile. */
+    openDialog() {
+      this.fileInput.click();
+    },
+
+    /* Arrow keys: move the selected nodes by `steps` grid steps along (dx, dy). */
+    nudgeSelection(dx, dy, steps) {
+      const nodes = Object.values(this.lgc.selected_nodes || {});
+      if (!nodes.length) return false;
+      const grid = LiteGraph.CANVAS_GRID_SIZE || 10;
+      for (const node of nodes) {
+        node.pos[0] += dx * steps * grid;
+        node.pos[1] += dy * steps * grid;
+      }
+      this.lgc.setDirty(true, true);
+      this.scheduleSync({ layout: true }); // a burst of presses within 200 ms is one undo step
+      return true;
     },
 
     groupsData() {

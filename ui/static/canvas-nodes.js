@@ -269,6 +269,12 @@
         }
       };
 
+      // Collapsing (the title bar's toggle, the menu's Collapse) is an edit: saved and undoable.
+      proto.collapse = function (force) {
+        LGraphNode.prototype.collapse.call(this, force);
+        if (!app.loading) app.scheduleSync({ layout: true });
+      };
+
       proto.getExtraMenuOptions = function () {
         return [
           { content: "Show in inspector", callback: () => app.select(this) },

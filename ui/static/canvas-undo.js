@@ -5,13 +5,16 @@
  * renaming, grouping — is recorded when the canvas syncs it (edits within 200 ms make one
  * step). Ctrl+Z undoes, Ctrl+Shift+Z (or Ctrl+Y) redoes. The other keys: Ctrl+Enter runs,
  * Ctrl+S saves, Delete removes the selected nodes, Ctrl+C/Ctrl+V copy and paste them (with the
- * links between them), Ctrl+A selects every node, Ctrl+B bypasses the selected nodes.
+ * links between them), Ctrl+A selects every node, Ctrl+B bypasses the selected nodes, Ctrl+O
+ * opens a file (as Open… does), and the arrow keys move the selected nodes by a grid step (with
+ * Shift, five steps). Colours and collapsing, set from the node's menu, are undone like any edit.
  * Methods of CanvasApp (see canvas.js).
  */
 (function () {
   "use strict";
 
   const MAX_UNDO = 100;
+  const ARROWS = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
 
   function editable(target) {
     if (!target || !target.tagName) return false;
@@ -123,6 +126,15 @@
         e.preventDefault();
         e.stopPropagation();
         this.redo();
+      } else if (ctrl && key === "o") {
+        e.preventDefault();
+        e.stopPropagation();
+        this.openDialog();
+      } else if (!ctrl && !e.altKey && ARROWS[e.key]) {
+        const [dx, dy] = ARROWS[e.key];
+        if (!this.nudgeSelection(dx, dy, e.shiftKey ? 5 : 1)) return;
+        e.preventDefault();
+        e.stopPropagation();
       } else if (ctrl && key === "b") {
         e.preventDefault();
         e.stopPropagation();

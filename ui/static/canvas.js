@@ -235,7 +235,7 @@
         this.runButton,
         this.cancelButton,
         el("span", { class: "df-sep" }),
-        el("button", { class: "df-btn", "data-testid": "df-open", title: "Open a workflow YAML or a dagfusion PNG", onclick: () => this.fileInput.click() }, "Open…"),
+        el("button", { class: "df-btn", "data-testid": "df-open", title: "Open a workflow YAML or a dagfusion PNG (Ctrl+O)", onclick: () => this.openDialog() }, "Open…"),
         el("button", { class: "df-btn", "data-testid": "df-save", title: "Download the workflow as YAML, the CLI's format (Ctrl+S)", onclick: () => this.save() }, "Save YAML"),
         el("button", { class: "df-btn", "data-testid": "df-clear", title: "Remove every node", onclick: () => this.clear() }, "Clear"),
         el("span", { class: "df-sep" }),
@@ -461,7 +461,7 @@
         const rest = entry.inputs.map((i) => i.name).filter((n) => options.order.indexOf(n) === -1);
         node.dfOrder = options.order.concat(rest);
       }
-      node.dfUi = Object.assign({}, options.ui || {});
+      node.dfUi = this.applyLook(node, Object.assign({}, options.ui || {}));
       node.dfVersion = options.version || null;
       node.dfBypass = options.bypass === true;
       node.pos = options.pos ? [options.pos[0], options.pos[1]] : [40, 40];
@@ -670,6 +670,9 @@
         size: [Math.round(node.size[0]), Math.round(node.size[1])],
         pos: [Math.round(node.pos[0]), Math.round(node.pos[1])],
         bypass: !!node.dfBypass,
+        color: node.color || null,
+        bgcolor: node.bgcolor || null,
+        collapsed: !!(node.flags && node.flags.collapsed),
         placeholder: !!(node.dfEntry && node.dfEntry.missing),
         inputs: Object.assign({}, node.dfInputs),
         linked: (node.inputs || []).filter((s) => s.link != null).map((s) => s.name),
