@@ -31,6 +31,12 @@ the model is still told the true timestep, and ``ε`` is converted with the true
 picture noised to ``ᾱ = 1e-4`` rather than to pure noise. A floor of 0 keeps the stored values
 and is refused for such schedules.
 
+**Strength.** Editing from the fully inverted noise lets the edited prompt redraw the whole
+picture; ``strength`` below 1 inverts (and regenerates) only the last ``round(steps · strength)``
+steps of the schedule — the least noisy ones, as img2img's strength — so an edit keeps more of
+the picture (the paper edits from an intermediate step too). Inversion and generation must use
+the same strength.
+
 Step-hook patches (caches, for instance) change the model's output from call to call and are
 refused: the inversion is exact only if every model call is. Module patches (LoRA, quantization,
 merges) are fine: the same function is computed in both directions.
@@ -57,6 +63,11 @@ class Schedule:
     alpha: tuple[float, ...]
     alpha_prev: tuple[float, ...]
     prediction_type: str
+
+    def last(self, count: int) -> Schedule:
+        """The schedule's last ``count`` steps (the least noisy ones): editing from an intermediate step."""
+        start = len(self.timesteps) - count
+        return Schedule(self.timesteps[start:], self.alpha[start:], self.alpha_prev[start:], self.prediction_type)
 
     def coefficients(self, index: int) -> tuple[float, float]:
         """``(a_t, b_t)`` of step ``index``."""
@@ -90,12 +101,17 @@ def ddim_schedule(model: Any, steps: int, min_alpha_cumprod: float) -> Schedule:
         prev = t - step_size
         alpha.append(max(float(cumprod[t]), min_alpha_cumprod))
         alpha_prev.append(max(float(cumprod[prev]) if prev >= 0 else final, min_alpha_cumprod))
-    if min(alpha) <= 0.0:
+    return Schedule(tuple(timesteps), tuple(alpha), tuple(alpha_prev), str(scheduler.config.prediction_type))
+
+
+def _check_finite(schedule: Schedule) -> Schedule:
+    """:raises ValueError: a step of ``schedule`` has ᾱ = 0, where EDICT's coefficients are infinite."""
+    if min(schedule.alpha) <= 0.0:
         raise ValueError(
             "this model's schedule reaches ᾱ = 0 (zero terminal SNR) where EDICT's coefficient √(ᾱ_prev/ᾱ_t) is "
-            "infinite; set min_alpha_cumprod above 0 (1e-4 is the default)"
+            "infinite; set min_alpha_cumprod above 0 (1e-4 is the default) or strength below 1"
         )
-    return Schedule(tuple(timesteps), tuple(alpha), tuple(alpha_prev), str(scheduler.config.prediction_type))
+    return schedule
 
 
 class _Epsilon:
@@ -161,16 +177,20 @@ def _refuse_step_hooks(model: Any) -> None:
 
 
 def _prepare(model: Any, conditioning: Any, shape: tuple[int, ...], steps: int, guidance_scale: float,
-             min_alpha_cumprod: float) -> _Epsilon:
+             min_alpha_cumprod: float, strength: float = 1.0) -> _Epsilon:
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
     _refuse_step_hooks(model)
-    schedule = ddim_schedule(model, steps, min_alpha_cumprod)
-    true = ddim_schedule(model, steps, 1e-300)  # the stored ᾱ (floored only to pass the zero check): converts v/x0
+    count = max(1, min(steps, round(steps * strength)))
+    schedule = _check_finite(ddim_schedule(model, steps, min_alpha_cumprod).last(count))
+    true = ddim_schedule(model, steps, 0.0).last(count)  # the stored ᾱ: converts v / x0 predictions to ε
     return _Epsilon(model, conditioning, shape, guidance_scale, schedule, true.alpha)
 
 
 def edict_invert(
     model: Any, conditioning: Any, latents: Any, *, steps: int = 50, mix: float = DEFAULT_MIX,
-    guidance_scale: float = 1.0, min_alpha_cumprod: float = DEFAULT_MIN_ALPHA_CUMPROD, ctx: RunContext | None = None,
+    guidance_scale: float = 1.0, min_alpha_cumprod: float = DEFAULT_MIN_ALPHA_CUMPROD, strength: float = 1.0,
+    ctx: RunContext | None = None,
 ) -> tuple[Any, Any]:
     """``(x_T, y_T)``: the coupled noise latents that :func:`edict_generate` maps back to ``latents``.
 
@@ -184,7 +204,7 @@ def edict_invert(
         from dagfusion.model import apply_patches
 
         with apply_patches(model.patches, model.denoiser):
-            eps = _prepare(model, conditioning, tuple(latents.shape), steps, guidance_scale, min_alpha_cumprod)
+            eps = _prepare(model, conditioning, tuple(latents.shape), steps, guidance_scale, min_alpha_cumprod, strength)
             x, y = x.to(eps.device), x.clone().to(eps.device)
             total = len(eps.schedule.timesteps)
             for done, index in enumerate(reversed(range(total))):
@@ -202,7 +222,8 @@ def edict_invert(
 
 def edict_generate(
     model: Any, conditioning: Any, x: Any, y: Any, *, steps: int = 50, mix: float = DEFAULT_MIX,
-    guidance_scale: float = 1.0, min_alpha_cumprod: float = DEFAULT_MIN_ALPHA_CUMPROD, ctx: RunContext | None = None,
+    guidance_scale: float = 1.0, min_alpha_cumprod: float = DEFAULT_MIN_ALPHA_CUMPROD, strength: float = 1.0,
+    ctx: RunContext | None = None,
 ) -> tuple[Any, Any]:
     """``(x_0, y_0)`` from coupled noise latents: the inverse of :func:`edict_invert` for the same
     model, conditioning and settings; another conditioning edits the picture."""
@@ -215,7 +236,7 @@ def edict_generate(
         from dagfusion.model import apply_patches
 
         with apply_patches(model.patches, model.denoiser):
-            eps = _prepare(model, conditioning, tuple(x.shape), steps, guidance_scale, min_alpha_cumprod)
+            eps = _prepare(model, conditioning, tuple(x.shape), steps, guidance_scale, min_alpha_cumprod, strength)
             x, y = x.to(eps.device, torch.float64), y.to(eps.device, torch.float64)
             total = len(eps.schedule.timesteps)
             for index in range(total):
@@ -246,6 +267,9 @@ _SETTINGS = [
           description="Classifier-free guidance in both directions (1: none; inversion is exact for any value)."),
     Input("min_alpha_cumprod", FLOAT, DEFAULT_MIN_ALPHA_CUMPROD, min=0.0, max=0.5,
           description="Floor of ᾱ in the coefficients (zero-terminal-SNR schedules; 0 uses the stored values)."),
+    Input("strength", FLOAT, 1.0, exclusive_min=0.0, max=1.0,
+          description="Fraction of the schedule inverted (and regenerated): below 1 the picture is inverted to an "
+                      "intermediate step, which keeps more of it in an edit."),
 ]
 
 
@@ -259,7 +283,7 @@ def _example_latents() -> dict[str, Any]:
 
     latent = Latent(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5)
     return {"model": parts["model"], "conditioning": parts["conditioning"], "latent": latent, "steps": 3, "mix": 0.93,
-            "guidance_scale": 1.0, "min_alpha_cumprod": DEFAULT_MIN_ALPHA_CUMPROD}
+            "guidance_scale": 1.0, "min_alpha_cumprod": DEFAULT_MIN_ALPHA_CUMPROD, "strength": 1.0}
 
 
 @node(
@@ -277,7 +301,7 @@ def _example_latents() -> dict[str, Any]:
     examples=[_example_latents],
 )
 def edict_invert_node(ctx: RunContext, model: Any, conditioning: Any, latent: Any, steps: int, mix: float,
-                      guidance_scale: float, min_alpha_cumprod: float) -> dict[str, Any]:
+                      guidance_scale: float, min_alpha_cumprod: float, strength: float) -> dict[str, Any]:
     """Invert a picture's latents exactly into EDICT's two coupled noise latents."""
     from dagfusion.nodes.diffusion.data import Latent
 
@@ -285,11 +309,11 @@ def edict_invert_node(ctx: RunContext, model: Any, conditioning: Any, latent: An
         raise NodeInputError("latent", f"expected image latents (B, C, h, w), got shape {tuple(latent.samples.shape)}")
     try:
         x, y = edict_invert(model, conditioning, latent.samples, steps=steps, mix=mix, guidance_scale=guidance_scale,
-                            min_alpha_cumprod=min_alpha_cumprod, ctx=ctx)
+                            min_alpha_cumprod=min_alpha_cumprod, strength=strength, ctx=ctx)
     except ValueError as error:
         raise NodeInputError("model", str(error)) from error
     lineage = {**dict(latent.lineage), "edict": {"steps": steps, "mix": mix, "guidance_scale": guidance_scale,
-                                                  "min_alpha_cumprod": min_alpha_cumprod}}
+                                                  "min_alpha_cumprod": min_alpha_cumprod, "strength": strength}}
     return {"noise_x": Latent(x, lineage), "noise_y": Latent(y, lineage)}
 
 
@@ -299,7 +323,8 @@ def _example_noise() -> dict[str, Any]:
     from dagfusion.nodes.diffusion.data import Latent
 
     return {"model": args["model"], "conditioning": args["conditioning"], "noise_x": Latent(x), "noise_y": Latent(y),
-            "steps": 3, "mix": 0.93, "guidance_scale": 1.0, "min_alpha_cumprod": DEFAULT_MIN_ALPHA_CUMPROD}
+            "steps": 3, "mix": 0.93, "guidance_scale": 1.0, "min_alpha_cumprod": DEFAULT_MIN_ALPHA_CUMPROD,
+            "strength": 1.0}
 
 
 @node(
@@ -318,7 +343,7 @@ def _example_noise() -> dict[str, Any]:
     examples=[_example_noise],
 )
 def edict_generate_node(ctx: RunContext, model: Any, conditioning: Any, noise_x: Any, noise_y: Any, steps: int,
-                        mix: float, guidance_scale: float, min_alpha_cumprod: float) -> Any:
+                        mix: float, guidance_scale: float, min_alpha_cumprod: float, strength: float) -> Any:
     """Generate from EDICT's coupled noise latents (use the inversion's settings)."""
     from dagfusion.nodes.diffusion.data import Latent
 
@@ -327,7 +352,8 @@ def edict_generate_node(ctx: RunContext, model: Any, conditioning: Any, noise_x:
                                         f"{tuple(noise_y.samples.shape)}; link both outputs of one EDICTInvert")
     try:
         x, _ = edict_generate(model, conditioning, noise_x.samples, noise_y.samples, steps=steps, mix=mix,
-                              guidance_scale=guidance_scale, min_alpha_cumprod=min_alpha_cumprod, ctx=ctx)
+                              guidance_scale=guidance_scale, min_alpha_cumprod=min_alpha_cumprod, strength=strength,
+                              ctx=ctx)
     except ValueError as error:
         raise NodeInputError("model", str(error)) from error
     return Latent(x, dict(noise_x.lineage))

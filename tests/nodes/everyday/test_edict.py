@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from dagfusion.nodes.everyday.edict import ddim_schedule, edict_generate, edict_invert
+from dagfusion.nodes.everyday.edict import _check_finite, ddim_schedule, edict_generate, edict_invert
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,9 @@ def test_zero_terminal_snr_needs_a_floor() -> None:
                                            "timestep_spacing": "trailing", "prediction_type": "v_prediction"})
     model = ModelHandle.from_module(tiny.sd_handles()["model"].denoiser, scheduler=spec, vae_scale_factor=2)
     with pytest.raises(ValueError, match="zero terminal SNR"):
-        ddim_schedule(model, 10, 0.0)
+        _check_finite(ddim_schedule(model, 10, 0.0))
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        edict_invert(model, tiny.sd_handles()["conditioning"], _latents(), steps=4, min_alpha_cumprod=0.0)
     schedule = ddim_schedule(model, 10, 1e-4)
     assert schedule.alpha[0] == pytest.approx(1e-4) and schedule.prediction_type == "v_prediction"
     latents = _latents()
@@ -88,3 +90,14 @@ def test_step_hook_patches_and_bad_mix_are_refused(parts: dict[str, Any]) -> Non
         edict_invert(cached, parts["conditioning"], _latents(), steps=2)
     with pytest.raises(ValueError, match="mixing parameter"):
         edict_invert(parts["model"], parts["conditioning"], _latents(), steps=2, mix=0.0)
+
+
+def test_a_partial_inversion_reconstructs_and_stays_nearer_the_picture(parts: dict[str, Any]) -> None:
+    latents = _latents()
+    full = edict_invert(parts["model"], parts["conditioning"], latents, steps=10)
+    part = edict_invert(parts["model"], parts["conditioning"], latents, steps=10, strength=0.5)
+    assert float((part[0] - latents).abs().mean()) < float((full[0] - latents).abs().mean())
+    out, _ = edict_generate(parts["model"], parts["conditioning"], *part, steps=10, strength=0.5)
+    assert float((out - latents).abs().max()) < 1e-4
+    with pytest.raises(ValueError, match="strength"):
+        edict_invert(parts["model"], parts["conditioning"], latents, steps=10, strength=0.0)
