@@ -43,6 +43,7 @@ _DIT_STAGE2 = "ad39dc9246629308a515f392f69a799acdc3634b"  # shapes-dit after its
 _DIT_STAGE3 = "32a73746b429cfd7e5760c6d5d788c7e2b1c796d"  # shapes-dit: a third training stage
 _PAIR = "b7f2a129a0c8a6cba15ea657d232fc64ffb5733d"  # Structure world: ... the two-object evaluator
 _FRAMES = "fc13bb0028ed9dd88498f10241c6b0ba8f4beb08"  # Video metrics: ... ShapeEval-frames
+_CONTROLNET = "b48c7bb9912a5dab42f62aa9dc636e58cd52fefa"  # the shapes ControlNet's training workflow (trained on this code)
 
 _VAE_NOTE = ("dagfusion.train.TrainVAE (node train_vae): 1,500 steps x 16, lr 1e-3, training seed 0; "
              "final loss 0.0235, reconstruction PSNR 30.4 dB (docs/shapes.md)")
@@ -134,6 +135,18 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "provenance_notes": "benchmarks/train_frame_evaluator.py: 600 steps x 128, lr 2e-3, frames of 1,536 "
                             "shapes-video training clips (data seed 0), training seed 0, one thread; saved fp16; "
                             "held-out accuracy in the 'held_out_accuracy' key.",
+    },
+    "nodes/structure/models/shapes-controlnet-mask.safetensors": {
+        "training_workflow": "workflows/train_controlnet_shapes.yaml",
+        "project_commit": _CONTROLNET,
+        "steps": "2000",
+        "data_seed": "0",
+        "stage": "1 of 1",
+        "provenance_notes": "dagfusion.structure.TrainControlNet (node train) on shapes-sd frozen: ControlNetModel.from_unet, "
+                            "1 conditioning channel (object mask), v-prediction zero-terminal-SNR objective, 10 % condition "
+                            "dropout, 2,000 steps x 16, lr 2e-4 cosine, 50 warmup steps, seed 0, on 4,096 flat training-split "
+                            "renders (data seed 0); saved fp16 by SaveControlNet (its own provenance is in the "
+                            "dagfusion.controlnet key). project_commit is the commit whose code and workflow trained it.",
     },
 }
 """The provenance of each shipped file (``training_workflow_sha256`` is computed from git)."""

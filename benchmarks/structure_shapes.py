@@ -9,7 +9,8 @@ gives the object mask the ControlNet is guided by. Measured in one process, one 
   shapes-sd unguided and with the ControlNet;
 - the **ceiling**: the same IoU for the ground-truth render itself after the VAE round trip, and
   for the render shifted by one pixel (how much a 1-px error alone costs);
-- **ShapeEval all-correct** of both against their prompts (the ControlNet must not cost attributes);
+- **ShapeEval** per attribute and all-correct of both against their prompts (the ControlNet must not
+  cost attributes);
 - CPU seconds per image of each.
 
 The ratio guided IoU / ceiling is the headline (target ≥ 0.95).
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--strength", type=float, default=1.0, help="the ControlNet's conditioning scale")
+    parser.add_argument("--end", type=float, default=1.0, help="the fraction of the run the ControlNet acts on")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     unguided, unguided_seconds = sample(lambda i: loaded.model, loaded.clip, loaded.vae, captions, seeds, args.steps)
 
     def guided_model(i: int) -> Any:
-        return loaded.model.with_patch(ControlNetPatch(controlnet, masks[i:i + 1]))
+        return loaded.model.with_patch(ControlNetPatch(controlnet, masks[i:i + 1], strength=args.strength, end=args.end))
 
     guided, guided_seconds = sample(guided_model, loaded.clip, loaded.vae, captions, seeds, args.steps)
 
@@ -115,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": args.prompts, "seeds": args.seeds, "steps": args.steps, "images": len(captions),
         "iou": {"unguided": iou(unguided), "controlnet": iou(guided), "vae_round_trip_ceiling": ceiling,
                 "render_shifted_1px": iou(shifted), "render": iou(renders)},
-        "all_correct": {"unguided": score(evaluator, unguided, captions)["all_correct"],
-                        "controlnet": score(evaluator, guided, captions)["all_correct"],
-                        "render": score(evaluator, renders, captions)["all_correct"]},
+        "shapeeval": {"unguided": score(evaluator, unguided, captions),
+                      "controlnet": score(evaluator, guided, captions),
+                      "render": score(evaluator, renders, captions)},
+        "controlnet_settings": {"strength": args.strength, "end": args.end},
         "seconds_per_image": {"unguided": unguided_seconds, "controlnet": guided_seconds},
     }
     result["controlnet_iou_over_ceiling"] = result["iou"]["controlnet"] / ceiling

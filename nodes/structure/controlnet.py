@@ -399,6 +399,41 @@ def load_controlnet_node(ctx: RunContext, path: str, architecture: str, config: 
         raise NodeInputError("path", str(error)) from None
 
 
+EMBEDDED = {"shapes-mask": "shapes-controlnet-mask.safetensors"}
+"""The ControlNets shipped with dagfusion: name → file in ``nodes/structure/models``."""
+
+
+def embedded_path(name: str) -> Any:
+    """The shipped file of the embedded ControlNet ``name``."""
+    from pathlib import Path
+
+    return Path(__file__).with_name("models") / EMBEDDED[name]
+
+
+@node(
+    "dagfusion.structure.LoadEmbeddedControlNet",
+    version="1.0.0",
+    category="structure/controlnet",
+    inputs=[
+        Input("name", STRING, "shapes-mask", choices=tuple(EMBEDDED),
+              description="'shapes-mask': shapes-sd's ControlNet guided by an object mask (1 channel, 1 = object)."),
+        Input("device", STRING, "auto", choices=_DEVICES,
+              description="Where to compute; 'auto' takes the settings' device (load it where the model computes)."),
+        Input("dtype", STRING, "auto", choices=_DTYPES, description="Weight precision; 'auto' is fp16 on a GPU, fp32 on the CPU."),
+    ],
+    outputs=[Output("control_net", CONTROL_NET, "The shipped ControlNet (trained by workflows/train_controlnet_shapes.yaml).")],
+    examples=[{"name": "shapes-mask", "device": "cpu", "dtype": "fp32"}],
+    ui={"color": _COLOR},
+)
+def load_embedded_controlnet(ctx: RunContext, name: str, device: str, dtype: str) -> ControlNetHandle:
+    """Load a ControlNet shipped with dagfusion (package data, offline)."""
+    from dagfusion.nodes.diffusion.loaders import placement
+    from dagfusion.nodes.structure.controlnet_model import load_controlnet
+
+    device, dtype = placement(ctx, device, dtype)
+    return load_controlnet(embedded_path(name), dtype=dtype, device=device)
+
+
 # --- from a UNet ----------------------------------------------------------------------------------
 
 
@@ -502,5 +537,5 @@ def save_controlnet(ctx: RunContext, control_net: ControlNetHandle, filename: st
     return str(save_folder(control_net, ctx.output_path(filename)))
 
 
-NODES = (apply_controlnet, load_controlnet_node, controlnet_from_unet, save_controlnet)
+NODES = (apply_controlnet, load_controlnet_node, load_embedded_controlnet, controlnet_from_unet, save_controlnet)
 """The ControlNet nodes, in palette order."""

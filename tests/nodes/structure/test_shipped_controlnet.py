@@ -1,0 +1,68 @@
+"""The shipped shapes ControlNet: it loads by name, carries its provenance, and on held-out
+prompts makes shapes-sd's objects follow the given mask more closely than without it, keeping the
+attributes (ControlNet on the first half of the steps, as documented)."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _bench() -> Any:
+    spec = importlib.util.spec_from_file_location("structure_shapes", ROOT / "benchmarks" / "structure_shapes.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_shipped_controlnet_loads_by_name_with_its_provenance() -> None:
+    from safetensors import safe_open
+
+    from dagfusion.nodes.structure.controlnet import embedded_path, load_embedded_controlnet
+
+    with safe_open(str(embedded_path("shapes-mask")), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["training_workflow"] == "workflows/train_controlnet_shapes.yaml" and metadata["steps"] == "2000"
+
+    class _Ctx:
+        device = "cpu"
+
+        class settings:  # noqa: N801 - a stand-in for the run's settings
+            model_cache_bytes = 2**31
+
+    handle = load_embedded_controlnet.fn(_Ctx(), "shapes-mask", "cpu", "fp32")
+    assert int(handle.module.config.conditioning_channels) == 1
+
+
+@pytest.mark.slow
+def test_the_shipped_controlnet_follows_held_out_masks() -> None:
+    from dagfusion.nodes.diffusion.loading import load_diffusers_folder
+    from dagfusion.nodes.metrics.evaluator import SHIPPED, load_shapeeval, score
+    from dagfusion.nodes.shapes.models import folder
+    from dagfusion.nodes.structure.controlnet import ControlNetPatch, embedded_path
+    from dagfusion.nodes.structure.controlnet_model import load_controlnet
+    from dagfusion.nodes.structure.metrics import mask_iou
+
+    torch.set_num_threads(1)
+    bench = _bench()
+    loaded = load_diffusers_folder(folder("shapes-sd"))
+    controlnet = load_controlnet(embedded_path("shapes-mask"))
+    prompts = bench.held_out_prompts(8)
+    _, masks, captions, seeds = bench.ground_truth(prompts, 1)
+    plain, _ = bench.sample(lambda i: loaded.model, loaded.clip, loaded.vae, captions, seeds, 25)
+    guided, _ = bench.sample(lambda i: loaded.model.with_patch(ControlNetPatch(controlnet, masks[i:i + 1], end=0.5)),
+                             loaded.clip, loaded.vae, captions, seeds, 25)
+    plain_iou, guided_iou = statistics.fmean(mask_iou(plain, masks)), statistics.fmean(mask_iou(guided, masks))
+    evaluator = load_shapeeval(SHIPPED)
+    plain_ok, guided_ok = score(evaluator, plain, captions)["all_correct"], score(evaluator, guided, captions)["all_correct"]
+    print("IoU", plain_iou, guided_iou, "all-correct", plain_ok, guided_ok)
+    assert guided_iou > plain_iou + 0.03, (plain_iou, guided_iou)
+    assert guided_ok >= plain_ok - 0.125, (plain_ok, guided_ok)
