@@ -4,7 +4,7 @@ grids and geometry, text lists.
 Node ids (see :doc:`/everyday` for the guide):
 
 - conditioning: ``dagfusion.text.LoadEmbedding``, ``dagfusion.conditioning.Average``,
-  ``dagfusion.conditioning.Concat``
+  ``dagfusion.conditioning.Concat``, ``dagfusion.conditioning.Region`` (area conditioning)
 - image: ``dagfusion.image.Batch``, ``dagfusion.image.Unbatch``, ``dagfusion.image.Select``,
   ``dagfusion.image.Concat``, ``dagfusion.image.Grid``, ``dagfusion.image.Resize``, ``dagfusion.image.Crop``,
   ``dagfusion.image.Pad``, ``dagfusion.image.Composite``
@@ -34,11 +34,12 @@ from dagfusion.nodes.everyday import (
     inpaint,
     lists,
     merge,
+    regions,
     resize,
     upscale,
 )
 
-NODES = (*embeddings.NODES, *conditioning_ops.NODES, *batches.NODES, *grid.NODES, *resize.NODES, *upscale.NODES,
+NODES = (*embeddings.NODES, *conditioning_ops.NODES, *regions.NODES, *batches.NODES, *grid.NODES, *resize.NODES, *upscale.NODES,
          *inpaint.NODES, *edict.NODES, *lists.NODES, *merge.NODES, *bake.NODES)
 """Every node of the pack, in palette order."""
 
