@@ -89,12 +89,9 @@ def _dataset(**kwargs: Any) -> Any:
 def load_evaluator(ctx: RunContext, path: str | None) -> Any:
     """Load the ShapeEval classifier (the shipped one by default)."""
     from dagfusion.nodes.metrics.evaluator import SHIPPED, load_shapeeval
+    from dagfusion.nodes.metrics.shipped import load_shipped_or_path
 
-    if not path:
-        if not SHIPPED.is_file():
-            raise FileNotFoundError(f"the shipped ShapeEval weights are missing ({SHIPPED})")
-        return load_shapeeval(SHIPPED)
-    return load_shapeeval(ctx.input_path(path))
+    return load_shipped_or_path(ctx, path, SHIPPED, load_shapeeval, "ShapeEval")
 
 
 @node(
@@ -294,12 +291,9 @@ PAIR_EVALUATOR = SocketType(
 def load_pair_evaluator(ctx: RunContext, path: str | None) -> Any:
     """Load the ShapeEval-pair classifier (the shipped one by default)."""
     from dagfusion.nodes.metrics.pair_evaluator import SHIPPED, load_pair_evaluator as load
+    from dagfusion.nodes.metrics.shipped import load_shipped_or_path
 
-    if not path:
-        if not SHIPPED.is_file():
-            raise FileNotFoundError(f"the shipped ShapeEval-pair weights are missing ({SHIPPED})")
-        return load(SHIPPED)
-    return load(ctx.input_path(path))
+    return load_shipped_or_path(ctx, path, SHIPPED, load, "ShapeEval-pair")
 
 
 @node(

@@ -136,12 +136,9 @@ def fd_video(evaluator: Any, video: Any, reference: Any) -> float:
 def load_frame_eval(ctx: RunContext, path: str | None) -> Any:
     """Load ShapeEval-frames (the shipped one by default): per-frame attributes of shapes-video clips."""
     from dagfusion.nodes.metrics.frame_evaluator import SHIPPED, load_frame_evaluator
+    from dagfusion.nodes.metrics.shipped import load_shipped_or_path
 
-    if not path:
-        if not SHIPPED.is_file():
-            raise FileNotFoundError(f"the shipped ShapeEval-frames weights are missing ({SHIPPED})")
-        return load_frame_evaluator(SHIPPED)
-    return load_frame_evaluator(ctx.input_path(path))
+    return load_shipped_or_path(ctx, path, SHIPPED, load_frame_evaluator, "ShapeEval-frames")
 
 
 def _real_clips(count: int = 4, split: str = "eval") -> tuple[Any, list[str]]:
