@@ -22,29 +22,26 @@ Registering this pack imports neither torch nor diffusers: each node imports the
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from dagfusion import hookimpl
+from dagfusion.nodes.structure import (
+    adapter,
+    controlnet,
+    estimators,
+    layout,
+    maps,
+    metrics,
+    refiner,
+    structural,
+    train_control,
+)
 from dagfusion.nodes.structure.types import TYPES
 
-_NODE_MODULES = ("maps", "layout", "estimators", "metrics", "controlnet", "adapter", "train_control", "structural", "refiner")
-
-
-def _nodes() -> tuple[Any, ...]:
-    found: list[Any] = []
-    for name in _NODE_MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as error:
-            if error.name == f"{__name__}.{name}":
-                continue
-            raise
-        found.extend(getattr(module, "NODES", ()))
-    return tuple(found)
-
-
-NODES = _nodes()
+NODES = (
+    *maps.NODES, *layout.NODES, *estimators.NODES, *metrics.NODES, *controlnet.NODES, *adapter.NODES,
+    *train_control.NODES, *structural.NODES, *refiner.NODES,
+)
 """Every node of the pack, in palette order."""
 
 
