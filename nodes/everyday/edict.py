@@ -69,6 +69,11 @@ class Schedule:
         start = len(self.timesteps) - count
         return Schedule(self.timesteps[start:], self.alpha[start:], self.alpha_prev[start:], self.prediction_type)
 
+    def floored(self, minimum: float) -> Schedule:
+        """The schedule with every ``ᾱ`` raised to at least ``minimum`` (see the module docs)."""
+        return Schedule(self.timesteps, tuple(max(a, minimum) for a in self.alpha),
+                        tuple(max(a, minimum) for a in self.alpha_prev), self.prediction_type)
+
     def coefficients(self, index: int) -> tuple[float, float]:
         """``(a_t, b_t)`` of step ``index``."""
         at, prev = self.alpha[index], self.alpha_prev[index]
@@ -99,9 +104,10 @@ def ddim_schedule(model: Any, steps: int, min_alpha_cumprod: float) -> Schedule:
     alpha, alpha_prev = [], []
     for t in timesteps:
         prev = t - step_size
-        alpha.append(max(float(cumprod[t]), min_alpha_cumprod))
-        alpha_prev.append(max(float(cumprod[prev]) if prev >= 0 else final, min_alpha_cumprod))
-    return Schedule(tuple(timesteps), tuple(alpha), tuple(alpha_prev), str(scheduler.config.prediction_type))
+        alpha.append(float(cumprod[t]))
+        alpha_prev.append(float(cumprod[prev]) if prev >= 0 else final)
+    stored = Schedule(tuple(timesteps), tuple(alpha), tuple(alpha_prev), str(scheduler.config.prediction_type))
+    return stored.floored(min_alpha_cumprod)
 
 
 def _check_finite(schedule: Schedule) -> Schedule:
@@ -182,9 +188,9 @@ def _prepare(model: Any, conditioning: Any, shape: tuple[int, ...], steps: int, 
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     _refuse_step_hooks(model)
     count = max(1, min(steps, round(steps * strength)))
-    schedule = _check_finite(ddim_schedule(model, steps, min_alpha_cumprod).last(count))
-    true = ddim_schedule(model, steps, 0.0).last(count)  # the stored ᾱ: converts v / x0 predictions to ε
-    return _Epsilon(model, conditioning, shape, guidance_scale, schedule, true.alpha)
+    stored = ddim_schedule(model, steps, 0.0).last(count)  # the stored ᾱ: converts v / x0 predictions to ε
+    schedule = _check_finite(stored.floored(min_alpha_cumprod))
+    return _Epsilon(model, conditioning, shape, guidance_scale, schedule, stored.alpha)
 
 
 def edict_invert(
