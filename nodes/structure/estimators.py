@@ -145,6 +145,8 @@ def _estimate_example(folder: Any) -> dict[str, Any]:
 def load_depth_estimator_node(ctx: RunContext, path: str, device: str) -> Any:
     """Load a depth estimator (DPT, Depth Anything …) from a local transformers folder, offline."""
     folder = ctx.input_path(path)
+    if folder.is_dir():  # every file inside, links followed, must lie under the read folders too
+        ctx.settings.check_tree_readable(folder)
     if not folder.is_dir():
         raise NodeInputError("path", f"expected a transformers model folder, got {path!r} (not a folder)")
     if not (folder / "config.json").is_file():

@@ -62,6 +62,36 @@ nodes:
         run_workflow(workflow, registry=REGISTRY, tmp_path=tmp_path / "elsewhere")
 
 
+def test_a_link_inside_the_folder_cannot_reach_outside_the_read_folders(tiny_dpt: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from dagfusion import UnsafeOperationError
+    from dagfusion.testing import make_settings
+
+    allowed_root = tmp_path / "models"
+    folder = allowed_root / "dpt"
+    shutil.copytree(tiny_dpt, folder)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    weights = folder / "model.safetensors"
+    shutil.move(str(weights), outside / "model.safetensors")
+    weights.symlink_to(outside / "model.safetensors")
+    settings = make_settings(tmp_path / "run").with_overrides(read_dirs=[allowed_root])
+
+    class _Ctx:  # the node at run time: a path that came over a link is not checked by validation
+        device = "cpu"
+
+        def __init__(self) -> None:
+            self.settings = settings
+
+        def input_path(self, path: str) -> Path:
+            return settings.check_readable(path)
+
+    load = REGISTRY.get("dagfusion.structure.LoadDepthEstimator")
+    with pytest.raises(UnsafeOperationError, match="outside the allowed read folders"):
+        load.fn(_Ctx(), path=str(folder), device="cpu")
+
+
 def test_nodes_name_bad_inputs(tiny_dpt: Path, tmp_path: Path) -> None:
     estimate = REGISTRY.get("dagfusion.structure.EstimateDepth")
     with pytest.raises(NodeInputError) as caught:
