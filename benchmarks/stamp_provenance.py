@@ -43,6 +43,7 @@ _DIT_STAGE2 = "ad39dc9246629308a515f392f69a799acdc3634b"  # shapes-dit after its
 _DIT_STAGE3 = "32a73746b429cfd7e5760c6d5d788c7e2b1c796d"  # shapes-dit: a third training stage
 _PAIR = "b7f2a129a0c8a6cba15ea657d232fc64ffb5733d"  # Structure world: ... the two-object evaluator
 _FRAMES = "fc13bb0028ed9dd88498f10241c6b0ba8f4beb08"  # Video metrics: ... ShapeEval-frames
+_SECOND_EVAL = "34401ac6bf688da639b92f5cda1dc0ee61cd7cfc"  # the independent ShapeEval (trained on this code)
 _CONTROLNET = "b48c7bb9912a5dab42f62aa9dc636e58cd52fefa"  # the shapes ControlNet's training workflow (trained on this code)
 
 _VAE_NOTE = ("dagfusion.train.TrainVAE (node train_vae): 1,500 steps x 16, lr 1e-3, training seed 0; "
@@ -58,6 +59,17 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "provenance_notes": "dagfusion.metrics.TrainShapeEval: 1,200 steps x 128, lr 2e-3, a pool of 12,288 "
                             "training-split renders seeded 0; saved fp16. Moved byte-identical to "
                             "nodes/metrics/weights in f8f392a.",
+    },
+    "nodes/metrics/weights/shapeeval-seed1.safetensors": {
+        "training_workflow": "workflows/train_shapeeval.yaml",
+        "project_commit": _SECOND_EVAL,
+        "steps": "1200",
+        "data_seed": "1",
+        "stage": "1 of 1",
+        "provenance_notes": "the independent ShapeEval: workflows/train_shapeeval.yaml with --set train.seed=1 "
+                            "(its own pool of training-split renders and initialisation), one thread; saved fp16; "
+                            "0.999 all-correct on 2,000 held-out renders. Judges reward fine-tuning that used "
+                            "shapeeval.safetensors as the reward.",
     },
     "nodes/shapes/models/shapes-sd/unet/diffusion_pytorch_model.safetensors": {
         "training_workflow": "workflows/train_shapes_sd.yaml",

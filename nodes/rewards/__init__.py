@@ -7,6 +7,7 @@ or giving one are cached like any other (:mod:`dagfusion.nodes.rewards.base`). T
 - the ShapeEval reward (weighted log-probability of a shapes caption's attributes),
 - CLIP score from a local ``CLIPModel`` folder (PickScore/HPSv2 checkpoints are CLIP models too),
 - aesthetic-style MLP heads over CLIP image embeddings,
+- image statistics (brightness, darkness, saturation, contrast), prompt-independent,
 - weighted sums of rewards, and a node that scores images with any reward.
 
 Registering this pack imports neither torch nor transformers; they load when a node runs.
@@ -148,6 +149,37 @@ def aesthetic(ctx: RunContext, clip: Any, path: str) -> Any:
     return AestheticReward(clip, load_head(folder), name=f"aesthetic:{folder.name}", fingerprint=fingerprint_path(folder))
 
 
+#: The statistics of dagfusion.reward.ImageStat (``image_stats.STATISTICS``; kept here so
+#: registering the pack does not import torch).
+_STATISTICS = ("brightness", "darkness", "saturation", "contrast")
+
+
+@node(
+    "dagfusion.reward.ImageStat",
+    version="1.0.0",
+    category="reward",
+    inputs=[
+        Input("statistic", STRING, "brightness", choices=_STATISTICS,
+              description="brightness: mean Rec.709 luma; darkness: 1 − brightness; saturation: mean max(R,G,B) − min(R,G,B); "
+                          "contrast: standard deviation of luma."),
+        Input("target", FLOAT, optional=True, min=0.0, max=1.0,
+              description="Score −|statistic − target| instead (not set: the statistic itself, larger is better)."),
+    ],
+    outputs=[Output("reward", REWARD, "The statistic of each image, or −|statistic − target| (prompts unused).")],
+    examples=[lambda: {"statistic": "brightness"}, lambda: {"statistic": "contrast", "target": 0.25}],
+)
+def image_stat(ctx: RunContext, statistic: str, target: float | None) -> Any:
+    """A simple, prompt-independent reward: an image statistic, or its distance to a target.
+
+    Brightness, darkness, saturation or contrast of each image, differentiable in the images;
+    with a target the score is −|statistic − target| (0 is best). Useful for controllable and
+    interpolation experiments, alone or in a Combine with other rewards.
+    """
+    from dagfusion.nodes.rewards.image_stats import ImageStatReward
+
+    return ImageStatReward(statistic, target)
+
+
 def _combine_example() -> dict[str, Any]:
     return {"reward_1": _shapeeval_reward(), "reward_2": _shapeeval_reward(shape=0.0), "weight_2": 0.5}
 
@@ -212,7 +244,7 @@ def score(ctx: RunContext, reward: Any, images: Any, prompts: Any) -> tuple[list
     return values, sum(values) / len(values) if values else float("nan")
 
 
-NODES = (shapeeval_reward, load_clip, aesthetic, combine, score)
+NODES = (shapeeval_reward, load_clip, aesthetic, image_stat, combine, score)
 
 
 @hookimpl

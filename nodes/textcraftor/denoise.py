@@ -3,7 +3,9 @@
 Both use the model's own noise schedule and prediction type through a DDIM scheduler built from
 the model handle's scheduler (``ε``, ``v`` or ``x0`` prediction; zero-terminal-SNR schedules
 included), classifier-free guidance ``u + g·(c − u)`` with the unconditional embedding of ``""``
-from the *same* (trained) encoder, and the frozen denoiser and VAE:
+from the *same* (trained) encoder, and the frozen denoiser and VAE. The denoiser's inputs are
+made by its sampler family (:meth:`~dagfusion.model.Family.prepare`, as in sampling), so UNets
+and PixArt-style transformers (attention mask, resolution micro-conditions) are called alike:
 
 - :func:`one_step_x0` (the *direct* variant): ``x̂0`` from one prediction at timestep ``t``::
 
@@ -21,7 +23,7 @@ from the *same* (trained) encoder, and the frozen denoiser and VAE:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -30,12 +32,14 @@ class Denoiser:
     """The frozen denoiser with its schedule, bound for a training run.
 
     Attributes:
-        module: The denoiser (UNet family); its patches are applied by the caller.
+        module: The denoiser (UNet or transformer); its patches are applied by the caller.
         family: The sampler family adapter.
         scheduler: A DDIM scheduler over the model's schedule.
         dtype: The module's dtype (inputs are cast to it; outputs come back float32).
         guidance: Classifier-free guidance scale (≤ 1: the conditional prediction alone).
         autocast: Returns the autocast context of the run.
+        kind: The conditioning kind the text inputs are (``"clip"``, ``"t5"``).
+        scale: Pixels per latent pixel (micro-conditions of PixArt-size models).
     """
 
     module: Any
@@ -44,25 +48,41 @@ class Denoiser:
     dtype: Any
     guidance: float
     autocast: Any
+    kind: str = "clip"
+    scale: int = 8
 
     @property
     def prediction_type(self) -> str:
         return str(self.scheduler.config.get("prediction_type", "epsilon"))
 
-    def predict(self, sample: Any, t: Any, cond: Any, uncond: Any) -> Any:
-        """The guided prediction (float32) for ``sample`` at scalar timestep ``t``."""
+    def predict(self, sample: Any, t: Any, cond: dict[str, Any], uncond: dict[str, Any]) -> Any:
+        """The guided prediction (float32) for ``sample`` at scalar timestep ``t``; ``cond`` and
+        ``uncond`` are the denoiser's text inputs (``encoder_hidden_states`` …, one row per sample)."""
         import torch
 
         cfg = self.guidance > 1.0
+        rows = sample.shape[0]
+        prepared = self.family.prepare(
+            self.module, _Texts(self.kind, cond, uncond), batch=rows, cfg=cfg, device=sample.device,
+            dtype=self.dtype, latent_shape=tuple(sample.shape), scale=self.scale, guidance_scale=self.guidance,
+        )
         x = torch.cat([sample, sample]) if cfg else sample
-        hidden = torch.cat([uncond, cond]) if cfg else cond
+        if prepared.concat is not None:
+            x = torch.cat([x, prepared.concat.to(x.device, x.dtype)], dim=self.family.channel_dim)
+        timestep = self.family.timestep(t, x.shape[0], sample.device)
         with self.autocast():
-            out = self.family.call(self.module, x.to(self.dtype), t, {"encoder_hidden_states": hidden.to(self.dtype)})
-        out = self.family.drop_variance(out.float(), self.module)
-        if cfg:
-            u, c = out.chunk(2)
-            out = u + self.guidance * (c - u)
-        return out
+            out = self.family.call(self.module, x.to(self.dtype), timestep, prepared.kwargs)
+        return self.family.combine(out.float(), self.module, cfg, prepared.batches, self.guidance, 0.0)
+
+
+@dataclass
+class _Texts:
+    """A conditioning (``ConditioningLike``) made of the trained encoder's outputs."""
+
+    kind: str
+    positive: dict[str, Any]
+    negative: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def make_scheduler(model: Any) -> Any:

@@ -43,6 +43,10 @@ from dagfusion import RunCancelled
 from dagfusion.nodes.textcraftor.encoder import DEFAULT_TARGETS, TRAINABLE
 
 VARIANTS = ("direct", "prompt")
+#: The denoiser's attention projections a UNet LoRA trains by default (diffusers' names).
+UNET_TARGETS = "to_q, to_k, to_v, to_out.0"
+#: Checkpoint names of the UNet LoRA's parameters start with this.
+UNET_PREFIX = "denoiser:"
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class CraftConfig:
     lora_rank: int = 4
     lora_alpha: float = 4.0
     lora_targets: str = DEFAULT_TARGETS
+    unet_lora_rank: int = 0
+    unet_lora_targets: str = UNET_TARGETS
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,6 +87,8 @@ class CraftConfig:
             raise ValueError("steps, batch_size and sample_steps must be at least 1")
         if not 1 <= self.grad_steps <= self.sample_steps:
             raise ValueError(f"grad_steps (K) must be in [1, sample_steps={self.sample_steps}], got {self.grad_steps}")
+        if self.trainable == "none" and self.unet_lora_rank < 1:
+            raise ValueError("trainable 'none' trains nothing unless a UNet LoRA does: set unet_lora_rank ≥ 1")
 
     def plain(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +100,8 @@ class CraftResult:
 
     Attributes:
         clip: The new bundle with the fine-tuned encoder (the input bundle is unchanged).
+        model: The input model plus the trained UNet LoRA patch, or the input model itself
+            when no UNet LoRA trained.
         losses: Per-step losses of the whole run (across a resume).
         rewards: Per-step mean rewards of the whole run (across a resume).
         start_step: The step this call started from (> 0 after a resume).
@@ -99,6 +109,7 @@ class CraftResult:
     """
 
     clip: Any
+    model: Any = None
     losses: list[float] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     start_step: int = 0
@@ -158,13 +169,17 @@ def train_encoder(
     original, tokenizer = encoder.clip_parts(clip)
     trained = encoder.prepare(clip, config.trainable, device, match=config.match, rank=config.lora_rank,
                               alpha=config.lora_alpha, targets=config.lora_targets, seed=config.seed)
-    params = trained.params
+    unet_lora = denoiser_lora(unet, config) if config.unet_lora_rank > 0 else None
+    params = dict(trained.params)
+    if unet_lora is not None:
+        params.update({UNET_PREFIX + n: p for n, p in unet_lora.trainable_parameters().items()})
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.learning_rate, weight_decay=config.weight_decay)
     ema = EMA(params.items(), config.ema_decay) if config.ema_decay > 0 else None
     low = amp_dtype(config.precision, device)
     scaler = torch.amp.GradScaler("cuda") if low == torch.float16 else None
     autocast = (lambda: torch.autocast(device.type, dtype=low)) if low is not None else contextlib.nullcontext
-    den = denoise.Denoiser(unet, family, denoise.make_scheduler(model), module_dtype(unet), config.guidance, autocast)
+    den = denoise.Denoiser(unet, family, denoise.make_scheduler(model), module_dtype(unet), config.guidance, autocast,
+                           kind=clip.kind, scale=scale)
     timesteps = int(den.scheduler.config.num_train_timesteps)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(int(config.seed))).tolist()
     generator = torch.Generator("cpu").manual_seed(int(config.seed))
@@ -179,8 +194,9 @@ def train_encoder(
         missing = [p for p in dict.fromkeys(batch) if p not in references]
         if missing:
             with torch.no_grad(), clip.patched(original):
-                rows = encoder.embed(original, encoder.tokenize(clip, tokenizer, missing), next(original.parameters()).device)
-            references.update({p: r[None].to(device=device, dtype=torch.float32) for p, r in zip(missing, rows)})
+                rows = encoder.encode(clip, original, tokenizer, missing, next(original.parameters()).device)
+            hidden = rows["encoder_hidden_states"]
+            references.update({p: r[None].to(device=device, dtype=torch.float32) for p, r in zip(missing, hidden)})
         return torch.cat([references[p] for p in batch])
 
     def save(done: int) -> Path | None:
@@ -225,8 +241,8 @@ def train_encoder(
             log.info("TextCraftor (%s): training %d tensors (%d values) of the text encoder for %d steps",
                      config.variant, len(params), sum(p.numel() for p in params.values()), total)
         began = time.monotonic()
-        with model.use(unet), apply_patches([p for p in model.patches if hasattr(p, "apply")], unet), \
-                vae.patched(vae.module):
+        own = [p for p in model.patches if hasattr(p, "apply")] + ([unet_lora] if unet_lora is not None else [])
+        with model.use(unet), apply_patches(own, unet), vae.patched(vae.module):
             for step in range(start, total):
                 if check_cancelled is not None:
                     try:
@@ -240,13 +256,12 @@ def train_encoder(
                     group["lr"] = lr
                 batch = [texts[order[(step * config.batch_size + i) % len(texts)]] for i in range(config.batch_size)]
                 with trained.applied() as module:
-                    cond = encoder.embed(module, encoder.tokenize(clip, tokenizer, batch), device).float()
-                    uncond = encoder.embed(module, encoder.tokenize(clip, tokenizer, [""]), device).float()
-                uncond = uncond.expand(len(batch), -1, -1)
+                    cond = encoder.encode(clip, module, tokenizer, batch, device)
+                    uncond = encoder.encode(clip, module, tokenizer, [""], device)
                 noise = torch.randn(shape, generator=generator).to(device)
                 if config.variant == "direct":
                     with torch.no_grad():
-                        x0 = denoise.ddim_chain(den, noise, config.sample_steps, 0, cond.detach(), uncond.detach())
+                        x0 = denoise.ddim_chain(den, noise, config.sample_steps, 0, detached(cond), detached(uncond))
                     t = torch.randint(0, timesteps, (1,), generator=generator)[0]
                     again = torch.randn(shape, generator=generator).to(device)
                     latents = denoise.one_step_x0(den, x0.float(), again, t, cond, uncond)
@@ -255,7 +270,7 @@ def train_encoder(
                                                  config.gradient_checkpointing)
                 images = denoise.decode(vae, latents.float(), config.gradient_checkpointing)
                 score = reward.score(images, batch).float().mean()
-                alignment = ((cond - reference(batch)) ** 2).mean()
+                alignment = ((cond["encoder_hidden_states"] - reference(batch)) ** 2).mean()
                 loss = -score + config.alignment_weight * alignment
                 values = {"loss": float(loss.detach()), "reward": float(score.detach()),
                           "alignment": float(alignment.detach()), "lr": lr}
@@ -292,4 +307,31 @@ def train_encoder(
     info = {"source": f"textcraftor {clip.info.get('source', '?')}",
             "training": {"objective": "textcraftor", "variant": config.variant, "steps": total, "key": key}}
     out = encoder.result_bundle(clip, trained, f"textcraftor:{key}" if key is not None else None, **info)
-    return CraftResult(out, losses, rewards, start, last)
+    tuned = model
+    if unet_lora is not None:
+        for p in unet_lora.trainable_parameters().values():
+            p.requires_grad_(False)
+        tuned = model.with_patch(unet_lora)
+    return CraftResult(out, tuned, losses, rewards, start, last)
+
+
+def detached(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The text inputs without gradient history."""
+    return {k: v.detach() for k, v in inputs.items()}
+
+
+def denoiser_lora(unet: Any, config: CraftConfig) -> Any:
+    """A fresh trainable LoRA (rank ``unet_lora_rank``, α = rank) on the denoiser's Linear layers
+    named by ``unet_lora_targets``, seeded from ``seed + 1``; its ``up`` starts at zero.
+
+    :raises ValueError: the targets match no Linear layer of the denoiser.
+    """
+    from dagfusion.nodes.lora.patch import TrainableLoraPatch, new_layers
+    from dagfusion.nodes.textcraftor.encoder import lora_targets
+
+    names = lora_targets(unet, config.unet_lora_targets, "the denoiser")
+    patch = TrainableLoraPatch(new_layers(unet, names, config.unet_lora_rank, float(config.unet_lora_rank),
+                                          config.seed + 1), component="denoiser")
+    for p in patch.trainable_parameters().values():
+        p.requires_grad_(True)
+    return patch

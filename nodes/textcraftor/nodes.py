@@ -15,11 +15,11 @@ from typing import Any
 from dagfusion import BOOLEAN, FLOAT, INT, LIST, PATH, SEED, STRING, Input, Output, RunContext, node, union
 from dagfusion.errors import NodeInputError
 from dagfusion.nodes.textcraftor.encoder import DEFAULT_TARGETS, TRAINABLE
-from dagfusion.nodes.textcraftor.loop import VARIANTS
+from dagfusion.nodes.textcraftor.loop import UNET_TARGETS, VARIANTS
 from dagfusion.nodes.training.loop import PRECISIONS
 
 TYPE_ID = "dagfusion.textcraftor.Train"
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 _COLOR = "#8d6e63"
 
 
@@ -45,6 +45,8 @@ def _train_example(variant: str) -> Any:
                   "batch_size": 1}
         if variant == "direct":
             return {**common, "trainable": "lora", "lora_rank": 2, "checkpoint_every": 1}
+        if variant == "unet":
+            return {**common, "variant": "prompt", "trainable": "none", "unet_lora_rank": 2, "checkpoint_every": 0}
         return {**common, "trainable": "match", "match": "*layers.1.*", "checkpoint_every": 0}
 
     return build
@@ -88,11 +90,14 @@ def read_prompt_input(ctx: RunContext, prompts: Any) -> list[str]:
               description="Weight of the L2 penalty keeping the prompt embeddings near the original encoder's."),
         Input("max_grad_norm", FLOAT, 1.0, min=0.0, max=1e6, description="Clip the gradient norm to this (0 = no clipping)."),
         Input("trainable", STRING, "all", choices=TRAINABLE,
-              description="What trains: 'all' encoder weights, those whose names 'match' globs, a new 'lora', or the bundle's trainable 'patches'."),
+              description="What of the encoder trains: 'all' weights, those whose names 'match' globs, a new 'lora', the bundle's trainable 'patches', or 'none' (a UNet LoRA alone)."),
         Input("match", STRING, "", description="With trainable 'match': glob patterns over parameter names ('*layers.11.*')."),
         Input("lora_rank", INT, 4, min=1, max=1024, description="With trainable 'lora': the rank."),
         Input("lora_alpha", FLOAT, 4.0, exclusive_min=0.0, max=65536.0, description="With trainable 'lora': the scale numerator."),
         Input("lora_targets", STRING, DEFAULT_TARGETS, description="With trainable 'lora': Linear layer names, suffixes or globs."),
+        Input("unet_lora_rank", INT, 0, min=0, max=1024,
+              description="Also train a LoRA of this rank (α = rank) on the denoiser (0: the denoiser stays as it is)."),
+        Input("unet_lora_targets", STRING, UNET_TARGETS, description="With a UNet LoRA: the denoiser's Linear layers (names, suffixes or globs)."),
         Input("precision", STRING, "auto", choices=PRECISIONS, description="Autocast on CUDA ('auto': bf16 where supported); fp32 on the CPU."),
         Input("ema_decay", FLOAT, 0.0, min=0.0, max=0.999999, description="EMA of the trained weights (0 = off); the output holds the EMA values."),
         Input("gradient_checkpointing", BOOLEAN, True, description="Recompute the denoiser and VAE activations in the backward pass."),
@@ -105,26 +110,30 @@ def read_prompt_input(ctx: RunContext, prompts: Any) -> list[str]:
     ],
     outputs=[
         Output("clip", "CLIP", "The bundle with the fine-tuned text encoder (a new module, or the input plus the trained LoRA)."),
+        Output("model", "MODEL", "The input model plus the trained UNet LoRA patch (the input model itself without one)."),
         Output("rewards", LIST, "Mean reward of every step."),
         Output("losses", LIST, "Loss of every step (−reward + alignment penalty)."),
         Output("checkpoint_dir", STRING, "The folder holding this training's checkpoints ('' without checkpoints)."),
     ],
-    examples=[_train_example("prompt"), _train_example("direct")],
+    examples=[_train_example("prompt"), _train_example("direct"), _train_example("unet")],
     ui={"color": _COLOR},
 )
 def train_node(ctx: RunContext, model: Any, clip: Any, vae: Any, reward: Any, prompts: Any, variant: str,
                sample_steps: int, grad_steps: int, guidance: float, resolution: int, steps: int, batch_size: int,
                learning_rate: float, alignment_weight: float, max_grad_norm: float, trainable: str, match: str,
-               lora_rank: int, lora_alpha: float, lora_targets: str, precision: str, ema_decay: float,
+               lora_rank: int, lora_alpha: float, lora_targets: str, unet_lora_rank: int, unet_lora_targets: str,
+               precision: str, ema_decay: float,
                gradient_checkpointing: bool, seed: int, checkpoint_every: int, keep_checkpoints: int,
                resume: str | None, auto_resume: bool) -> dict[str, Any]:
-    """TextCraftor: fine-tune the text encoder end to end with a reward and prompts only (UNet and VAE frozen).
+    """TextCraftor: fine-tune the text encoder end to end with a reward and prompts only (UNet and VAE frozen,
+    or a UNet LoRA trained with it).
 
     Reward fine-tuning of the text encoder after Li et al. (CVPR 2024): images are generated from
     the prompts with the encoder being trained, decoded and scored, and the reward is
     back-propagated into the encoder — through a one-step x0 prediction ('direct') or the last K
     steps of a DDIM chain ('prompt'). An L2 penalty keeps the prompt embeddings close to the
-    original encoder's. Seeded and deterministic, checkpointed (resumable, also after a cancel),
+    original encoder's. CLIP (SD 1.x/2.x) and T5 (PixArt) encoders; with unet_lora_rank > 0 a
+    LoRA on the denoiser trains as well (trainable 'none': the UNet LoRA alone, DRaFT-style). Seeded and deterministic, checkpointed (resumable, also after a cancel),
     with progress events carrying loss and reward; a NaN reward or loss stops the run naming the step.
     """
     from dagfusion.fingerprint import fingerprint, fingerprint_path
@@ -140,10 +149,11 @@ def train_node(ctx: RunContext, model: Any, clip: Any, vae: Any, reward: Any, pr
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=max_grad_norm,
             alignment_weight=alignment_weight, precision=precision, ema_decay=ema_decay,
             gradient_checkpointing=gradient_checkpointing, trainable=trainable, match=match, lora_rank=lora_rank,
-            lora_alpha=lora_alpha, lora_targets=lora_targets, seed=seed,
+            lora_alpha=lora_alpha, lora_targets=lora_targets, unet_lora_rank=unet_lora_rank,
+            unet_lora_targets=unet_lora_targets, seed=seed,
         )
     except ValueError as exc:
-        raise NodeInputError("grad_steps", str(exc)) from exc
+        raise NodeInputError("trainable" if "unet_lora_rank" in str(exc) else "grad_steps", str(exc)) from exc
     explicit = ckpt.resolve(checkpoint_path(ctx, resume)) if resume else None
     key = fingerprint({
         "node": f"{TYPE_ID}@{VERSION}", "format": ckpt.FORMAT, "model": model, "clip": clip, "vae": vae,
@@ -160,7 +170,7 @@ def train_node(ctx: RunContext, model: Any, clip: Any, vae: Any, reward: Any, pr
         checkpoints=CheckpointPolicy(folder=folder, every=checkpoint_every, keep=keep_checkpoints),
         resume=start_from, key=key, progress=progress, check_cancelled=ctx.check_cancelled, logger=ctx.logger,
     )
-    return {"clip": result.clip, "rewards": result.rewards, "losses": result.losses,
+    return {"clip": result.clip, "model": result.model, "rewards": result.rewards, "losses": result.losses,
             "checkpoint_dir": str(folder) if folder else ""}
 
 
@@ -228,4 +238,43 @@ def save_node(ctx: RunContext, clip: Any, folder: str) -> str:
         raise NodeInputError("clip", str(exc)) from exc
 
 
-NODES = (train_node, interpolate_node, save_node)
+def _load_example(folder: Path) -> dict[str, Any]:
+    from dagfusion.nodes.textcraftor.save import save_encoder
+    from dagfusion.testing import models as tiny
+
+    clip = tiny.sd_handles()["clip"]
+    save_encoder(clip, folder / "encoder")
+    return {"clip": clip, "path": str(folder / "encoder")}
+
+
+@node(
+    "dagfusion.textcraftor.LoadEncoder",
+    version="1.0.0",
+    category="training/textcraftor",
+    inputs=[
+        Input("clip", "CLIP", link_only=True, description="The model's bundle (its tokenizer, options and patches are kept)."),
+        Input("path", PATH, description="A folder holding text_encoder/ (config.json + safetensors) and optionally tokenizer/."),
+    ],
+    outputs=[Output("clip", "CLIP", "The bundle with the loaded encoder in place of its own.")],
+    examples=[_load_example],
+    ui={"color": _COLOR},
+)
+def load_node(ctx: RunContext, clip: Any, path: str) -> Any:
+    """Load a fine-tuned text encoder (SaveEncoder's or a diffusers folder's text_encoder/) into a bundle.
+
+    The encoder must fit the bundle: the same class, width and vocabulary, and when the folder has
+    a tokenizer/ it must equal the bundle's (a clear error names both sides otherwise). Only
+    safetensors weights are read; the folder is confined to the readable folders like every loader.
+    """
+    from dagfusion.nodes.textcraftor.load import EncoderMismatch, load_encoder
+
+    folder = ctx.input_path(path)
+    try:
+        return load_encoder(clip, folder)
+    except FileNotFoundError as exc:
+        raise NodeInputError("path", str(exc)) from exc
+    except (EncoderMismatch, ValueError) as exc:
+        raise NodeInputError("clip", str(exc)) from exc
+
+
+NODES = (train_node, interpolate_node, save_node, load_node)

@@ -17,6 +17,7 @@ REWARD_NODES = (
     "dagfusion.reward.ShapeEval",
     "dagfusion.reward.LoadCLIP",
     "dagfusion.reward.Aesthetic",
+    "dagfusion.reward.ImageStat",
     "dagfusion.reward.Combine",
     "dagfusion.reward.Score",
 )

@@ -81,3 +81,35 @@ def test_saved_encoder_loads_in_diffusers_with_equal_outputs(parts: dict[str, An
         theirs = pipe.text_encoder(ids)[0]
     assert torch.allclose(theirs, hidden(clip), atol=1e-5)
     assert not torch.allclose(theirs, hidden(parts["clip"]), atol=1e-3)
+
+
+def test_load_encoder_puts_a_saved_encoder_into_the_bundle(parts: dict[str, Any], tmp_path: Path) -> None:
+    from dagfusion.nodes.textcraftor.load import load_encoder
+
+    tuned = perturbed(parts["clip"])
+    save_encoder(tuned, tmp_path / "tuned")
+    loaded = load_encoder(parts["clip"], tmp_path / "tuned")
+    assert torch.allclose(hidden(loaded), hidden(tuned), atol=1e-6)
+    assert not torch.allclose(hidden(loaded), hidden(parts["clip"]), atol=1e-3)
+    assert loaded.tokenizers == parts["clip"].tokenizers and parts["clip"].encoders[0].get() is not loaded.encoders[0].get()
+
+
+def test_load_encoder_refuses_what_does_not_fit(parts: dict[str, Any], tmp_path: Path) -> None:
+    from transformers import CLIPTextModel
+
+    from dagfusion.nodes.textcraftor.load import EncoderMismatch, load_encoder
+
+    encoder = parts["clip"].encoders[0].get()
+    config = copy.deepcopy(encoder.config)
+    config.hidden_size *= 2
+    wider = TextEncoderBundle.from_modules("clip", [CLIPTextModel(config)], [parts["clip"].tokenizers[0].get()])
+    save_encoder(wider, tmp_path / "wider")
+    with pytest.raises(EncoderMismatch, match=f"hidden_size {config.hidden_size}, the bundle's encoder {encoder.config.hidden_size}"):
+        load_encoder(parts["clip"], tmp_path / "wider")
+    save_encoder(parts["clip"], tmp_path / "pickled")
+    for f in (tmp_path / "pickled" / "text_encoder").glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    with pytest.raises(FileNotFoundError, match="no .safetensors"):
+        load_encoder(parts["clip"], tmp_path / "pickled")
+    with pytest.raises(FileNotFoundError, match="text_encoder/config.json"):
+        load_encoder(parts["clip"], tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +25,29 @@ def evaluate(parts: dict[str, Any], clip: Any, reward: Any) -> float:
 
     model, vae = parts["model"], parts["vae"]
     encoded = encode_prompt(clip, PROMPTS, "")
-    cond = encoded.positive["encoder_hidden_states"]
-    uncond = encoded.negative["encoder_hidden_states"]
     den = denoise.Denoiser(model.denoiser, family_for(model.denoiser), denoise.make_scheduler(model), torch.float32,
-                           2.0, __import__("contextlib").nullcontext)
+                           2.0, __import__("contextlib").nullcontext, kind=clip.kind, scale=model.vae_scale_factor)
     noise = torch.randn((len(PROMPTS), 4, 8, 8), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        latents = denoise.ddim_chain(den, noise, 3, 0, cond, uncond)
+    with model.use(model.denoiser), torch.no_grad():
+        from dagfusion.model import apply_patches
+
+        with apply_patches([p for p in model.patches if hasattr(p, "apply")], model.denoiser):
+            latents = denoise.ddim_chain(den, noise, 3, 0, dict(encoded.positive), dict(encoded.negative))
         return float(reward.score(denoise.decode(vae, latents), PROMPTS).mean())
+
+
+def amplify_cross_attention(denoiser: torch.nn.Module, factor: float = 30.0) -> None:
+    """The random tiny denoisers barely listen to their prompt: amplify their cross-attention."""
+    with torch.no_grad():
+        for name, p in denoiser.named_parameters():
+            if "attn2.to_out.0.weight" in name:
+                p.mul_(factor)
 
 
 @pytest.mark.parametrize("variant", ["direct", "prompt"])
 def test_reward_goes_up_and_only_the_encoder_changes(parts: dict[str, Any], brightness: Brightness, variant: str) -> None:
     unet, vae, encoder = parts["model"].denoiser, parts["vae"].module, parts["clip"].encoders[0].get()
-    with torch.no_grad():  # the random tiny UNet barely listens to its prompt: amplify its cross-attention
-        for name, p in unet.named_parameters():
-            if "attn2.to_out.0.weight" in name:
-                p.mul_(30)
+    amplify_cross_attention(unet)
     before = {"unet": snapshot(unet), "vae": snapshot(vae), "encoder": snapshot(encoder)}
     start = evaluate(parts, parts["clip"], brightness)
     config = CraftConfig(variant=variant, steps=4, learning_rate=1e-2, **FAST)
@@ -116,3 +123,128 @@ def test_bad_settings_are_refused() -> None:
         CraftConfig(sample_steps=2, grad_steps=3)
     with pytest.raises(ValueError, match="variant"):
         CraftConfig(variant="both")
+    with pytest.raises(ValueError, match="unet_lora_rank"):
+        CraftConfig(trainable="none")
+
+
+def test_the_training_generation_equals_the_sampler(parts: dict[str, Any]) -> None:
+    """With gradients off, the chain TextCraftor back-propagates through is the DDIM sampler's run."""
+    from dagfusion.nodes.diffusion.data import Latent
+    from dagfusion.nodes.diffusion.sampling import sample
+    from dagfusion.nodes.diffusion.text import encode_prompt
+
+    model, clip = parts["model"], parts["clip"]
+    encoded = encode_prompt(clip, PROMPTS[:2], "")
+    seed = 3
+    expected = sample(model, encoded, Latent(torch.zeros(2, 4, 8, 8)), sampler="ddim", steps=4, guidance_scale=3.0,
+                      seed=seed).samples
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+    from dagfusion.model import family_for
+
+    den = denoise.Denoiser(model.denoiser, family_for(model.denoiser), denoise.make_scheduler(model), torch.float32,
+                           3.0, __import__("contextlib").nullcontext, kind="clip", scale=2)
+    with torch.no_grad():
+        got = denoise.ddim_chain(den, noise, 4, 0, dict(encoded.positive), dict(encoded.negative))
+    assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+
+
+def test_the_training_generation_equals_the_sampler_on_pixart(pixart_parts: dict[str, Any]) -> None:
+    """The transformer gets its inputs (T5 mask, micro-conditions) the way the sampler gives them."""
+    from dagfusion.model import family_for
+    from dagfusion.nodes.diffusion.data import Latent
+    from dagfusion.nodes.diffusion.sampling import sample
+    from dagfusion.nodes.diffusion.text import encode_prompt
+
+    model = pixart_parts["model"]
+    encoded = encode_prompt(pixart_parts["clip"], "a red circle", "")
+    expected = sample(model, encoded, Latent(torch.zeros(1, 4, 8, 8)), sampler="ddim", steps=3, guidance_scale=3.0,
+                      seed=4).samples
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(4))
+    den = denoise.Denoiser(model.denoiser, family_for(model.denoiser), denoise.make_scheduler(model), torch.float32,
+                           3.0, __import__("contextlib").nullcontext, kind="t5", scale=2)
+    with torch.no_grad():
+        got = denoise.ddim_chain(den, noise, 3, 0, dict(encoded.positive), dict(encoded.negative))
+    assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+
+
+def test_unet_lora_alone_trains_only_its_adapter(parts: dict[str, Any], brightness: Brightness) -> None:
+    unet, encoder = parts["model"].denoiser, parts["clip"].encoders[0].get()
+    before = {"unet": snapshot(unet), "encoder": snapshot(encoder)}
+    start = evaluate(parts, parts["clip"], brightness)
+    config = CraftConfig(variant="prompt", steps=4, learning_rate=5e-2, trainable="none", unet_lora_rank=2, **FAST)
+    result = train_encoder(parts["model"], parts["clip"], parts["vae"], brightness, PROMPTS, config)
+    assert result.clip is parts["clip"], "trainable 'none' leaves the encoder bundle as it is"
+    assert same(snapshot(unet), before["unet"]) and same(snapshot(encoder), before["encoder"])
+    (patch,) = result.model.patches
+    assert any(float(layer.up.abs().sum()) > 0 for layer in patch.layers.values())
+    assert parts["model"].patches == ()
+    assert evaluate({**parts, "model": result.model}, parts["clip"], brightness) > start
+
+
+def test_encoder_and_unet_lora_train_together_and_resume(parts: dict[str, Any], brightness: Brightness,
+                                                          tmp_path: Path) -> None:
+    config = CraftConfig(variant="prompt", steps=3, learning_rate=1e-3, trainable="lora", lora_rank=2,
+                         unet_lora_rank=2, **FAST)
+    whole = train_encoder(parts["model"], parts["clip"], parts["vae"], brightness, PROMPTS, config,
+                          checkpoints=CheckpointPolicy(folder=tmp_path, every=1, keep=0))
+    resumed = train_encoder(parts["model"], parts["clip"], parts["vae"], brightness, PROMPTS, config,
+                            resume=tmp_path / "step-00000002")
+    assert resumed.rewards == whole.rewards
+    (a,), (b,) = whole.model.patches, resumed.model.patches
+    assert all(torch.equal(a.layers[n].up, b.layers[n].up) for n in a.layers)
+    assert len(whole.clip.patches) == 1
+
+
+@pytest.fixture
+def pixart_parts() -> dict[str, Any]:
+    """Private copies of the tiny PixArt (T5 encoder, transformer denoiser) and its VAE."""
+    from dagfusion.model import ModelHandle, TextEncoderBundle, VAEHandle
+    from dagfusion.testing.models import _cached_pipeline
+
+    pipe = _cached_pipeline("pixart", 0)
+    model = ModelHandle.from_module(copy.deepcopy(pipe.transformer), scheduler=tiny_ddim_spec(pipe.scheduler),
+                                    vae_scale_factor=2)
+    clip = TextEncoderBundle.from_modules("t5", [copy.deepcopy(pipe.text_encoder)], [pipe.tokenizer],
+                                          options={"max_length": 16, "lowercase": True})
+    return {"model": model, "vae": VAEHandle.from_module(copy.deepcopy(pipe.vae)), "clip": clip}
+
+
+def tiny_ddim_spec(scheduler: Any) -> Any:
+    from dagfusion.nodes.diffusion.data import SchedulerSpec
+
+    return SchedulerSpec("DDIMScheduler", dict(scheduler.config))
+
+
+def test_t5_encoder_of_a_pixart_model_trains(pixart_parts: dict[str, Any], brightness: Brightness) -> None:
+    from dagfusion.nodes.diffusion.text import encode_prompt
+    from dagfusion.nodes.textcraftor.encoder import encode
+
+    clip = pixart_parts["clip"]
+    encoder, tokenizer = clip.encoders[0].get(), clip.tokenizers[0].get()
+    reference = encode_prompt(clip, "A Red Circle", "")
+    ours = encode(clip, encoder, tokenizer, ["A Red Circle"], "cpu")
+    assert torch.equal(ours["encoder_attention_mask"], reference.positive["encoder_attention_mask"])
+    assert torch.allclose(ours["encoder_hidden_states"], reference.positive["encoder_hidden_states"], atol=1e-6)
+    denoiser = pixart_parts["model"].denoiser
+    amplify_cross_attention(denoiser)
+    with torch.no_grad():  # and its caption projection, so the text reaches the image at all
+        for name, p in denoiser.named_parameters():
+            if name.startswith("caption_projection") and name.endswith("weight"):
+                p.mul_(10)
+    before = snapshot(encoder)
+    start = evaluate(pixart_parts, clip, brightness)
+    config = CraftConfig(variant="prompt", steps=4, learning_rate=3e-2, **FAST)
+    result = train_encoder(pixart_parts["model"], clip, pixart_parts["vae"], brightness, PROMPTS, config)
+    assert evaluate(pixart_parts, result.clip, brightness) > start
+    assert same(snapshot(encoder), before)
+    assert result.clip.kind == "t5" and result.clip.options["max_length"] == 16
+
+
+def test_two_encoder_bundles_are_refused(parts: dict[str, Any], brightness: Brightness) -> None:
+    from dagfusion.model import TextEncoderBundle
+
+    encoder = parts["clip"].encoders[0].get()
+    tokenizer = parts["clip"].tokenizers[0].get()
+    sdxl = TextEncoderBundle.from_modules("sdxl", [encoder, encoder], [tokenizer, tokenizer])
+    with pytest.raises(ValueError, match="one text encoder, CLIP .* or T5"):
+        train_encoder(parts["model"], sdxl, parts["vae"], brightness, PROMPTS, CraftConfig(steps=1, **FAST))
