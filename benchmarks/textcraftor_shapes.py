@@ -229,6 +229,7 @@ def bootstrap(diff: list[float], rounds: int = 2000, seed: int = 0) -> tuple[flo
     return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
 
 
+@torch.no_grad()
 def evaluate(args: argparse.Namespace) -> int:
     from dagfusion.nodes.metrics.frechet import frechet_distance
     from dagfusion.nodes.shapes.render import render_batch
