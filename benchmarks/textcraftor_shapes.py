@@ -95,7 +95,8 @@ def train(args: argparse.Namespace) -> int:
     config = CraftConfig(variant=args.variant, sample_steps=args.sample_steps, grad_steps=args.grad_steps,
                          guidance=4.0, resolution=64, steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
                          alignment_weight=args.alignment, trainable=args.trainable, lora_rank=args.lora_rank,
-                         lora_alpha=float(args.lora_rank), seed=args.seed)
+                         lora_alpha=float(args.lora_rank), unet_lora_rank=args.unet_lora_rank,
+                         unet_learning_rate=args.unet_lr, seed=args.seed)
     folder = out / "checkpoints"
     resume = ckpt.latest(folder) if folder.is_dir() else None
     record_path = out / "train.json"
@@ -109,7 +110,13 @@ def train(args: argparse.Namespace) -> int:
     result = train_encoder(loaded.model, loaded.clip, loaded.vae, reward, texts, config,
                            checkpoints=CheckpointPolicy(folder=folder, every=args.checkpoint_every, keep=0),
                            resume=resume, progress=progress)
-    save_encoder(result.clip, out / "encoder")
+    if args.trainable != "none":
+        save_encoder(result.clip, out / "encoder")
+    if args.unet_lora_rank:
+        from dagfusion.nodes.lora import layouts
+        from dagfusion.nodes.lora.attach import extract
+
+        layouts.save(extract(result.model, None), out / "unet_lora.safetensors")
     curve = result.rewards
     record = {"settings": {**config.plain(), "reward": args.reward}, "prompts": len(texts),
               "cpu_seconds": earlier.get("cpu_seconds", 0.0) + time.process_time() - cpu,
@@ -166,15 +173,33 @@ def reward_for(name: str, classifier: Any) -> Any:
 
 
 def load_bundle(clip: Any, folder: str | None) -> Any:
+    """``clip`` with the encoder of ``folder`` (an encoder folder, or a train run's folder holding
+    ``encoder/``), or ``clip`` itself when the folder holds no encoder."""
     if folder is None:
         return clip
     from dagfusion.nodes.textcraftor.load import load_encoder
 
-    return load_encoder(clip, Path(folder))
+    path = Path(folder)
+    if not (path / "text_encoder").is_dir():
+        path = path / "encoder"
+    return load_encoder(clip, path) if (path / "text_encoder").is_dir() else clip
+
+
+def load_model(loaded: Any, folder: str | None) -> Any:
+    """shapes-sd's model, with the UNet LoRA of a train run's folder when it holds one."""
+    lora = Path(folder) / "unet_lora.safetensors" if folder else None
+    if lora is None or not lora.is_file():
+        return loaded.model
+    import logging
+
+    from dagfusion.nodes.lora import layouts
+    from dagfusion.nodes.lora.attach import on_model
+
+    return on_model(loaded.model, layouts.load(lora), 1.0, False, logging.getLogger("textcraftor_shapes"))
 
 
 @torch.no_grad()
-def generate(loaded: Any, clip: Any, prompts: list[str], seeds: list[int], steps: int) -> torch.Tensor:
+def generate(loaded: Any, clip: Any, prompts: list[str], seeds: list[int], steps: int, model: Any = None) -> torch.Tensor:
     """Images of ``prompts[i]`` from seed ``seeds[i]``: the prompts of one seed are sampled as one
     batch, so every encoder gets the same noise for the same (prompt, seed)."""
     from dagfusion.nodes.diffusion.data import Latent
@@ -186,7 +211,7 @@ def generate(loaded: Any, clip: Any, prompts: list[str], seeds: list[int], steps
     for seed in dict.fromkeys(seeds):
         rows = [i for i, s in enumerate(seeds) if s == seed]
         cond = encode_prompt(clip, [prompts[i] for i in rows], "")
-        result = sample(loaded.model, cond, Latent(torch.zeros(len(rows), 4, 16, 16)), steps=steps,
+        result = sample(model or loaded.model, cond, Latent(torch.zeros(len(rows), 4, 16, 16)), steps=steps,
                         guidance_scale=4.0, seed=seed)
         images[rows] = decode(loaded.vae, result).float()
     return images
@@ -202,7 +227,7 @@ def cached(cache: str | None, folder: str | None, prompts: list[str], seeds: lis
 
     from dagfusion.fingerprint import fingerprint, fingerprint_path
 
-    key = fingerprint([fingerprint_path(Path(folder) / "text_encoder") if folder else "original", prompts, seeds, steps])
+    key = fingerprint([fingerprint_path(Path(folder)) if folder else "original", prompts, seeds, steps])
     path = Path(cache) / f"{key}.safetensors"
     if path.is_file():
         return load_file(str(path))["images"]
@@ -244,18 +269,19 @@ def evaluate(args: argparse.Namespace) -> int:
     train_seeds = [2000 + i for i in range(len(trained))]
     by_caption = {s.caption: s for s in scenes("eval", 1)}
     renders = render_batch([by_caption[p] for p in prompts], 64, seed=7, first_index=0).image
-    variants = {"original": None, **{Path(e).name if len(args.encoder) > 1 else "textcraftor": e for e in args.encoder}}
+    variants = {"original": None, **{e: e for e in args.encoder}}
     results: dict[str, Any] = {"prompts": len(held), "seeds": args.seeds, "images": len(prompts), "steps": args.steps,
                                "train_prompts": len(trained), "variants": {}}
     hits_of: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for name, folder in variants.items():
         clip = load_bundle(loaded.clip, folder)
+        model = load_model(loaded, folder)
         began = time.perf_counter()
         images = cached(args.cache, folder, prompts, seeds, args.steps,
-                        lambda: generate(loaded, clip, prompts, seeds, args.steps))
+                        lambda: generate(loaded, clip, prompts, seeds, args.steps, model))
         seconds = (time.perf_counter() - began) / len(prompts)
         train_images = cached(args.cache, folder, trained, train_seeds, args.steps,
-                              lambda: generate(loaded, clip, trained, train_seeds, args.steps)) if trained else None
+                              lambda: generate(loaded, clip, trained, train_seeds, args.steps, model)) if trained else None
         row: dict[str, Any] = {"seconds_per_image": seconds}
         hits_of[name] = {}
         for judge, classifier in classifiers.items():
@@ -342,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--alignment", type=float, default=1.0)
     t.add_argument("--sample-steps", type=int, default=25)
     t.add_argument("--grad-steps", type=int, default=5)
-    t.add_argument("--trainable", default="all", choices=("all", "lora"))
+    t.add_argument("--trainable", default="all", choices=("all", "lora", "none"))
+    t.add_argument("--unet-lora-rank", type=int, default=0, help="also train a UNet LoRA of this rank")
+    t.add_argument("--unet-lr", type=float, default=0.0, help="the UNet LoRA's learning rate (0: --lr)")
     t.add_argument("--lora-rank", type=int, default=8)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--checkpoint-every", type=int, default=50)
@@ -350,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", required=True)
     e = sub.add_parser("eval", help="measure encoders on held-out prompts")
-    e.add_argument("--encoder", action="append", default=[], help="a folder written by train (repeatable)")
+    e.add_argument("--encoder", action="append", default=[],
+                   help="an encoder folder, or a train run's folder (its encoder and UNet LoRA) (repeatable)")
     e.add_argument("--prompts", type=int, default=96)
     e.add_argument("--seeds", type=int, default=8)
     e.add_argument("--train-prompts", type=int, default=96)

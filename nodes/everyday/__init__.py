@@ -13,10 +13,13 @@ Node ids (see :doc:`/everyday` for the guide):
   ``dagfusion.mask.Feather``, ``dagfusion.mask.Invert``, ``dagfusion.mask.FromImage``, ``dagfusion.mask.Rectangle``
 - text: ``dagfusion.text.List``, ``dagfusion.text.Join``, ``dagfusion.text.FormatMany``
 - model: ``dagfusion.models.Merge``, ``dagfusion.models.Bake`` (weight patches into a private copy, e.g. to export a merge)
-- edit: ``dagfusion.edit.EDICTInvert``, ``dagfusion.edit.EDICTGenerate`` (exact inversion, :mod:`~dagfusion.nodes.everyday.edict`)
+- edit: ``dagfusion.edit.EDICTInvert``, ``dagfusion.edit.EDICTGenerate`` (exact inversion, :mod:`~dagfusion.nodes.everyday.edict`);
+  ``dagfusion.edit.BrushBase``, ``dagfusion.edit.BrushLayer`` (Layered Diffusion Brushes: stackable region edits from
+  an intermediate step of a recorded generation, :mod:`~dagfusion.nodes.everyday.brushes`; type ``BRUSH_BASE``)
 
 The pack uses the diffusion pack's types (``CLIP``, ``IMAGE``, ``LATENT`` …) and registers after
-it. Registering it imports neither torch nor transformers: each node imports them when it runs.
+it; it registers one type of its own, ``BRUSH_BASE``. Registering it imports neither torch nor
+transformers: each node imports them when it runs.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from dagfusion import hookimpl
 from dagfusion.nodes.everyday import (
     bake,
     batches,
+    brushes,
+    brushes_nodes,
     conditioning_ops,
     edict,
     embeddings,
@@ -40,8 +45,14 @@ from dagfusion.nodes.everyday import (
 )
 
 NODES = (*embeddings.NODES, *conditioning_ops.NODES, *regions.NODES, *batches.NODES, *grid.NODES, *resize.NODES, *upscale.NODES,
-         *inpaint.NODES, *edict.NODES, *lists.NODES, *merge.NODES, *bake.NODES)
+         *inpaint.NODES, *edict.NODES, *brushes_nodes.NODES, *lists.NODES, *merge.NODES, *bake.NODES)
 """Every node of the pack, in palette order."""
+
+
+@hookimpl
+def register_types(register: Any) -> None:
+    for socket_type in brushes.TYPES:
+        register(socket_type)
 
 
 @hookimpl

@@ -76,6 +76,7 @@ class CraftConfig:
     lora_targets: str = DEFAULT_TARGETS
     unet_lora_rank: int = 0
     unet_lora_targets: str = UNET_TARGETS
+    unet_learning_rate: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -173,7 +174,11 @@ def train_encoder(
     params = dict(trained.params)
     if unet_lora is not None:
         params.update({UNET_PREFIX + n: p for n, p in unet_lora.trainable_parameters().items()})
-    optimizer = torch.optim.AdamW(list(params.values()), lr=config.learning_rate, weight_decay=config.weight_decay)
+    unet_lr = config.unet_learning_rate or config.learning_rate
+    groups = [{"params": list(trained.params.values()), "base_lr": config.learning_rate},
+              {"params": [p for n, p in params.items() if n.startswith(UNET_PREFIX)], "base_lr": unet_lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
     ema = EMA(params.items(), config.ema_decay) if config.ema_decay > 0 else None
     low = amp_dtype(config.precision, device)
     scaler = torch.amp.GradScaler("cuda") if low == torch.float16 else None
@@ -253,7 +258,7 @@ def train_encoder(
                         raise
                 lr = scheduled_lr(step, config.learning_rate, config.warmup_steps, total, config.schedule)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = scheduled_lr(step, group["base_lr"], config.warmup_steps, total, config.schedule)
                 batch = [texts[order[(step * config.batch_size + i) % len(texts)]] for i in range(config.batch_size)]
                 with trained.applied() as module:
                     cond = encoder.encode(clip, module, tokenizer, batch, device)

@@ -98,6 +98,8 @@ def read_prompt_input(ctx: RunContext, prompts: Any) -> list[str]:
         Input("unet_lora_rank", INT, 0, min=0, max=1024,
               description="Also train a LoRA of this rank (α = rank) on the denoiser (0: the denoiser stays as it is)."),
         Input("unet_lora_targets", STRING, UNET_TARGETS, description="With a UNet LoRA: the denoiser's Linear layers (names, suffixes or globs)."),
+        Input("unet_learning_rate", FLOAT, 0.0, min=0.0, max=1.0,
+              description="With a UNet LoRA: its AdamW learning rate (0: learning_rate)."),
         Input("precision", STRING, "auto", choices=PRECISIONS, description="Autocast on CUDA ('auto': bf16 where supported); fp32 on the CPU."),
         Input("ema_decay", FLOAT, 0.0, min=0.0, max=0.999999, description="EMA of the trained weights (0 = off); the output holds the EMA values."),
         Input("gradient_checkpointing", BOOLEAN, True, description="Recompute the denoiser and VAE activations in the backward pass."),
@@ -122,7 +124,7 @@ def train_node(ctx: RunContext, model: Any, clip: Any, vae: Any, reward: Any, pr
                sample_steps: int, grad_steps: int, guidance: float, resolution: int, steps: int, batch_size: int,
                learning_rate: float, alignment_weight: float, max_grad_norm: float, trainable: str, match: str,
                lora_rank: int, lora_alpha: float, lora_targets: str, unet_lora_rank: int, unet_lora_targets: str,
-               precision: str, ema_decay: float,
+               unet_learning_rate: float, precision: str, ema_decay: float,
                gradient_checkpointing: bool, seed: int, checkpoint_every: int, keep_checkpoints: int,
                resume: str | None, auto_resume: bool) -> dict[str, Any]:
     """TextCraftor: fine-tune the text encoder end to end with a reward and prompts only (UNet and VAE frozen,
@@ -150,7 +152,7 @@ def train_node(ctx: RunContext, model: Any, clip: Any, vae: Any, reward: Any, pr
             alignment_weight=alignment_weight, precision=precision, ema_decay=ema_decay,
             gradient_checkpointing=gradient_checkpointing, trainable=trainable, match=match, lora_rank=lora_rank,
             lora_alpha=lora_alpha, lora_targets=lora_targets, unet_lora_rank=unet_lora_rank,
-            unet_lora_targets=unet_lora_targets, seed=seed,
+            unet_lora_targets=unet_lora_targets, unet_learning_rate=unet_learning_rate, seed=seed,
         )
     except ValueError as exc:
         raise NodeInputError("trainable" if "unet_lora_rank" in str(exc) else "grad_steps", str(exc)) from exc
