@@ -1,10 +1,10 @@
-"""TextCraftor on the shapes world (CPU): train shapes-sd's text encoder with the ShapeEval reward,
-then measure it on held-out prompts with a second, independently trained ShapeEval.
+"""TextCraftor on the shapes world (CPU): train an embedded model's text encoder with the ShapeEval
+reward, then measure it on held-out prompts with a second, independently trained ShapeEval.
 
 Three sub-commands, each in one process with one torch thread (``--threads``):
 
 ``train``
-    Fine-tunes the shipped ``shapes-sd`` encoder with :func:`~dagfusion.nodes.textcraftor.loop.train_encoder`
+    Fine-tunes the shipped ``shapes-sd`` (CLIP) or, with ``--model shapes-dit``, T5 encoder with :func:`~dagfusion.nodes.textcraftor.loop.train_encoder`
     (the code behind ``dagfusion.textcraftor.Train``) on the training split's captions, the
     reward being the shipped ShapeEval classifier's log-probability of the prompt's attributes.
     Writes ``<out>/encoder`` (diffusers layout, ``SaveEncoder``'s format), ``<out>/train.json``
@@ -48,11 +48,15 @@ import torch
 SECOND_EVALUATOR = "shapeeval-seed1.safetensors"
 
 
-def shapes_sd() -> Any:
+MODEL = "shapes-sd"
+
+
+def embedded_model() -> Any:
+    """The embedded model chosen with ``--model`` (shapes-sd: CLIP + UNet; shapes-dit: T5 + PixArt)."""
     from dagfusion.nodes.diffusion.loading import load_diffusers_folder
     from dagfusion.nodes.shapes.models import folder
 
-    return load_diffusers_folder(folder("shapes-sd"))
+    return load_diffusers_folder(folder(MODEL))
 
 
 def evaluators() -> dict[str, Any]:
@@ -89,7 +93,7 @@ def train(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = shapes_sd()
+    loaded = embedded_model()
     reward = reward_for(args.reward, evaluators()["reward_classifier"])
     texts = captions("train")
     config = CraftConfig(variant=args.variant, sample_steps=args.sample_steps, grad_steps=args.grad_steps,
@@ -137,7 +141,7 @@ def export(args: argparse.Namespace) -> int:
     from dagfusion.nodes.textcraftor.save import save_encoder
     from dagfusion.nodes.training import checkpoint as ckpt
 
-    clip = shapes_sd().clip
+    clip = embedded_model().clip
     module = copy.deepcopy(clip_parts(clip)[0])
     weights = ckpt.load(Path(args.checkpoint)).weights
     missing = module.load_state_dict(weights, strict=False)
@@ -186,7 +190,7 @@ def load_bundle(clip: Any, folder: str | None) -> Any:
 
 
 def load_model(loaded: Any, folder: str | None) -> Any:
-    """shapes-sd's model, with the UNet LoRA of a train run's folder when it holds one."""
+    """The model, with the UNet LoRA of a train run's folder when it holds one."""
     lora = Path(folder) / "unet_lora.safetensors" if folder else None
     if lora is None or not lora.is_file():
         return loaded.model
@@ -227,7 +231,8 @@ def cached(cache: str | None, folder: str | None, prompts: list[str], seeds: lis
 
     from dagfusion.fingerprint import fingerprint, fingerprint_path
 
-    key = fingerprint([fingerprint_path(Path(folder)) if folder else "original", prompts, seeds, steps])
+    model = [] if MODEL == "shapes-sd" else [MODEL]
+    key = fingerprint([*model, fingerprint_path(Path(folder)) if folder else "original", prompts, seeds, steps])
     path = Path(cache) / f"{key}.safetensors"
     if path.is_file():
         return load_file(str(path))["images"]
@@ -260,7 +265,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from dagfusion.nodes.shapes.render import render_batch
     from dagfusion.nodes.shapes.world import scenes
 
-    loaded = shapes_sd()
+    loaded = embedded_model()
     classifiers = evaluators()
     held = captions("eval", args.prompts)
     prompts = [p for p in held for _ in range(args.seeds)]
@@ -315,7 +320,7 @@ def evaluate(args: argparse.Namespace) -> int:
 def interpolate(args: argparse.Namespace) -> int:
     from dagfusion.nodes.textcraftor.interpolate import interpolate as mix
 
-    loaded = shapes_sd()
+    loaded = embedded_model()
     classifier = evaluators()["reward_classifier"]
     rewards = {name: reward_for(name, classifier) for name in args.rewards}
     held = captions("eval", args.prompts)
@@ -357,6 +362,7 @@ def plot(rows: list[dict[str, float]], names: list[str], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default="shapes-sd", choices=("shapes-sd", "shapes-dit"))
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fine-tune the encoder")
     t.add_argument("--out", required=True)
@@ -397,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--plot")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global MODEL
+    MODEL = args.model
     return {"train": train, "export": export, "eval": evaluate, "interpolate": interpolate}[args.command](args)
 
 
