@@ -13,8 +13,9 @@ Each path tokenizes and encodes like the matching diffusers pipeline, so embeddi
 
 Prompts longer than the encoder takes are truncated, and a warning names what was cut. A list of
 prompts gives one conditioning row per prompt, each encoded exactly as it would be alone (the
-negative prompt is shared). With ``weighting`` ``comfy`` or ``a1111`` (CLIP and SDXL), prompts use
-Automatic1111's weight syntax and ``BREAK`` and are encoded in windows instead of truncated
+negative prompt is shared). With ``weighting`` ``comfy`` or ``a1111``, prompts use
+Automatic1111's weight syntax and ``BREAK``; CLIP and SDXL prompts are encoded in windows instead
+of truncated, T5 prompts in one chunk per ``BREAK`` section
 (:mod:`dagfusion.nodes.everyday.weighted_encode`). Textual-inversion tokens added to the bundle (option
 ``textual_inversion``: ``{token: vectors}``) are expanded in every prompt first: a multi-vector
 token ``<t>`` becomes ``<t> <t>_1 …``, as diffusers' ``maybe_convert_prompt`` does.
@@ -92,8 +93,8 @@ def encode_prompt(
     least that many windows. :raises PromptSyntaxError: unbalanced brackets (weighted modes)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"expected a weighting in {WEIGHTINGS}, got {weighting!r}")
-    if weighting != "none" and bundle.kind not in ("clip", "sdxl"):
-        raise ValueError(f"prompt weighting needs a CLIP or SDXL text encoder; this one is {bundle.kind!r}")
+    if weighting != "none" and bundle.kind not in ("clip", "sdxl", "t5"):
+        raise ValueError(f"prompt weighting needs a CLIP, SDXL or T5 text encoder; this one is {bundle.kind!r}")
     if not isinstance(prompt, str):
         return _encode_many(bundle, list(prompt), negative_prompt, prompt_2=prompt_2, clip_skip=clip_skip,
                             max_length=max_length, logger=logger, weighting=weighting)
@@ -128,6 +129,7 @@ def encode_prompt(
                 positive, negative = _encode_weighted(
                     bundle, encoders, tokenizers, convert(prompt, tokenizers[0]), convert(prompt_2 or prompt, tokenizers[-1]),
                     convert(negative_prompt, tokenizers[0]), clip_skip, weighting, min_windows,
+                    max_length=max_length, warn=warn,
                 )
             elif bundle.kind == "clip":
                 positive, negative = _encode_clip(
@@ -140,8 +142,7 @@ def encode_prompt(
                     bool(bundle.options.get("force_zeros_for_empty_prompt", True)), warn, convert,
                 )
             else:
-                limit = max_length or int(bundle.options.get("max_length", 120))
-                lowercase = bool(bundle.options.get("lowercase", True))
+                limit, lowercase = _t5_settings(bundle, max_length)
                 positive, negative = _encode_t5(
                     encoders[0], tokenizers[0], convert(prompt, tokenizers[0]), convert(negative_prompt, tokenizers[0]),
                     limit, lowercase, warn,
@@ -164,11 +165,18 @@ def _encode_many(
     if bad:
         raise TypeError(f"expected a list of prompt strings; item {bad[0]} is a {type(prompts[bad[0]]).__name__}")
     if options.get("weighting", "none") != "none":
-        from dagfusion.nodes.everyday.weighted_encode import window_count
+        from dagfusion.nodes.everyday.weighted_encode import (
+            t5_chunk_count,
+            window_count,
+        )
 
         tokenizers = [r.get() for r in bundle.tokenizers]
         texts = [*prompts, negative_prompt, options.get("prompt_2") or ""]
-        options["min_windows"] = window_count(tokenizers, texts)
+        if bundle.kind == "t5":
+            limit, lowercase = _t5_settings(bundle, int(options.get("max_length") or 0))
+            options["min_windows"] = t5_chunk_count(tokenizers[0], [*prompts, negative_prompt], limit, lowercase)
+        else:
+            options["min_windows"] = window_count(tokenizers, texts)
     parts = [encode_prompt(bundle, p, negative_prompt, **options) for p in prompts]
 
     def stack(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -183,12 +191,22 @@ def _encode_many(
     return Conditioning(bundle.kind, stack([p.positive for p in parts]), negative, meta)
 
 
+def _t5_settings(bundle: TextEncoderBundle, max_length: int) -> tuple[int, bool]:
+    """A T5 bundle's token limit (``max_length`` if set, else the bundle's, 120 by default) and lower-casing."""
+    return max_length or int(bundle.options.get("max_length", 120)), bool(bundle.options.get("lowercase", True))
+
+
 def _encode_weighted(
     bundle: TextEncoderBundle, encoders: list[Any], tokenizers: list[Any], prompt: str, prompt_2: str, negative: str,
-    clip_skip: int, weighting: str, min_windows: int,
+    clip_skip: int, weighting: str, min_windows: int, max_length: int = 0, warn: Any = None,
 ) -> tuple[dict, dict]:
     from dagfusion.nodes.everyday import weighted_encode as weighted
 
+    if bundle.kind == "t5":
+        limit, lowercase = _t5_settings(bundle, max_length)
+        return weighted.encode_t5_weighted(
+            encoders[0], tokenizers[0], prompt, negative, limit, lowercase, weighting, warn, min_windows
+        )
     if bundle.kind == "clip":
         return weighted.encode_clip_weighted(encoders[0], tokenizers[0], prompt, negative, clip_skip, weighting, min_windows)
     force_zeros = bool(bundle.options.get("force_zeros_for_empty_prompt", True))
@@ -333,7 +351,7 @@ def _check_encode(inputs: Mapping[str, Any]) -> list[Problem]:
 
 @node(
     "dagfusion.text.Encode",
-    version="1.2.0",
+    version="1.3.0",
     category="conditioning",
     inputs=[
         Input("clip", CLIP, link_only=True, description="Text encoder bundle from a model loader."),
@@ -348,8 +366,9 @@ def _check_encode(inputs: Mapping[str, Any]) -> list[Problem]:
         Input("max_length", INT, 0, min=0, max=4096,
               description="T5 only: maximum tokens (0 = the model's default, 120 for PixArt-alpha)."),
         Input("weighting", STRING, "none", choices=WEIGHTINGS,
-              description="CLIP/SDXL: 'none' encodes the text as written; 'comfy' or 'a1111' read (word:1.3), "
-                          "(word), [word] and BREAK, and encode long prompts in windows instead of truncating."),
+              description="'none' encodes the text as written; 'comfy' or 'a1111' read (word:1.3), (word), [word] "
+                          "and BREAK. CLIP/SDXL: long prompts are encoded in windows instead of truncated; T5: "
+                          "each BREAK section is its own chunk of max_length tokens, masks concatenated."),
     ],
     outputs=[Output("conditioning", CONDITIONING, "Prompt and negative-prompt embeddings for a sampler.")],
     examples=[_encode_example, _encode_list_example, _encode_weighted_example],
@@ -370,15 +389,17 @@ def encode_node(
 
     With ``weighting = none`` prompts longer than the text encoder takes are truncated with a
     warning that names the cut text. ``comfy`` and ``a1111`` read Automatic1111's weight syntax
-    and ``BREAK``, and encode long prompts in windows of the encoder's length (see
-    :doc:`/everyday`); unbalanced brackets are an error naming the input and the position.
+    and ``BREAK``; CLIP and SDXL encode long prompts in windows of the encoder's length, T5 encodes
+    each ``BREAK`` section as its own chunk of ``max_length`` tokens (truncated with a warning) and
+    concatenates the chunks and their attention masks (see :doc:`/everyday`); unbalanced brackets
+    are an error naming the input and the position.
     """
     if weighting != "none":
         problems = _syntax_problems({"prompt": prompt, "negative_prompt": negative_prompt, "prompt_2": prompt_2})
         if problems:
             raise NodeInputError(problems[0].input or "prompt", problems[0].message)
-        if clip.kind not in ("clip", "sdxl"):
-            raise NodeInputError("weighting", f"expected a CLIP or SDXL text encoder for weighting {weighting!r}, "
+        if clip.kind not in ("clip", "sdxl", "t5"):
+            raise NodeInputError("weighting", f"expected a CLIP, SDXL or T5 text encoder for weighting {weighting!r}, "
                                               f"got a {clip.kind!r} one; use weighting 'none'")
     return encode_prompt(
         clip, prompt, negative_prompt, prompt_2=prompt_2, clip_skip=clip_skip, max_length=max_length,

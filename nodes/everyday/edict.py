@@ -258,6 +258,64 @@ def edict_generate(
     return x.float().cpu(), y.float().cpu()
 
 
+def ddim_invert(
+    model: Any, conditioning: Any, latents: Any, *, steps: int = 50, guidance_scale: float = 1.0,
+    min_alpha_cumprod: float = DEFAULT_MIN_ALPHA_CUMPROD, strength: float = 1.0, ctx: RunContext | None = None,
+) -> Any:
+    """Plain DDIM inversion (η = 0), the approximation EDICT makes exact: the noise latents that
+    :func:`ddim_generate` maps *approximately* back to ``latents``.
+
+    Each step ``prev → t`` runs DDIM's update backwards with the noise predicted at the *less*
+    noisy latent, ``x_t = (x_prev − b_t·ε(x_prev, t)) / a_t`` (DDIM's own step uses ``ε(x_t, t)``,
+    which is not known yet), with EDICT's schedule, coefficients, guidance, ``ᾱ`` floor and
+    ``strength`` — so the two compare like for like. Same dtypes as EDICT (fp32 model calls, fp64
+    updates).
+    """
+    import torch
+
+    x = latents.detach().to(torch.float64)
+    with model.use(model.denoiser), torch.no_grad():
+        from dagfusion.model import apply_patches
+
+        with apply_patches(model.patches, model.denoiser):
+            eps = _prepare(model, conditioning, tuple(latents.shape), steps, guidance_scale, min_alpha_cumprod, strength)
+            x = x.to(eps.device)
+            total = len(eps.schedule.timesteps)
+            for done, index in enumerate(reversed(range(total))):
+                if ctx is not None:
+                    ctx.check_cancelled()
+                a, b = eps.schedule.coefficients(index)
+                x = (x - b * eps(x.float(), index).double()) / a
+                if ctx is not None:
+                    ctx.progress(done + 1, total)
+    return x.float().cpu()
+
+
+def ddim_generate(
+    model: Any, conditioning: Any, noise: Any, *, steps: int = 50, guidance_scale: float = 1.0,
+    min_alpha_cumprod: float = DEFAULT_MIN_ALPHA_CUMPROD, strength: float = 1.0, ctx: RunContext | None = None,
+) -> Any:
+    """Deterministic DDIM sampling (η = 0) from ``noise`` with EDICT's schedule and coefficients,
+    ``x_prev = a_t·x_t + b_t·ε(x_t, t)``: regenerates from :func:`ddim_invert`'s latents."""
+    import torch
+
+    with model.use(model.denoiser), torch.no_grad():
+        from dagfusion.model import apply_patches
+
+        with apply_patches(model.patches, model.denoiser):
+            eps = _prepare(model, conditioning, tuple(noise.shape), steps, guidance_scale, min_alpha_cumprod, strength)
+            x = noise.detach().to(eps.device, torch.float64)
+            total = len(eps.schedule.timesteps)
+            for index in range(total):
+                if ctx is not None:
+                    ctx.check_cancelled()
+                a, b = eps.schedule.coefficients(index)
+                x = a * x + b * eps(x.float(), index).double()
+                if ctx is not None:
+                    ctx.progress(index + 1, total)
+    return x.float().cpu()
+
+
 def _check_mix(mix: float) -> None:
     if not 0.0 < mix <= 1.0:
         raise ValueError(f"the mixing parameter p must be in (0, 1], got {mix}")

@@ -1,4 +1,5 @@
-"""Weighted, windowed CLIP encoding: the ``comfy`` and ``a1111`` modes of ``dagfusion.text.Encode``.
+"""Weighted encoding (CLIP and SDXL in windows, T5 in chunks): the ``comfy`` and ``a1111`` modes of
+``dagfusion.text.Encode``.
 
 A prompt is parsed with :func:`~dagfusion.nodes.everyday.weighting.parse_weights`; each span is
 tokenized on its own (no special tokens) and every token carries its span's weight. Tokens are laid
@@ -19,7 +20,23 @@ A position of weight exactly 1.0 keeps ``z`` bit for bit, so a prompt without we
 one window equals the unweighted encoding. Positive, negative and every prompt of a list are
 padded with empty windows (``z_empty``) to the same number of windows. SDXL's pooled embedding is
 the second encoder's, of the first window, unweighted. The weighted modes pass no attention mask
-(the CLIP models of SD and SDXL use none); T5 encoders (PixArt) take no weights.
+(the CLIP models of SD and SDXL use none).
+
+**T5** (PixArt, :func:`encode_t5_weighted`). Spans are tokenized on their own without special
+tokens, so every SentencePiece piece of a word carries the word's weight; lower-casing follows the
+bundle's ``lowercase`` option. T5 has no fixed window, so there is no overflow into new windows:
+each ``BREAK`` section is one **chunk** laid out as the unweighted T5 path lays out a whole prompt
+— its pieces, one EOS, padding to ``max_length`` (120 by default) with an attention mask over
+pieces and EOS — and a section longer than ``max_length − 1`` pieces is cut there with a warning
+naming the cut text. Each chunk is encoded alone with its mask (attention runs on the unweighted
+pieces); the weights are applied to the encoder's output as above, ``z_empty`` being the encoding
+of the empty prompt in the same layout (EOS, padding, mask ``1, 0, …``); for ``a1111`` both means
+are taken over the chunk's unmasked positions and only those are rescaled. The chunks' hidden
+states and masks are concatenated along the sequence (``n·max_length`` positions, a hole of zeros
+in the mask after each chunk's EOS). Positive, negative and every prompt of a list are padded to
+the same number of chunks with ``z_empty`` under an all-zero mask, so padding is never attended.
+A prompt without ``BREAK`` whose weights are all 1.0 encodes bit for bit as with ``weighting:
+none``, in ``comfy`` as in ``a1111``.
 """
 
 from __future__ import annotations
@@ -61,8 +78,12 @@ def windows(tokenizer: Any, sections: list[list[Span]]) -> list[tuple[list[int],
     return out
 
 
-def apply_weights(z: Any, z_empty: Any, weights: Any, mode: str) -> Any:
-    """Weighted hidden states of one window ``(B, L, D)`` by ``mode`` (see the module docstring)."""
+def apply_weights(z: Any, z_empty: Any, weights: Any, mode: str, mask: Any = None) -> Any:
+    """Weighted hidden states of one window ``(B, L, D)`` by ``mode`` (see the module docstring).
+
+    With an attention ``mask`` ``(1, L)`` (T5), ``a1111`` takes both means over the unmasked
+    positions only and rescales only those; the masked ones keep ``z``.
+    """
     import torch
 
     w = weights.to(z.dtype).reshape(1, -1, 1)
@@ -71,9 +92,12 @@ def apply_weights(z: Any, z_empty: Any, weights: Any, mode: str) -> Any:
     if mode == "comfy":
         return torch.where(w == 1.0, z, z_empty + w * (z - z_empty))
     if mode == "a1111":
-        original = z.mean()
         scaled = z * w
-        return scaled * (original / scaled.mean())
+        if mask is None:
+            return scaled * (z.mean() / scaled.mean())
+        keep = mask.reshape(-1).to(torch.bool)
+        factor = z[:, keep].mean() / scaled[:, keep].mean()
+        return torch.where(keep.reshape(1, -1, 1), scaled * factor, z)
     raise ValueError(f"expected a weighting in {MODES}, got {mode!r}")
 
 
@@ -175,3 +199,98 @@ def encode_sdxl_weighted(
         {"encoder_hidden_states": hidden, "text_embeds": pooled},
         {"encoder_hidden_states": neg_hidden, "text_embeds": neg_pooled},
     )
+
+
+def t5_chunks(
+    tokenizer: Any, sections: list[list[Span]], length: int, lowercase: bool, warn: Callable[[str], None] | None = None,
+) -> list[tuple[list[int], list[float], list[int]]]:
+    """T5 token ids, weights and attention mask of each ``BREAK`` section, each ``length`` long.
+
+    Each span is tokenized on its own without special tokens (every SentencePiece piece of a word
+    carries the word's weight) and the pieces are concatenated; then one EOS and padding to
+    ``length`` follow, the mask covering the prompt pieces and the EOS. A section longer than
+    ``length − 1`` pieces is cut there, with a ``warn`` naming the cut text. Empty sections after
+    the first are dropped; an empty prompt is one chunk (EOS, padding) as the unweighted encoder
+    gives. ``lowercase`` lower-cases and strips each section as the unweighted T5 path does.
+    """
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    room = max(length - 1, 0)
+    chunks: list[tuple[list[int], list[float], list[int]]] = []
+    for index, section in enumerate(sections):
+        texts = [span.text for span in section]
+        if lowercase and texts:
+            texts = [text.lower() for text in texts]
+            texts[0] = texts[0].lstrip()
+            texts[-1] = texts[-1].rstrip()
+        ids: list[int] = []
+        weights: list[float] = []
+        for text, span in zip(texts, section):
+            pieces = tokenizer(text, add_special_tokens=False).input_ids
+            ids.extend(pieces)
+            weights.extend([span.weight] * len(pieces))
+        if not ids and chunks:
+            continue
+        if len(ids) > room:
+            if warn is not None:
+                where = "the prompt" if len(sections) == 1 else f"section {index + 1} of the prompt (split at BREAK)"
+                warn(
+                    f"{where} is longer than the T5 text encoder takes ({len(ids) + 1} tokens, maximum {length}); "
+                    f"this part was cut: {tokenizer.decode(ids[room:])!r}"
+                )
+            ids, weights = ids[:room], weights[:room]
+        fill = length - 1 - len(ids)
+        chunks.append(([*ids, eos] + [pad] * fill, [*weights, 1.0] + [1.0] * fill, [1] * (len(ids) + 1) + [0] * fill))
+    return chunks or [([eos] + [pad] * (length - 1), [1.0] * length, [1] + [0] * (length - 1))]
+
+
+def t5_chunk_count(tokenizer: Any, texts: Sequence[str], length: int, lowercase: bool) -> int:
+    """The most chunks any of ``texts`` needs (see :func:`t5_chunks`)."""
+    return max(len(t5_chunks(tokenizer, parse_weights(text), length, lowercase)) for text in texts)
+
+
+def encode_t5_weighted(
+    encoder: Any, tokenizer: Any, prompt: str, negative: str, length: int, lowercase: bool, mode: str,
+    warn: Callable[[str], None] | None = None, min_windows: int = 1,
+) -> tuple[dict, dict]:
+    """T5 (PixArt) positive and negative conditioning, weighted, one chunk of ``length`` per ``BREAK`` section.
+
+    Each chunk is encoded alone with its attention mask; weights are applied to the encoder's
+    output (:func:`apply_weights`, the ``a1111`` mean over the unmasked positions). Chunks are
+    concatenated along the sequence with their masks; positive and negative are padded to the same
+    number of chunks with the empty prompt's hidden states under an all-zero mask.
+    """
+    import torch
+    from dagfusion.nodes.diffusion.text import _device_of
+
+    device = _device_of(encoder)
+
+    def run(ids: list[int], mask: list[int]) -> tuple[Any, Any]:
+        ids_t = torch.tensor([ids], dtype=torch.long, device=device)
+        mask_t = torch.tensor([mask], dtype=torch.long, device=device)
+        return encoder(ids_t, attention_mask=mask_t)[0], mask_t
+
+    empty_ids, _, empty_mask = t5_chunks(tokenizer, [[]], length, lowercase)[0]
+    z_empty, _ = run(empty_ids, empty_mask)
+
+    def encode(text: str) -> tuple[list[Any], list[Any]]:
+        hidden, masks = [], []
+        for ids, weights, mask in t5_chunks(tokenizer, parse_weights(text), length, lowercase, warn):
+            z, mask_t = run(ids, mask)
+            hidden.append(apply_weights(z, z_empty, torch.tensor(weights), mode, mask_t))
+            masks.append(mask_t)
+        return hidden, masks
+
+    pos, pos_masks = encode(prompt)
+    neg, neg_masks = encode(negative)
+    count = max(len(pos), len(neg), min_windows)
+    off = torch.zeros_like(pos_masks[0])
+
+    def join(hidden: list[Any], masks: list[Any]) -> dict:
+        extra = count - len(hidden)
+        return {
+            "encoder_hidden_states": torch.cat(hidden + [z_empty] * extra, dim=1),
+            "encoder_attention_mask": torch.cat(masks + [off] * extra, dim=1),
+        }
+
+    return join(pos, pos_masks), join(neg, neg_masks)

@@ -123,7 +123,6 @@ def test_node_errors_name_the_input_and_position(clip: Any, pixart_folder: Any) 
     problems = encode_node.check({"prompt": ["ok", "a]"], "weighting": "a1111"})
     assert problems[0].input == "prompt" and "item 1" in problems[0].message
     assert encode_node.check({"prompt": "a]"}) == []  # no weighting: brackets are plain text
-    t5 = load_diffusers_folder(pixart_folder).clip
-    with pytest.raises(NodeInputError, match="CLIP or SDXL") as info:
-        encode_node.fn(None, **{**args, "clip": t5, "weighting": "comfy"})
-    assert info.value.input == "weighting"
+    t5 = load_diffusers_folder(pixart_folder).clip  # T5 weighting (PixArt) works: tests/nodes/everyday/test_weighting_t5.py
+    cond = encode_prompt(t5, "a (red:1.2) fox", weighting="comfy")
+    assert cond.kind == "t5" and cond.meta["weighting"] == "comfy"
