@@ -82,24 +82,41 @@ def stretched(latents: Any) -> Any:
     return ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
 
 
+#: At most this many frames of a video latent are shown side by side in its preview.
+PREVIEW_FRAMES = 8
+
+
+def preview_frames(count: int, limit: int = PREVIEW_FRAMES) -> list[int]:
+    """Indices of the frames a preview shows: all of them up to ``limit``, else ``limit`` spread
+    evenly from the first to the last."""
+    if count <= limit:
+        return list(range(count))
+    return [round(i * (count - 1) / (limit - 1)) for i in range(limit)]
+
+
 def preview_picture(latents: Any, vae: Any = None) -> Any:
-    """A PIL picture of the first latent of a batch (the first frame of a video latent): projected
-    with the VAE's fitted projection when ``vae`` is given and fits, else :func:`stretched`."""
+    """A PIL picture of the first latent of a batch: projected with the VAE's fitted projection
+    when ``vae`` is given and fits, else :func:`stretched`. For a video latent ``(B, F, C, h, w)``
+    the picture is a strip of the first clip's frames side by side (up to :data:`PREVIEW_FRAMES`,
+    spread evenly, separated by a 1-pixel gap), so the motion can be followed while sampling."""
     import numpy as np
+    import torch
     from PIL import Image
 
     x = latents[0]
-    if x.ndim == 4:  # video: first frame
-        x = x[0]
-    rgb = None
+    frames = [x[i] for i in preview_frames(x.shape[0])] if x.ndim == 4 else [x]
+    projection = None
     if vae is not None:
         try:
             projection = fit_projection(vae)
-            if projection.shape[0] == x.shape[0] + 1:
-                rgb = project(x, projection)
+            if projection.shape[0] != frames[0].shape[0] + 1:
+                projection = None
         except Exception:  # noqa: BLE001 - a preview must never fail a run; fall back to the stretched latent
-            rgb = None
-    if rgb is None:
-        rgb = stretched(x)
+            projection = None
+    pictures = [project(f, projection) if projection is not None else stretched(f) for f in frames]
+    if len(pictures) > 1:
+        gap = torch.ones(3, pictures[0].shape[1], 1)
+        pictures = [p for picture in pictures for p in (picture, gap)][:-1]
+    rgb = torch.cat(pictures, dim=2)
     array = (rgb.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
     return Image.fromarray(array)

@@ -341,7 +341,7 @@ def _sample_example() -> dict[str, Any]:
 
 @node(
     "dagfusion.video.SampleVideo",
-    version="1.0.0",
+    version="1.1.0",
     category="video",
     inputs=[
         Input("model", MODEL, link_only=True),
@@ -353,15 +353,18 @@ def _sample_example() -> dict[str, Any]:
         Input("max_guidance_scale", FLOAT, 3.0, min=0.0, max=100.0,
               description="Guidance on the last frame (linear in between); 1 or less disables guidance."),
         Input("sampler", STRING, "default", description="The scheduler class to use ('default': the model's own)."),
+        Input("preview_every", INT, 0, min=0, max=1000,
+              description="Emit a preview every N steps (0 = none): the first clip's frames side by side."),
     ],
     outputs=[Output("latent", LATENT), Output("report", RUN_REPORT)],
     examples=[_sample_example],
 )
 def sample_video(
     ctx: RunContext, model: Any, conditioning: Any, latent: Any, steps: int, seed: int, min_guidance_scale: float,
-    max_guidance_scale: float, sampler: str,
+    max_guidance_scale: float, sampler: str, preview_every: int,
 ) -> dict[str, Any]:
-    """Sample a video latent with guidance ramping across frames (Stable Video Diffusion's sampler)."""
+    """Sample a video latent with guidance ramping across frames (Stable Video Diffusion's sampler);
+    previews show up to eight frames of the first clip side by side."""
     from dagfusion.nodes.diffusion.sampling import run_sampling
 
     problems = check_video_model(model, conditioning, latent)
@@ -369,7 +372,7 @@ def sample_video(
         raise NodeInputError(problems[0][0], "; ".join(message for _, message in problems))
     out, report = run_sampling(
         model, conditioning, latent, sampler=sampler, steps=steps, guidance_scale=max_guidance_scale,
-        min_guidance_scale=min_guidance_scale, seed=seed, ctx=ctx,
+        min_guidance_scale=min_guidance_scale, seed=seed, ctx=ctx, preview_every=preview_every,
     )
     return {"latent": out, "report": report}
 

@@ -56,5 +56,19 @@ def test_a_preview_falls_back_rather_than_failing() -> None:
         def module(self):
             raise RuntimeError("no weights here")
 
-    picture = preview_picture(torch.randn(2, 3, 4, 5, 6), Broken())  # a video latent: first frame
+    picture = preview_picture(torch.randn(2, 4, 5, 6), Broken())
     assert picture.size == (6, 5)
+
+
+def test_a_video_preview_shows_the_frames_side_by_side() -> None:
+    from dagfusion.nodes.diffusion.preview import preview_frames
+
+    latents = torch.zeros(2, 3, 4, 5, 6)
+    for f in range(3):
+        latents[0, f, :, :, 2 * f:2 * f + 2] = 1.0  # a bright bar moving right, frame by frame
+    picture = preview_picture(latents)
+    assert picture.size == (3 * 6 + 2, 5)
+    pixels = torch.tensor(list(picture.getdata())).reshape(5, 20, 3).float().mean(dim=(0, 2))
+    bright = [int(pixels[f * 7:f * 7 + 6].argmax()) for f in range(3)]
+    assert bright[0] < bright[1] < bright[2], bright
+    assert preview_frames(25) == [0, 3, 7, 10, 14, 17, 21, 24] and preview_frames(5) == [0, 1, 2, 3, 4]

@@ -165,3 +165,30 @@ def test_deepcache_samples_a_video_with_partial_steps_close_to_the_full_run(pipe
     assert [s.denoiser_calls for s in report.steps] == [1, 0, 1, 0]
     difference = float((cached.samples - full.samples).abs().mean() / full.samples.abs().mean())
     assert 0 < difference < 0.01, difference  # measured 0.0039 (random tiny weights, 4 steps, interval 2)
+
+
+def test_sample_video_previews_show_the_clips_frames(pipe: Any) -> None:
+    from dagfusion.nodes.video.svd import sample_video
+
+    class Context:
+        handler = object()
+
+        def __init__(self) -> None:
+            self.previews: list[tuple[Any, str]] = []
+
+        def progress(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def check_cancelled(self) -> None:
+            pass
+
+        def preview(self, picture: Any, label: str = "") -> None:
+            self.previews.append((picture, label))
+
+    args = sample_video.examples[0]()
+    latent = args["latent"].samples
+    ctx = Context()
+    sample_video.fn(ctx, **{**args, "steps": 2, "preview_every": 1})
+    assert [label for _, label in ctx.previews] == ["step 1/2", "step 2/2"]
+    frames, width = latent.shape[1], latent.shape[-1]
+    assert ctx.previews[-1][0].size == (frames * width + frames - 1, latent.shape[-2])
