@@ -359,6 +359,30 @@ def plot(rows: list[dict[str, float]], names: list[str], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def curves(args: argparse.Namespace) -> int:
+    """Plot the training reward curves of train runs (moving average) into one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for spec in args.run:
+        label, _, folder = spec.rpartition("=")
+        curve = json.loads((Path(folder) / "train.json").read_text(encoding="utf-8"))["reward_curve"]
+        window = min(args.window, len(curve))
+        smooth = [statistics.fmean(curve[max(0, i - window + 1):i + 1]) for i in range(len(curve))]
+        ax.plot(range(1, len(curve) + 1), smooth, label=label or Path(folder).name)
+    ax.set_xlabel("optimizer step (batch of 4 prompts)")
+    ax.set_ylabel(f"training reward (mean of {args.window} steps)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+    print(args.plot)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -401,11 +425,16 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--steps", type=int, default=25)
     i.add_argument("--json")
     i.add_argument("--plot")
+    c = sub.add_parser("curves", help="plot training reward curves")
+    c.add_argument("--run", action="append", required=True, help="LABEL=FOLDER of a train run (repeatable)")
+    c.add_argument("--window", type=int, default=50)
+    c.add_argument("--plot", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     global MODEL
     MODEL = args.model
-    return {"train": train, "export": export, "eval": evaluate, "interpolate": interpolate}[args.command](args)
+    commands = {"train": train, "export": export, "eval": evaluate, "interpolate": interpolate, "curves": curves}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ Nodes:
 - ``dagfusion.video.VideoInfo`` — shape, duration and value range of a ``VIDEO``.
 - ``dagfusion.video.LoadSVD``, ``ImageToVideoConditioning``, ``SampleVideo``, ``DecodeVideo`` —
   image-to-video with Stable Video Diffusion's layout (:mod:`~dagfusion.nodes.video.svd`).
+- ``dagfusion.video.LoadSVDSingleFile`` — the same model from one Stability-layout file
+  (``svd_xt.safetensors``) with shipped configs (:mod:`~dagfusion.nodes.video.single_file`).
 - ``dagfusion.video.TrainSFV``, ``SampleOneStep`` — SF-V's adversarial tuning to one forward
   pass (:mod:`~dagfusion.nodes.video.sfv`); the EDM objective it starts from is
   :mod:`~dagfusion.nodes.video.edm`.
@@ -32,9 +34,9 @@ from __future__ import annotations
 from typing import Any
 
 from dagfusion import hookimpl
-from dagfusion.nodes.video import nodes, sfv, svd
+from dagfusion.nodes.video import nodes, sfv, single_file, svd
 
-NODES = (*nodes.NODES, *svd.NODES, *sfv.NODES)
+NODES = (*nodes.NODES, *svd.NODES, *single_file.NODES, *sfv.NODES)
 """Every node of the pack, in palette order."""
 TYPES = (*svd.TYPES, *sfv.TYPES)
 """The socket types this pack registers."""

@@ -43,6 +43,9 @@ def test_train_eval_and_interpolate_on_tiny_settings(tmp_path: Path) -> None:
         gain = result["variants"][name]["gain_over_original"]["independent_classifier"]
         low, high = gain["ci95"]
         assert low <= gain["all_correct_gain"] <= high
+    curve = tmp_path / "curve.png"
+    assert module.main(["curves", "--run", f"a={tmp_path / 'a'}", "--run", str(tmp_path / "u"), "--plot", str(curve)]) == 0
+    assert curve.stat().st_size > 1000
     plot = tmp_path / "alpha.png"
     assert module.main(["interpolate", "--encoder-a", str(tmp_path / "a"), "--encoder-b", str(tmp_path / "a1"),
                         "--prompts", "2", "--seeds", "1", "--steps", "2", "--plot", str(plot),
