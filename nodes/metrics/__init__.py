@@ -32,7 +32,7 @@ from dagfusion import (
     node,
     union,
 )
-from dagfusion.nodes.metrics import video
+from dagfusion.nodes.metrics import colour, video
 
 _PKG = "dagfusion.nodes.metrics"
 
@@ -411,7 +411,7 @@ def shape_eval_pair(ctx: RunContext, images: Any, prompts: Any, evaluator: Any) 
 NODES = (
     load_evaluator, train_evaluator, save_evaluator, shape_eval, fidelity, fd_shapes,
     load_pair_evaluator, train_pair_evaluator, save_pair_evaluator, shape_eval_pair,
-    *video.NODES,
+    *video.NODES, *colour.NODES,
 )
 
 

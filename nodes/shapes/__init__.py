@@ -200,7 +200,9 @@ def render_structure(ctx: RunContext, prompts: Any, resolution: int, style: str,
     return render_captions(captions_of(prompts, "prompts"), resolution, style, jitter, seed, input="prompts")
 
 
-NODES = (dataset, render, prompts, load_embedded, render_structure)
+from dagfusion.nodes.shapes.concept import concept_dataset_node  # noqa: E402  (after SHAPES_DATASET: no torch)
+
+NODES = (dataset, render, prompts, load_embedded, render_structure, concept_dataset_node)
 
 
 @hookimpl
