@@ -145,6 +145,14 @@ def _settings(args: argparse.Namespace) -> Any:
     return base.with_overrides(**changes) if changes else base
 
 
+def _run_settings(args: argparse.Namespace) -> Any:
+    """The settings of ``dagfusion run``: with ``--out``, that folder is readable too, so a node can
+    read what an earlier node of the same run wrote there (a saved LoRA or embedding)."""
+    if args.out:
+        args.read_dir = [*(getattr(args, "read_dir", None) or []), args.out]
+    return _settings(args)
+
+
 def _workflow_source(path_text: str) -> Any:
     """The path of a workflow YAML file or of a dagfusion PNG (the engine reads either)."""
     return Path(path_text)
@@ -179,7 +187,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from dagfusion.engine import Engine
     from dagfusion.errors import ValidationError
 
-    engine = Engine(settings=_settings(args))
+    engine = Engine(settings=_run_settings(args))
     source = _workflow_source(args.workflow)
     token = CancelToken()
     previous = signal.getsignal(signal.SIGINT)

@@ -201,3 +201,20 @@ def test_threads_flag_sets_the_thread_policy_and_refuses_bad_counts(tmp_path: Pa
         assert cli_module._settings(args).threads == expected
     assert main(["validate", str(BLURRED_NOISE), "--threads", "0"]) == EXIT_INVALID
     assert "threads must be an integer ≥ 1 or 'auto'" in capsys.readouterr().err
+
+
+def test_a_run_can_read_its_own_out_folder_wherever_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node may read a file an earlier node of the same run saved, wherever --out points."""
+    import argparse
+
+    from dagfusion.cli import _run_settings
+    from dagfusion.errors import UnsafeOperationError
+
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    args = argparse.Namespace(out=str(elsewhere), read_dir=None, model_dir=None, allow_pickle=False, device=None,
+                              threads=None)
+    assert _run_settings(args).check_readable(elsewhere / "lora.safetensors") == (elsewhere / "lora.safetensors").resolve()
+    args = argparse.Namespace(out=None, read_dir=None, model_dir=None, allow_pickle=False, device=None, threads=None)
+    with pytest.raises(UnsafeOperationError):
+        _run_settings(args).check_readable(elsewhere / "lora.safetensors")

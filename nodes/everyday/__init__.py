@@ -3,7 +3,9 @@ grids and geometry, text lists.
 
 Node ids (see :doc:`/everyday` for the guide):
 
-- conditioning: ``dagfusion.text.LoadEmbedding``, ``dagfusion.conditioning.Average``,
+- conditioning: ``dagfusion.text.LoadEmbedding``, ``dagfusion.text.TrainableEmbedding`` and
+  ``dagfusion.text.SaveEmbedding`` (learn a textual-inversion embedding with ``dagfusion.train.Train``
+  and write it), ``dagfusion.conditioning.Average``,
   ``dagfusion.conditioning.Concat``, ``dagfusion.conditioning.Region`` (area conditioning)
 - image: ``dagfusion.image.Batch``, ``dagfusion.image.Unbatch``, ``dagfusion.image.Select``,
   ``dagfusion.image.Concat``, ``dagfusion.image.Grid``, ``dagfusion.image.Resize``, ``dagfusion.image.Crop``,
@@ -34,6 +36,7 @@ from dagfusion.nodes.everyday import (
     brushes_nodes,
     conditioning_ops,
     edict,
+    embedding_train,
     embeddings,
     grid,
     inpaint,
@@ -44,7 +47,7 @@ from dagfusion.nodes.everyday import (
     upscale,
 )
 
-NODES = (*embeddings.NODES, *conditioning_ops.NODES, *regions.NODES, *batches.NODES, *grid.NODES, *resize.NODES, *upscale.NODES,
+NODES = (*embeddings.NODES, *embedding_train.NODES, *conditioning_ops.NODES, *regions.NODES, *batches.NODES, *grid.NODES, *resize.NODES, *upscale.NODES,
          *inpaint.NODES, *edict.NODES, *brushes_nodes.NODES, *lists.NODES, *merge.NODES, *bake.NODES)
 """Every node of the pack, in palette order."""
 

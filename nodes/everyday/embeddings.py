@@ -23,7 +23,7 @@ import contextlib
 import copy
 import functools
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +145,13 @@ def _parts_for(bundle: TextEncoderBundle, parts: Mapping[str, Any]) -> list[Any]
     raise ValueError("this SDXL embedding file has no 'clip_l' tensor for a single CLIP text encoder")
 
 
-def with_embedding(bundle: TextEncoderBundle, parts: Mapping[str, Any], token: str) -> TextEncoderBundle:
+def with_embedding(
+    bundle: TextEncoderBundle, parts: Mapping[str, Any], token: str, patch_class: Callable[..., Any] = EmbeddingPatch
+) -> TextEncoderBundle:
     """A new bundle whose tokenizers know ``token`` (see the module docstring); ``bundle`` is unchanged.
+
+    ``patch_class(ids, vectors, target)`` makes each encoder's patch (:class:`EmbeddingPatch`
+    unless given, e.g. a trainable one).
 
     :raises ValueError: a vector's width differs from its encoder's (both widths named), or the
         token (or one of its parts) is already in a tokenizer's vocabulary.
@@ -182,7 +187,7 @@ def with_embedding(bundle: TextEncoderBundle, parts: Mapping[str, Any], token: s
             ids.append(int(tokenizer.convert_tokens_to_ids(name)))
         tokenizers.append(StaticRef(tokenizer, tokenizer_fingerprint(tokenizer)))
         target = type(encoder).__name__ if len(tensors) > 1 else ""
-        patches.append(EmbeddingPatch(ids, tensor, target))
+        patches.append(patch_class(ids, tensor, target))
     known = dict(bundle.options.get(TEXTUAL_INVERSION) or {})
     known[token] = count
     result = TextEncoderBundle(

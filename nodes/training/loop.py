@@ -9,7 +9,9 @@ were. Each optimizer step ``s``:
 3. drops captions to ``""`` with probability ``caption_dropout`` (for classifier-free guidance);
 4. encodes the images to the denoiser's space with the VAE (a posterior sample, scaled) — or maps
    pixels to [-1, 1] without one — and the captions with the frozen text encoder (each distinct
-   caption once, then reused);
+   caption once, then reused) — or, when the text encoder bundle has trainable patches (a
+   textual-inversion embedding) and ``trainable`` is ``"patches"``, with copies of those patches,
+   every step, with gradients flowing into their parameters (the encoder's weights stay frozen);
 5. asks the objective for the loss (:mod:`~dagfusion.nodes.training.objectives`), under autocast
    (bf16/fp16 on CUDA; fp32 on the CPU), with the model's patches applied to the module;
 6. backpropagates, clips the gradient norm, steps AdamW (fp16 with a gradient scaler), updates
@@ -25,7 +27,8 @@ the step it finished before re-raising; checkpoints already written are never re
 cancel or a failure.
 
 The output module is in eval mode, without gradients, in the input denoiser's dtype and on its
-device; with EMA its trained parameters hold the EMA values.
+device; with EMA its trained parameters hold the EMA values. :attr:`TrainResult.clip` is the
+text-encoder bundle with its trained patches (the input bundle when none trained).
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ class TrainResult:
         losses: Per-step losses of the steps this call ran.
         start_step: The step this call started from (> 0 after a resume).
         checkpoint: The last checkpoint written or resumed from, or ``None``.
+        clip: The text-encoder bundle with its trained patches (the input bundle when none trained).
     """
 
     model: Any
@@ -126,6 +130,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     start_step: int = 0
     checkpoint: Path | None = None
+    clip: Any = None
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -158,13 +163,15 @@ def amp_dtype(precision: str, device: Any) -> Any:
 
 class _TextCache:
     """Embeddings of recent distinct captions (at most ``limit``, least recently used dropped),
-    computed with the frozen text encoder; recomputing one gives the same tensors."""
+    computed with the frozen text encoder; recomputing one gives the same tensors. With
+    ``trains`` (the bundle's patches train) every caption is encoded afresh, keeping its graph."""
 
-    def __init__(self, clip: Any, device: Any, limit: int = 4096) -> None:
+    def __init__(self, clip: Any, device: Any, limit: int = 4096, trains: bool = False) -> None:
         self.clip = clip
         self.device = device
         self.kind = getattr(clip, "kind", None)  # an image encoder has none: its objective prepares batches
-        self.limit = limit
+        self.limit = 0 if trains else limit
+        self.trains = trains
         self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     def conditioning(self, captions: tuple[str, ...]) -> Any:
@@ -177,6 +184,9 @@ class _TextCache:
         for caption in dict.fromkeys(captions):
             if caption in self._cache:
                 self._cache.move_to_end(caption)
+            elif self.trains:
+                rows[caption] = {k: v.to(self.device) for k, v in encode_prompt(self.clip, caption, "").positive.items()}
+                continue
             else:
                 encoded = encode_prompt(self.clip, caption, "")
                 self._cache[caption] = {k: v.detach().to(self.device) for k, v in encoded.positive.items()}
@@ -217,6 +227,22 @@ def _copy_for_training(model: Any) -> tuple[Any, list[Any], list[int]]:
     for i, patch in zip(owning, copies):
         patches[i] = patch
     return module, patches, owning
+
+
+def _clip_for_training(clip: Any, trainable: str) -> tuple[Any, list[int]]:
+    """With ``trainable`` ``"patches"``: a bundle like ``clip`` whose parameter-owning patches are
+    copies (to train), and their indices; else ``clip`` unchanged and no index."""
+    patches = list(getattr(clip, "patches", ()) or ())
+    owning = [i for i, p in enumerate(patches) if patch_parameters(p) is not None] if trainable == "patches" else []
+    if not owning:
+        return clip, []
+    copies = copy.deepcopy([patches[i] for i in owning])
+    for i, patch in zip(owning, copies):
+        patches[i] = patch
+    bundle = clip.without_patches()
+    for patch in patches:
+        bundle = bundle.with_patch(patch)
+    return bundle, owning
 
 
 def train(
@@ -269,7 +295,15 @@ def train(
     for i in owning:
         for p in patch_parameters(patches[i]).values():
             p.data = p.data.to(device=device, dtype=torch.float32)
-    params = select(module, patches, config.trainable, config.match)
+    clip, clip_owning = _clip_for_training(clip, config.trainable)
+    clip_params: dict[str, Any] = {}
+    clip_devices: dict[str, Any] = {}
+    for i in clip_owning:
+        for name, p in patch_parameters(clip.patches[i]).items():
+            clip_devices[f"@clip{i}.{name}"] = p.device
+            p.data = p.data.to(device=device, dtype=torch.float32)
+            clip_params[f"@clip{i}.{name}"] = p
+    params = select(module, patches, config.trainable, config.match, extra=clip_params)
     module.train()
     checkpointing = False
     if config.gradient_checkpointing:
@@ -288,7 +322,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda") if low == torch.float16 else None
     autocast = (lambda: torch.autocast(device.type, dtype=low)) if low is not None else contextlib.nullcontext
     generator = torch.Generator("cpu").manual_seed(int(config.seed))
-    text = _TextCache(clip, device)
+    text = _TextCache(clip, device, trains=bool(clip_params))
     encode = _encoder(vae, device)
     scale = model.vae_scale_factor if vae is not None else 1
     recent: deque[float] = deque(maxlen=RECENT)
@@ -454,6 +488,10 @@ def train(
     for i in owning:
         for p in patch_parameters(patches[i]).values():
             p.data = p.data.to(device=original_device)
+    for name, p in clip_params.items():
+        p.data = p.data.to(device=clip_devices[name])
+    if clip_owning:  # rebuilt so that the bundle's fingerprint follows the trained patches' keys
+        clip = _rebuilt(clip)
 
     final_loss = _mean(recent)
     if start >= total and "final_loss" in resumed:
@@ -471,7 +509,15 @@ def train(
         handle = handle.without_patches()
         for patch in patches:
             handle = handle.with_patch(patch)
-    return TrainResult(handle, final_loss, losses, start, last_checkpoint)
+    return TrainResult(handle, final_loss, losses, start, last_checkpoint, clip=clip)
+
+
+def _rebuilt(bundle: Any) -> Any:
+    """A clone of ``bundle`` with the same patches, appended again (keys are read afresh)."""
+    out = bundle.without_patches()
+    for patch in bundle.patches:
+        out = out.with_patch(patch)
+    return out
 
 
 def _place(module: Any, device: Any, dtype: Any) -> None:

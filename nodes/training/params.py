@@ -9,17 +9,19 @@ Three choices:
 - ``"patches"``: parameters owned by the model's patches (adapters, gates). A patch takes part
   by defining ``trainable_parameters()`` returning ``{name: torch.nn.Parameter}`` (a patch that
   is itself a ``torch.nn.Module`` offers its ``named_parameters()``). The denoiser stays frozen.
+  Trainable patches on the text-encoder bundle (a textual-inversion embedding being learnt) train
+  with this choice too; the loop passes their parameters as ``extra``.
 
 Every other parameter is frozen (``requires_grad = False``). Names are what checkpoints store:
-the denoiser's own parameter names, and ``@patch<i>.<name>`` for the i-th patch
-(``@`` never occurs in torch parameter names).
+the denoiser's own parameter names, ``@patch<i>.<name>`` for the i-th patch and ``@clip<i>.<name>``
+for the i-th patch of the text-encoder bundle (``@`` never occurs in torch parameter names).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 TRAINABLE_CHOICES = ("all", "match", "patches")
@@ -55,8 +57,13 @@ def patch_parameters(patch: Any) -> dict[str, Any] | None:
     return None
 
 
-def select(module: Any, patches: Sequence[Any], trainable: str, match: str = "") -> dict[str, Any]:
+def select(
+    module: Any, patches: Sequence[Any], trainable: str, match: str = "", extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Freeze everything, then enable and return ``{name: parameter}`` of what trains.
+
+    ``extra``: already-named parameters of other trainable patches (the text encoder's), chosen
+    with ``"patches"`` only.
 
     :raises ValueError: an unknown choice, or a choice that selects nothing (the message lists
         what could have been chosen).
@@ -70,6 +77,9 @@ def select(module: Any, patches: Sequence[Any], trainable: str, match: str = "")
     for _, params in offered:
         for p in (params or {}).values():
             p.requires_grad_(False)
+    extra = dict(extra or {})
+    for p in extra.values():
+        p.requires_grad_(False)
 
     if trainable == "all":
         chosen = dict(own)
@@ -87,6 +97,7 @@ def select(module: Any, patches: Sequence[Any], trainable: str, match: str = "")
         for i, params in offered:
             for name, p in (params or {}).items():
                 chosen[patch_name(i, name)] = p
+        chosen.update(extra)
         if not chosen:
             kinds = [type(p).__name__ for p in patches] or ["none"]
             raise ValueError(

@@ -154,6 +154,9 @@ def _example(objective: str) -> Any:
         Output("model", "MODEL", "The trained model: a new handle over the trained copy, with the objective's sampling scheduler."),
         Output("final_loss", FLOAT, "Mean loss over the last 10 steps."),
         Output("checkpoint_dir", STRING, "The folder holding this training's checkpoints ('' without checkpoints)."),
+        Output("clip", "CLIP",
+               "The text encoder bundle with its trained patches (a textual-inversion embedding, with trainable "
+               "'patches'); else the input bundle."),
     ],
     examples=[_example("v"), _example("flow")],
     ui={"color": "#ff7043"},
@@ -191,7 +194,9 @@ def train_node(
 
     The input model is copied, never changed; the output is a new handle over the trained copy
     whose scheduler matches the objective. Training runs where the model handle computes (its
-    loader's device); the text encoder and VAE stay frozen. Seeded training is deterministic (bit-exact on the
+    loader's device); the text encoder and VAE stay frozen — with trainable 'patches', trainable
+    patches on the text encoder bundle (dagfusion.text.TrainableEmbedding) train too and come out
+    on the ``clip`` output. Seeded training is deterministic (bit-exact on the
     CPU) and cached in memory; checkpoints (safetensors + JSON, never pickle) go to a work folder
     in the cache folder keyed by the training's inputs, so running the same training again
     resumes where it stopped — after a cancel (which saves the step it finished), a crash or the
@@ -226,7 +231,8 @@ def train_node(
         checkpoints=CheckpointPolicy(folder=folder, every=checkpoint_every, keep=keep_checkpoints, time_limit=time_limit * 60.0),
         resume=start_from, key=key, progress=progress, check_cancelled=ctx.check_cancelled, logger=ctx.logger,
     )
-    return {"model": result.model, "final_loss": result.final_loss, "checkpoint_dir": str(folder) if folder else ""}
+    return {"model": result.model, "final_loss": result.final_loss, "checkpoint_dir": str(folder) if folder else "",
+            "clip": result.clip if result.clip is not None else clip}
 
 
 NODES = (train_node,)
