@@ -24,12 +24,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dagfusion import INT, PATH, STRING, Input, Output, RunContext, node, union
+from dagfusion import INT, PATH, STRING, Input, Output, RunContext, node
 from dagfusion.errors import NodeInputError
 from dagfusion.model import TextEncoderBundle
 from dagfusion.nodes.diffusion.types import CLIP
 from dagfusion.nodes.everyday.embeddings import EmbeddingPatch, with_embedding
-from dagfusion.nodes.training.data import TrainingData
 
 MAX_VECTORS = 16
 FORMAT = "dagfusion textual inversion"
@@ -154,41 +153,6 @@ def embedding_tensors(bundle: TextEncoderBundle, token: str = "") -> tuple[dict[
     return tensors, metadata
 
 
-class ReplacedCaptions(TrainingData):
-    """A training data source whose captions have each whole word ``find`` replaced by ``replace``
-    (teach ``"<pink>"`` with a dataset captioned ``"pink"``); images are unchanged."""
-
-    def __init__(self, source: Any, find: str, replace: str) -> None:
-        import re
-
-        from dagfusion.nodes.training.data import as_training_data
-
-        self.source = as_training_data(source)
-        self.find, self.replace = find, replace
-        self._pattern = re.compile(rf"(?<![\w<]){re.escape(find)}(?![\w>])")
-
-    def examples(self, first: int, count: int) -> Any:
-        import dataclasses
-
-        batch = self.source.examples(first, count)
-        captions = tuple(self._pattern.sub(lambda _: self.replace, c) for c in batch.captions)
-        return dataclasses.replace(batch, captions=captions)
-
-    def describe(self) -> dict[str, Any]:
-        return {**self.source.describe(), "replace": [self.find, self.replace]}
-
-    def __dagfusion_fingerprint__(self) -> str:
-        from dagfusion.fingerprint import fingerprint
-
-        return "replaced-captions:" + str(fingerprint({"source": self.source, "find": self.find, "replace": self.replace}))
-
-
-def _replace_example() -> dict[str, Any]:
-    from dagfusion.nodes.shapes.concept import concept_dataset
-
-    return {"data": concept_dataset("pink", "", "train", 32, 0, 0.0), "find": "pink", "replace": "<pink>"}
-
-
 def _train_example() -> dict[str, Any]:
     from dagfusion.testing import models as tiny
 
@@ -269,24 +233,4 @@ def save_embedding(ctx: RunContext, clip: TextEncoderBundle, filename: str, toke
     return {"path": str(path), "token": metadata["token"]}
 
 
-@node(
-    "dagfusion.text.ReplaceInCaptions",
-    version="1.0.0",
-    category="training",
-    inputs=[
-        Input("data", union("SHAPES_DATASET", "TRAINING_DATA"), link_only=True, description="Training data with captions."),
-        Input("find", STRING, description="The word to replace (whole words only), e.g. 'pink'."),
-        Input("replace", STRING, description="What to put instead, e.g. the new token '<pink>'."),
-    ],
-    outputs=[Output("data", "TRAINING_DATA", "The same samples with the word replaced in every caption.")],
-    examples=[_replace_example],
-)
-def replace_in_captions(ctx: RunContext, data: Any, find: str, replace: str) -> ReplacedCaptions:
-    """Replace a word in every caption of a training data source, e.g. a colour's name by the new
-    token an embedding learns (dagfusion.text.TrainableEmbedding); the images are unchanged."""
-    if not find.strip():
-        raise NodeInputError("find", "expected a word to replace")
-    return ReplacedCaptions(data, find.strip(), replace.strip())
-
-
-NODES = (trainable_embedding_node, save_embedding, replace_in_captions)
+NODES = (trainable_embedding_node, save_embedding)

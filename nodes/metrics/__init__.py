@@ -212,7 +212,7 @@ def _pair_example() -> dict[str, Any]:
     ],
     examples=[_pair_example],
 )
-def fidelity(ctx: RunContext, images: Any, reference: Any) -> dict[str, Any]:
+def fidelity_node(ctx: RunContext, images: Any, reference: Any) -> dict[str, Any]:
     """PSNR, SSIM and relative L1 of images against a reference run."""
     import math
 
@@ -409,7 +409,7 @@ def shape_eval_pair(ctx: RunContext, images: Any, prompts: Any, evaluator: Any) 
 
 
 NODES = (
-    load_evaluator, train_evaluator, save_evaluator, shape_eval, fidelity, fd_shapes,
+    load_evaluator, train_evaluator, save_evaluator, shape_eval, fidelity_node, fd_shapes,
     load_pair_evaluator, train_pair_evaluator, save_pair_evaluator, shape_eval_pair,
     *video.NODES, *colour.NODES,
 )

@@ -28,7 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dagfusion import LIST, SEED, Input, Output, RunContext, node
+from dagfusion import LIST, SEED, STRING, Input, Output, RunContext, node, union
+from dagfusion.errors import NodeInputError
 from dagfusion.nodes.training.types import TRAINING_DATA
 
 
@@ -259,4 +260,57 @@ def image_data(ctx: RunContext, images: Any, captions: list[str], seed: int, shu
     return ImageCaptionData(images, list(captions), seed=seed, shuffle=shuffle)
 
 
-NODES = (image_data,)
+class ReplacedCaptions(TrainingData):
+    """A training data source whose captions have each whole word ``find`` replaced by ``replace``
+    (teach ``"<pink>"`` with a dataset captioned ``"pink"``); images are unchanged."""
+
+    def __init__(self, source: Any, find: str, replace: str) -> None:
+        import re
+
+        self.source = as_training_data(source)
+        self.find, self.replace = find, replace
+        self._pattern = re.compile(rf"(?<![\w<]){re.escape(find)}(?![\w>])")
+
+    def examples(self, first: int, count: int) -> Any:
+        import dataclasses
+
+        batch = self.source.examples(first, count)
+        captions = tuple(self._pattern.sub(lambda _: self.replace, c) for c in batch.captions)
+        return dataclasses.replace(batch, captions=captions)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.source.describe(), "replace": [self.find, self.replace]}
+
+    def __dagfusion_fingerprint__(self) -> str:
+        from dagfusion.fingerprint import fingerprint
+
+        return "replaced-captions:" + str(fingerprint({"source": self.source, "find": self.find, "replace": self.replace}))
+
+
+def _replace_example() -> dict[str, Any]:
+    from dagfusion.nodes.shapes.concept import concept_dataset
+
+    return {"data": concept_dataset("pink", "", "train", 32, 0, 0.0), "find": "pink", "replace": "<pink>"}
+
+
+@node(
+    "dagfusion.train.ReplaceInCaptions",
+    version="1.0.0",
+    category="training",
+    inputs=[
+        Input("data", union("SHAPES_DATASET", TRAINING_DATA), link_only=True, description="Training data with captions."),
+        Input("find", STRING, description="The word to replace (whole words only), e.g. 'pink'."),
+        Input("replace", STRING, description="What to put instead, e.g. the new token '<pink>'."),
+    ],
+    outputs=[Output("data", TRAINING_DATA, "The same samples with the word replaced in every caption.")],
+    examples=[_replace_example],
+)
+def replace_in_captions(ctx: RunContext, data: Any, find: str, replace: str) -> ReplacedCaptions:
+    """Replace a word in every caption of a training data source, e.g. a colour's name by the new
+    token an embedding learns (dagfusion.text.TrainableEmbedding); the images are unchanged."""
+    if not find.strip():
+        raise NodeInputError("find", "expected a word to replace")
+    return ReplacedCaptions(data, find.strip(), replace.strip())
+
+
+NODES = (image_data, replace_in_captions)

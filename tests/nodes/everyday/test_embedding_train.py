@@ -14,13 +14,12 @@ diffusers = pytest.importorskip("diffusers")
 
 from dagfusion.nodes.diffusion.text import encode_prompt
 from dagfusion.nodes.everyday.embedding_train import (
-    ReplacedCaptions,
     TrainableEmbeddingPatch,
     embedding_tensors,
     trainable_embedding,
 )
 from dagfusion.nodes.everyday.embeddings import read_embedding_file, with_embedding
-from dagfusion.nodes.training.data import ImageCaptionData
+from dagfusion.nodes.training.data import ImageCaptionData, ReplacedCaptions
 from dagfusion.nodes.training.loop import TrainConfig, train
 from dagfusion.nodes.training.objectives import VPredictionObjective
 from safetensors import safe_open

@@ -22,6 +22,7 @@ METRICS = (
     "dagfusion.metrics.VideoMotion",
     "dagfusion.metrics.VideoFrameEval",
     "dagfusion.metrics.FDShapesVideo",
+    "dagfusion.metrics.ObjectColour",
 )
 #: sha256 of the shipped ShapeEval weights: the file carries provenance metadata and is never re-saved.
 SHIPPED_SHA256 = "c46200057d9c8fff0d9c1209f7965c11b6ac7d567f7e01e3f68c4414aab6f2a4"

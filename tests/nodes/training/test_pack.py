@@ -36,7 +36,8 @@ def test_types_nodes_and_the_data_seam(registry):
     for socket_type in TYPES:
         assert socket_type.name in registry.types
     assert PACK_IDS == sorted(
-        ["dagfusion.train.Train", "dagfusion.train.TrainVAE", "dagfusion.train.NewModel", "dagfusion.train.ImageData", "dagfusion.train.SaveDiffusers",
+        ["dagfusion.train.Train", "dagfusion.train.TrainVAE", "dagfusion.train.NewModel", "dagfusion.train.ImageData",
+         "dagfusion.train.ReplaceInCaptions", "dagfusion.train.SaveDiffusers",
          "dagfusion.train.Epsilon", "dagfusion.train.VPrediction", "dagfusion.train.RectifiedFlow"]
     )
     data = registry.get("dagfusion.train.Train").input("data").type

@@ -168,7 +168,7 @@ def test_one_step_sampling_equals_the_generator_called_directly(parts: dict[str,
     assert gap <= ulps, (gap, ulps)
     # the generic video sampler with one step and no guidance is the same run
     video = sample_video.fn(SimpleNamespace(check_cancelled=lambda: None, progress=lambda *a, **k: None, handler=None),
-                            model, cond, latent, 1, 4, 1.0, 1.0, "default")
+                            model, cond, latent, 1, 4, 1.0, 1.0, "default", 0)
     assert torch.allclose(video["latent"].samples, out.samples)
     # a different seed gives a different clip (the noise is really used)
     other, _ = sample_one_step.fn(SimpleNamespace(check_cancelled=lambda: None, progress=lambda *a, **k: None,
