@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.slow
-def test_edict_shapes_reports_both_methods_and_edict_reconstructs_better(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("edict_shapes", ROOT / "benchmarks" / "edict_shapes.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_edict_shapes_reports_both_methods_and_edict_reconstructs_better(tmp_path: Path, benchmark_module: Any) -> None:
+    module = benchmark_module("edict_shapes")
     out = tmp_path / "result.json"
     module.main(["--images", "2", "--steps", "3", "--json", str(out)])
     result = json.loads(out.read_text())

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def benchmark() -> Any:
-    spec = importlib.util.spec_from_file_location("textcraftor_shapes", ROOT / "benchmarks" / "textcraftor_shapes.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
-def test_train_eval_and_interpolate_on_tiny_settings(tmp_path: Path) -> None:
-    module = benchmark()
+def test_train_eval_and_interpolate_on_tiny_settings(tmp_path: Path, benchmark_module: Any) -> None:
+    module = benchmark_module("textcraftor_shapes")
     tiny = ["--steps", "2", "--batch", "1", "--sample-steps", "2", "--grad-steps", "1", "--checkpoint-every", "1"]
     assert module.main(["train", "--out", str(tmp_path / "a"), "--lr", "1e-3", *tiny]) == 0
     record = json.loads((tmp_path / "a" / "train.json").read_text())
