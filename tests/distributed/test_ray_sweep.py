@@ -68,6 +68,7 @@ def test_tensor_sweep_matches_local(pool: WorkerPool, driver: Engine, root: Path
 def test_quickstart_loads_models_once_per_worker(pool: WorkerPool, driver: Engine, root: Path) -> None:
     workflow = with_sweep(REPO / "workflows" / "quickstart.yaml", root / "quick.yaml", "{sample.seed: [7, 8]}")
     overrides = ["sample.steps=2"]
+    default_cache().clear()  # earlier tests in this process may have loaded shapes-sd already
     before = default_cache().stats.loads
     local = Engine(settings=make_settings(root)).run_sweep(workflow, overrides=overrides, out=root / "local-quick")
     local_loads = default_cache().stats.loads - before  # the second point loads nothing
