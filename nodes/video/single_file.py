@@ -74,12 +74,12 @@ from dagfusion.nodes.diffusion.loading import (
     PICKLE_HINT,
     PICKLE_SUFFIXES,
     _transformers_dtype_kwarg,
-    check_tree_readable,
     read_json,
     scheduler_spec,
     torch_dtype,
     vae_scale_factor,
 )
+from dagfusion.nodes.diffusion.single_file import check_sources
 from dagfusion.nodes.diffusion.types import MODEL, SCHEDULER, VAE
 from dagfusion.nodes.video.svd import CLIP_VISION
 
@@ -269,7 +269,8 @@ class _Source:
                 raise UnsafeOperationError(f"{path.name} is a pickle checkpoint; {PICKLE_HINT}")
             import torch
 
-            loaded = torch.load(str(path), map_location="cpu", weights_only=False)
+            # opted in (allow_pickle), and still tensors and containers only, as diffusers reads them
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
             state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
             if not isinstance(state, dict):
                 raise ValueError(f"{path.name} holds no state dict")
@@ -489,18 +490,8 @@ def load_svd_single_file(
     from dagfusion.fingerprint import fingerprint_path, new_hasher
 
     roots = tuple(read_roots) if read_roots is not None else None
-    sources = [Path(path)]
-    if config:
-        sources.append(Path(config))
-    if image_encoder_folder:
-        sources.append(Path(image_encoder_folder))
-
-    def check() -> None:
-        if roots is not None:
-            for source in sources:
-                check_tree_readable(source, roots)
-
-    check()
+    sources = [Path(p) for p in (path, config, image_encoder_folder) if p]
+    check_sources(sources, roots)
     path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"expected a checkpoint file, but {path} does not exist")
@@ -531,7 +522,7 @@ def load_svd_single_file(
     key = ("svd-single-file", str(path), content, extra, frames, dtype, placement, allow_pickle)
 
     def loader() -> dict[str, Any]:
-        check()
+        check_sources(sources, roots)
         return load_svd_components(path, configs, encoder_dir, frames, dtype, placement, allow_pickle)
 
     def ref(name: str) -> ComponentRef:
