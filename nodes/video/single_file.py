@@ -57,7 +57,6 @@ from dagfusion import (
     STRING,
     Input,
     NodeInputError,
-    Output,
     RunContext,
     UnsafeOperationError,
     node,
@@ -80,8 +79,7 @@ from dagfusion.nodes.diffusion.loading import (
     vae_scale_factor,
 )
 from dagfusion.nodes.diffusion.single_file import check_sources
-from dagfusion.nodes.diffusion.types import MODEL, SCHEDULER, VAE
-from dagfusion.nodes.video.svd import CLIP_VISION
+from dagfusion.nodes.video.svd import SVD_OUTPUTS
 
 CONFIGS = Path(__file__).parent / "configs" / "svd"
 UNET_PREFIX = "model.diffusion_model."
@@ -638,12 +636,7 @@ def _example(folder: Any) -> dict[str, Any]:
         Input("dtype", STRING, "auto", choices=("auto", "fp32", "fp16", "bf16"),
               description="Weight precision; 'auto' is fp16 on a GPU and fp32 on the CPU."),
     ],
-    outputs=[
-        Output("model", MODEL, "The video UNet with SVD's scheduler."),
-        Output("clip_vision", CLIP_VISION, "The image encoder and its image processor."),
-        Output("vae", VAE, "The VAE (temporal decoder)."),
-        Output("scheduler", SCHEDULER, "SVD's scheduler configuration."),
-    ],
+    outputs=list(SVD_OUTPUTS),
     examples=[_example],
 )
 def load_svd_single_file_node(

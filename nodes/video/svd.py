@@ -224,6 +224,15 @@ def _load_example(folder: Any) -> dict[str, Any]:
     return {"path": str(tiny.write_model("svd", folder / "tiny-svd")), "device": "cpu", "dtype": "fp32"}
 
 
+#: What the SVD loaders give (a diffusers folder or a single file): the same four handles.
+SVD_OUTPUTS = (
+    Output("model", MODEL, "The video UNet with the pipeline's scheduler."),
+    Output("clip_vision", CLIP_VISION, "The image encoder and its image processor."),
+    Output("vae", VAE, "The VAE (temporal decoder)."),
+    Output("scheduler", SCHEDULER, "The pipeline's scheduler configuration."),
+)
+
+
 @node(
     "dagfusion.video.LoadSVD",
     version="1.0.0",
@@ -236,12 +245,7 @@ def _load_example(folder: Any) -> dict[str, Any]:
         Input("dtype", STRING, "auto", choices=("auto", "fp32", "fp16", "bf16"),
               description="Weight precision; 'auto' is fp16 on a GPU and fp32 on the CPU."),
     ],
-    outputs=[
-        Output("model", MODEL, "The video UNet with the pipeline's scheduler."),
-        Output("clip_vision", CLIP_VISION, "The image encoder and its image processor."),
-        Output("vae", VAE, "The VAE (temporal decoder)."),
-        Output("scheduler", SCHEDULER, "The pipeline's scheduler configuration."),
-    ],
+    outputs=list(SVD_OUTPUTS),
     examples=[_load_example],
 )
 def load_svd(ctx: RunContext, path: str, device: str, dtype: str) -> dict[str, Any]:
