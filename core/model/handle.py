@@ -206,6 +206,18 @@ class Handle:
         clone.patches = ()
         return clone
 
+    def with_patches(self: H, patches: Sequence[Any]) -> H:
+        """A clone with exactly ``patches``, in order (outermost first); this handle is unchanged.
+
+        :raises TypeError: a patch has neither ``apply`` nor ``begin``.
+        :raises NodeDefinitionError: a patch has no key (see :func:`~dagfusion.model.patch_key`).
+        """
+        for patch in patches:
+            check_patch(patch)
+        clone = self.clone()
+        clone.patches = tuple(patches)
+        return clone
+
     def _patch_fingerprint(self) -> dict[str, Any]:
         return {"patches": [patch_key(p) for p in self.patches]} if self.patches else {}
 

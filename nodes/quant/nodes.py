@@ -61,11 +61,7 @@ def without_quantization(model: Any) -> Any:
     kinds = (WeightQuantPatch, QATPatch)
     if applied_patch(model, kinds) is None:
         return model
-    base = model.without_patches()
-    for other in model.patches:
-        if not isinstance(other, kinds):
-            base = base.with_patch(other)
-    return base
+    return model.with_patches([p for p in model.patches if not isinstance(p, kinds)])
 
 
 def replacing_quantization(model: Any, patch: Any) -> Any:

@@ -223,13 +223,10 @@ def result_bundle(bundle: Any, trained: TrainableEncoder, fingerprint: str | Non
             p.data = p.data.to(device=device)
         return _with_info(bundle.with_patch(trained.new_patch), merged)
     if trained.mode == "patches":
-        out = bundle.without_patches()
-        for i, patch in enumerate(trained.patches):
-            if i in trained.owning:
-                for p in patch_parameters(patch).values():
-                    p.data = p.data.to(device=device)
-            out = out.with_patch(patch)
-        return _with_info(out, merged)
+        for i in trained.owning:
+            for p in patch_parameters(trained.patches[i]).values():
+                p.data = p.data.to(device=device)
+        return _with_info(bundle.with_patches(trained.patches), merged)
     module = trained.module.eval()
     module.requires_grad_(False)
     dtype = module_dtype(encoder)

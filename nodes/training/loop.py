@@ -170,7 +170,7 @@ class _TextCache:
         self.clip = clip
         self.device = device
         self.kind = getattr(clip, "kind", None)  # an image encoder has none: its objective prepares batches
-        self.limit = 0 if trains else limit
+        self.limit = limit
         self.trains = trains
         self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
@@ -239,10 +239,7 @@ def _clip_for_training(clip: Any, trainable: str) -> tuple[Any, list[int]]:
     copies = copy.deepcopy([patches[i] for i in owning])
     for i, patch in zip(owning, copies):
         patches[i] = patch
-    bundle = clip.without_patches()
-    for patch in patches:
-        bundle = bundle.with_patch(patch)
-    return bundle, owning
+    return clip.with_patches(patches), owning
 
 
 def train(
@@ -490,8 +487,6 @@ def train(
             p.data = p.data.to(device=original_device)
     for name, p in clip_params.items():
         p.data = p.data.to(device=clip_devices[name])
-    if clip_owning:  # rebuilt so that the bundle's fingerprint follows the trained patches' keys
-        clip = _rebuilt(clip)
 
     final_loss = _mean(recent)
     if start >= total and "final_loss" in resumed:
@@ -506,18 +501,8 @@ def train(
     if scheduler is not None:
         handle = handle.with_scheduler(scheduler)
     if owning:
-        handle = handle.without_patches()
-        for patch in patches:
-            handle = handle.with_patch(patch)
+        handle = handle.with_patches(patches)
     return TrainResult(handle, final_loss, losses, start, last_checkpoint, clip=clip)
-
-
-def _rebuilt(bundle: Any) -> Any:
-    """A clone of ``bundle`` with the same patches, appended again (keys are read afresh)."""
-    out = bundle.without_patches()
-    for patch in bundle.patches:
-        out = out.with_patch(patch)
-    return out
 
 
 def _place(module: Any, device: Any, dtype: Any) -> None:

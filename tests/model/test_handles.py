@@ -79,6 +79,18 @@ def test_with_patch_refuses_non_patches(handle: Handle) -> None:
         handle.with_patch(object())
 
 
+@pytest.mark.parametrize("handle", _handles(), ids=lambda h: type(h).__name__)
+def test_with_patches_sets_exactly_those_patches_in_order(handle: Handle) -> None:
+    first, second = Scale(2.0), Scale(3.0)
+    stacked = handle.with_patch(first).with_patch(second)
+    replaced = stacked.with_patches([second, first])
+    assert replaced.patches == (second, first) and stacked.patches == (first, second)
+    assert fingerprint(handle.with_patches([first, second])) == fingerprint(stacked)
+    assert fingerprint(stacked.with_patches([])) == fingerprint(handle)
+    with pytest.raises(TypeError, match="expected a model patch"):
+        handle.with_patches([first, object()])
+
+
 def test_unpatched_vae_and_text_fingerprints_are_unchanged_by_the_patch_field() -> None:
     # Handles without patches fingerprint as before patches existed on them (disk caches stay valid).
     vae = VAEHandle.from_module(torch.nn.Linear(2, 2))

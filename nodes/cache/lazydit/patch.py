@@ -172,10 +172,7 @@ def replace_patch(model: Any, index: int, patch: Any) -> Any:
     """A clone of ``model`` with its ``index``-th patch replaced by ``patch`` (order kept)."""
     patches = list(model.patches)
     patches[index] = patch
-    handle = model.without_patches()
-    for p in patches:
-        handle = handle.with_patch(p)
-    return handle
+    return model.with_patches(patches)
 
 
 # --- the per-run hook ------------------------------------------------------------------------------------
