@@ -3,7 +3,8 @@
 ``dagfusion run WF.yaml|PICTURE.png [--set node.input=value]… [--out DIR] [--no-cache] [--json-events]``,
 ``dagfusion validate``, ``dagfusion nodes [--json]``, ``dagfusion plugins``, ``dagfusion schema``,
 ``dagfusion docs``, ``dagfusion inspect PICTURE.png``, ``dagfusion ui [WF.yaml|PICTURE.png]``,
-``dagfusion serve``, ``dagfusion submit WF``, ``dagfusion jobs``, ``dagfusion cancel JOB`` (the job server).
+``dagfusion serve``, ``dagfusion submit WF``, ``dagfusion jobs``, ``dagfusion cancel JOB`` (the job server),
+``dagfusion tune MODEL --floor psnr=35`` (search accelerations; :mod:`dagfusion.nodes.tune.command`).
 
 Exit codes: 0 ok, 1 a node failed, 2 invalid workflow or usage, 130 cancelled (Ctrl-C cancels
 the run cleanly; a second Ctrl-C aborts). Importing this module, ``--help`` and ``validate``
@@ -92,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     from dagfusion.server.commands import add_parsers as add_server_parsers  # argparse only
 
     add_server_parsers(sub)
+    from dagfusion.nodes.tune.command import add_parser as add_tune_parser  # argparse only
+
+    add_tune_parser(sub, settings_flags)
     return parser
 
 
@@ -376,7 +380,7 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
 
 
 #: Commands that load the installed plugins: each warns once about a disabled plugin.
-_PLUGIN_COMMANDS = frozenset({"run", "validate", "nodes", "plugins", "schema", "ui", "serve"})
+_PLUGIN_COMMANDS = frozenset({"run", "validate", "nodes", "plugins", "schema", "ui", "serve", "tune"})
 
 
 def _check_plugins(command: str) -> None:
@@ -487,6 +491,12 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return run_server_command(args, _settings)
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from dagfusion.nodes.tune.command import run as run_tune
+
+    return run_tune(args, _settings(args))
+
+
 _COMMANDS = {
     "run": _cmd_run,
     "validate": _cmd_validate,
@@ -500,6 +510,7 @@ _COMMANDS = {
     "submit": _cmd_server,
     "jobs": _cmd_server,
     "cancel": _cmd_server,
+    "tune": _cmd_tune,
 }
 
 

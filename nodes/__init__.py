@@ -21,5 +21,6 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "textcraftor": "dagfusion.nodes.textcraftor",
     "structure": "dagfusion.nodes.structure",
     "video": "dagfusion.nodes.video",
+    "tune": "dagfusion.nodes.tune",
 }
 """Short name → module of every built-in pack, in registration order."""
