@@ -154,14 +154,21 @@ def export(args: argparse.Namespace) -> int:
 
 
 def reward_for(name: str, classifier: Any) -> Any:
-    """``shapeeval`` (all attributes), or ``shapeeval+brightness`` etc. (equal weights)."""
+    """``shapeeval`` (every attribute weighted 1), ``shapeeval:colour=3`` (some attributes
+    weighted otherwise), or a sum of rewards such as ``shapeeval+brightness`` (equal weights)."""
     from dagfusion.nodes.rewards.shapeeval import ShapeEvalReward
     from dagfusion.nodes.shapes.world import ATTRIBUTES
 
     parts = []
     for part in name.split("+"):
-        if part == "shapeeval":
-            parts.append(ShapeEvalReward(classifier, {a: 1.0 for a in ATTRIBUTES}))
+        if part.split(":")[0] == "shapeeval":
+            weights = {a: 1.0 for a in ATTRIBUTES}
+            for item in filter(None, part.partition(":")[2].split(",")):
+                attribute, _, value = item.partition("=")
+                if attribute not in weights:
+                    raise SystemExit(f"--reward: unknown ShapeEval attribute {attribute!r}; expected one of {list(weights)}")
+                weights[attribute] = float(value)
+            parts.append(ShapeEvalReward(classifier, weights))
         else:
             from dagfusion.nodes.rewards.image_stats import ImageStatReward
 
@@ -390,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fine-tune the encoder")
     t.add_argument("--out", required=True)
-    t.add_argument("--reward", default="shapeeval", help="shapeeval, brightness, saturation, or a sum: shapeeval+brightness")
+    t.add_argument("--reward", default="shapeeval", help="shapeeval, shapeeval:colour=3 (attribute weights), brightness, saturation, or a sum: shapeeval+brightness")
     t.add_argument("--variant", default="prompt", choices=("prompt", "direct"))
     t.add_argument("--steps", type=int, default=400)
     t.add_argument("--batch", type=int, default=4)
