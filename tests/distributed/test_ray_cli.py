@@ -51,3 +51,18 @@ def test_server_runs_a_job_on_ray(tmp_path: Path) -> None:
         assert (out / "sweep-001" / "report.txt").read_text().startswith("blurred noise:")
     finally:
         stop_server(running)
+
+
+def test_tune_measures_its_points_on_ray(cluster: object, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dagfusion.cli import main
+
+    monkeypatch.setenv("DAGFUSION_CACHE_DIR", str(root / "tune-cache"))
+    out = root / "tune-out"
+    code = main(["tune", "shapes-sd", "--floor", "psnr=30", "--count", "2", "--steps", "4", "--step-counts", "4",
+                 "--caches", "deepcache", "--quants", "none", "--executor", "ray", "--ray-workers", "2",
+                 "--out", str(out), "--threads", "1"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(r["setting"] for r in results) == sorted(
+        f"steps=4 cache={c} quant=none" for c in ("deepcache:2", "deepcache:3"))
+    assert (out / "chosen.yaml").is_file()
