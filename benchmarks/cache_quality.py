@@ -83,10 +83,10 @@ def variants(name: str, steps: int, loaded: Any = None, guidance: float = 4.0, g
             out.append((f"DeepCache N={interval}", DeepCachePatch(DeepCacheConfig(interval=interval))))
         if calibrated is not None:
             for interval in (3, 5):
-                schedule = calibrated(interval=interval)
+                schedule = calibrated(interval=interval, strength=1.0)  # "+ DEC": the fit as calibrated
                 out.append((f"CacheQuant DPS K={len(schedule.full_steps)}, no correction", schedule_patch(schedule, correct=False)))
                 out.append((f"CacheQuant DPS K={len(schedule.full_steps)} + DEC", schedule_patch(schedule)))
-            schedule = calibrated(interval=5, objective="corrected")
+            schedule = calibrated(interval=5, objective="corrected", strength=1.0)
             out.append((f"CacheQuant DPS (corrected objective) K={len(schedule.full_steps)} + DEC", schedule_patch(schedule)))
         out.append(("DeepCache non-uniform N=3", DeepCachePatch(DeepCacheConfig(interval=3, schedule="non-uniform", center=int(0.3 * steps)))))
         out.append(("DeepCache N=3 branch 1", DeepCachePatch(DeepCacheConfig(interval=3, branch=1))))

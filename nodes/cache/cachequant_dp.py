@@ -78,11 +78,19 @@ class PairStatistics:
 
     ``add(t, f)`` is called with each step's feature in order; the sums for ``(s, t)`` hold
     ``n, Σx, Σy, Σx², Σxy, Σy²`` over every element of channel ``c`` (x = f_s, y = f_t), in float64.
+
+    With ``groups = G > 1`` the batch (dimension 0) is split into ``G`` equal consecutive parts —
+    the unconditional and the conditional half of a classifier-free-guidance batch for ``G = 2`` —
+    and every part keeps its own sums: the sums are ``(6, G, channels)`` and the fits
+    ``(G, channels)``. With ``G = 1`` they are ``(6, channels)`` and ``(channels,)``.
     """
 
-    def __init__(self, window: int, channel_dim: int) -> None:
+    def __init__(self, window: int, channel_dim: int, groups: int = 1) -> None:
+        if groups < 1:
+            raise ValueError(f"groups must be at least 1, got {groups}")
         self.window = int(window)
         self.channel_dim = int(channel_dim)
+        self.groups = int(groups)
         self.recent: list[tuple[int, Any]] = []
         self.sums: dict[tuple[int, int], Any] = {}
         self.energy: dict[int, float] = {}  # Σy² over all channels of step t
@@ -90,18 +98,25 @@ class PairStatistics:
         self.shape: tuple[int, ...] | None = None
 
     def _flat(self, feature: Any) -> Any:
+        """``(elements, channels)`` float64 (one group) or ``(groups, elements, channels)``."""
         import torch
 
         f = feature.detach().to(torch.float64)
-        return f.movedim(self.channel_dim, -1).reshape(-1, f.shape[self.channel_dim])
+        channels = f.shape[self.channel_dim]
+        f = f.movedim(self.channel_dim, -1)
+        if self.groups == 1:
+            return f.reshape(-1, channels)
+        if f.shape[0] % self.groups:
+            raise ValueError(f"a batch of {f.shape[0]} rows cannot be split into {self.groups} equal groups")
+        return f.reshape(self.groups, -1, channels)
 
     @staticmethod
     def _sums(fx: Any, fy: Any) -> Any:
-        """``n, Σx, Σy, Σx², Σxy, Σy²`` per channel of flattened ``(elements, channels)`` features, on the CPU."""
+        """``n, Σx, Σy, Σx², Σxy, Σy²`` per channel of flattened ``(…, elements, channels)`` features, on the CPU."""
         import torch
 
-        n = torch.full((fy.shape[1],), float(fy.shape[0]), dtype=torch.float64, device=fy.device)
-        return torch.stack([n, fx.sum(0), fy.sum(0), (fx * fx).sum(0), (fx * fy).sum(0), (fy * fy).sum(0)]).cpu()
+        n = torch.full(fy.shape[:-2] + fy.shape[-1:], float(fy.shape[-2]), dtype=torch.float64, device=fy.device)
+        return torch.stack([n, fx.sum(-2), fy.sum(-2), (fx * fx).sum(-2), (fx * fy).sum(-2), (fy * fy).sum(-2)]).cpu()
 
     def cross(self, x: Any, y: Any) -> Any:
         """The per-channel sums of the pair ``(x, y)`` (two features of one shape), as :meth:`fit_sums` takes them."""
@@ -116,7 +131,7 @@ class PairStatistics:
             )
         self.shape = tuple(feature.shape)
         y = self._flat(feature)
-        self.channels = int(y.shape[1])
+        self.channels = int(y.shape[-1])
         self.energy[index] = float((y * y).sum())
         for s, x in self.recent:
             if index - s < self.window:
