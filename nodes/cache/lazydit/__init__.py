@@ -11,6 +11,15 @@ the tokens and scores it with a linear layer and a sigmoid::
 
     s = sigmoid(w · mean_tokens(x) + b)        # one score per batch row: how lazy to be
 
+**Per-step gates** (``LazyDiTGates`` with ``sampling_steps = N``), as in the reference code
+(shawnricecake/lazydit, where every block holds one linear gate per sampling step for attention
+and one for the MLP, picked by the step the timestep maps to): each gate is a
+``Linear(dim, N)`` whose row ``k`` scores step ``k``, ``s = sigmoid(w_k · mean_tokens(x) + b_k)``.
+Sampling picks row ``k`` for step ``k`` of an ``N``-step run (for a run of another length, the row
+of the same fraction of the run); :class:`~dagfusion.nodes.cache.lazydit.objective.LazyGateObjective`
+trains row ``k`` on the sampler's timestep of step ``k``. ``N = 0`` (the default) is one gate per
+module shared by every step, where the step enters only through the modulated input.
+
 ``s`` near 1 means "this module's output is almost the one of the previous step: reuse it".
 The reused value is the module's raw output (before the block multiplies it by its adaLN gate
 and adds it to the residual stream), as in the reference implementation, so the current step's
@@ -24,11 +33,14 @@ Modes (what a gated ``attn1``/``ff`` does; chosen per call by a :class:`LazySess
   scores are collected for the laziness penalty;
 - ``"hard"`` (sampling) — per batch row, reuse the previous output where ``s`` is above the
   step's threshold and compute the module only for the other rows (not at all when every row is
-  lazy). Step 0 — and every step before ``start_step`` — always computes.
+  lazy). Step 0 — and every step before ``start_step`` — always computes. With ``max_reuse = R``
+  a row that reused a module's output ``R`` steps in a row computes it at the next step (0: no
+  limit, as in the reference, where a reused output may stand in for any number of steps).
 
 The threshold comes from one of two rules: ``"threshold"`` (a fixed score, 0.5 in the paper)
 or ``"laziness"`` (a target fraction ``L`` of lazy modules: at each step the threshold is the
-``1 − L`` quantile of all gate scores of the previous step, so about a fraction ``L`` of the
+``1 − L`` quantile of all gate scores of the previous step — for per-step gates, the previous
+step's module inputs scored by *this* step's gate row — so about a fraction ``L`` of the
 modules score above it; ``L = 0`` never skips, ``L = 1`` skips every module after the start
 step). The fraction actually skipped is measured and reported.
 
@@ -53,10 +65,12 @@ Pieces:
   ``dagfusion.cache.LazyDiT`` (turn skipping on) and ``dagfusion.cache.LazyDiTStats`` (what a
   lazy run skipped).
 
-Differences from the reference code: one gate pair per block rather than one per block *and*
-sampling step (the step enters through the modulated input, as the paper describes); the gate
-averages over tokens instead of summing (so it does not depend on the resolution; a bias is
-added); and the ``"laziness"`` rule, which the reference does not have (it uses a fixed 0.5).
+Differences from the reference code: by default one gate pair per block rather than one per
+block *and* sampling step (``sampling_steps = N`` gives the reference's per-step gates); the
+gate averages over tokens instead of summing (so it does not depend on the resolution; a bias is
+added, one per step); the penalty may stop at a target mean laziness (``target_laziness < 1``;
+``1`` is the reference's always-pushing penalty); and the ``"laziness"`` rule and ``max_reuse``,
+which the reference does not have (it skips where the score passes a fixed 0.5, with no limit).
 
 The statistics of each run are what its hook's ``end()`` returns: the sampler puts them into
 the run's report (the Sample node's ``report`` output) under the patch's key, and
@@ -82,6 +96,8 @@ from dagfusion.nodes.cache.lazydit.gates import (
     architecture,
     check_architecture,
     describe_architecture,
+    gate_index,
+    gate_steps,
     new_gates,
     pool,
     transformer_of,
@@ -105,7 +121,7 @@ NODES = (lazydit_gates, lazy_gate_loss, lazydit, lazydit_stats, save_lazy_gates,
 __all__ = [
     "FILE_FORMAT", "FILE_VERSION", "KEY_PREFIX", "KINDS", "MODES", "NODES", "NORM_TYPES", "RULES", "LazyController",
     "LazyDiTHook", "LazyGateObjective", "LazyGates", "LazySession", "SkippingSession", "architecture",
-    "check_architecture", "controller", "describe_architecture", "find_gates", "installed", "lazy_gate_loss",
+    "check_architecture", "controller", "describe_architecture", "find_gates", "gate_index", "gate_steps", "installed", "lazy_gate_loss",
     "lazydit", "lazydit_gates", "lazydit_report", "lazydit_stats", "load_lazy_gates", "new_gates", "pool",
     "replace_patch", "save_lazy_gates", "transformer_of",
 ]

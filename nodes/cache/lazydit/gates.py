@@ -99,24 +99,54 @@ def check_architecture(expected: dict[str, Any], module: Any, what: str = "these
 # --- the gates -------------------------------------------------------------------------------------
 
 
-def new_gates(arch: dict[str, Any], *, seed: int = 0, init_bias: float = 0.0, init_std: float = 0.01) -> Any:
+def new_gates(arch: dict[str, Any], *, seed: int = 0, init_bias: float = 0.0, init_std: float = 0.01,
+              steps: int = 1) -> Any:
     """Fresh gates for ``arch``: weights ``N(0, init_std²)`` from a CPU generator seeded with
-    ``seed``, biases ``init_bias`` (0: every score starts near 0.5)."""
+    ``seed``, biases ``init_bias`` (0: every score starts near 0.5).
+
+    Each gate is a ``Linear(width, steps)``: output ``k`` scores sampling step ``k`` (the paper's
+    per-step gates); ``steps = 1`` is one gate shared by every step (what older files hold, drawn
+    from the generator exactly as before).
+
+    :raises ValueError: ``steps`` is below 1.
+    """
     import torch
 
+    if int(steps) < 1:
+        raise ValueError(f"gates need at least one step, got steps={steps}")
     generator = torch.Generator("cpu").manual_seed(int(seed))
     parts = {}
     for kind in KINDS:
         layers = []
         for width in _widths(arch, kind):
-            layer = torch.nn.Linear(width, 1)
+            layer = torch.nn.Linear(width, int(steps))
             with torch.no_grad():
-                layer.weight.copy_(torch.randn((1, width), generator=generator) * init_std)
+                layer.weight.copy_(torch.randn((int(steps), width), generator=generator) * init_std)
                 layer.bias.fill_(float(init_bias))
             layer.requires_grad_(False)
             layers.append(layer)
         parts[kind] = torch.nn.ModuleList(layers)
     return torch.nn.ModuleDict(parts)
+
+
+def gate_steps(gates: Any) -> int:
+    """How many sampling steps ``gates`` (from :func:`new_gates`) have their own parameters for:
+    1 for step-independent gates."""
+    return int(gates[KINDS[0]][0].weight.shape[0])
+
+
+def gate_index(step: int, total: int, steps: int) -> int:
+    """The gate row for step ``step`` of a ``total``-step run, for gates trained for ``steps`` steps.
+
+    The step itself when the run has the gates' step count; otherwise the gate step at the same
+    fraction of the run (``step · steps // total``, at most ``steps − 1``); always 0 for
+    step-independent gates (``steps = 1``).
+    """
+    if steps <= 1:
+        return 0
+    if total == steps or total <= 0:
+        return max(0, min(int(step), steps - 1))
+    return max(0, min(int(step) * steps // int(total), steps - 1))
 
 
 def pool(hidden: Any) -> Any:

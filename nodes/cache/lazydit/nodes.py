@@ -35,28 +35,33 @@ def _gates_example() -> dict[str, Any]:
 def _gates_example_other() -> dict[str, Any]:
     from dagfusion.testing import models as tiny
 
-    return {"model": tiny.pixart_handles()["model"], "seed": 2, "init_bias": 0.0}
+    return {"model": tiny.pixart_handles()["model"], "seed": 2, "init_bias": 0.0, "sampling_steps": 6}
 
 
 @node(
     "dagfusion.cache.LazyDiTGates",
-    version="1.0.0",
+    version="1.1.0",
     category="cache",
     inputs=[
         Input("model", MODEL, link_only=True, description="A DiT or PixArt model (diffusion transformer)."),
         Input("seed", SEED, 0, min=0, max=2**63 - 1, description="Seeds the gates' small random weights."),
         Input("init_bias", FLOAT, 0.0, min=-20.0, max=20.0,
               description="Initial gate bias: 0 starts every lazy score near 0.5; positive starts lazier."),
+        Input("sampling_steps", INT, 0, min=0, max=10000,
+              description="0: one gate per module shared by every step; N: one gate per module and sampling step "
+                          "of an N-step sampler (the paper's; train with LazyGateLoss sampling_steps N)."),
     ],
     outputs=[Output("model", MODEL, "The model with fresh LazyDiT gates (sampling is unchanged until LazyDiT turns skipping on).")],
     examples=[_gates_example, _gates_example_other],
     ui={"color": "#26a69a"},
 )
-def lazydit_gates(ctx: RunContext, model: Any, seed: int, init_bias: float) -> Any:
+def lazydit_gates(ctx: RunContext, model: Any, seed: int, init_bias: float, sampling_steps: int = 0) -> Any:
     """Add fresh LazyDiT gates to a diffusion transformer: one linear gate per attention and MLP module.
 
     Each gate scores the module's modulated input (after adaLN), averaged over tokens, for how
-    much its output may be reused from the previous step. Train them with dagfusion.train.Train
+    much its output may be reused from the previous step. With sampling_steps N every module has
+    one gate per step of an N-step sampler, as in the paper's code (a run with another step count
+    uses the gate of the same fraction of the run). Train them with dagfusion.train.Train
     (trainable: patches) and the dagfusion.cache.LazyGateLoss objective; the transformer itself
     stays frozen. Sampling this model is exactly the plain model until dagfusion.cache.LazyDiT
     turns skipping on.
@@ -64,7 +69,8 @@ def lazydit_gates(ctx: RunContext, model: Any, seed: int, init_bias: float) -> A
     arch = architecture(model.denoiser)
     if applied_patch(model, LazyGates) is not None:
         raise NodeInputError("model", "this model already has LazyDiT gates; a model takes one gate set")
-    return model.with_patch(LazyGates(new_gates(arch, seed=seed, init_bias=init_bias), arch))
+    gates = new_gates(arch, seed=seed, init_bias=init_bias, steps=max(1, sampling_steps))
+    return model.with_patch(LazyGates(gates, arch))
 
 
 def _lazydit_example() -> dict[str, Any]:
@@ -72,40 +78,45 @@ def _lazydit_example() -> dict[str, Any]:
 
 
 def _threshold_example() -> dict[str, Any]:
-    return {"model": _gated_pixart(), "rule": "threshold", "threshold": 0.5, "start_step": 2}
+    return {"model": _gated_pixart(), "rule": "threshold", "threshold": 0.5, "start_step": 2, "max_reuse": 1}
 
 
 @node(
     "dagfusion.cache.LazyDiT",
-    version="1.1.0",
+    version="1.2.0",
     category="cache",
     inputs=[
         Input("model", MODEL, link_only=True, description="A DiT/PixArt model carrying LazyDiT gates (trained or loaded)."),
         Input("rule", STRING, "laziness", choices=RULES,
               description="'laziness': skip about the given fraction of modules per step (the threshold is the "
-                          "previous step's score quantile); 'threshold': skip where the lazy score exceeds a fixed value."),
+                          "previous step's score quantile, rescored by this step's gates for per-step gates); 'threshold': skip "
+                          "where the lazy score exceeds a fixed value."),
         Input("laziness", FLOAT, 0.5, min=0.0, max=1.0,
               description="Rule 'laziness': target fraction of attention/MLP modules to reuse (0 = none, exact plain output)."),
         Input("threshold", FLOAT, 0.5, min=0.0, max=1.0,
               description="Rule 'threshold': reuse a module where its lazy score is above this (0.5 in the paper; 1 = never)."),
         Input("start_step", INT, 1, min=1, max=10000, description="Steps before this one always compute every module (step 0 always does)."),
+        Input("max_reuse", INT, 0, min=0, max=10000,
+              description="A module's output is reused at most this many steps in a row before it is computed again "
+                          "(0 = no limit, the paper's; 1 = never twice in a row)."),
     ],
     outputs=[Output("model", MODEL, "The model with LazyDiT skipping while sampling.")],
     examples=[_lazydit_example, _threshold_example],
     ui={"color": "#26a69a"},
 )
-def lazydit(ctx: RunContext, model: Any, rule: str, laziness: float, threshold: float, start_step: int) -> Any:
+def lazydit(ctx: RunContext, model: Any, rule: str, laziness: float, threshold: float, start_step: int,
+            max_reuse: int = 0) -> Any:
     """Speed up a diffusion transformer by reusing attention/MLP outputs where its LazyDiT gates say so.
 
     Per sampling step and module, the gate scores the module's input; where the score is above the
     step's threshold the module's output of the previous step is reused instead of computed (per
-    batch row). Each run's statistics — the fraction of modules skipped — are in the Sample
+    batch row); max_reuse caps how many steps in a row one output may stand in. Each run's statistics — the fraction of modules skipped — are in the Sample
     node's report and come out of dagfusion.cache.LazyDiTStats.
     """
     index, gates = find_gates(model)
     transformer_of(model.denoiser)
     return replace_patch(model, index, gates.configured(rule=rule, laziness=laziness, threshold=threshold,
-                                                        start_step=start_step))
+                                                        start_step=start_step, max_reuse=max_reuse))
 
 
 def _stats_example() -> dict[str, Any]:

@@ -15,6 +15,14 @@ For each batch row (``ᾱ`` the noise schedule, ``Δ = T // sampling_steps`` the
    and ``ρ`` alone sets how lazy the gates become; with ``τ < 1`` it stops pushing once the
    gates are lazy enough on average, and the MSE decides *which* modules are lazy.
 
+**Per-step gates** (gates made with ``sampling_steps = N``, one row of parameters per sampling
+step, as in the reference code) are trained on the sampler's own timesteps instead: step 1 draws
+a step index ``k`` uniform in ``[1, N)`` per row, ``t`` is the sampler's timestep of step ``k``
+and the previous step is the timestep of step ``k − 1`` (``timestep_spacing`` gives the
+sampler's grid: ``trailing``, ``leading`` or ``linspace``, as diffusers' schedulers); the soft
+pass scores every row with the gate row of its step ``k``. The gates' step count must equal
+``sampling_steps``.
+
 The objective reaches the gates through :func:`~dagfusion.nodes.cache.lazydit.session.controller` of
 ``model_call.module`` (the loop applies the model's patches, so the :class:`LazyGates` patch is
 applied) and switches modes with ``session.using(...)``. It trains the gates only: the Train node
@@ -38,6 +46,9 @@ from dagfusion.nodes.training.objectives import (
 )
 from dagfusion.nodes.training.types import OBJECTIVE
 
+SPACINGS = ("trailing", "leading", "linspace")
+"""Timestep grids of the sampler per-step gates are trained for (diffusers' ``timestep_spacing``)."""
+
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,8 @@ class LazyGateObjective(NoiseScheduleObjective):
         laziness_weight: ``ρ``, the weight of the laziness penalty.
         target_laziness: ``τ``, the mean lazy score the penalty pushes up to (1: always push).
         sampling_steps: The sampler's step count the gates are trained for (stride ``T // steps``).
+        timestep_spacing: The sampler's timestep grid, for per-step gates (``trailing``,
+            ``leading``, ``linspace``).
     """
 
     name = "lazy_gates"
@@ -56,6 +69,7 @@ class LazyGateObjective(NoiseScheduleObjective):
     laziness_weight: float = 1.0
     target_laziness: float = 0.5
     sampling_steps: int = 20
+    timestep_spacing: str = "trailing"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +81,8 @@ class LazyGateObjective(NoiseScheduleObjective):
             raise ValueError(f"laziness_weight must be 0 or more, got {self.laziness_weight}")
         if not 0.0 <= self.target_laziness <= 1.0:
             raise ValueError(f"target_laziness must be in [0, 1], got {self.target_laziness}")
+        if self.timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {list(SPACINGS)}, got {self.timestep_spacing!r}")
         if not 2 <= self.sampling_steps <= self.train_timesteps // 2:
             raise ValueError(
                 f"sampling_steps must be between 2 and {self.train_timesteps // 2} for {self.train_timesteps} "
@@ -87,7 +103,30 @@ class LazyGateObjective(NoiseScheduleObjective):
             "laziness_weight": self.laziness_weight,
             "target_laziness": self.target_laziness,
             "sampling_steps": self.sampling_steps,
+            "timestep_spacing": self.timestep_spacing,
         }
+
+    def grid(self) -> Any:
+        """The sampler's timesteps, step 0 first (the noisiest): ``(sampling_steps,)`` int64, as
+        diffusers' schedulers space them (``leading`` without a step offset)."""
+        import torch
+
+        T, n = self.train_timesteps, self.sampling_steps
+        if self.timestep_spacing == "trailing":
+            return torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)).long()[:n] - 1
+        if self.timestep_spacing == "leading":
+            return (torch.arange(0, n, dtype=torch.int64) * (T // n)).flip(0)
+        return torch.round(torch.linspace(0, T - 1, n, dtype=torch.float64)).long().flip(0)
+
+    def draw_steps(self, x0: Any, generator: Any) -> tuple[Any, Any, Any, Any]:
+        """For per-step gates: ``(noise, k, t_k, t_{k−1})`` with one step index ``k`` uniform in
+        ``[1, sampling_steps)`` per row and the sampler's timesteps of steps ``k`` and ``k − 1``."""
+        import torch
+
+        k = torch.randint(1, self.sampling_steps, (x0.shape[0],), generator=generator)
+        noise = torch.randn(tuple(x0.shape), generator=generator, dtype=torch.float32)
+        grid = self.grid()
+        return noise.to(x0.device), k, grid[k], grid[k - 1]
 
     def draw(self, x0: Any, generator: Any) -> tuple[Any, Any]:
         """Noise like ``x0`` and one timestep ``t`` per row with room for the previous step ``t + Δ``."""
@@ -124,10 +163,20 @@ class LazyGateObjective(NoiseScheduleObjective):
             raise ValueError("LazyGateLoss does not work with gradient checkpointing (the gates' modes are per call); turn it off")
         x0 = batch.x0
         device = x0.device
-        noise, t = self.draw(x0, generator)
-        before = t + self.stride
+        steps = ctl.patch.steps
+        if steps > 1:
+            if steps != self.sampling_steps:
+                raise ValueError(
+                    f"these LazyDiT gates have one row per step of a {steps}-step sampler; set LazyGateLoss's "
+                    f"sampling_steps to {steps} (it is {self.sampling_steps})"
+                )
+            noise, k, t, before = self.draw_steps(x0, generator)
+        else:
+            noise, t = self.draw(x0, generator)
+            k, before = None, t + self.stride
         x_before = self.noisy(x0, noise, before)
         with ctl.session() as session:
+            session.gate_step = k
             with torch.no_grad(), session.using("fill"):
                 previous = model_call(x_before, before.to(device))
             x_t = self.ddim_step(x_before, previous, before, t)
@@ -149,7 +198,7 @@ class LazyGateObjective(NoiseScheduleObjective):
 
 @node(
     "dagfusion.cache.LazyGateLoss",
-    version="1.0.0",
+    version="1.1.0",
     former_ids=["dagfusion.train.LazyGateLoss"],
     category="training/objectives",
     inputs=[
@@ -159,6 +208,9 @@ class LazyGateObjective(NoiseScheduleObjective):
               description="The mean lazy score the penalty pushes up to (1 = always push, as in the paper)."),
         Input("sampling_steps", INT, 20, min=2, max=50_000,
               description="Sampling steps the gates are for: the previous step is t + train_timesteps // sampling_steps."),
+        Input("timestep_spacing", STRING, "trailing", choices=SPACINGS,
+              description="Per-step gates: the sampler's timestep grid (its scheduler's timestep_spacing); "
+                          "step-independent gates train on uniform timesteps and ignore it."),
         Input("prediction", STRING, "epsilon", choices=PREDICTIONS,
               description="What the model predicts (its scheduler's prediction_type), for the DDIM step between the two timesteps."),
         *MODEL_SCHEDULE_INPUTS,
@@ -170,6 +222,7 @@ class LazyGateObjective(NoiseScheduleObjective):
 def lazy_gate_loss(
     ctx: RunContext, laziness_weight: float, target_laziness: float, sampling_steps: int, prediction: str,
     beta_schedule: str, beta_start: float, beta_end: float, train_timesteps: int, zero_terminal_snr: bool,
+    timestep_spacing: str = "trailing",
 ) -> LazyGateObjective:
     """LazyDiT's lazy-learning objective: gates learn to reuse previous-step outputs where it costs least.
 
@@ -179,14 +232,15 @@ def lazy_gate_loss(
     the mean lazy score up to the target. Use with dagfusion.train.Train, trainable: patches, on a
     model carrying dagfusion.cache.LazyDiTGates; give the model's noise schedule and prediction type.
     sampling_steps above train_timesteps // 2 and epsilon prediction on a zero-terminal-SNR schedule
-    are refused (at validation for constants, as NodeInputError for linked values).
+    are refused (at validation for constants, as NodeInputError for linked values). Per-step gates
+    (LazyDiTGates with sampling_steps N) train on the sampler's N timesteps, each with its own gate row.
     """
     enforce(check_gate_loss, {"sampling_steps": sampling_steps, "train_timesteps": train_timesteps,
                               "prediction": prediction, "zero_terminal_snr": zero_terminal_snr})
     return LazyGateObjective(
         train_timesteps=train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end,
         zero_terminal_snr=zero_terminal_snr, prediction=prediction, laziness_weight=laziness_weight,
-        target_laziness=target_laziness, sampling_steps=sampling_steps,
+        target_laziness=target_laziness, sampling_steps=sampling_steps, timestep_spacing=timestep_spacing,
     )
 
 

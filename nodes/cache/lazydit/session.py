@@ -75,23 +75,36 @@ class LazyController:
             return None
         return session
 
-    def score(self, slot: tuple[int, str], hidden: Any) -> Any:
+    def score(self, slot: tuple[int, str], hidden: Any, step: Any = None) -> Any:
         """The lazy score ``(B,)`` of ``slot`` for the module input ``hidden`` (float32; differentiable
-        in the gate parameters when they live on ``hidden``'s device)."""
+        in the gate parameters when they live on ``hidden``'s device).
+
+        :param step: Which gate row scores (per-step gates): ``None`` or an int for every batch
+            row, or a ``(B,)`` integer tensor, one per row. ``None`` is row 0 (step-independent gates).
+        """
+        return self.score_pooled(slot, pool(hidden), step)
+
+    def score_pooled(self, slot: tuple[int, str], pooled: Any, step: Any = None) -> Any:
+        """:meth:`score` of an input already pooled over its tokens (``(B, D)`` float32)."""
         import torch
 
         index, kind = slot
         layer = self.patch.gates[kind][index]
         weight, bias = layer.weight, layer.bias
-        if weight.device != hidden.device:
-            key = (index, kind, str(hidden.device))
+        if weight.device != pooled.device:
+            key = (index, kind, str(pooled.device))
             moved = self._moved.get(key)
             if moved is None:
-                moved = self._moved[key] = (weight.detach().to(hidden.device), bias.detach().to(hidden.device))
+                moved = self._moved[key] = (weight.detach().to(pooled.device), bias.detach().to(pooled.device))
             weight, bias = moved
-        with torch.autocast(hidden.device.type, enabled=False):
-            logits = torch.nn.functional.linear(pool(hidden), weight.float(), bias.float())
-        return torch.sigmoid(logits).squeeze(-1)
+        with torch.autocast(pooled.device.type, enabled=False):
+            if isinstance(step, torch.Tensor):
+                rows = step.to(weight.device).long()
+                logits = (pooled * weight[rows].float()).sum(-1) + bias[rows].float()
+            else:
+                row = 0 if step is None else int(step)
+                logits = torch.nn.functional.linear(pooled, weight[row:row + 1].float(), bias[row:row + 1].float()).squeeze(-1)
+        return torch.sigmoid(logits)
 
 
 def input_layout(hidden: Any) -> tuple[Any, ...]:
@@ -115,10 +128,13 @@ class LazySession:
         mode: One of :data:`MODES` (set with :meth:`using`).
         cache: ``{slot: (input layout, output)}``: the last output of each module.
         soft: The scores ``(B,)`` of the ``"soft"`` calls, in call order (with gradients).
+        gate_step: Which row of per-step gates scores: ``None`` (row 0), an int, or a ``(B,)``
+            integer tensor (one per batch row; see :meth:`LazyController.score`).
     """
 
     def __init__(self) -> None:
         self.mode = "off"
+        self.gate_step: Any = None
         self.cache: dict[tuple[int, str], tuple[Any, Any]] = {}
         self.soft: list[Any] = []
 
@@ -160,7 +176,7 @@ class LazySession:
                     "LazyDiT 'soft' mode mixes with the previous step's outputs: run the model in 'fill' mode on a "
                     "batch of the same shape first, in the same session"
                 )
-            score = ctl.score(slot, hidden)
+            score = ctl.score(slot, hidden, self.gate_step)
             self.soft.append(score)
             out = original(hidden, *args, **kwargs)
             s = score.to(out.dtype).reshape(-1, *([1] * (out.ndim - 1)))

@@ -4,7 +4,10 @@ Skipping is checked against the plain sampler (exact when nothing may skip), the
 module computations (forward hooks on each attention's query projection and each MLP's first
 projection, which run only when the module really computes, once per batch row), and across
 runs (state per run, the module restored). Training goes through the real Train node with
-``trainable: patches``; files round-trip; wrong models are refused with clear errors.
+``trainable: patches``; files round-trip; wrong models are refused with clear errors. Per-step
+gates (one row per sampling step) skip at the steps their rows say, round-trip through files,
+train toward the penalty's target, and keep the laziness rule's fraction; ``max_reuse`` caps
+consecutive reuse.
 """
 
 from __future__ import annotations
@@ -485,3 +488,162 @@ def test_gate_loss_linked_bad_value_raises_node_input_error(tmp_path: Path) -> N
                              prediction="epsilon", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                              train_timesteps=1000, zero_terminal_snr=False)
     assert info.value.input == "sampling_steps"
+
+
+# --- per-step gates (one gate row per sampling step, as in the reference code) ---------------------------
+
+
+def step_pattern_gates(model: Any, lazy_steps: set[int], steps: int = STEPS, **settings: Any) -> LazyGates:
+    """Per-step gates whose rows score 1 (lazy) at ``lazy_steps`` and 0 elsewhere, whatever the input."""
+    arch = architecture(model.denoiser)
+    gates = new_gates(arch, steps=steps, init_std=0.0, init_bias=-40.0)
+    with torch.no_grad():
+        for kind in ld.KINDS:
+            for layer in gates[kind]:
+                for step in lazy_steps:
+                    layer.bias[step] = 40.0
+    return LazyGates(gates, arch, **settings)
+
+
+@pytest.mark.parametrize("kind", ["pixart", "dit"])
+def test_per_step_gates_skip_only_at_the_steps_their_rows_say(models: Any, kind: str) -> None:
+    model, conditioning, latent = models[kind]
+    patch = step_pattern_gates(model, {2, 3, 5}, rule="threshold", threshold=0.5)
+    assert patch.steps == STEPS
+    with counting(model.denoiser) as counts:
+        out = run(model.with_patch(patch), conditioning, latent)
+    stats = stats_of(patch)
+    per_call = 2 * len(model.denoiser.transformer_blocks) * 2  # modules × guidance rows
+    assert [s["skipped"] for s in stats["steps"]] == [0, 0, per_call, per_call, 0, per_call]
+    assert counts["attn"] + counts["mlp"] == 3 * per_call and stats["gate_steps"] == STEPS
+    assert torch.isfinite(out).all()
+    # A run with another step count uses the gate row of the same fraction of the run.
+    half = step_pattern_gates(model, {2, 4}, rule="threshold", threshold=0.5)
+    run(model.with_patch(half), conditioning, latent, steps=STEPS // 2)
+    assert [s["skipped"] for s in stats_of(half)["steps"]] == [0, per_call, per_call]
+    assert_clean(model.denoiser)
+
+
+def test_per_step_gate_file_round_trips_and_old_files_still_load(models: Any, settings: Any, tmp_path: Path) -> None:
+    model, conditioning, latent = models["pixart"]
+    ctx = context(settings, tmp_path)
+    gated = ld.lazydit_gates.fn(ctx, model=model, seed=5, init_bias=0.3, sampling_steps=STEPS)
+    lazy = ld.lazydit.fn(ctx, model=gated, rule="threshold", threshold=0.5, laziness=0.5, start_step=1)
+    (_, original) = ld.find_gates(lazy)
+    rows = {v.shape[0] for k, v in original.state_dict().items()}
+    assert original.steps == STEPS and rows == {STEPS}
+    expected = run(lazy, conditioning, latent)
+    path = ld.save_lazy_gates.fn(ctx, model=lazy, filename="gates/steps.safetensors")
+    loaded = ld.load_lazy_gates.fn(ctx, model=model, path=path)
+    (_, copy) = ld.find_gates(loaded)
+    assert copy.steps == STEPS and copy.digest() == original.digest()
+    relazy = ld.lazydit.fn(ctx, model=loaded, rule="threshold", threshold=0.5, laziness=0.5, start_step=1)
+    assert torch.equal(run(relazy, conditioning, latent), expected)
+    # Step-independent gates (and files written before per-step gates) load as one row per module.
+    single = ld.save_lazy_gates.fn(ctx, model=ld.lazydit_gates.fn(ctx, model=model, seed=5, init_bias=0.3),
+                                   filename="gates/single.safetensors")
+    arch, gates = LazyGates.read(single)
+    assert LazyGates(gates, arch).steps == 1
+    assert {tuple(v.shape) for k, v in gates.state_dict().items() if k.endswith("bias")} == {(1,)}
+
+
+def train_gates(module: Any, patch: LazyGates, objective: LazyGateObjective, clip: Any, steps: int,
+                lr: float = 0.05) -> list[dict[str, float]]:
+    """``steps`` Adam steps of the gate objective on a fixed batch (new noise and timesteps each step)."""
+    from dagfusion.model import family_for
+    from dagfusion.nodes.diffusion.text import encode_prompt
+    from dagfusion.nodes.training.objectives import ModelCall, TrainBatch, TrainStep
+
+    family = family_for(module)
+    x0 = torch.randn((4, 4, 16, 16), generator=torch.Generator().manual_seed(0)) * 0.8
+    cond = encode_prompt(clip, "a large red circle on the left on a black background", "")
+    prepared = family.prepare(module, cond, batch=4, cfg=False, device=torch.device("cpu"), dtype=torch.float32,
+                              latent_shape=tuple(x0.shape), scale=2, guidance_scale=1.0)
+    call = ModelCall(module, family, prepared.kwargs, contextlib.nullcontext)
+    params = list(patch.trainable_parameters().values())
+    frozen = [p for p in module.parameters() if p.requires_grad]  # the transformer stays frozen (as Train does)
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(1)
+    history = []
+    try:
+        with apply_patches([patch], module):
+            for step in range(steps):
+                loss, values = objective.loss(call, TrainBatch(x0, ("",) * 4), TrainStep(step, steps), generator)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                history.append(values)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+        for p in frozen:
+            p.requires_grad_(True)
+    return history
+
+
+def test_the_penalty_drives_per_step_gates_toward_the_target_laziness(models: Any) -> None:
+    model, _, _ = models["pixart"]
+    module = model.denoiser
+    arch = architecture(module)
+    patch = LazyGates(new_gates(arch, steps=10, init_bias=-3.0), arch)
+    before = {k: v.clone() for k, v in patch.state_dict().items()}
+    objective = LazyGateObjective(laziness_weight=10.0, target_laziness=0.6, sampling_steps=10,
+                                  beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    history = train_gates(module, patch, objective, _tiny_clip(), steps=30, lr=0.02)
+    assert history[0]["laziness"] < 0.1 and history[0]["penalty"] > 0
+    # Each step trains the rows of the steps it drew, so the mean wanders; it ends near the target.
+    assert abs(sum(v["laziness"] for v in history[-5:]) / 5 - objective.target_laziness) < 0.15
+    # Each row is a sampling step's gate: row 0 (step 0 always computes) is never trained, the others are.
+    after = patch.state_dict()
+    bias = next(k for k in after if k.endswith("bias"))
+    assert after[bias][0] == before[bias][0] and (after[bias][1:] != before[bias][1:]).all()
+    assert_clean(module)
+
+
+def test_the_objective_refuses_per_step_gates_for_another_step_count(models: Any) -> None:
+    model, _, _ = models["pixart"]
+    module = model.denoiser
+    arch = architecture(module)
+    patch = LazyGates(new_gates(arch, steps=8), arch)
+    objective = LazyGateObjective(sampling_steps=10, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    with pytest.raises(ValueError, match="sampling_steps to 8"):
+        fixed_batch_loss(module, patch, objective, _tiny_clip())
+    assert [int(t) for t in LazyGateObjective(sampling_steps=4).grid()] == [999, 749, 499, 249]
+    assert [int(t) for t in LazyGateObjective(sampling_steps=4, timestep_spacing="leading").grid()] == [750, 500, 250, 0]
+
+
+@pytest.mark.parametrize(("max_reuse", "pattern"), [(0, [0, 1, 1, 1, 1, 1]), (1, [0, 1, 0, 1, 0, 1]), (2, [0, 1, 1, 0, 1, 1])])
+def test_max_reuse_caps_how_many_steps_in_a_row_an_output_stands_in(models: Any, max_reuse: int, pattern: list[int]) -> None:
+    model, conditioning, latent = models["pixart"]
+    always = gates_for(model, rule="threshold", threshold=0.0, max_reuse=max_reuse)  # every score is above 0
+    with counting(model.denoiser) as counts:
+        run(model.with_patch(always), conditioning, latent)
+    per_call = 2 * len(model.denoiser.transformer_blocks) * 2
+    stats = stats_of(always)
+    assert [s["skipped"] for s in stats["steps"]] == [per_call * p for p in pattern]
+    assert counts["attn"] + counts["mlp"] == per_call * (STEPS - sum(pattern))
+    assert stats.get("max_reuse", 0) == max_reuse
+
+
+def test_laziness_rule_with_per_step_gates_skips_about_its_fraction(models: Any) -> None:
+    """With per-step gates the threshold is the quantile of the previous step's inputs scored by
+    *this* step's gate row, so the asked fraction holds although every row scores differently."""
+    model, conditioning, latent = models["pixart"]
+    conditioning, latent = _batch_of(conditioning, latent, 4)
+    arch = architecture(model.denoiser)
+    gates = new_gates(arch, seed=1, steps=STEPS, init_std=0.01)
+    with torch.no_grad():
+        for kind in ld.KINDS:
+            for layer in gates[kind]:
+                layer.bias.copy_(torch.linspace(-4.0, 4.0, STEPS))  # step k's row: ever lazier
+    patch = LazyGates(gates, arch, rule="laziness", laziness=0.5)
+    run(model.with_patch(patch), conditioning, latent)
+    later = stats_of(patch)["steps"][1:]
+    fraction = sum(s["skipped"] for s in later) / sum(s["total"] for s in later)
+    assert abs(fraction - 0.5) <= 0.1
+    # Without rescoring the previous scores (lower biases) would put every later row above the threshold.
+    assert all(s["skipped"] < s["total"] for s in later)
