@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     def schedule(model: Any, reference: Any = None) -> Any:
         with torch.no_grad():
             return calibrate(model, calibration, empty_latent(model, 64, 64, len(calibration_prompts)), steps=args.steps,
-                             interval=args.interval, guidance_scale=args.guidance, seed=123, reference=reference)
+                             interval=args.interval, guidance_scale=args.guidance, seed=123, reference=reference,
+                             strength=1.0)  # the cache-error fit as calibrated (off by default on UNets)
 
     print(f"# shapes-sd, caching + weight quantization: {len(prompts)} held-out prompts, {args.steps} steps, guidance "
           f"{args.guidance}; quality vs the fp32 uncached run with the same seeds; torch threads {torch.get_num_threads()}")

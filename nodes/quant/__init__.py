@@ -22,6 +22,11 @@ Nodes:
   against the full-precision teacher (stage I: CFG-aware output distillation; stage II: the
   noise-prediction loss with timesteps weighted by the measured quantization error), then are
   packed again (:mod:`~dagfusion.nodes.quant.qat`, :mod:`~dagfusion.nodes.quant.distill`).
+- ``dagfusion.quant.ActivationQuant`` — DGQ's activation quantization (W8A8 with WeightOnly's
+  int8, W4A8 with its int4): outlier-aware groups of each layer input's channels or tokens and
+  prompt-specific logarithmic attention probabilities, calibrated on a few prompts; fake
+  quantization on any device, or torchao's int8 dynamic-activation + int8-weight kernels on CUDA
+  (:mod:`~dagfusion.nodes.quant.activation`).
 
 Types: ``QUANT_SENSITIVITY`` (:mod:`~dagfusion.nodes.quant.types`).
 
@@ -40,10 +45,10 @@ from __future__ import annotations
 from typing import Any
 
 from dagfusion import hookimpl
-from dagfusion.nodes.quant import distill, nodes, qat_nodes
+from dagfusion.nodes.quant import activation_nodes, distill, nodes, qat_nodes
 from dagfusion.nodes.quant.types import TYPES
 
-NODES = (*nodes.NODES, *qat_nodes.NODES, *distill.NODES)
+NODES = (*nodes.NODES, *qat_nodes.NODES, *distill.NODES, *activation_nodes.NODES)
 """Every node of the pack, in palette order."""
 
 

@@ -1,0 +1,34 @@
+"""The activation-quantization benchmark: a tiny run of the whole script on shapes-sd."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.mark.slow
+def test_a_dry_run_scores_every_variant_against_fp32(tmp_path: Path, benchmark_module: Any) -> None:
+    module = benchmark_module("quant_activation")
+    out = tmp_path / "result.json"
+    assert module.main(["--dry-run", "--models", "shapes-sd", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    variants = [r["variant"] for r in rows]
+    assert variants[:4] == ["fp32", "W8", "W8A8 per-tensor", "W8A8 DGQ"] and "W4A8 DGQ" in variants
+    assert any(v.startswith("W8A8 DGQ groups, uniform attention, margin") for v in variants)
+    assert any(v.startswith("W8A8 DGQ") and v.endswith(")") and "+ CacheQuant" in v for v in variants)
+    by_name = {r["variant"]: r for r in rows}
+    assert by_name["W8"]["compression"] > 3 and by_name["W4A8 DGQ"]["compression"] > by_name["W8"]["compression"]
+    assert by_name["W8A8 DGQ"]["summary"]["method"] == "dgq" and by_name["W8A8 per-tensor"]["summary"]["groups"] == 1
+    joint = next(r for r in rows if "+ CacheQuant" in r["variant"])
+    assert joint["mac_speedup"] > 1.0
+    for row in rows[1:]:
+        assert row["psnr"] > 10 and 0.0 <= row["shapeeval"] <= 1.0 and row["fd"] >= 0.0
+
+
+def test_unknown_models_are_refused(benchmark_module: Any) -> None:
+    module = benchmark_module("quant_activation")
+    with pytest.raises(SystemExit):
+        module.main(["--dry-run", "--models", "shapes-xl"])
