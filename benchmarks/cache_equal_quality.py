@@ -9,8 +9,10 @@ shapes-dit). "Fewer steps" (no cache, fewer sampling steps, compared with the 25
 the baseline every scheduler has to beat.
 
 **CPU wall-clock** of each point is measured in the same process on a batch of ``--time-batch``
-prompts, one torch thread, the variants alternated round-robin ``--repeats`` times (median):
-a ratio on this machine's tiny models, not a GPU figure (see ``benchmarks/cache_speed.py``).
+prompts, one torch thread: each of ``--repeats`` rounds times the variants in a fresh seeded
+order, each between two uncached runs, and a variant's speedup is the median over the rounds of
+the mean neighbouring uncached time over its own — a ratio on this machine's tiny models, not a
+GPU figure (see ``benchmarks/cache_speed.py``).
 
 Usage::
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -76,7 +79,7 @@ def variants(model: str, steps: int, dry_run: bool = False) -> list[Variant]:
     from dagfusion.nodes.cache.diffusers_caches import CacheSettings, DiffusersCachePatch
 
     out = [Variant("uncached", "", lambda loaded: loaded.model, steps=steps)]
-    few = (4,) if dry_run else (20, 15, 12, 10, 8)
+    few = (4,) if dry_run else (20, 15, 12, 10, 8, 6, 5, 4)
     out += [Variant("fewer steps", str(s), lambda loaded: loaded.model, steps=s) for s in few if s < steps]
     intervals = (2, 3) if dry_run else (2, 3, 4, 5, 6, 7, 8)
     full_counts: set[int] = set()
@@ -190,16 +193,29 @@ def main(argv: list[str] | None = None) -> int:
         variant.row = {"scheduler": variant.scheduler, "knob": variant.knob, "mac_speedup": round(full_macs / max(macs, 1), 3),
                        "psnr": round(mean_psnr(images, reference), 2), "shapeeval": shapeeval_score(evaluator, images, prompts)}
         print(json.dumps(variant.row), flush=True)
-    seconds: list[list[float]] = [[] for _ in sweep]
-    for _ in range(args.repeats):  # alternate the variants, repeat
-        for index, (variant, model) in enumerate(zip(sweep, models)):
-            began = time.perf_counter()
-            run(model, variant.steps, timing)
-            seconds[index].append(time.perf_counter() - began)
-    full_seconds = statistics.median(seconds[0])
+    # Wall-clock: each round times every variant once, in a fresh seeded order, with the uncached
+    # run timed right before and after each one; a variant's ratio is the mean of those two
+    # uncached times over its own, and its figure the median over the rounds.
+    ratios: list[list[float]] = [[] for _ in sweep]
+    order = random.Random(0)
+
+    def seconds_of(index: int) -> float:
+        began = time.perf_counter()
+        run(models[index], sweep[index].steps, timing)
+        return time.perf_counter() - began
+
+    for _ in range(args.repeats):
+        indices = list(range(1, len(sweep)))
+        order.shuffle(indices)
+        before = seconds_of(0)
+        for index in indices:
+            taken = seconds_of(index)
+            after = seconds_of(0)
+            ratios[index].append((before + after) / 2 / taken)
+            before = after
     rows = []
-    for variant, taken in zip(sweep, seconds):
-        variant.row["cpu_wall_speedup"] = round(full_seconds / statistics.median(taken), 3)
+    for index, variant in enumerate(sweep):
+        variant.row["cpu_wall_speedup"] = round(statistics.median(ratios[index]), 3) if index else 1.0
         rows.append(variant.row)
     target = args.target or next((r["psnr"] for r in rows if r["scheduler"] == "DeepCache" and r["knob"] == "N=5"),
                                  40.0 if args.model == "shapes-dit" else rows[-1]["psnr"])
