@@ -87,6 +87,19 @@ def _tiny() -> dict[str, Any]:
     return tiny.sd_handles()
 
 
+_MODEL_INPUTS = (
+    Input("model", "MODEL", link_only=True, description="The model, as it is without acceleration."),
+    Input("clip", "CLIP", link_only=True, description="Its text encoder bundle."),
+    Input("vae", "VAE", link_only=True, description="Its VAE."),
+)
+_SAMPLING_INPUTS = (
+    Input("guidance_scale", FLOAT, 7.5, min=0.0, max=100.0),
+    Input("seed", SEED, 0, min=0, description="Chunk i of the prompts is sampled with seed + i (the same in every node of a search)."),
+    Input("resolution", INT, 512, min=8, max=MAX_RESOLUTION),
+    Input("batch_size", INT, 8, min=1, max=MAX_PROMPTS, description="Prompts sampled together."),
+)
+"""The inputs every tune node shares: the model's three parts, and how the prompts are sampled."""
+
 _PROMPTS = ["a large red circle on the left on a black background", "a small blue square at the top on a white background"]
 
 
@@ -101,15 +114,10 @@ def _reference_example() -> dict[str, Any]:
     version="1.0.0",
     category="tune",
     inputs=[
-        Input("model", "MODEL", link_only=True, description="The model, as it is without acceleration."),
-        Input("clip", "CLIP", link_only=True, description="Its text encoder bundle."),
-        Input("vae", "VAE", link_only=True, description="Its VAE."),
+        *_MODEL_INPUTS,
         Input("prompts", LIST, description=f"The tuning prompts (at most {MAX_PROMPTS})."),
         Input("steps", INT, 25, min=1, max=1000, description="The full run's step count."),
-        Input("guidance_scale", FLOAT, 7.5, min=0.0, max=100.0),
-        Input("seed", SEED, 0, min=0, description="Chunk i of the prompts is sampled with seed + i."),
-        Input("resolution", INT, 512, min=8, max=MAX_RESOLUTION),
-        Input("batch_size", INT, 8, min=1, max=MAX_PROMPTS, description="Prompts sampled together."),
+        *_SAMPLING_INPUTS,
     ],
     outputs=[Output("images", "IMAGE", "The full run's images, one per prompt."),
              Output("macs", INT, "Denoiser multiply-accumulates of the full run (counted).")],
@@ -144,19 +152,14 @@ def _measure_example() -> dict[str, Any]:
     version="1.0.0",
     category="tune",
     inputs=[
-        Input("model", "MODEL", link_only=True, description="The model, as it is without acceleration."),
-        Input("clip", "CLIP", link_only=True, description="Its text encoder bundle."),
-        Input("vae", "VAE", link_only=True, description="Its VAE."),
+        *_MODEL_INPUTS,
         Input("prompts", LIST, description="The tuning prompts (those of the reference)."),
         Input("calibration_prompts", LIST, description="CacheQuant calibrates on these (keep them apart from 'prompts')."),
         Input("reference", "IMAGE", link_only=True, description="dagfusion.tune.Reference's images."),
         Input("reference_macs", INT, link_only=True, description="dagfusion.tune.Reference's MACs."),
         Input("setting", STRING, "steps=25 cache=none quant=none",
               description="The point: 'steps=N cache=none|deepcache:N|blockcache:N|cachequant:N quant=none|int8|int4|fp8_e4m3'."),
-        Input("guidance_scale", FLOAT, 7.5, min=0.0, max=100.0),
-        Input("seed", SEED, 0, min=0, description="As the reference's."),
-        Input("resolution", INT, 512, min=8, max=MAX_RESOLUTION),
-        Input("batch_size", INT, 8, min=1, max=MAX_PROMPTS),
+        *_SAMPLING_INPUTS,
         Input("evaluator", "SHAPE_EVALUATOR", link_only=True, optional=True,
               description="ShapeEval, to score shapes-world prompts (the drop against the reference is reported)."),
     ],
@@ -211,9 +214,7 @@ def _tune_example() -> dict[str, Any]:
     version="1.0.0",
     category="tune",
     inputs=[
-        Input("model", "MODEL", link_only=True, description="The model, as it is without acceleration."),
-        Input("clip", "CLIP", link_only=True, description="Its text encoder bundle."),
-        Input("vae", "VAE", link_only=True, description="Its VAE."),
+        *_MODEL_INPUTS,
         Input("prompts", LIST, description=f"The tuning prompts (at most {MAX_PROMPTS})."),
         Input("calibration_prompts", LIST, description="CacheQuant calibrates on these (keep them apart from 'prompts')."),
         Input("floor", STRING, "psnr=30", description="The least quality: 'psnr=DB' against the full run, or "
@@ -224,10 +225,7 @@ def _tune_example() -> dict[str, Any]:
                                                    "or some of none, deepcache, blockcache, cachequant."),
         Input("quants", STRING, "none, int8", description=f"Weight formats to search: some of {', '.join(QUANTS)}."),
         Input("budget", INT, 64, min=1, max=MAX_POINTS, description="The most points to measure (the space is cut to this many)."),
-        Input("guidance_scale", FLOAT, 7.5, min=0.0, max=100.0),
-        Input("seed", SEED, 0, min=0),
-        Input("resolution", INT, 512, min=8, max=MAX_RESOLUTION),
-        Input("batch_size", INT, 8, min=1, max=MAX_PROMPTS),
+        *_SAMPLING_INPUTS,
         Input("evaluator", "SHAPE_EVALUATOR", link_only=True, optional=True,
               description="ShapeEval, to score shapes-world prompts (needed for a shapeeval floor)."),
     ],
