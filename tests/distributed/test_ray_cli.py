@@ -59,7 +59,7 @@ def test_tune_measures_its_points_on_ray(cluster: object, root: Path, monkeypatc
     monkeypatch.setenv("DAGFUSION_CACHE_DIR", str(root / "tune-cache"))
     out = root / "tune-out"
     code = main(["tune", "shapes-sd", "--floor", "psnr=30", "--count", "2", "--steps", "4", "--step-counts", "4",
-                 "--caches", "deepcache", "--quants", "none", "--executor", "ray", "--ray-workers", "2",
+                 "--caches", "deepcache", "--quants", "none", "--executor", "ray", "--ray-workers", "1",
                  "--out", str(out), "--threads", "1"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
