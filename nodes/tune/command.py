@@ -110,13 +110,17 @@ def tune_workflow(loader: dict[str, Any], settings: list[str], *, prompts: list[
 def run(args: argparse.Namespace, settings: Any) -> int:
     """The command (see the module docstring); returns the exit code."""
     import yaml
-    from rich.console import Console
-
     from dagfusion.engine import Engine
     from dagfusion.errors import ValidationError
     from dagfusion.nodes.tune.pareto import choose, pareto_front, parse_floor
     from dagfusion.nodes.tune.report import chosen_workflow, plot_svg
-    from dagfusion.nodes.tune.space import parse_ints, parse_list, search_space
+    from dagfusion.nodes.tune.space import (
+        parse_ints,
+        parse_list,
+        parse_quants,
+        search_space,
+    )
+    from rich.console import Console
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
@@ -134,7 +138,7 @@ def run(args: argparse.Namespace, settings: Any) -> int:
         counts = (parse_ints(args.step_counts, "--step-counts") if args.step_counts
                   else sorted({args.steps, max(2, round(0.8 * args.steps)), max(2, round(0.6 * args.steps))}, reverse=True))
         caches = None if args.caches.strip() == "all" else parse_list(args.caches, "--caches")
-        points = search_space(kind, counts, caches=caches, quants=parse_list(args.quants, "--quants"))
+        points = search_space(kind, counts, caches=caches, quants=parse_quants(args.quants, "--quants"))
         if not 1 <= args.budget <= MAX_POINTS:
             raise SettingError(f"--budget: expected 1 to {MAX_POINTS} points, got {args.budget}")
     except (SettingError, OSError) as exc:
@@ -185,7 +189,13 @@ def _measure(engine: Any, source: Path, out: Path, args: argparse.Namespace, con
 
         outcome = run_on_ray(engine, source, address=args.ray_address, workers=args.ray_workers, out=out / "points")
         return [json.loads(r.output("measure.result")) for r in outcome.results if r.ok]
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     prepared = engine.prepare(source)
     began = time.perf_counter()

@@ -52,7 +52,6 @@ def generate(model: Any, clip: Any, vae: Any, prompts: Sequence[str], *, steps: 
              resolution: int, batch_size: int) -> tuple[Any, int]:
     """Decoded images of ``prompts`` (in [0, 1]) with ``model`` and the denoiser MACs it took."""
     import torch
-
     from dagfusion.model import count_macs
     from dagfusion.nodes.diffusion.latents import empty_latent
     from dagfusion.nodes.diffusion.sampling import sample
@@ -103,7 +102,11 @@ def accelerate(model: Any, clip: Any, point: Point, *, calibration_prompts: Sequ
 
         handle = handle.with_patch(DeepCachePatch(DeepCacheConfig(interval=point.interval)))
     elif point.cache == "blockcache":
-        from dagfusion.nodes.cache.blockcache import BlockCacheConfig, BlockCachePatch, blocks_of
+        from dagfusion.nodes.cache.blockcache import (
+            BlockCacheConfig,
+            BlockCachePatch,
+            blocks_of,
+        )
 
         count = len(blocks_of(model.denoiser))
         handle = handle.with_patch(BlockCachePatch(BlockCacheConfig(span=(1, count - 1), interval=point.interval)))

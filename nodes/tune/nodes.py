@@ -14,8 +14,20 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from dagfusion import DICT, FLOAT, INT, LIST, SEED, STRING, Input, Output, RunContext, node
+from dagfusion import (
+    DICT,
+    FLOAT,
+    INT,
+    LIST,
+    SEED,
+    STRING,
+    Input,
+    Output,
+    RunContext,
+    node,
+)
 from dagfusion.errors import NodeInputError, Problem
+from dagfusion.nodes.cache.checks import enforce
 from dagfusion.nodes.tune.measure import MAX_PROMPTS
 from dagfusion.nodes.tune.space import MAX_POINTS, QUANTS, SettingError
 
@@ -59,26 +71,16 @@ def check_measure(values: Mapping[str, Any]) -> Iterator[Problem]:
 def check_tune(values: Mapping[str, Any]) -> Iterator[Problem]:
     """Tune: the prompts, the floor, the step counts, schedulers and formats, and the space's size."""
     from dagfusion.nodes.tune.pareto import parse_floor
-    from dagfusion.nodes.tune.space import parse_ints, parse_list
+    from dagfusion.nodes.tune.space import parse_ints, parse_list, parse_quants
 
     yield from _common_problems(values)
     for name, parse in (("floor", parse_floor), ("step_counts", lambda t: parse_ints(t, "step_counts")),
-                        ("caches", lambda t: parse_list(t, "caches")), ("quants", lambda t: parse_list(t, "quants"))):
+                        ("caches", lambda t: parse_list(t, "caches")), ("quants", lambda t: parse_quants(t, "quants"))):
         if isinstance(values.get(name), str):
             try:
                 parse(values[name])
             except SettingError as exc:
                 yield Problem("bad-value", str(exc), input=name)
-    quants = values.get("quants")
-    if isinstance(quants, str):
-        unknown = [q for q in quants.replace(",", " ").split() if q not in QUANTS]
-        if unknown:
-            yield Problem("bad-value", f"unknown formats {unknown}; expected some of {', '.join(QUANTS)}", input="quants")
-
-
-def _enforce(check: Any, values: Mapping[str, Any]) -> None:
-    for problem in check(values):
-        raise NodeInputError(problem.input or "prompts", problem.message)
 
 
 def _tiny() -> dict[str, Any]:
@@ -130,7 +132,7 @@ def reference_node(ctx: RunContext, model: Any, clip: Any, vae: Any, prompts: li
     """The full run a search compares every point with: its images and its counted denoiser MACs."""
     from dagfusion.nodes.tune.measure import reference_run
 
-    _enforce(_common_problems, {"prompts": prompts, "resolution": resolution})
+    enforce(_common_problems, {"prompts": prompts, "resolution": resolution})
     images, macs = reference_run(model, clip, vae, prompts, steps=steps, guidance=guidance_scale, seed=seed,
                                  resolution=resolution, batch_size=batch_size)
     return {"images": images, "macs": int(macs)}
@@ -182,10 +184,14 @@ def measure_node(ctx: RunContext, model: Any, clip: Any, vae: Any, prompts: list
     point samples the reference's prompts with the same seeds; CacheQuant calibrates on
     calibration_prompts. See docs/tune.md for what each field means.
     """
-    from dagfusion.nodes.tune.measure import denoiser_kind, measure_point, shapeeval_score
+    from dagfusion.nodes.tune.measure import (
+        denoiser_kind,
+        measure_point,
+        shapeeval_score,
+    )
     from dagfusion.nodes.tune.space import CACHES, parse_setting
 
-    _enforce(check_measure, {"prompts": prompts, "calibration_prompts": calibration_prompts, "setting": setting,
+    enforce(check_measure, {"prompts": prompts, "calibration_prompts": calibration_prompts, "setting": setting,
                              "resolution": resolution})
     point = parse_setting(setting)
     kind = denoiser_kind(model)
@@ -249,23 +255,33 @@ def tune_node(ctx: RunContext, model: Any, clip: Any, vae: Any, prompts: list[st
     search again resumes it. For sweeps on Ray, use dagfusion tune on the command line.
     """
     import yaml
-
     from dagfusion.fingerprint import fingerprint
-    from dagfusion.nodes.tune.measure import denoiser_kind, measure_point, reference_run, run_search, shapeeval_score
+    from dagfusion.nodes.tune.measure import (
+        denoiser_kind,
+        measure_point,
+        reference_run,
+        run_search,
+        shapeeval_score,
+    )
     from dagfusion.nodes.tune.pareto import choose, pareto_front, parse_floor
     from dagfusion.nodes.tune.report import chosen_workflow, plot_svg
-    from dagfusion.nodes.tune.space import parse_ints, parse_list, search_space
+    from dagfusion.nodes.tune.space import (
+        parse_ints,
+        parse_list,
+        parse_quants,
+        search_space,
+    )
 
     values = {"prompts": prompts, "calibration_prompts": calibration_prompts, "floor": floor, "step_counts": step_counts,
               "caches": caches, "quants": quants, "resolution": resolution}
-    _enforce(check_tune, values)
+    enforce(check_tune, values)
     wanted = parse_floor(floor)
     if wanted.kind == "shapeeval" and evaluator is None:
         raise NodeInputError("evaluator", "a shapeeval floor needs a ShapeEval evaluator (dagfusion.metrics.LoadShapeEval)")
     kind = denoiser_kind(model)
     try:
         names = None if caches.strip() == "all" else parse_list(caches, "caches")
-        points = search_space(kind, parse_ints(step_counts, "step_counts"), caches=names, quants=parse_list(quants, "quants"))
+        points = search_space(kind, parse_ints(step_counts, "step_counts"), caches=names, quants=parse_quants(quants, "quants"))
     except SettingError as exc:
         raise NodeInputError("caches", str(exc)) from None
     points = points[:budget]

@@ -20,7 +20,8 @@ from dagfusion.nodes.tune.space import parse_setting
 _W, _H, _PAD = 640, 420, 60
 
 
-def _scale(values: Sequence[float], low: float, high: float) -> tuple[float, float]:
+def _scale(values: Sequence[float]) -> tuple[float, float]:
+    """The finite values' range, widened by 5 % (and to 1 when they are all equal)."""
     finite = [v for v in values if math.isfinite(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     if hi - lo < 1e-9:
@@ -35,8 +36,8 @@ def plot_svg(results: Sequence[Mapping[str, Any]], front: Sequence[Mapping[str, 
     cap = 60.0  # an uncached point's PSNR is infinite: draw it at the top
     quality = [min(floor.quality(r), cap) if floor.kind == "psnr" else floor.quality(r) for r in results]
     speed = [float(r["mac_speedup"]) for r in results]
-    x_lo, x_hi = _scale(speed, 0, 0)
-    y_lo, y_hi = _scale([*quality, floor.bound()], 0, 0)
+    x_lo, x_hi = _scale(speed)
+    y_lo, y_hi = _scale([*quality, floor.bound()])
 
     def x(v: float) -> float:
         return _PAD + (v - x_lo) / (x_hi - x_lo) * (_W - 2 * _PAD)

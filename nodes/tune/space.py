@@ -138,10 +138,7 @@ def search_space(
     for name in chosen:
         if name not in CACHES[kind]:
             raise SettingError(f"cache {name!r} does not suit a {kind} denoiser; expected some of {', '.join(CACHES[kind])}")
-    formats = tuple(quants)
-    for name in formats:
-        if name not in QUANTS:
-            raise SettingError(f"unknown quant {name!r}; expected some of {', '.join(QUANTS)}")
+    formats = check_quants(quants)
     knobs = {**DEFAULT_INTERVALS, **(intervals or {})}
     points: list[Point] = []
     for steps in step_counts:
@@ -178,3 +175,20 @@ def parse_ints(text: str | Sequence[int], what: str) -> list[int]:
             raise SettingError(f"{what}: expected integers ≥ 1, got {value}")
         values.append(value)
     return values
+
+
+def check_quants(names: Iterable[str]) -> tuple[str, ...]:
+    """``names`` as a tuple, each one of :data:`QUANTS`.
+
+    :raises SettingError: naming the first unknown format.
+    """
+    formats = tuple(names)
+    for name in formats:
+        if name not in QUANTS:
+            raise SettingError(f"unknown quant {name!r}; expected some of {', '.join(QUANTS)}")
+    return formats
+
+
+def parse_quants(text: str | Sequence[str], what: str) -> list[str]:
+    """``"none, int8"`` → ``["none", "int8"]``, each one of :data:`QUANTS`."""
+    return list(check_quants(parse_list(text, what)))
