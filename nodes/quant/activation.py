@@ -45,7 +45,7 @@ processors installed on entry, removed on exit: the module is unchanged afterwar
 with :class:`~dagfusion.nodes.quant.patch.WeightQuantPatch` (W8A8 = int8 weights + 8-bit
 activations; W4A8 = grouped int4 weights + 8-bit activations) and with cache patches. It is a
 simulation (fake quantization in the model's dtype): real int8 kernels are torchao's
-(:func:`torchao_w8a8`, CUDA).
+(:func:`~dagfusion.nodes.quant.backend.torchao_w8a8`, CUDA).
 """
 
 from __future__ import annotations
@@ -606,25 +606,3 @@ class ActivationQuantPatch(ModelPatch):
 
     def __repr__(self) -> str:
         return f"ActivationQuantPatch({self.spec.method}, A{self.spec.bits}, {len(self.spec.layers)} inputs, {len(self.spec.attention)} attention)"
-
-
-# --- torchao ----------------------------------------------------------------------------------
-
-
-def torchao_w8a8(module: Any, layers: Iterable[str]) -> Any:
-    """A deep copy of ``module`` whose Linear layers named in ``layers`` run torchao's int8
-    dynamic-activation (per token) + int8-weight (per channel) kernels; Conv layers, attention
-    and the kept layers stay in the model's dtype. DGQ's grouping and log attention do not apply."""
-    import copy
-
-    import torch
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-
-    wanted = set(layers)
-    quantized = copy.deepcopy(unwrap_compiled(module))
-
-    def selected(layer: Any, name: str) -> bool:
-        return isinstance(layer, torch.nn.Linear) and name in wanted
-
-    quantize_(quantized, Int8DynamicActivationInt8WeightConfig(), filter_fn=selected)
-    return quantized

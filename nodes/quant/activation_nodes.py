@@ -144,11 +144,7 @@ def activation_quant(
     import torch
     from dagfusion.model import StaticRef, apply_patches, patches_of
     from dagfusion.nodes.diffusion.data import _fingerprint
-    from dagfusion.nodes.quant.activation import (
-        ActivationQuantPatch,
-        calibrate_activations,
-        torchao_w8a8,
-    )
+    from dagfusion.nodes.quant.activation import ActivationQuantPatch, calibrate_activations
     from dagfusion.nodes.quant.calibration import record_calls
     from dagfusion.nodes.quant.checks import input_error
     from dagfusion.nodes.quant.nodes import require_denoiser, without_quantization
@@ -165,7 +161,7 @@ def activation_quant(
         from dagfusion.nodes.quant import backend as backends
 
         layers = backends.linear_layers(module, plan_layers(module, patterns, min_params).quantize)
-        copy = torchao_w8a8(module, layers)
+        copy = backends.torchao_w8a8(module, layers)
         fingerprint = _fingerprint({"source": model.ref.fingerprint, "torchao": f"w8a8:{sorted(layers)}"})
         handle = without_quantization(base).with_denoiser(StaticRef(copy, fingerprint), quantization="torchao:w8a8")
         return {"model": handle, "report": {"backend": TORCHAO_RAN, "bits": 8, "quantized_linear_layers": len(layers)}}

@@ -12,8 +12,9 @@
 - ``auto`` — torchao when the model computes on CUDA, torchao is importable and the format is
   one it offers here (int8, fp8_e4m3); otherwise torch.
 
-Everything that names torchao's API is in :func:`torchao_config` and :func:`torchao_quantize`,
-so a rename upstream is a one-line fix.
+Everything that names torchao's API is in :func:`torchao_config`, :func:`torchao_w8a8` (the
+int8 dynamic-activation kernels of :mod:`~dagfusion.nodes.quant.activation`) and
+:func:`_quantized_copy`, so a rename upstream is a one-line fix.
 """
 
 from __future__ import annotations
@@ -83,13 +84,24 @@ def torchao_config(spec: QuantSpec) -> Any:
 
 def torchao_quantize(module: Any, spec: QuantSpec, layers: Iterable[str]) -> Any:
     """A deep copy of ``module`` with the Linear layers named in ``layers`` quantized by torchao."""
+    return _quantized_copy(module, torchao_config(spec), layers)
+
+
+def torchao_w8a8(module: Any, layers: Iterable[str]) -> Any:
+    """A deep copy of ``module`` whose Linear layers named in ``layers`` run torchao's int8
+    dynamic-activation (per token) + int8-weight (per channel) kernels."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    return _quantized_copy(module, Int8DynamicActivationInt8WeightConfig(), layers)
+
+
+def _quantized_copy(module: Any, config: Any, layers: Iterable[str]) -> Any:
+    """torchao's ``quantize_`` with ``config`` on a deep copy of ``module``, its Linear layers in ``layers`` only."""
     import torch
     from torchao.quantization import quantize_
 
-    config = torchao_config(spec)
     wanted = set(layers)
-    inner = unwrap_compiled(module)
-    quantized = copy.deepcopy(inner)
+    quantized = copy.deepcopy(unwrap_compiled(module))
 
     def selected(layer: Any, name: str) -> bool:
         return isinstance(layer, torch.nn.Linear) and name in wanted

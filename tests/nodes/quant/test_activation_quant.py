@@ -198,12 +198,11 @@ def test_the_torchao_backend_returns_a_copy_and_says_so(
 ) -> None:
     import copy
 
-    from dagfusion.nodes.quant import activation
     from dagfusion.nodes.quant.activation_nodes import TORCHAO_RAN
 
     if not (backends.torchao_available() and torch.cuda.is_available()):  # the plumbing, with a stand-in for the kernels
         monkeypatch.setattr(backends, "torchao_available", lambda: True)
-        monkeypatch.setattr(activation, "torchao_w8a8", lambda module, layers: copy.deepcopy(module))
+        monkeypatch.setattr(backends, "torchao_w8a8", lambda module, layers: copy.deepcopy(module))
     weights = handles["model"].with_patch(quantize_module(handles["model"].denoiser, "int8", min_params=0))
     out = _run(NodeCallContext(tmp_path), {**handles, "model": weights}, backend="torchao")
     assert out["report"]["backend"] == TORCHAO_RAN and out["report"]["quantized_linear_layers"] > 0
