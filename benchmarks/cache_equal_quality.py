@@ -36,6 +36,10 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cache_quality import calibration
+
 STEPS = 25
 GUIDANCE = 4.0
 
@@ -48,25 +52,12 @@ class Variant:
         self.row: dict[str, Any] = {}
 
 
-def calibration_prompts(count: int = 8) -> list[str]:
-    """Training-split captions for CacheQuant's calibration (never the evaluated ones)."""
-    from dagfusion.nodes.shapes.dataset import ShapesDataset
-
-    train = ShapesDataset(split="train").prompts()
-    return train[:: max(1, len(train) // count)][:count]
-
-
 def cachequant(interval: int, steps: int, span: tuple[int, int] | None = None) -> Callable[[Any], Any]:
+    """CacheQuant calibrated as in ``cache_quality.py`` (8 training-split prompts, never the evaluated ones)."""
     def make(loaded: Any) -> Any:
-        from dagfusion.nodes.cache.cachequant import calibrate, schedule_patch
-        from dagfusion.nodes.diffusion.latents import empty_latent
-        from dagfusion.nodes.tune.measure import conditioning_of
+        from dagfusion.nodes.cache.cachequant import schedule_patch
 
-        prompts = calibration_prompts()
-        with torch.no_grad():
-            schedule = calibrate(loaded.model, conditioning_of(loaded.clip, prompts),
-                                 empty_latent(loaded.model, 64, 64, len(prompts)), steps=steps, interval=interval,
-                                 guidance_scale=GUIDANCE, seed=123, **({"span": span} if span else {}))
+        schedule = calibration(loaded, steps, GUIDANCE)(interval=interval, **({"span": span} if span else {}))
         return loaded.model.with_patch(schedule_patch(schedule))
 
     return make
