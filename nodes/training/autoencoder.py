@@ -14,6 +14,10 @@ At the end the latent *scaling factor* is measured, as Stable Diffusion's was: `
 posterior samples over a fixed batch, written into the VAE's config (``scaling_factor``), so the
 diffusion model sees latents of unit variance.
 
+**Video.** A data source of clips ``(B, F, C, H, W)`` trains on their frames (``batch_size``
+clips a step); a temporal-decoder VAE (``AutoencoderKLTemporalDecoder``, Stable Video Diffusion's)
+decodes each clip's ``F`` frames together, so its temporal layers train too.
+
 Checkpoints share the training loop's format (:mod:`~dagfusion.nodes.training.checkpoint`).
 """
 
@@ -77,14 +81,34 @@ class VAEResult:
     start_step: int = 0
 
 
-def vae_loss(module: Any, x: Any, generator: Any, kl_weight: float) -> tuple[Any, dict[str, float]]:
-    """The loss of the module docstring for images ``x`` in [-1, 1]."""
+def _decode(module: Any, z: Any, frames: int) -> Any:
+    """``module.decode(z)``; a temporal decoder (``AutoencoderKLTemporalDecoder``) is told that
+    consecutive groups of ``frames`` rows are clips."""
+    import inspect
+
+    if "num_frames" in inspect.signature(module.decode).parameters:
+        return module.decode(z, num_frames=frames).sample
+    return module.decode(z).sample
+
+
+def pixels(images: Any) -> tuple[Any, int]:
+    """Images ``(B, C, H, W)`` or clips ``(B, F, C, H, W)`` in [0, 1] as RGB rows in [-1, 1] (clips'
+    frames in order) and the frames per clip (1 for images)."""
+    frames = 1
+    if images.ndim == 5:
+        frames = int(images.shape[1])
+        images = images.flatten(0, 1)
+    return images[:, :3] * 2 - 1, frames
+
+
+def vae_loss(module: Any, x: Any, generator: Any, kl_weight: float, frames: int = 1) -> tuple[Any, dict[str, float]]:
+    """The loss of the module docstring for images ``x`` in [-1, 1] (``frames`` consecutive rows per clip)."""
     import torch
 
     posterior = module.encode(x).latent_dist
     noise = torch.randn(posterior.mean.shape, generator=generator).to(x.device)
     z = posterior.mean + posterior.std * noise
-    recon = module.decode(z).sample
+    recon = _decode(module, z, frames)
     l1 = (recon - x).abs().mean()
     l2 = (recon - x).pow(2).mean()
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
@@ -92,15 +116,16 @@ def vae_loss(module: Any, x: Any, generator: Any, kl_weight: float) -> tuple[Any
 
 
 def measure_scale(module: Any, images: Any, generator: Any) -> tuple[float, float]:
-    """``(1 / std of posterior samples, reconstruction PSNR in dB)`` on ``images`` in [0, 1]."""
+    """``(1 / std of posterior samples, reconstruction PSNR in dB)`` on ``images`` (or clips) in [0, 1]."""
     import torch
 
     with torch.no_grad():
-        x = images.to(next(module.parameters()).device) * 2 - 1
+        x, frames = pixels(images)
+        x = x.to(next(module.parameters()).device)
         posterior = module.encode(x).latent_dist
         noise = torch.randn(posterior.mean.shape, generator=generator).to(x.device)
         z = posterior.mean + posterior.std * noise
-        recon = module.decode(posterior.mean).sample.clamp(-1, 1)
+        recon = _decode(module, posterior.mean, frames).clamp(-1, 1)
         mse = float(((recon - x) / 2).pow(2).mean())
     return 1.0 / float(z.float().std()), 10 * math.log10(1.0 / max(mse, 1e-12))
 
@@ -162,9 +187,8 @@ def train_vae(
             lr = config.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = source.examples(step * config.batch_size, config.batch_size).images
-            x = images[:, :3].to(device=device, dtype=torch.float32) * 2 - 1
-            loss, logs = vae_loss(module, x, generator, config.kl_weight)
+            x, frames = pixels(source.examples(step * config.batch_size, config.batch_size).images)
+            loss, logs = vae_loss(module, x.to(device=device, dtype=torch.float32), generator, config.kl_weight, frames)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(f"the VAE loss became {value} at step {step + 1}; lower the learning rate")
@@ -191,7 +215,11 @@ def train_vae(
             save(config.steps)
 
         module.eval().requires_grad_(False)
-        probe = source.examples(10_000_000, SCALE_SAMPLES).images[:, :3]
+        probe = source.examples(10_000_000, 1).images
+        if probe.ndim == 5:  # clips: as many frames as SCALE_SAMPLES images
+            probe = source.examples(10_000_000, max(1, SCALE_SAMPLES // int(probe.shape[1]))).images
+        else:
+            probe = source.examples(10_000_000, SCALE_SAMPLES).images
         scale, psnr = measure_scale(module, probe, torch.Generator("cpu").manual_seed(int(config.seed) + 1))
     module.register_to_config(scaling_factor=scale)
     module.to(dtype=dtype)

@@ -70,8 +70,12 @@ def _cast(module: Any, dtype: Any) -> Any:
     return module if current == dtype else copy.deepcopy(module).to(dtype)
 
 
-def export(model: Any, clip: Any, vae: Any, scheduler: Any, folder: Path, *, dtype: str = "keep", pipeline: str = "auto") -> Path:
-    """Write the diffusers folder ``folder`` (which must not exist yet) and return it."""
+def export(model: Any, clip: Any, vae: Any, scheduler: Any, folder: Path, *, dtype: str = "keep", pipeline: str = "auto",
+           image_encoder: Any = None) -> Path:
+    """Write the diffusers folder ``folder`` (which must not exist yet) and return it.
+
+    ``image_encoder`` (an image-encoder handle) fills the pipeline's ``image_encoder`` and
+    ``feature_extractor`` (Stable Video Diffusion's layout)."""
     import torch
 
     if model.patches:
@@ -80,7 +84,7 @@ def export(model: Any, clip: Any, vae: Any, scheduler: Any, folder: Path, *, dty
             f"the model carries patches ({names}), which a diffusers folder cannot hold; export the unpatched model, "
             "or bake weight patches (merges, fused LoRAs) into it first with dagfusion.models.Bake"
         )
-    for what, handle in (("text encoder", clip), ("VAE", vae)):
+    for what, handle in (("text encoder", clip), ("VAE", vae), ("image encoder", image_encoder)):
         if handle is not None and handle.patches:
             names = ", ".join(type(p).__name__ for p in handle.patches)
             raise ValueError(f"the {what} carries patches ({names}), which a diffusers folder cannot hold; export the unpatched one")
@@ -100,6 +104,9 @@ def export(model: Any, clip: Any, vae: Any, scheduler: Any, folder: Path, *, dty
         "vae": _cast(vae.module, target) if vae is not None else None, "scheduler": spec.create(),
         "requires_safety_checker": False,
     }
+    if image_encoder is not None:
+        offer["image_encoder"] = _cast(image_encoder.module, target)
+        offer["feature_extractor"] = image_encoder.image_processor
     for i, (encoder, tokenizer) in enumerate(zip(encoders, tokenizers)):
         suffix = "" if i == 0 else f"_{i + 1}"
         offer[f"text_encoder{suffix}"] = _cast(encoder, target)
@@ -109,7 +116,7 @@ def export(model: Any, clip: Any, vae: Any, scheduler: Any, folder: Path, *, dty
     for pname, param in list(inspect.signature(cls.__init__).parameters.items())[1:]:
         if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
             continue
-        if pname in _NONE_COMPONENTS:
+        if pname in _NONE_COMPONENTS and offer.get(pname) is None:
             kwargs[pname] = None
         elif pname in offer and (offer[pname] is not None or param.default is not inspect.Parameter.empty):
             kwargs[pname] = offer[pname]

@@ -156,7 +156,7 @@ def _example(objective: str) -> Any:
         Output("checkpoint_dir", STRING, "The folder holding this training's checkpoints ('' without checkpoints)."),
         Output("clip", "CLIP",
                "The text encoder bundle with its trained patches (a textual-inversion embedding, with trainable "
-               "'patches'); else the input bundle."),
+               "'patches'); else the input bundle (none when an image encoder was given)."),
     ],
     examples=[_example("v"), _example("flow")],
     ui={"color": "#ff7043"},
@@ -232,7 +232,14 @@ def train_node(
         resume=start_from, key=key, progress=progress, check_cancelled=ctx.check_cancelled, logger=ctx.logger,
     )
     return {"model": result.model, "final_loss": result.final_loss, "checkpoint_dir": str(folder) if folder else "",
-            "clip": result.clip if result.clip is not None else clip}
+            "clip": _text_bundle(result.clip if result.clip is not None else clip)}
+
+
+def _text_bundle(clip: Any) -> Any:
+    """The ``clip`` output: a text encoder bundle; an image encoder (video) gives none."""
+    from dagfusion.model import TextEncoderBundle
+
+    return clip if isinstance(clip, TextEncoderBundle) else None
 
 
 NODES = (train_node,)

@@ -15,6 +15,12 @@ Nodes:
   image-to-video with Stable Video Diffusion's layout (:mod:`~dagfusion.nodes.video.svd`).
 - ``dagfusion.video.LoadSVDSingleFile`` — the same model from one Stability-layout file
   (``svd_xt.safetensors``) with shipped configs (:mod:`~dagfusion.nodes.video.single_file`).
+- ``dagfusion.video.NewModel``, ``ShapesClips``, ``RenderShapesClip``, ``EDMObjective`` — an
+  untrained SVD-layout model (:mod:`~dagfusion.nodes.video.build`), the shapes-video world as
+  training data and ground truth (:mod:`~dagfusion.nodes.video.shapes_data`), and the EDM
+  objective ``dagfusion.train.Train`` trains it with.
+- ``dagfusion.video.SaveSVD``, ``LoadEmbeddedVideo`` — a Stable Video Diffusion folder (one-step
+  generators keep their mark) and the shipped shapes-video models (:mod:`~dagfusion.nodes.video.export`).
 - ``dagfusion.video.TrainSFV``, ``SampleOneStep`` — SF-V's adversarial tuning to one forward
   pass (:mod:`~dagfusion.nodes.video.sfv`); the EDM objective it starts from is
   :mod:`~dagfusion.nodes.video.edm`.
@@ -34,9 +40,10 @@ from __future__ import annotations
 from typing import Any
 
 from dagfusion import hookimpl
-from dagfusion.nodes.video import nodes, sfv, single_file, svd
+from dagfusion.nodes.video import build, edm, export, nodes, sfv, shapes_data, single_file, svd
 
-NODES = (*nodes.NODES, *svd.NODES, *single_file.NODES, *sfv.NODES)
+NODES = (*nodes.NODES, *svd.NODES, *single_file.NODES, *build.NODES, *shapes_data.NODES, *edm.NODES, *sfv.NODES,
+         *export.NODES)
 """Every node of the pack, in palette order."""
 TYPES = (*svd.TYPES, *sfv.TYPES)
 """The socket types this pack registers."""

@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dagfusion import FLOAT, INT, Input, Output, RunContext, node
 from dagfusion.nodes.training.objectives import (
     BatchInputs,
     ModelCall,
@@ -342,5 +343,35 @@ def check_finite(value: float, what: str, step: int) -> None:
         raise FloatingPointError(f"the {what} became {value} at step {step}; lower the learning rate or clip gradients")
 
 
-NODES: tuple[Any, ...] = ()
-"""This module defines no node of its own (the objective is used by SF-V and the training loop)."""
+@node(
+    "dagfusion.video.EDMObjective",
+    version="1.0.0",
+    category="training/objectives",
+    inputs=[
+        Input("p_mean", FLOAT, SVD_P_MEAN, min=-10.0, max=10.0,
+              description="Mean of ln sigma (SVD's image-to-video 0.7; EDM's own -1.2)."),
+        Input("p_std", FLOAT, SVD_P_STD, min=0.0, max=10.0, description="Standard deviation of ln sigma (SVD's 1.6)."),
+        Input("aug_p_mean", FLOAT, -3.0, min=-20.0, max=5.0,
+              description="Mean of ln s, s the first frame's noise-augmentation strength drawn per clip."),
+        Input("aug_p_std", FLOAT, 0.5, min=0.0, max=10.0, description="Standard deviation of ln s."),
+        Input("fps", INT, 7, min=1, max=120, description="Frames-per-second micro-condition of every clip."),
+        Input("motion_bucket_id", INT, 127, min=0, max=1023,
+              description="Motion micro-condition of every clip, unless the data gives one per clip (shapes-video does)."),
+        Input("condition_dropout", FLOAT, 0.1, min=0.0, max=1.0,
+              description="Probability of zeroing a clip's image conditions (what guidance's unconditional half is)."),
+    ],
+    outputs=[Output("objective", "OBJECTIVE", "The EDM loss of an SVD-layout video UNet conditioned on its first frame.")],
+    examples=[{}],
+)
+def edm_objective_node(ctx: RunContext, p_mean: float, p_std: float, aug_p_mean: float, aug_p_std: float, fps: int,
+                       motion_bucket_id: int, condition_dropout: float) -> EDMVideoObjective:
+    """EDM training of an image-to-video UNet as Stable Video Diffusion is trained (v-prediction, σ_data = 1).
+
+    Link it to ``dagfusion.train.Train`` with clips as data (``dagfusion.video.ShapesClips``) and the
+    image encoder (``CLIP_VISION``) in the ``clip`` input; the trained model samples with SVD's Euler scheduler.
+    """
+    return EDMVideoObjective(p_mean=p_mean, p_std=p_std, aug_p_mean=aug_p_mean, aug_p_std=aug_p_std, fps=fps,
+                             motion_bucket_id=motion_bucket_id, condition_dropout=condition_dropout)
+
+
+NODES: tuple[Any, ...] = (edm_objective_node,)

@@ -37,6 +37,7 @@ import contextlib
 import copy
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -140,6 +141,13 @@ class ClipSet(VideoClips):
         from dagfusion.fingerprint import fingerprint
 
         return "clips:" + str(fingerprint({"clips": self.data, "seed": self.seed, "shuffle": self.shuffle}))
+
+
+def clip_buckets(source: Any, first: int, count: int) -> list[int] | None:
+    """Each clip's motion bucket id when the source knows them (``motion_bucket_ids(first, count)``,
+    as the shapes-video world does), else ``None`` (the configured id for every clip)."""
+    known = getattr(source, "motion_bucket_ids", None)
+    return [int(b) for b in known(first, count)] if callable(known) else None
 
 
 def as_video_clips(value: Any) -> VideoClips:
@@ -492,9 +500,11 @@ def sfv_step(models: SFVModels, batch: SFVBatch, config: SFVConfig, rng: Any, *,
     return values
 
 
-def prepare_batch(clips: Any, *, clip_vision: Any, vae: Any, config: SFVConfig, rng: Any, device: Any) -> SFVBatch:
+def prepare_batch(clips: Any, *, clip_vision: Any, vae: Any, config: SFVConfig, rng: Any, device: Any,
+                  motion_bucket_ids: Any = None) -> SFVBatch:
     """Latents and first-frame conditioning of clips ``(B, F, 3, H, W)`` in ``[0, 1]``; the VAE
-    posterior sample and the augmentation noise are drawn from ``rng``."""
+    posterior sample and the augmentation noise are drawn from ``rng``. ``motion_bucket_ids`` (one
+    per clip) replaces ``config.motion_bucket_id`` when given."""
     import torch
     from dagfusion.nodes.video.edm import encode_clips, first_frame_conditioning
 
@@ -504,7 +514,8 @@ def prepare_batch(clips: Any, *, clip_vision: Any, vae: Any, config: SFVConfig, 
     noise = torch.randn(tuple(clips[:, 0].shape), generator=rng)
     aug = torch.full((batch,), float(config.noise_aug_strength))
     cond = first_frame_conditioning(clip_vision, vae, clips[:, 0], noise=noise, noise_aug=aug, fps=config.fps,
-                                    motion_bucket_id=config.motion_bucket_id).positive
+                                    motion_bucket_id=config.motion_bucket_id if motion_bucket_ids is None
+                                    else list(motion_bucket_ids)).positive
     image = cond["image_latents"].to(device=device, dtype=torch.float32).expand(-1, frames, -1, -1, -1)
     inputs = DiscriminatorInputs(cond["encoder_hidden_states"].to(device=device, dtype=torch.float32),
                                  cond["added_time_ids"].to(device=device, dtype=torch.float32), image.contiguous())
@@ -608,6 +619,7 @@ def train_sfv(
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
     check_cancelled: Callable[[], None] | None = None,
     logger: logging.Logger | None = None,
+    time_limit: float = 0.0,
 ) -> SFVResult:
     """Train a one-step generator from ``model`` (an SVD-layout video UNet handle) with SF-V.
 
@@ -620,6 +632,9 @@ def train_sfv(
     cancel; ``resume`` continues from one bit-exactly on the CPU (the discriminator's frozen encoder
     is rebuilt from the input model, which the training key includes).
 
+    With ``time_limit`` (seconds, 0: none) a run that has trained longer saves a checkpoint and
+    stops with :class:`~dagfusion.nodes.training.loop.TrainingPaused`; running again continues.
+
     :raises ValueError: the model carries patches (a one-step mark, a cache …), is not a video UNet,
         or the clips do not fit it.
     """
@@ -628,6 +643,7 @@ def train_sfv(
     from dagfusion.model import StaticRef
     from dagfusion.nodes.diffusion.sampling import module_dtype
     from dagfusion.nodes.training import checkpoint as ckpt
+    from dagfusion.nodes.training.loop import TrainingPaused
     from dagfusion.nodes.training.optim import restore_state, rng_state
 
     log = logger or logging.getLogger("dagfusion.node")
@@ -694,6 +710,7 @@ def train_sfv(
             start = min(loaded.step, total)
             last = resume
             log.info("resuming SF-V training from %s (step %d of %d)", resume, loaded.step, total)
+        began = time.monotonic()
         for step in range(start, total):
             if check_cancelled is not None:
                 try:
@@ -704,7 +721,9 @@ def train_sfv(
                     raise
             batch_clips = source.clips(step * config.batch_size, config.batch_size)
             _check_clips(batch_clips, models.generator)
-            batch = prepare_batch(batch_clips, clip_vision=clip_vision, vae=vae, config=config, rng=rng, device=device)
+            buckets = clip_buckets(source, step * config.batch_size, config.batch_size)
+            batch = prepare_batch(batch_clips, clip_vision=clip_vision, vae=vae, config=config, rng=rng, device=device,
+                                  motion_bucket_ids=buckets)
             values = sfv_step(models, batch, config, rng)
             for name in ("loss_g", "loss_d"):
                 if not math.isfinite(values[name]):
@@ -715,6 +734,10 @@ def train_sfv(
             done = step + 1
             if done < total and every > 0 and done % every == 0:
                 save(done)
+            if done < total and time_limit > 0 and time.monotonic() - began > time_limit:
+                path = save(done)
+                raise TrainingPaused(f"the time limit was reached at step {done} of {total}"
+                                     + (f"; the checkpoint is in {path}: run again to continue" if path else ""))
             if progress is not None:
                 try:
                     progress(done, total, values)
@@ -815,7 +838,8 @@ def _check_train(values: dict[str, Any]) -> list[tuple[str, str]]:
         Input("lambda_adv", FLOAT, 1.0, min=0.0, max=1e4, description="Weight of the generator's adversarial (hinge) loss."),
         Input("head_channels", INT, 64, min=1, max=4096, description="Width of the discriminator's spatial and temporal heads."),
         Input("fps", INT, 7, min=1, max=120, description="Frames per second given as a micro-condition (the UNet sees fps - 1)."),
-        Input("motion_bucket_id", INT, 127, min=0, max=1023, description="Motion micro-condition of every clip."),
+        Input("motion_bucket_id", INT, 127, min=0, max=1023,
+              description="Motion micro-condition of every clip, unless the clip source gives one per clip (shapes-video does)."),
         Input("noise_aug_strength", FLOAT, 0.02, min=0.0, max=10.0, description="Noise added to the first frame before encoding it."),
         Input("max_grad_norm", FLOAT, 1.0, min=0.0, max=1e6, description="Clip each update's gradient norm to this (0 = no clipping)."),
         Input("seed", SEED, 0, min=0, max=2**63 - 1, description="Seeds every random draw of the run."),
@@ -824,6 +848,8 @@ def _check_train(values: dict[str, Any]) -> list[tuple[str, str]]:
         Input("keep_checkpoints", INT, 2, min=0, max=100_000, description="Keep the newest N checkpoints (0 = all)."),
         Input("resume", PATH, optional=True, description="A checkpoint folder (or work folder: its newest) to continue from."),
         Input("auto_resume", BOOLEAN, True, description="Continue from this training's own newest checkpoint when there is one."),
+        Input("time_limit", FLOAT, 0.0, min=0.0, max=1e7,
+              description="Minutes after which to save a checkpoint and stop with an error; running again continues (0 = none)."),
     ],
     outputs=[
         Output("model", MODEL, "The one-step generator (sample it with dagfusion.video.SampleOneStep)."),
@@ -840,7 +866,7 @@ def train_sfv_node(
     generator_lr: float, discriminator_lr: float, generator_sigma: float, disc_p_mean: float, disc_p_std: float,
     lambda_recon: float, lambda_adv: float, head_channels: int, fps: int, motion_bucket_id: int,
     noise_aug_strength: float, max_grad_norm: float, seed: int, checkpoint_every: int, keep_checkpoints: int,
-    resume: str | None, auto_resume: bool,
+    resume: str | None, auto_resume: bool, time_limit: float,
 ) -> dict[str, Any]:
     """Fine-tune an image-to-video UNet into a one-step generator with SF-V (adversarial, latent space).
 
@@ -888,7 +914,7 @@ def train_sfv_node(
 
     result = train_sfv(model, clip_vision, vae, source, config, folder=folder, every=checkpoint_every,
                        keep=keep_checkpoints, resume=start_from, key=key, progress=progress,
-                       check_cancelled=ctx.check_cancelled, logger=ctx.logger)
+                       check_cancelled=ctx.check_cancelled, logger=ctx.logger, time_limit=time_limit * 60.0)
     return {"model": result.model, "generator_loss": result.loss_g, "discriminator_loss": result.loss_d,
             "checkpoint_dir": str(folder) if folder else ""}
 

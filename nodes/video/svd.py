@@ -249,18 +249,14 @@ SVD_OUTPUTS = (
     examples=[_load_example],
 )
 def load_svd(ctx: RunContext, path: str, device: str, dtype: str) -> dict[str, Any]:
-    """Load a Stable Video Diffusion folder offline, through the shared model cache."""
-    from dagfusion.nodes.diffusion.loaders import placement
-    from dagfusion.nodes.diffusion.loading import load_diffusers_folder
+    """Load a Stable Video Diffusion folder offline, through the shared model cache.
+
+    A folder saved from a one-step generator (``dagfusion.video.SaveSVD``; its ``dagfusion.json``)
+    loads marked as one, with the scheduler it samples with."""
+    from dagfusion.nodes.video.export import load_svd_folder
 
     folder = ctx.input_path(path)
-    device, dtype = placement(ctx, device, dtype)
-    loaded = load_diffusers_folder(folder, dtype=dtype, device=device, allow_pickle=ctx.settings.allow_pickle,
-                                   read_roots=ctx.settings.readable_roots)
-    if loaded.image_encoder is None:
-        raise NodeInputError("path", f"{folder} has no image_encoder component; expected a Stable Video Diffusion "
-                                     f"folder, got a {loaded.model.info.get('pipeline') or 'different'} folder")
-    return {"model": loaded.model, "clip_vision": loaded.image_encoder, "vae": loaded.vae, "scheduler": loaded.scheduler}
+    return load_svd_folder(ctx, folder, device, dtype, read_roots=ctx.settings.readable_roots)
 
 
 def _conditioning_example() -> dict[str, Any]:

@@ -200,3 +200,25 @@ def test_the_learning_rate_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in itertools.pairwise(rates[10:]))
     assert rates[100] == pytest.approx(0.0, abs=1e-12)
     assert VAETrainConfig(steps=5, learning_rate=1e-3, warmup_steps=0).lr_at(0) == pytest.approx(1e-3)
+
+
+def test_a_temporal_decoder_trains_on_clips_decoding_each_clip_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clips (B, F, C, H, W): their frames are the batch, and SVD's temporal decoder sees F frames a clip."""
+    import dagfusion.nodes.training.autoencoder as autoencoder
+    from dagfusion.model import VAEHandle
+    from dagfusion.nodes.shapes.motion import ShapesVideoDataset
+    from dagfusion.nodes.video.build import build_video_pipeline
+
+    vae = build_video_pipeline("tiny-svd").vae
+    frames_seen: list[int] = []
+    original = autoencoder._decode
+
+    def spy(module, z, frames):
+        frames_seen.append(frames)
+        return original(module, z, frames)
+
+    monkeypatch.setattr(autoencoder, "_decode", spy)
+    data = ShapesVideoDataset("train", resolution=32, frames=3, seed=0)
+    result = train_vae(VAEHandle.from_module(vae), data, VAETrainConfig(steps=2, batch_size=2, warmup_steps=0))
+    assert frames_seen == [3, 3, 3]  # two steps and the measurement
+    assert math.isfinite(result.psnr) and result.scaling_factor > 0

@@ -226,7 +226,7 @@ def test_train_node_reports_progress_and_resumes_its_own_checkpoint(parts: dict[
         "batch_size": 1, "generator_lr": 1e-4, "discriminator_lr": 1e-3, "generator_sigma": 700.0, "disc_p_mean": -1.0,
         "disc_p_std": 1.0, "lambda_recon": 1.0, "lambda_adv": 1.0, "head_channels": 8, "fps": 7, "motion_bucket_id": 127,
         "noise_aug_strength": 0.02, "max_grad_norm": 1.0, "seed": 0, "checkpoint_every": 1, "keep_checkpoints": 0,
-        "resume": None, "auto_resume": True,
+        "resume": None, "auto_resume": True, "time_limit": 0.0,
     }
     out = train_sfv_node.fn(ctx, **kwargs)
     assert [e[0] for e in ctx.events] == [1, 2] and {"loss_g", "loss_d"} <= set(ctx.events[0][2])
@@ -267,3 +267,39 @@ def test_nodes_keep_the_node_contract(tmp_path: Path) -> None:
     for spec in sfv.NODES:  # declarations, and the examples run twice with equal results
         assert check_node_contract(spec.type_id, registry, tmp_path=tmp_path / spec.type_id,
                                    require_input_docs=True) == []
+
+
+def test_each_clip_is_conditioned_on_its_own_motion_bucket(parts: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source that knows each clip's bucket (shapes-video) overrides the configured one."""
+    import dagfusion.nodes.video.sfv as sfv
+    from dagfusion.nodes.shapes.motion import ShapesVideoDataset
+    from dagfusion.nodes.video.shapes_data import ShapesVideoSource
+
+    source = ShapesVideoSource(ShapesVideoDataset("train", resolution=32, frames=2, seed=0))
+    seen: list[list[float]] = []
+    original = sfv.prepare_batch
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        batch = original(*args, **kwargs)
+        seen.append(batch.inputs.added_time_ids[:, 1].tolist())
+        return batch
+
+    monkeypatch.setattr(sfv, "prepare_batch", spy)
+    train_sfv(parts["model"], parts["clip_vision"], parts["vae"], source, SFVConfig(steps=2, batch_size=3, head_channels=8))
+    assert seen == [[float(b) for b in source.motion_bucket_ids(0, 3)], [float(b) for b in source.motion_bucket_ids(3, 3)]]
+    assert len({b for row in seen for b in row}) == 2  # both speeds occur: the ids are not the configured 127
+
+
+def test_a_time_limit_pauses_with_a_checkpoint_and_the_rerun_continues(parts: dict[str, Any], clips: torch.Tensor,
+                                                                      tmp_path: Path) -> None:
+    from dagfusion.nodes.training.loop import TrainingPaused
+
+    config = SFVConfig(steps=3, head_channels=8, seed=1)
+    args = (parts["model"], parts["clip_vision"], parts["vae"], ClipSet(clips, seed=1))
+    with pytest.raises(TrainingPaused, match="step 1 of 3"):
+        train_sfv(*args, config, folder=tmp_path, key="k", time_limit=1e-9)
+    paused = ckpt.latest(tmp_path)
+    assert paused is not None and paused.name == ckpt.step_name(1)
+    resumed = train_sfv(*args, config, folder=tmp_path, key="k", resume=paused)
+    straight = train_sfv(*args, config, folder=tmp_path / "straight", key="k")
+    assert resumed.start_step == 1 and resumed.logs == straight.logs[1:]

@@ -1,0 +1,35 @@
+"""The shapes-video benchmark runs end to end on tiny saved models and scores real clips as perfect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def test_video_shapes_benchmark_scores_every_variant(tmp_path: Path, benchmark_module: Any) -> None:
+    from dagfusion.nodes.video.export import save_svd
+    from dagfusion.nodes.video.sfv import OneStepPatch, one_step_scheduler
+    from dagfusion.nodes.video.svd import _tiny_cached
+
+    parts = _tiny_cached()
+    base = save_svd(parts["model"], parts["clip_vision"], parts["vae"], tmp_path / "base")
+    marked = parts["model"].with_scheduler(one_step_scheduler(700.0)).with_patch(OneStepPatch(700.0))
+    one = save_svd(marked, parts["clip_vision"], parts["vae"], tmp_path / "one")
+    module = benchmark_module("video_shapes")
+    out = tmp_path / "result.json"
+    module.main(["--base", str(base), "--one-step", str(one), "--limit", "2", "--seeds", "1", "--steps", "2",
+                 "--frames", "3", "--repeats", "1", "--json", str(out), "--gif-dir", str(tmp_path / "gifs")])
+    result = json.loads(out.read_text())
+    assert result["clips"] == 2
+    assert result["real"]["motion"] == 1.0 and result["real"]["frames_all_correct"] == 1.0
+    assert {"teacher", "one-step", "vae round trip"} <= set(result)
+    assert set(result["seconds_per_clip"]) == {"2 steps", "one step"} and result["speedup"] > 0
+    assert sorted(p.name for p in (tmp_path / "gifs").iterdir()) == [
+        "video-shapes-2-steps.gif", "video-shapes-one-step.gif", "video-shapes-real.gif"]
+
+
+def test_paired_interval_brackets_the_mean(benchmark_module: Any) -> None:
+    module = benchmark_module("video_shapes")
+    mean, low, high = module.paired_interval([0, 1, 1, 0] * 10, [1, 1, 1, 0] * 10)
+    assert low <= mean == 0.25 <= high and high - low < 0.5
