@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         made["one-step"] = generate_all(one, video, buckets, steps=1, one_step=True, batch=args.batch)
         results["one_step_cpu_s"] = time.process_time() - began
     scores = {name: per_clip(v, texts, frame_eval) for name, v in made.items()}
-    print(f"\n| clips | motion | direction | speed | frames all-correct | FD-shapes-video vs real |")
+    print("\n| clips | motion | direction | speed | frames all-correct | FD-shapes-video vs real |")
     print("|---|---|---|---|---|---|")
     for name, v in made.items():
         s = summary(scores[name])

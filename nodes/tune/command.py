@@ -188,7 +188,14 @@ def _measure(engine: Any, source: Path, out: Path, args: argparse.Namespace, con
         from dagfusion.distributed.command import run_on_ray
 
         outcome = run_on_ray(engine, source, address=args.ray_address, workers=args.ray_workers, out=out / "points")
-        return [json.loads(r.output("measure.result")) for r in outcome.results if r.ok]
+        measured = []
+        for result in outcome.results:
+            if result.ok:
+                measured.append(json.loads(result.output("measure.result")))
+                continue
+            for error in result.errors.values():
+                console.print(f"✗ {error}", style="red", markup=False)
+        return measured
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

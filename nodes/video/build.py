@@ -73,15 +73,18 @@ def build_video_pipeline(name: str, seed: int = 0) -> Any:
 
     :raises ValueError: ``name`` is not a built-in config.
     """
+    from dagfusion.nodes.video.edm import svd_scheduler_config
     from diffusers import (
         AutoencoderKLTemporalDecoder,
         EulerDiscreteScheduler,
         StableVideoDiffusionPipeline,
         UNetSpatioTemporalConditionModel,
     )
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from dagfusion.nodes.video.edm import svd_scheduler_config
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     if name not in CONFIGS:
         raise ValueError(f"expected a video config in {list(CONFIGS)}, got {name!r}")

@@ -40,7 +40,11 @@ def save_svd(model: Any, clip_vision: Any, vae: Any, folder: Path, *, dtype: str
     :raises ValueError: the model carries patches other than a one-step mark.
     """
     from dagfusion.nodes.training.export import export
-    from dagfusion.nodes.video.sfv import OneStepPatch, one_step_patch, one_step_scheduler
+    from dagfusion.nodes.video.sfv import (
+        OneStepPatch,
+        one_step_patch,
+        one_step_scheduler,
+    )
 
     mark = one_step_patch(model)
     if mark is not None:
@@ -140,6 +144,7 @@ def _save_example() -> dict[str, Any]:
               description="Weight precision to store ('keep': as the modules are)."),
     ],
     outputs=[Output("path", STRING, "The written folder (StableVideoDiffusionPipeline.from_pretrained and LoadSVD load it).")],
+    pure=False,
     examples=[_save_example],
 )
 def save_svd_node(ctx: RunContext, model: Any, clip_vision: Any, vae: Any, folder: str, dtype: str) -> str:

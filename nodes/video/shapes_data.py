@@ -15,7 +15,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from dagfusion import INT, LIST, SEED, STRING, Input, NodeInputError, Output, RunContext, node
+from dagfusion import (
+    INT,
+    LIST,
+    SEED,
+    STRING,
+    Input,
+    NodeInputError,
+    Output,
+    RunContext,
+    node,
+)
 from dagfusion.nodes.diffusion.types import IMAGE, VIDEO
 from dagfusion.nodes.training.data import Examples, TrainingData
 from dagfusion.nodes.training.types import TRAINING_DATA
@@ -102,7 +112,6 @@ def shapes_clips(ctx: RunContext, split: str, resolution: int, frames: int, seed
 def render_shapes_clip(ctx: RunContext, descriptions: list[Any], resolution: int, frames: int, seed: int) -> tuple[Any, Any, int, list[str]]:
     """Render shapes-video clips from their descriptions (ground truth, first frames, motion bucket)."""
     import torch
-
     from dagfusion.nodes.shapes.motion import parse_description, render_clip
     from dagfusion.nodes.shapes.render import _sample_seed
 

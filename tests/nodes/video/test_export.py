@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from dagfusion import NodeInputError
-from dagfusion.nodes.video.export import MARKER, apply_marker, embedded_folder, read_marker, save_svd
+from dagfusion.nodes.video.export import (
+    MARKER,
+    apply_marker,
+    embedded_folder,
+    read_marker,
+    save_svd,
+)
 from dagfusion.nodes.video.sfv import OneStepPatch, one_step_patch
 from dagfusion.nodes.video.svd import _tiny_cached
 

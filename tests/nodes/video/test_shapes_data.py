@@ -10,7 +10,11 @@ from dagfusion import NodeInputError
 from dagfusion.nodes.shapes.motion import ShapesVideoDataset, parse_description
 from dagfusion.nodes.training.data import as_training_data
 from dagfusion.nodes.video.sfv import as_video_clips, clip_buckets
-from dagfusion.nodes.video.shapes_data import ShapesVideoSource, render_shapes_clip, shapes_clips
+from dagfusion.nodes.video.shapes_data import (
+    ShapesVideoSource,
+    render_shapes_clip,
+    shapes_clips,
+)
 
 
 def _ctx() -> Any:
