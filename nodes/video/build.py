@@ -7,12 +7,13 @@ tunes it to one step). Built-in configs:
 - ``tiny-svd``: the tiny test architecture (:func:`dagfusion.testing.models.build_svd`): a
   32/64-channel ``UNetSpatioTemporalConditionModel``, an ``AutoencoderKLTemporalDecoder`` with x2
   downsampling and a 2-layer 32-px CLIP vision encoder. For tests and examples.
-- ``shapes-video``: the architecture of the shipped ``shapes-video`` model (64 px, 8 frames): a
+- ``shapes-video``: the architecture of the shipped ``shapes-video`` model (32 px, 8 frames): a
   3.2 M-parameter ``UNetSpatioTemporalConditionModel`` (32/64/64 channels; spatial and temporal
-  attention at the 8 x 8 and 4 x 4 resolutions; 8 input channels = 4 noisy + 4 first-frame latent
-  channels), an ``AutoencoderKLTemporalDecoder`` with x4 downsampling (16 x 16 x 4 latents of
-  64 px frames; diffusers fixes its group norms at 32 groups, so every level has a multiple of 32
-  channels) and a 2-layer ``CLIPVisionModelWithProjection`` of width 64 on 32 px images (patch 4)
+  attention at the 4 x 4 and 2 x 2 resolutions; 8 input channels = 4 noisy + 4 first-frame latent
+  channels), an ``AutoencoderKLTemporalDecoder`` with x4 downsampling (8 x 8 x 4 latents of 32 px
+  frames; 64 channels at every level: diffusers fixes its group norms at 32 groups, and with one
+  channel per group the decoder's last normalisation erases each channel's level, and the colours
+  with it) and a 2-layer ``CLIPVisionModelWithProjection`` of width 64 on 32 px images (patch 4)
   with its ``CLIPImageProcessor``. The image encoder stays at its seeded initialisation (training
   keeps it frozen, as the shapes text encoders): the UNet learns to read its embedding.
 
@@ -41,20 +42,20 @@ _TINY_VISION = {"hidden_size": 32, "projection_dim": 32, "num_hidden_layers": 2,
                 "image_size": 32, "intermediate_size": 37, "patch_size": 4}
 
 _SHAPES_UNET = {
-    "block_out_channels": [32, 64, 64], "layers_per_block": 1, "sample_size": 16, "in_channels": 8, "out_channels": 4,
+    "block_out_channels": [32, 64, 64], "layers_per_block": 1, "sample_size": 8, "in_channels": 8, "out_channels": 4,
     "down_block_types": ["DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"],
     "up_block_types": ["CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"],
     "cross_attention_dim": 64, "num_attention_heads": [2, 4, 4], "projection_class_embeddings_input_dim": 96,
     "addition_time_embed_dim": 32, "num_frames": 8,
 }
-_SHAPES_VAE = {"block_out_channels": [32, 32, 64], "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-               "down_block_types": ["DownEncoderBlock2D"] * 3, "layers_per_block": 1, "sample_size": 64}
+_SHAPES_VAE = {"block_out_channels": [64, 64, 64], "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+               "down_block_types": ["DownEncoderBlock2D"] * 3, "layers_per_block": 1, "sample_size": 32}
 _SHAPES_VISION = {"hidden_size": 64, "projection_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                   "image_size": 32, "intermediate_size": 256, "patch_size": 4}
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "tiny-svd": {"unet": _TINY_UNET, "vae": _TINY_VAE, "image_encoder": _TINY_VISION, "resolution": 32, "frames": 3},
-    "shapes-video": {"unet": _SHAPES_UNET, "vae": _SHAPES_VAE, "image_encoder": _SHAPES_VISION, "resolution": 64,
+    "shapes-video": {"unet": _SHAPES_UNET, "vae": _SHAPES_VAE, "image_encoder": _SHAPES_VISION, "resolution": 32,
                      "frames": 8},
 }
 """Built-in configs: the UNet, VAE and image-encoder configs, and the clips they are made for."""
