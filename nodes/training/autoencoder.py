@@ -289,7 +289,9 @@ def train_vae_node(
 
     result = train_vae(vae, source, config, checkpoints=CheckpointPolicy(folder, checkpoint_every, 2, time_limit * 60.0),
                        resume=start_from, key=key, progress=progress, logger=ctx.logger)
-    info = {**vae.info, "source": f"trained {vae.info.get('source', '?')}", "scaling_factor": result.scaling_factor}
+    # the scaling factor lives in the module's config; it stays out of ``info`` (the handle's fingerprint), which
+    # the checkpoint key already determines: a float measured again on reload must not change downstream keys
+    info = {**vae.info, "source": f"trained {vae.info.get('source', '?')}"}
     handle = VAEHandle(StaticRef(result.module, f"trained-vae:{key}" if key else None), info=info)
     return {"vae": handle, "final_loss": result.final_loss, "psnr": result.psnr}
 

@@ -108,7 +108,10 @@ def handles(pipe: Any, ident: str, device: str) -> dict[str, Any]:
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     info = {"source": f"new {ident}", "pipeline": "StableVideoDiffusionPipeline", "dtype": "float32", "device": device,
             "vae_scale_factor": scale}
-    spec = SchedulerSpec(type(pipe.scheduler).__name__, dict(pipe.scheduler.config))
+    # diffusers' private config keys (``_use_default_values`` lists a set in hash order) stay out of the
+    # spec: its fingerprint must be the same in every process, or checkpoints would not be found again
+    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    spec = SchedulerSpec(type(pipe.scheduler).__name__, config)
     model = ModelHandle(StaticRef(pipe.unet.to(device).eval(), f"new:{ident}:unet"), scheduler=spec,
                         info={**info, "component": "unet"})
     vae = VAEHandle(StaticRef(pipe.vae.to(device).eval(), f"new:{ident}:vae"), info={**info, "component": "vae"})

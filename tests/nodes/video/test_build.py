@@ -35,6 +35,13 @@ def test_handles_are_fingerprinted_by_the_config_not_the_object() -> None:
         assert fingerprint(one[name]) == fingerprint(two[name])
 
 
+def test_the_scheduler_spec_has_no_private_keys() -> None:
+    """diffusers' ``_use_default_values`` lists a set in hash order: kept, it would change the model's
+    fingerprint from process to process, and a training's checkpoints would not be found again."""
+    spec = handles(build_video_pipeline("tiny-svd"), "x", "cpu")["model"].scheduler
+    assert spec.config and not [k for k in spec.config if k.startswith("_")]
+
+
 def test_an_unknown_config_is_refused() -> None:
     with pytest.raises(ValueError, match="tiny-svd"):
         build_video_pipeline("svd-xl")
