@@ -225,7 +225,6 @@ def test_the_learning_rate_warms_up_then_decays_to_zero():
 
 def test_a_temporal_decoder_trains_on_clips_decoding_each_clip_together(monkeypatch: pytest.MonkeyPatch) -> None:
     """Clips (B, F, C, H, W): their frames are the batch, and SVD's temporal decoder sees F frames a clip."""
-    import dagfusion.nodes.training.autoencoder as autoencoder
     from dagfusion.model import VAEHandle
     from dagfusion.nodes.shapes.motion import ShapesVideoDataset
     from dagfusion.nodes.video.build import build_video_pipeline
