@@ -45,6 +45,11 @@ _PAIR = "b7f2a129a0c8a6cba15ea657d232fc64ffb5733d"  # Structure world: ... the t
 _FRAMES = "fc13bb0028ed9dd88498f10241c6b0ba8f4beb08"  # Video metrics: ... ShapeEval-frames
 _SECOND_EVAL = "34401ac6bf688da639b92f5cda1dc0ee61cd7cfc"  # the independent ShapeEval (trained on this code)
 _CONTROLNET = "b48c7bb9912a5dab42f62aa9dc636e58cd52fefa"  # the shapes ControlNet's training workflow (trained on this code)
+_VIDEO = "e2bbc265dd4cbcaf580ce7ff5637c9ed1565cf6b"  # shapes-video: the base model's training workflow
+_VIDEO_ONE_STEP = "TODO"  # shapes-video-1step: the SF-V workflow (trained on this code)
+_VIDEO_RESUME = ("steps 0-1,515 ran before two fixes to input fingerprints (a trained VAE's measured scaling factor, "
+                 "diffusers' hash-ordered scheduler keys) changed the training's checkpoint key; that checkpoint was "
+                 "carried over to the new key (the same inputs) and the run continued from it")
 
 _VAE_NOTE = ("dagfusion.train.TrainVAE (node train_vae): 1,500 steps x 16, lr 1e-3, training seed 0; "
              "final loss 0.0235, reconstruction PSNR 30.4 dB (docs/shapes.md)")
@@ -159,6 +164,64 @@ PROVENANCE: dict[str, dict[str, str]] = {
                             "dropout, 2,000 steps x 16, lr 2e-4 cosine, 50 warmup steps, seed 0, on 4,096 flat training-split "
                             "renders (data seed 0); saved fp16 by SaveControlNet (its own provenance is in the "
                             "dagfusion.controlnet key). project_commit is the commit whose code and workflow trained it.",
+    },
+    "nodes/video/models/shapes-video/unet/diffusion_pytorch_model.safetensors": {
+        "training_workflow": "workflows/train_shapes_video.yaml",
+        "project_commit": _VIDEO,
+        "steps": "4000",
+        "data_seed": "0",
+        "stage": "1 of 1 (multi-step base)",
+        "provenance_notes": "dagfusion.train.Train (node train) with dagfusion.video.EDMObjective (SVD's EDM, "
+                            "v-prediction, ln sigma ~ N(0.7, 1.6^2), 10 % image-condition dropout), 4,000 steps x 8 "
+                            "clips of 8 frames at 32 px, lr 5e-4 cosine, 100 warmup steps, EMA 0.998, training seed 0, "
+                            "two threads; " + _VIDEO_RESUME + "; exported fp16 by dagfusion.video.SaveSVD.",
+    },
+    "nodes/video/models/shapes-video/vae/diffusion_pytorch_model.safetensors": {
+        "training_workflow": "workflows/train_shapes_video.yaml",
+        "project_commit": _VIDEO,
+        "steps": "1500",
+        "data_seed": "1",
+        "stage": "1 of 1 (VAE)",
+        "provenance_notes": "dagfusion.train.TrainVAE (node train_vae): AutoencoderKLTemporalDecoder, 1,500 steps x 4 "
+                            "clips of 4 frames at 32 px (data seed 1), lr 1e-3 cosine, KL weight 1e-4, training seed 0; "
+                            "exported fp16.",
+    },
+    "nodes/video/models/shapes-video/image_encoder/model.safetensors": {
+        "training_workflow": "workflows/train_shapes_video.yaml",
+        "project_commit": _VIDEO,
+        "steps": "0",
+        "data_seed": "none (not trained)",
+        "stage": "initialisation (frozen while training)",
+        "provenance_notes": "dagfusion.video.NewModel (node build, config shapes-video, seed 0): the seeded random "
+                            "initialisation of the CLIP vision encoder, never trained; exported fp16.",
+    },
+    "nodes/video/models/shapes-video-1step/unet/diffusion_pytorch_model.safetensors": {
+        "training_workflow": "workflows/sfv_shapes.yaml",
+        "project_commit": _VIDEO_ONE_STEP,
+        "steps": "1000",
+        "data_seed": "2",
+        "stage": "2 of 2 (SF-V one-step, from the shipped fp16 base)",
+        "provenance_notes": "dagfusion.video.TrainSFV (node sfv) from the embedded shapes-video: 1,000 steps x 8 clips "
+                            "of 8 frames at 32 px (data seed 2, each clip's own motion bucket), generator lr 5e-5, "
+                            "discriminator lr 1e-4, heads of 64 channels, sigma_G 700, seed 0, two threads; exported "
+                            "fp16 with its one-step mark (dagfusion.json).",
+    },
+    "nodes/video/models/shapes-video-1step/vae/diffusion_pytorch_model.safetensors": {
+        "training_workflow": "workflows/train_shapes_video.yaml",
+        "project_commit": _VIDEO,
+        "steps": "1500",
+        "data_seed": "1",
+        "stage": "1 of 1 (VAE)",
+        "provenance_notes": "the shapes-video VAE, copied unchanged by workflows/sfv_shapes.yaml; exported fp16.",
+    },
+    "nodes/video/models/shapes-video-1step/image_encoder/model.safetensors": {
+        "training_workflow": "workflows/train_shapes_video.yaml",
+        "project_commit": _VIDEO,
+        "steps": "0",
+        "data_seed": "none (not trained)",
+        "stage": "initialisation (frozen while training)",
+        "provenance_notes": "the shapes-video image encoder (seeded initialisation, never trained), copied unchanged by "
+                            "workflows/sfv_shapes.yaml; exported fp16.",
     },
 }
 """The provenance of each shipped file (``training_workflow_sha256`` is computed from git)."""
