@@ -46,7 +46,7 @@ _FRAMES = "fc13bb0028ed9dd88498f10241c6b0ba8f4beb08"  # Video metrics: ... Shape
 _SECOND_EVAL = "34401ac6bf688da639b92f5cda1dc0ee61cd7cfc"  # the independent ShapeEval (trained on this code)
 _CONTROLNET = "b48c7bb9912a5dab42f62aa9dc636e58cd52fefa"  # the shapes ControlNet's training workflow (trained on this code)
 _VIDEO = "e2bbc265dd4cbcaf580ce7ff5637c9ed1565cf6b"  # shapes-video: the base model's training workflow
-_VIDEO_ONE_STEP = "TODO"  # shapes-video-1step: the SF-V workflow (trained on this code)
+_VIDEO_ONE_STEP = "ab702aa99e8935ee6df47a2b1dc624c89372ea02"  # shapes-video-1step: the SF-V workflow, trained on this code
 _VIDEO_RESUME = ("steps 0-1,515 ran before two fixes to input fingerprints (a trained VAE's measured scaling factor, "
                  "diffusers' hash-ordered scheduler keys) changed the training's checkpoint key; that checkpoint was "
                  "carried over to the new key (the same inputs) and the run continued from it")

@@ -22,6 +22,7 @@ thread, each variant's median of ``--repeats`` runs after a warm-up, the variant
 Usage::
 
     python benchmarks/video_shapes.py [--base DIR] [--one-step DIR] [--seeds 2] [--json out.json] [--gif-dir docs]
+    python benchmarks/video_shapes.py --parts   # where a clip's CPU time goes (conditioning, sampling, decoding)
 
 Without ``--base``/``--one-step`` the embedded ``shapes-video`` and ``shapes-video-1step`` models are used.
 """
@@ -158,6 +159,46 @@ def time_per_clip(variants: dict[str, Any], first: Any, bucket: int, repeats: in
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def parts_timing(base: dict[str, Any], one: dict[str, Any], first: Any, bucket: int, frames: int, steps: int,
+                 repeats: int) -> dict[str, float]:
+    """Median seconds of each part of a clip (batch 1, one thread): conditioning, one-step and
+    ``steps``-step sampling, decoding, and bare UNet calls on one and on a doubled (guided) batch."""
+    from dagfusion.nodes.diffusion.sampling import run_sampling
+    from dagfusion.nodes.video.sfv import one_step_sample
+    from dagfusion.nodes.video.svd import decode_video, svd_conditioning
+
+    height, width = int(first.shape[-2]), int(first.shape[-1])
+
+    def condition() -> Any:
+        return svd_conditioning(one["clip_vision"], one["vae"], first, width=width, height=height, frames=frames,
+                                fps=FPS, motion_bucket_id=bucket, noise_aug_strength=NOISE_AUG, seed=0)
+
+    cond, latent = condition()
+    out, _ = one_step_sample(one["model"], cond, latent, seed=0)
+    unet = one["model"].denoiser
+    x = torch.randn(tuple(latent.samples.shape[:2]) + (int(unet.config.in_channels),) + tuple(latent.samples.shape[3:]))
+    embeds, ids = cond.positive["encoder_hidden_states"], cond.positive["added_time_ids"]
+    parts = {
+        "conditioning": condition,
+        "one-step sampling": lambda: one_step_sample(one["model"], cond, latent, seed=0),
+        f"{steps}-step sampling": lambda: run_sampling(base["model"], cond, latent, steps=steps, guidance_scale=3.0,
+                                                       min_guidance_scale=1.0, seed=0),
+        "decoding": lambda: decode_video(one["vae"], out.samples, decode_chunk_size=frames),
+        "UNet call, batch 1": lambda: unet(x, torch.tensor([1.0]), embeds, ids),
+        "UNet call, batch 2": lambda: unet(x.repeat(2, 1, 1, 1, 1), torch.tensor([1.0]), embeds.repeat(2, 1, 1), ids.repeat(2, 1)),
+    }
+    out_times = {}
+    for name, fn in parts.items():
+        fn()
+        runs = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - began)
+        out_times[name] = statistics.median(runs)
+    return out_times
+
+
 def save_gif(video: Any, path: Path, columns: int = 4) -> None:
     """A grid of clips ``(B, F, 3, H, W)`` as one animated GIF (``columns`` clips a row)."""
     from PIL import Image
@@ -188,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3, help="timing runs per variant")
     parser.add_argument("--frames", type=int, default=0, help="frames per clip (0: the UNet's num_frames)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--parts", action="store_true", help="only time the parts of a clip (conditioning, sampling, decoding, UNet calls)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--gif-dir", help="write teacher/one-step GIF grids of the first 8 clips here")
     args = parser.parse_args(argv)
@@ -205,6 +247,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     resolution = int(base["model"].denoiser.config.sample_size) * base["model"].vae_scale_factor
     frames = args.frames or int(base["model"].denoiser.config.num_frames)
     video, texts, buckets = held_out(args.seeds, args.limit, resolution, frames)
+    if args.parts:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            times = parts_timing(base, one, video[:1, 0], buckets[0], frames, args.steps, max(args.repeats, 3))
+        guided = args.steps * times["UNet call, batch 2"] / times["UNet call, batch 1"]
+        print("CPU seconds (batch 1, one thread, median): " + ", ".join(f"{k} {v:.4f}" for k, v in times.items()))
+        print(f"sampling alone: {times[f'{args.steps}-step sampling'] / times['one-step sampling']:.1f}x; "
+              f"UNet calls alone ({args.steps} guided against one): {guided:.1f}x")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"parts_seconds": times}, indent=2) + "\n", encoding="utf-8")
+        return {"parts_seconds": times}
     frame_eval, still_eval = load_frame_evaluator(), load_shapeeval(SHAPEEVAL)
     print(f"{video.shape[0]} held-out clips ({video.shape[0] // args.seeds} combinations x {args.seeds} seeds), "
           f"{frames} frames at {resolution} px", flush=True)

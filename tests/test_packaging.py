@@ -48,8 +48,11 @@ def test_wheel_contains_package_data_and_no_generic_modules(wheel: zipfile.ZipFi
     shipped = {p.name for p in (REPO / "workflows").glob("*.yaml")}
     assert shipped <= {Path(n).name for n in names if n.startswith("dagfusion/workflows/")}
     assert not [n for n in names if "node_modules" in n or n.endswith(".pyi")], "build leftovers in the wheel"
-    models = {f"dagfusion/nodes/{p.relative_to(REPO / 'nodes').as_posix()}" for p in (REPO / "nodes" / "shapes" / "models").rglob("*") if p.is_file()}
+    models = {f"dagfusion/nodes/{p.relative_to(REPO / 'nodes').as_posix()}"
+              for folder in (REPO / "nodes" / "shapes" / "models", REPO / "nodes" / "video" / "models")
+              for p in folder.rglob("*") if p.is_file()}
     assert any(n.endswith("shapes-sd/unet/diffusion_pytorch_model.safetensors") for n in models)
+    assert any(n.endswith("shapes-video/unet/diffusion_pytorch_model.safetensors") for n in models)
     assert models <= names, f"embedded model files missing from the wheel: {sorted(models - names)}"
     sources = {f"dagfusion/nodes/{p.relative_to(REPO / 'nodes').as_posix()}" for p in (REPO / "nodes").rglob("*.py")}
     assert sources <= names, f"modules missing from the wheel: {sorted(sources - names)}"

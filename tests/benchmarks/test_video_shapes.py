@@ -33,3 +33,19 @@ def test_paired_interval_brackets_the_mean(benchmark_module: Any) -> None:
     module = benchmark_module("video_shapes")
     mean, low, high = module.paired_interval([0, 1, 1, 0] * 10, [1, 1, 1, 0] * 10)
     assert low <= mean == 0.25 <= high and high - low < 0.5
+
+
+def test_parts_timing_names_every_part(tmp_path: Path, benchmark_module: Any) -> None:
+    from dagfusion.nodes.video.export import save_svd
+    from dagfusion.nodes.video.sfv import OneStepPatch, one_step_scheduler
+    from dagfusion.nodes.video.svd import _tiny_cached
+
+    parts = _tiny_cached()
+    base = save_svd(parts["model"], parts["clip_vision"], parts["vae"], tmp_path / "base")
+    marked = parts["model"].with_scheduler(one_step_scheduler(700.0)).with_patch(OneStepPatch(700.0))
+    one = save_svd(marked, parts["clip_vision"], parts["vae"], tmp_path / "one")
+    result = benchmark_module("video_shapes").main(["--base", str(base), "--one-step", str(one), "--parts", "--limit", "1",
+                                                    "--seeds", "1", "--steps", "2", "--frames", "2", "--repeats", "1"])
+    assert set(result["parts_seconds"]) == {"conditioning", "one-step sampling", "2-step sampling", "decoding",
+                                            "UNet call, batch 1", "UNet call, batch 2"}
+    assert all(v > 0 for v in result["parts_seconds"].values())
