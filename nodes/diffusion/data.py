@@ -50,7 +50,10 @@ class SchedulerSpec:
 
     Attributes:
         class_name: A diffusers scheduler class (``"EulerDiscreteScheduler"``).
-        config: Its configuration (the ``scheduler_config.json`` of a model folder, with overrides).
+        config: Its configuration (the ``scheduler_config.json`` of a model folder, with overrides);
+            diffusers' private keys (``_class_name``, ``_diffusers_version``, ``_use_default_values``)
+            are left out: they are not settings, and ``_use_default_values`` lists a set in hash order,
+            which would make the fingerprint differ from process to process.
         name: The dagfusion sampler name it was made for (``"euler"``), or ``"default"``.
     """
 
@@ -59,7 +62,8 @@ class SchedulerSpec:
     name: str = "default"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "config", _freeze(self.config))
+        public = {k: v for k, v in dict(self.config or {}).items() if not str(k).startswith("_")}
+        object.__setattr__(self, "config", _freeze(public))
 
     def create(self) -> Any:
         """A new diffusers scheduler instance (only diffusers' scheduler classes are allowed)."""

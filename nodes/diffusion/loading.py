@@ -232,7 +232,7 @@ def scheduler_spec(folder: Path, class_name: str | None = None) -> SchedulerSpec
     """The scheduler of a diffusers folder (``scheduler/scheduler_config.json``)."""
     config = read_json(folder / "scheduler" / "scheduler_config.json", "a scheduler config")
     name = class_name or config.get("_class_name") or "DDIMScheduler"
-    return SchedulerSpec(str(name), {k: v for k, v in config.items() if not k.startswith("_")}, "default")
+    return SchedulerSpec(str(name), config, "default")
 
 
 def vae_scale_factor(folder: Path) -> int:

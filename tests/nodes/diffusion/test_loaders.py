@@ -310,3 +310,17 @@ def test_values_report_their_size_to_the_output_cache():
     cond = Conditioning("clip", {"encoder_hidden_states": torch.zeros(1, 77, 32)},
                         {"encoder_hidden_states": torch.zeros(1, 77, 32)})
     assert estimate_nbytes(cond) == 2 * 77 * 32 * 4
+
+
+def test_a_scheduler_spec_keeps_settings_only_and_fingerprints_the_same_in_every_order() -> None:
+    """diffusers' private keys are not settings; ``_use_default_values`` lists a set in hash order, so
+    keeping it would give the same scheduler another fingerprint in another process."""
+    from dagfusion.fingerprint import fingerprint
+    from dagfusion.nodes.diffusion.data import SchedulerSpec
+
+    a = SchedulerSpec("EulerDiscreteScheduler", {"sigma_max": 700.0, "_use_default_values": ["a", "b"],
+                                                 "_class_name": "EulerDiscreteScheduler"})
+    b = SchedulerSpec("EulerDiscreteScheduler", {"sigma_max": 700.0, "_use_default_values": ["b", "a"]})
+    assert dict(a.config) == {"sigma_max": 700.0}
+    assert fingerprint(a) == fingerprint(b)
+    assert a.create().config.sigma_max == 700.0
