@@ -135,7 +135,9 @@ def _tokenizer(name: str) -> Any:
     return makers[name]()
 
 
-def _seeded(seed: int, offset: int, make: Any) -> Any:
+def seeded(seed: int, offset: int, make: Any) -> Any:
+    """``make()`` in eval mode, built under torch's global generator seeded with ``seed * 1000 + offset``
+    (the caller's random state is kept): component ``offset`` of config seed ``seed``."""
     import torch
 
     with torch.random.fork_rng(devices=[]):
@@ -174,13 +176,13 @@ def build_builtin(name: str, seed: int) -> dict[str, Any]:
         raise ValueError(f"expected a config in {list(CONFIGS)}, got {name!r}")
     spec = CONFIGS[name]
     denoiser_name = "unet" if "unet" in spec else "transformer"
-    denoiser = _seeded(seed, 0, lambda: _diffusers_model(spec[denoiser_name]))
-    vae = _seeded(seed, 1, lambda: _diffusers_model(spec["vae"])) if spec["vae"] else None
+    denoiser = seeded(seed, 0, lambda: _diffusers_model(spec[denoiser_name]))
+    vae = seeded(seed, 1, lambda: _diffusers_model(spec["vae"])) if spec["vae"] else None
     text_spec = spec["text_encoder"]
     class_name = text_spec["architectures"][0]
     config_class = transformers.T5Config if class_name.startswith("T5") else transformers.CLIPTextConfig
     text_config = config_class(**{k: v for k, v in text_spec.items() if k != "architectures"})
-    text = _seeded(seed, 2, lambda: _transformers_model(class_name, text_config))
+    text = seeded(seed, 2, lambda: _transformers_model(class_name, text_config))
     kind, options = ("t5", {"max_length": 120, "lowercase": True}) if class_name.startswith("T5") else ("clip", {})
     scheduler = SchedulerSpec(spec["scheduler"]["_class_name"], {k: v for k, v in spec["scheduler"].items() if k != "_class_name"})
     return {
@@ -209,7 +211,7 @@ def build_from_folder(folder: Path, seed: int) -> dict[str, Any]:
     def diffusers_component(name: str, offset: int) -> Any:
         config = read_json(folder / name / "config.json", f"the {name} config")
         config["_class_name"] = index[name][1]
-        return _seeded(seed, offset, lambda: _diffusers_model(config))
+        return seeded(seed, offset, lambda: _diffusers_model(config))
 
     denoiser = diffusers_component(denoiser_name, 0)
     vae = diffusers_component("vae", 1) if present("vae") else None
@@ -218,7 +220,7 @@ def build_from_folder(folder: Path, seed: int) -> dict[str, Any]:
     for offset, name in enumerate(encoder_names, start=2):
         class_name = index[name][1]
         config = transformers.AutoConfig.from_pretrained(str(folder / name), local_files_only=True)
-        encoders.append(_seeded(seed, offset, lambda c=config, n=class_name: _transformers_model(n, c)))
+        encoders.append(seeded(seed, offset, lambda c=config, n=class_name: _transformers_model(n, c)))
         tokenizer_name = name.replace("text_encoder", "tokenizer")
         tokenizer_cls = getattr(transformers, str(index.get(tokenizer_name, [None, ""])[1]), None)
         if not (isinstance(tokenizer_cls, type) and issubclass(tokenizer_cls, transformers.PreTrainedTokenizerBase)):

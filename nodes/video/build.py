@@ -61,19 +61,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
 """Built-in configs: the UNet, VAE and image-encoder configs, and the clips they are made for."""
 
 
-def _seeded(seed: int, offset: int, make: Any) -> Any:
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1000 + offset)
-        return make().eval()
-
-
 def build_video_pipeline(name: str, seed: int = 0) -> Any:
     """An untrained ``StableVideoDiffusionPipeline`` of built-in config ``name`` (CPU, fp32, eval).
 
     :raises ValueError: ``name`` is not a built-in config.
     """
+    from dagfusion.nodes.training.build import seeded
     from dagfusion.nodes.video.edm import svd_scheduler_config
     from diffusers import (
         AutoencoderKLTemporalDecoder,
@@ -90,10 +83,10 @@ def build_video_pipeline(name: str, seed: int = 0) -> Any:
     if name not in CONFIGS:
         raise ValueError(f"expected a video config in {list(CONFIGS)}, got {name!r}")
     spec = CONFIGS[name]
-    unet = _seeded(seed, 0, lambda: UNetSpatioTemporalConditionModel(**spec["unet"]))
-    vae = _seeded(seed, 1, lambda: AutoencoderKLTemporalDecoder(**spec["vae"]))
+    unet = seeded(seed, 0, lambda: UNetSpatioTemporalConditionModel(**spec["unet"]))
+    vae = seeded(seed, 1, lambda: AutoencoderKLTemporalDecoder(**spec["vae"]))
     vision = spec["image_encoder"]
-    encoder = _seeded(seed, 2, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)))
+    encoder = seeded(seed, 2, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)))
     size = int(vision["image_size"])
     processor = CLIPImageProcessor(crop_size=size, size={"shortest_edge": size})
     return StableVideoDiffusionPipeline(vae=vae, image_encoder=encoder, unet=unet, feature_extractor=processor,
@@ -108,10 +101,7 @@ def handles(pipe: Any, ident: str, device: str) -> dict[str, Any]:
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     info = {"source": f"new {ident}", "pipeline": "StableVideoDiffusionPipeline", "dtype": "float32", "device": device,
             "vae_scale_factor": scale}
-    # diffusers' private config keys (``_use_default_values`` lists a set in hash order) stay out of the
-    # spec: its fingerprint must be the same in every process, or checkpoints would not be found again
-    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
-    spec = SchedulerSpec(type(pipe.scheduler).__name__, config)
+    spec = SchedulerSpec(type(pipe.scheduler).__name__, dict(pipe.scheduler.config))
     model = ModelHandle(StaticRef(pipe.unet.to(device).eval(), f"new:{ident}:unet"), scheduler=spec,
                         info={**info, "component": "unet"})
     vae = VAEHandle(StaticRef(pipe.vae.to(device).eval(), f"new:{ident}:vae"), info={**info, "component": "vae"})
