@@ -46,13 +46,10 @@ NOISE_AUG = 0.02
 
 def load(folder: str | None, name: str) -> dict[str, Any]:
     """The four SVD handles of a saved folder (``None``: the embedded model ``name``), fp32 on the CPU."""
-    from dagfusion.nodes.diffusion.loading import load_diffusers_folder
-    from dagfusion.nodes.video.export import apply_marker, embedded_folder, read_marker
+    from dagfusion.nodes.video.export import embedded_folder, read_svd_folder
 
     path = Path(folder) if folder else embedded_folder(name)
-    loaded = load_diffusers_folder(path, dtype="fp32", device="cpu", source=f"benchmark:{path}")
-    model = apply_marker(loaded.model, read_marker(path))
-    return {"model": model, "clip_vision": loaded.image_encoder, "vae": loaded.vae, "path": str(path)}
+    return {**read_svd_folder(path, source=f"benchmark:{path}"), "path": str(path)}
 
 
 def held_out(seeds: int, limit: int, resolution: int, frames: int) -> tuple[Any, list[str], list[int]]:

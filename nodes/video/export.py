@@ -27,10 +27,14 @@ MARKER = "dagfusion.json"
 """The file beside ``model_index.json`` that records what diffusers' folder format cannot (one-step models)."""
 MODELS_DIR = Path(__file__).parent / "models"
 EMBEDDED: dict[str, str] = {
-    "shapes-video": "Stable Video Diffusion layout, 64 px, 8 frames, trained on the shapes-video world; 25 Euler steps.",
+    "shapes-video": "Stable Video Diffusion layout, 32 px, 8 frames, trained on the shapes-video world; 25 Euler steps.",
     "shapes-video-1step": "shapes-video tuned by SF-V to one forward pass (sample with dagfusion.video.SampleOneStep).",
 }
 """Embedded video model name → what it is."""
+
+
+class SVDFolderError(ValueError):
+    """A folder is not a Stable Video Diffusion folder dagfusion can load (no image encoder, or a bad ``dagfusion.json``)."""
 
 
 def save_svd(model: Any, clip_vision: Any, vae: Any, folder: Path, *, dtype: str = "keep") -> Path:
@@ -62,7 +66,7 @@ def save_svd(model: Any, clip_vision: Any, vae: Any, folder: Path, *, dtype: str
 def read_marker(folder: Path) -> dict[str, Any]:
     """The folder's ``dagfusion.json`` document (``{}`` when there is none).
 
-    :raises ValueError: the file is not a version-1 ``dagfusion.svd`` document.
+    :raises SVDFolderError: the file is not a version-1 ``dagfusion.svd`` document.
     """
     path = Path(folder) / MARKER
     if not path.is_file():
@@ -70,9 +74,9 @@ def read_marker(folder: Path) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        raise SVDFolderError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != "dagfusion.svd" or document.get("format_version") != 1:
-        raise ValueError(f"expected {path} to be a dagfusion.svd version 1 document, got {str(document)[:200]}")
+        raise SVDFolderError(f"expected {path} to be a dagfusion.svd version 1 document, got {str(document)[:200]}")
     return document
 
 
@@ -89,23 +93,39 @@ def apply_marker(model: Any, document: dict[str, Any]) -> Any:
     return marked.with_scheduler(one_step_scheduler(sigma)).with_patch(OneStepPatch(sigma, method))
 
 
-def load_svd_folder(ctx: RunContext, folder: Path, device: str, dtype: str, *, source: str | None = None,
-                    read_roots: Any = None) -> dict[str, Any]:
-    """The four SVD handles of a diffusers folder, a one-step mark applied from its ``dagfusion.json``."""
-    from dagfusion.nodes.diffusion.loaders import placement
+def read_svd_folder(folder: Path, *, dtype: str = "fp32", device: str = "cpu", allow_pickle: bool = False,
+                    source: str | None = None, read_roots: Any = None) -> dict[str, Any]:
+    """The four SVD handles (``model``, ``clip_vision``, ``vae``, ``scheduler``) of a diffusers
+    folder, through the shared model cache, a one-step mark applied from its ``dagfusion.json``.
+
+    :raises SVDFolderError: the folder has no image encoder, or its ``dagfusion.json`` is not valid.
+    """
     from dagfusion.nodes.diffusion.loading import load_diffusers_folder
 
-    device, dtype = placement(ctx, device, dtype)
     kwargs: dict[str, Any] = {"source": source} if source else {"read_roots": read_roots}
-    loaded = load_diffusers_folder(folder, dtype=dtype, device=device, allow_pickle=ctx.settings.allow_pickle, **kwargs)
+    loaded = load_diffusers_folder(folder, dtype=dtype, device=device, allow_pickle=allow_pickle, **kwargs)
     if loaded.image_encoder is None:
-        raise NodeInputError("path", f"{folder} has no image_encoder component; expected a Stable Video Diffusion "
-                                     f"folder, got a {loaded.model.info.get('pipeline') or 'different'} folder")
+        raise SVDFolderError(f"{folder} has no image_encoder component; expected a Stable Video Diffusion folder, got a "
+                             f"{loaded.model.info.get('pipeline') or 'different'} folder")
+    document = read_marker(folder)
     try:
-        model = apply_marker(loaded.model, read_marker(folder))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise NodeInputError("path", str(exc)) from exc
+        model = apply_marker(loaded.model, document)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SVDFolderError(f"{folder / MARKER}: {exc}") from exc
     return {"model": model, "clip_vision": loaded.image_encoder, "vae": loaded.vae, "scheduler": model.scheduler}
+
+
+def load_svd_folder(ctx: RunContext, folder: Path, device: str, dtype: str, *, input: str, source: str | None = None,
+                    read_roots: Any = None) -> dict[str, Any]:
+    """:func:`read_svd_folder` for a node: placement from the settings, problems named as node input ``input``."""
+    from dagfusion.nodes.diffusion.loaders import placement
+
+    device, dtype = placement(ctx, device, dtype)
+    try:
+        return read_svd_folder(folder, dtype=dtype, device=device, allow_pickle=ctx.settings.allow_pickle, source=source,
+                               read_roots=read_roots)
+    except SVDFolderError as exc:
+        raise NodeInputError(input, str(exc)) from exc
 
 
 def embedded_folder(name: str) -> Path:
@@ -164,7 +184,7 @@ def save_svd_node(ctx: RunContext, model: Any, clip_vision: Any, vae: Any, folde
     category="models",
     inputs=[
         Input("model", STRING, "shapes-video", choices=tuple(EMBEDDED),
-              description="'shapes-video' (25-step image-to-video, 64 px, 8 frames) or 'shapes-video-1step' (its SF-V one-step generator)."),
+              description="'shapes-video' (25-step image-to-video, 32 px, 8 frames) or 'shapes-video-1step' (its SF-V one-step generator)."),
         Input("device", STRING, "auto", choices=("auto", "cpu", "cuda", "mps"),
               description="Where to compute; 'auto' takes the settings' device, else cuda > mps > cpu."),
         Input("dtype", STRING, "auto", choices=("auto", "fp32", "fp16", "bf16"),
@@ -178,7 +198,7 @@ def load_embedded_video(ctx: RunContext, model: str, device: str, dtype: str) ->
         folder = embedded_folder(model)
     except FileNotFoundError as exc:
         raise NodeInputError("model", str(exc)) from exc
-    return load_svd_folder(ctx, folder, device, dtype, source=f"embedded:{model}")
+    return load_svd_folder(ctx, folder, device, dtype, input="model", source=f"embedded:{model}")
 
 
 NODES = (save_svd_node, load_embedded_video)

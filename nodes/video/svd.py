@@ -256,7 +256,7 @@ def load_svd(ctx: RunContext, path: str, device: str, dtype: str) -> dict[str, A
     from dagfusion.nodes.video.export import load_svd_folder
 
     folder = ctx.input_path(path)
-    return load_svd_folder(ctx, folder, device, dtype, read_roots=ctx.settings.readable_roots)
+    return load_svd_folder(ctx, folder, device, dtype, input="path", read_roots=ctx.settings.readable_roots)
 
 
 def _conditioning_example() -> dict[str, Any]:

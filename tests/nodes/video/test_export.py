@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from dagfusion import NodeInputError
 from dagfusion.nodes.video.export import (
     MARKER,
     apply_marker,
@@ -78,3 +80,18 @@ def test_a_foreign_marker_is_an_error(tmp_path: Path) -> None:
 def test_unknown_or_missing_embedded_models_are_named() -> None:
     with pytest.raises(ValueError, match="shapes-video"):
         embedded_folder("svd-xt")
+
+
+def test_a_folder_without_an_image_encoder_is_named_as_the_nodes_input(tmp_path: Path) -> None:
+    from dagfusion.nodes.video.export import SVDFolderError, load_svd_folder, read_svd_folder
+    from dagfusion.testing import models as tiny
+
+    folder = tiny.write_model("sd", tmp_path / "sd")
+    with pytest.raises(SVDFolderError, match="no image_encoder"):
+        read_svd_folder(folder, source="test")
+    from dagfusion.model import default_cache
+
+    ctx = SimpleNamespace(settings=SimpleNamespace(allow_pickle=False, model_cache_bytes=default_cache().budget_bytes), device="cpu")
+    with pytest.raises(NodeInputError) as err:
+        load_svd_folder(ctx, folder, "cpu", "fp32", input="model", source="test")
+    assert err.value.input == "model"
