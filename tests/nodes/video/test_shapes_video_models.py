@@ -5,8 +5,6 @@ Deterministic on the CPU; the bounds sit a few points under the measured values 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,13 +14,9 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def bench() -> Any:
+def bench(benchmark_module: Any) -> Any:
     """benchmarks/video_shapes.py (its loading, sampling and scoring are what the docs' numbers come from)."""
-    path = Path(__file__).resolve().parents[3] / "benchmarks" / "video_shapes.py"
-    spec = importlib.util.spec_from_file_location("video_shapes", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("video_shapes")
 
 
 @pytest.fixture(scope="module")
