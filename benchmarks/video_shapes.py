@@ -17,11 +17,15 @@ real clips (a Fréchet distance over the project's own ShapeEval features — **
 one-step model's differences from the teacher come with paired-bootstrap 95 % intervals over clips.
 
 CPU time per clip end to end (first-frame conditioning, sampling, temporal decoding), batch 1, one
-thread, each variant's median of ``--repeats`` runs after a warm-up, the variants alternated.
+thread, each variant's median of ``--repeats`` runs after a warm-up, the variants alternated, MAC
+counting off. Decoding is a fixed cost the one step does not shrink, so both are timed twice: with
+the VAE in fp32 and in bf16 (oneDNN's bf16 kernels; the UNet stays fp32). ``--vae-dtype`` picks the
+VAE the quality metrics use.
 
 Usage::
 
-    python benchmarks/video_shapes.py [--base DIR] [--one-step DIR] [--seeds 2] [--json out.json] [--gif-dir docs]
+    python benchmarks/video_shapes.py [--base DIR] [--one-step DIR] [--seeds 2] [--vae-dtype bf16] [--json out.json] [--gif-dir docs]
+    python benchmarks/video_shapes.py --time-only   # only the CPU time per clip
     python benchmarks/video_shapes.py --parts   # where a clip's CPU time goes (conditioning, sampling, decoding)
 
 Without ``--base``/``--one-step`` the embedded ``shapes-video`` and ``shapes-video-1step`` models are used.
@@ -44,12 +48,16 @@ FPS = 7
 NOISE_AUG = 0.02
 
 
-def load(folder: str | None, name: str) -> dict[str, Any]:
-    """The four SVD handles of a saved folder (``None``: the embedded model ``name``), fp32 on the CPU."""
+def load(folder: str | None, name: str, vae_dtype: str = "fp32") -> dict[str, Any]:
+    """The four SVD handles of a saved folder (``None``: the embedded model ``name``) on the CPU,
+    fp32 but the VAE, which is ``vae_dtype``."""
     from dagfusion.nodes.video.export import embedded_folder, read_svd_folder
 
     path = Path(folder) if folder else embedded_folder(name)
-    return {**read_svd_folder(path, source=f"benchmark:{path}"), "path": str(path)}
+    parts = {**read_svd_folder(path, source=f"benchmark:{path}"), "path": str(path)}
+    if vae_dtype != "fp32":
+        parts["vae"] = read_svd_folder(path, dtype=vae_dtype, source=f"benchmark:{path}")["vae"]
+    return parts
 
 
 def held_out(seeds: int, limit: int, resolution: int, frames: int) -> tuple[Any, list[str], list[int]]:
@@ -81,10 +89,10 @@ def generate(parts: dict[str, Any], first: Any, bucket: int, *, steps: int, seed
     cond, latent = svd_conditioning(parts["clip_vision"], parts["vae"], first, width=width, height=height, frames=frames,
                                     fps=FPS, motion_bucket_id=bucket, noise_aug_strength=NOISE_AUG, seed=seed)
     if one_step:
-        out, _ = one_step_sample(parts["model"], cond, latent, seed=seed)
+        out, _ = one_step_sample(parts["model"], cond, latent, seed=seed, count_macs=False)
     else:
         out, _ = run_sampling(parts["model"], cond, latent, steps=steps, guidance_scale=3.0, min_guidance_scale=1.0,
-                              seed=seed)
+                              seed=seed, count_macs=False)
     return decode_video(parts["vae"], out.samples, decode_chunk_size=frames)
 
 
@@ -177,9 +185,9 @@ def parts_timing(base: dict[str, Any], one: dict[str, Any], first: Any, bucket: 
     embeds, ids = cond.positive["encoder_hidden_states"], cond.positive["added_time_ids"]
     parts = {
         "conditioning": condition,
-        "one-step sampling": lambda: one_step_sample(one["model"], cond, latent, seed=0),
+        "one-step sampling": lambda: one_step_sample(one["model"], cond, latent, seed=0, count_macs=False),
         f"{steps}-step sampling": lambda: run_sampling(base["model"], cond, latent, steps=steps, guidance_scale=3.0,
-                                                       min_guidance_scale=1.0, seed=0),
+                                                       min_guidance_scale=1.0, seed=0, count_macs=False),
         "decoding": lambda: decode_video(one["vae"], out.samples, decode_chunk_size=frames),
         "UNet call, batch 1": lambda: unet(x, torch.tensor([1.0]), embeds, ids),
         "UNet call, batch 2": lambda: unet(x.repeat(2, 1, 1, 1, 1), torch.tensor([1.0]), embeds.repeat(2, 1, 1), ids.repeat(2, 1)),
@@ -194,6 +202,29 @@ def parts_timing(base: dict[str, Any], one: dict[str, Any], first: Any, bucket: 
             runs.append(time.perf_counter() - began)
         out_times[name] = statistics.median(runs)
     return out_times
+
+
+def clip_timing(args: argparse.Namespace, frames: int, first: Any, bucket: int) -> dict[str, Any]:
+    """CPU seconds per clip end to end (batch 1, one thread) of ``--steps`` steps and of one step,
+    each with the VAE in fp32 and in bf16, alternated; prints them with the one step's speed-ups."""
+    torch.set_num_threads(1)
+    models = {(name, dtype): load(folder, name, dtype) for name, folder in
+              (("shapes-video", args.base), ("shapes-video-1step", args.one_step)) for dtype in ("fp32", "bf16")}
+    variants = {}
+    for dtype in ("fp32", "bf16"):
+        base, one = models["shapes-video", dtype], models["shapes-video-1step", dtype]
+        variants[f"{args.steps} steps, VAE {dtype}"] = (
+            lambda f, b, m=base: generate(m, f, b, steps=args.steps, seed=0, one_step=False, frames=frames))
+        variants[f"one step, VAE {dtype}"] = (
+            lambda f, b, m=one: generate(m, f, b, steps=1, seed=0, one_step=True, frames=frames))
+    with torch.no_grad():
+        timing = time_per_clip(variants, first, bucket, args.repeats)
+    speedup = {dtype: timing[f"{args.steps} steps, VAE {dtype}"] / timing[f"one step, VAE {dtype}"]
+               for dtype in ("fp32", "bf16")}
+    print(f"\nCPU seconds per clip (batch 1, one thread, decode included, median of {args.repeats}): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in timing.items()))
+    print("one step is " + ", ".join(f"{v:.1f}x faster with the VAE in {k}" for k, v in speedup.items()))
+    return {"seconds_per_clip": timing, "speedup": speedup}
 
 
 def save_gif(video: Any, path: Path, columns: int = 4) -> None:
@@ -227,6 +258,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--frames", type=int, default=0, help="frames per clip (0: the UNet's num_frames)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parts", action="store_true", help="only time the parts of a clip (conditioning, sampling, decoding, UNet calls)")
+    parser.add_argument("--time-only", action="store_true", help="only time a clip end to end")
+    parser.add_argument("--vae-dtype", choices=("fp32", "bf16"), default="fp32", help="the VAE the quality metrics use")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--gif-dir", help="write teacher/one-step GIF grids of the first 8 clips here")
     args = parser.parse_args(argv)
@@ -239,8 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from dagfusion.nodes.metrics.frame_evaluator import load_frame_evaluator
     from dagfusion.nodes.metrics.video import fd_video
 
-    base = load(args.base, "shapes-video")
-    one = load(args.one_step, "shapes-video-1step")
+    base = load(args.base, "shapes-video", args.vae_dtype)
+    one = load(args.one_step, "shapes-video-1step", args.vae_dtype)
     resolution = int(base["model"].denoiser.config.sample_size) * base["model"].vae_scale_factor
     frames = args.frames or int(base["model"].denoiser.config.num_frames)
     video, texts, buckets = held_out(args.seeds, args.limit, resolution, frames)
@@ -255,11 +288,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.json:
             Path(args.json).write_text(json.dumps({"parts_seconds": times}, indent=2) + "\n", encoding="utf-8")
         return {"parts_seconds": times}
+    results: dict[str, Any] = {"clips": int(video.shape[0]), "seeds": args.seeds, "steps": args.steps,
+                               "vae_dtype": args.vae_dtype}
+    if args.time_only:
+        results.update(clip_timing(args, frames, video[:1, 0], buckets[0]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        return results
     frame_eval, still_eval = load_frame_evaluator(), load_shapeeval(SHAPEEVAL)
     print(f"{video.shape[0]} held-out clips ({video.shape[0] // args.seeds} combinations x {args.seeds} seeds), "
-          f"{frames} frames at {resolution} px", flush=True)
+          f"{frames} frames at {resolution} px, VAE {args.vae_dtype}", flush=True)
 
-    results: dict[str, Any] = {"clips": int(video.shape[0]), "seeds": args.seeds, "steps": args.steps}
     made: dict[str, Any] = {"real": video}
     with torch.no_grad():
         made["vae round trip"] = round_trip(base["vae"], video)
@@ -287,18 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save_gif(made["one-step"][:8], Path(args.gif_dir) / "video-shapes-one-step.gif")
         save_gif(video[:8], Path(args.gif_dir) / "video-shapes-real.gif")
 
-    torch.set_num_threads(1)
-    first = video[:1, 0]
-    with torch.no_grad():
-        timing = time_per_clip({
-            f"{args.steps} steps": lambda f, b: generate(base, f, b, steps=args.steps, seed=0, one_step=False, frames=frames),
-            "one step": lambda f, b: generate(one, f, b, steps=1, seed=0, one_step=True, frames=frames),
-        }, first, buckets[0], args.repeats)
-    ratio = timing[f"{args.steps} steps"] / timing["one step"]
-    results["seconds_per_clip"] = timing
-    results["speedup"] = ratio
-    print(f"\nCPU seconds per clip (batch 1, one thread, decode included, median of {args.repeats}): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in timing.items()) + f"; one step is {ratio:.1f}x faster")
+    results.update(clip_timing(args, frames, video[:1, 0], buckets[0]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results

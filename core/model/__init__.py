@@ -27,6 +27,9 @@ The model cache (:mod:`~dagfusion.model.cache`)
 Helpers (:mod:`~dagfusion.model.helpers`, :mod:`~dagfusion.model.macs`)
     :func:`unwrap_compiled`, :func:`swap_parameters`, :func:`parameter_places`,
     :func:`count_macs` (multiply-accumulates a module really computes).
+CPU kernels (:mod:`~dagfusion.model.kernels`)
+    :func:`use_time_only_convs`: time-only ``Conv3d`` layers of video models computed as the
+    ``Conv2d`` they equal, two to three times faster on the CPU; loaders apply it.
 
 Importing this package imports neither torch nor diffusers; functions import them when they run.
 """
@@ -66,6 +69,7 @@ from dagfusion.model.handle import (
 )
 from dagfusion.model.helpers import ParameterPlaces, parameter_places, swap_parameters, unwrap_compiled
 from dagfusion.model.hooks import HOOK_METHODS, DenoiserCall, Forward, SamplingRun, StepHook, StepInfo, chain
+from dagfusion.model.kernels import is_time_only_conv, use_time_only_convs
 from dagfusion.model.macs import CallCosts, MacCounter, MacRecord, call_layout, count_macs
 from dagfusion.model.patch import (
     FunctionPatch,
@@ -128,6 +132,7 @@ __all__ = [
     "default_families",
     "expand",
     "family_for",
+    "is_time_only_conv",
     "loaded",
     "nbytes_of",
     "parameter_places",
@@ -141,4 +146,5 @@ __all__ = [
     "swap_parameters",
     "tokenizer_fingerprint",
     "unwrap_compiled",
+    "use_time_only_convs",
 ]

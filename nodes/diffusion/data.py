@@ -44,6 +44,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_MAX_PROTOTYPES = 32
+_PROTOTYPES: dict[tuple[str, str], Any] = {}  # (class name, config as JSON) -> a scheduler never handed out
+
+
 @dataclass(frozen=True, eq=False)
 class SchedulerSpec:
     """A scheduler to build fresh for every sampling run (schedulers are stateful).
@@ -66,11 +70,25 @@ class SchedulerSpec:
         object.__setattr__(self, "config", _freeze(public))
 
     def create(self) -> Any:
-        """A new diffusers scheduler instance (only diffusers' scheduler classes are allowed)."""
-        from dagfusion.nodes.diffusion.schedulers import scheduler_class
+        """A new diffusers scheduler instance (only diffusers' scheduler classes are allowed), its
+        state its own.
 
-        cls = scheduler_class(self.class_name)
-        return cls.from_config(dict(self.config))
+        Constructing some schedulers costs milliseconds (SVD's continuous-time Euler takes the log
+        of 1,000 sigmas one by one), as much as a small denoiser's call; so the first instance of a
+        configuration is kept and each call returns a deep copy of it.
+        """
+        import copy
+
+        key = (self.class_name, json.dumps(_plain(self.config), sort_keys=True, default=repr))
+        prototype = _PROTOTYPES.get(key)
+        if prototype is None:
+            from dagfusion.nodes.diffusion.schedulers import scheduler_class
+
+            prototype = scheduler_class(self.class_name).from_config(dict(self.config))
+            if len(_PROTOTYPES) >= _MAX_PROTOTYPES:
+                _PROTOTYPES.pop(next(iter(_PROTOTYPES)))
+            _PROTOTYPES[key] = prototype
+        return copy.deepcopy(prototype)
 
     def __dagfusion_fingerprint__(self) -> str:
         return _fingerprint({"class": self.class_name, "name": self.name, "config": _plain(self.config)})

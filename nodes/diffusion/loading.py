@@ -35,6 +35,7 @@ from dagfusion.model import (
     TextEncoderBundle,
     VAEHandle,
     default_cache,
+    use_time_only_convs,
 )
 from dagfusion.nodes.diffusion.data import SchedulerSpec
 
@@ -213,6 +214,7 @@ def load_component(
             str(sub), use_safetensors=safetensors_only, local_files_only=True,
             **{_transformers_dtype_kwarg(): torch_dtype(dtype)},
         )
+    use_time_only_convs(module)
     return {name: module.to(placement).eval()}
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from dagfusion import SEED, STRING, Input, Output, RunContext, node
+from dagfusion.model import use_time_only_convs
 from dagfusion.nodes.diffusion.types import MODEL, SCHEDULER, VAE
 from dagfusion.nodes.video.svd import CLIP_VISION
 
@@ -87,6 +88,8 @@ def build_video_pipeline(name: str, seed: int = 0) -> Any:
     vae = seeded(seed, 1, lambda: AutoencoderKLTemporalDecoder(**spec["vae"]))
     vision = spec["image_encoder"]
     encoder = seeded(seed, 2, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)))
+    use_time_only_convs(unet)
+    use_time_only_convs(vae)
     size = int(vision["image_size"])
     processor = CLIPImageProcessor(crop_size=size, size={"shortest_edge": size})
     return StableVideoDiffusionPipeline(vae=vae, image_encoder=encoder, unet=unet, feature_extractor=processor,

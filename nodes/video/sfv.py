@@ -572,8 +572,10 @@ def one_step_patch(model: Any) -> OneStepPatch | None:
     return applied_patch(model, OneStepPatch)
 
 
-def one_step_sample(model: Any, conditioning: Any, latent: Any, *, seed: int, ctx: RunContext | None = None) -> Any:
-    """``(latent, report)`` of one sampling step of a one-step generator (see the module docstring).
+def one_step_sample(model: Any, conditioning: Any, latent: Any, *, seed: int, ctx: RunContext | None = None,
+                    count_macs: bool = True) -> Any:
+    """``(latent, report)`` of one sampling step of a one-step generator (see the module docstring);
+    ``count_macs`` as :func:`~dagfusion.nodes.diffusion.sampling.run_sampling` takes it.
 
     :raises ValueError: ``model`` carries no :class:`OneStepPatch`.
     """
@@ -584,7 +586,7 @@ def one_step_sample(model: Any, conditioning: Any, latent: Any, *, seed: int, ct
         raise ValueError("expected a one-step generator (from dagfusion.video.TrainSFV), got a model without a "
                          "one-step mark; sample multi-step models with dagfusion.video.SampleVideo")
     return run_sampling(model, conditioning, latent, scheduler=one_step_scheduler(patch.sigma), steps=1,
-                        guidance_scale=1.0, seed=seed, ctx=ctx)
+                        guidance_scale=1.0, seed=seed, ctx=ctx, count_macs=count_macs)
 
 
 # --- the training run ------------------------------------------------------------------------------

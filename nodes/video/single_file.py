@@ -68,6 +68,7 @@ from dagfusion.model import (
     ModelHandle,
     VAEHandle,
     default_cache,
+    use_time_only_convs,
 )
 from dagfusion.nodes.diffusion.loading import (
     PICKLE_HINT,
@@ -451,6 +452,8 @@ def load_svd_components(
     if not (processor_dir / "preprocessor_config.json").is_file():
         processor_dir = CONFIGS / "feature_extractor"
     processor = CLIPImageProcessor.from_pretrained(str(processor_dir), local_files_only=True)
+    use_time_only_convs(unet)
+    use_time_only_convs(vae)
     return {
         "unet": unet.to(placement).eval(), "vae": vae.to(placement).eval(),
         "image_encoder": encoder.to(placement).eval(), "feature_extractor": processor,

@@ -324,3 +324,19 @@ def test_a_scheduler_spec_keeps_settings_only_and_fingerprints_the_same_in_every
     assert dict(a.config) == {"sigma_max": 700.0}
     assert fingerprint(a) == fingerprint(b)
     assert a.create().config.sigma_max == 700.0
+
+
+def test_a_scheduler_spec_makes_independent_schedulers_of_its_configuration() -> None:
+    """Each ``create()`` is a scheduler of its own: stepping one changes no other."""
+    from dagfusion.nodes.diffusion.data import SchedulerSpec
+
+    spec = SchedulerSpec("EulerDiscreteScheduler", {"sigma_max": 700.0, "timestep_type": "continuous",
+                                                    "prediction_type": "v_prediction"})
+    first, second = spec.create(), spec.create()
+    assert first is not second and first.sigmas is not second.sigmas
+    first.set_timesteps(4)
+    first.step(torch.zeros(1, 4, 2, 2), first.timesteps[0], torch.ones(1, 4, 2, 2))
+    assert first.num_inference_steps == 4 and second.num_inference_steps is None
+    assert second.step_index is None and len(second.sigmas) == 1001
+    other = SchedulerSpec("EulerDiscreteScheduler", {"sigma_max": 80.0}).create()
+    assert other.config.sigma_max == 80.0 and spec.create().config.sigma_max == 700.0

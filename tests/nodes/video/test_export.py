@@ -60,6 +60,19 @@ def test_a_one_step_generator_loads_marked(parts: dict[str, Any], tmp_path: Path
     assert next(loaded.model.denoiser.parameters()).dtype == torch.float32
 
 
+def test_loaded_video_models_take_the_fast_cpu_path_for_time_only_convs(parts: dict[str, Any], tmp_path: Path) -> None:
+    from dagfusion.model import is_time_only_conv
+    from dagfusion.model.kernels import time_only_conv_class
+    from dagfusion.nodes.diffusion.loading import load_diffusers_folder
+
+    folder = save_svd(parts["model"], parts["clip_vision"], parts["vae"], tmp_path / "svd")
+    loaded = load_diffusers_folder(folder, dtype="fp32", device="cpu", source="test")
+    for module in (loaded.model.denoiser, loaded.vae.module):
+        layers = list(module.modules())
+        assert any(isinstance(layer, time_only_conv_class()) for layer in layers)
+        assert not any(is_time_only_conv(layer) for layer in layers)  # none left on the slow path
+
+
 def test_other_patches_are_refused(parts: dict[str, Any], tmp_path: Path) -> None:
     from dagfusion.model import ModelPatch
 
