@@ -353,15 +353,18 @@ def sample_structural(
     guidance_scale: float = 5.0,
     sampler: str = "default",
     layout: Any = None,
+    require_depth: bool = True,
 ) -> dict[str, Any]:
     """Sample every target jointly with the shared sampler and decode each with the VAE.
 
     Returns ``image`` (B, 3, H, W) in [0, 1], ``depth`` (B, 1, H, W) in [0, 1] (1 = nearest),
     ``normal`` (B, 3, H, W) unit vectors (derived from the depth map when the model has no normal
     target), ``latent`` (the stacked latents) and ``report``. ``B`` = prompts × ``batch_size``.
+    With ``require_depth=False`` a model without a depth target (an RGB-only baseline built the
+    same way) samples too, its ``depth`` and ``normal`` ``None``.
 
-    :raises NodeInputError: a model without rgb or depth targets, a VAE of other latent
-        channels, or a layout the model cannot take.
+    :raises NodeInputError: a model without an rgb target (or, with ``require_depth``, a depth
+        target), a VAE of other latent channels, or a layout the model cannot take.
     """
     import torch
     from dagfusion.nodes.diffusion.data import Conditioning, Latent
@@ -374,9 +377,10 @@ def sample_structural(
     from dagfusion.nodes.structure.structural_model import StructuralFamily
 
     module = model.module
-    missing = [t for t in ("rgb", "depth") if t not in module.targets]
+    missing = [t for t in (("rgb", "depth") if require_depth else ("rgb",)) if t not in module.targets]
     if missing:
-        raise NodeInputError("model", f"expected a structural model with rgb and depth targets, got targets {list(module.targets)}")
+        wanted = "rgb and depth targets" if require_depth else "an rgb target"
+        raise NodeInputError("model", f"expected a structural model with {wanted}, got targets {list(module.targets)}")
     vae_channels = int(getattr(vae.module.config, "latent_channels", -1))
     if vae_channels != module.latent_channels:
         raise NodeInputError("vae", f"expected a VAE with {module.latent_channels}-channel latents (the model's), got {vae_channels}")
@@ -402,10 +406,10 @@ def sample_structural(
     parts = module.split(latents.samples)
     maps = {name: maps_from_images(name, decode(vae, Latent(part))) for name, part in parts.items()
             if name in ("rgb", "depth", "normal")}
-    normal = maps.get("normal")
-    if normal is None:
-        normal = normals_from_depth(maps["depth"])
-    return {"image": maps["rgb"], "depth": maps["depth"], "normal": normal, "latent": latents, "report": report}
+    depth, normal = maps.get("depth"), maps.get("normal")
+    if normal is None and depth is not None:
+        normal = normals_from_depth(depth)
+    return {"image": maps["rgb"], "depth": depth, "normal": normal, "latent": latents, "report": report}
 
 
 def _sample_example(layout: bool) -> Any:

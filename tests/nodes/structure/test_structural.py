@@ -592,3 +592,16 @@ def test_derived_normals_and_depth_agree_with_the_pack_conversions():
     raw = StructuralShapesData(solid).examples(0, 2).raw
     assert torch.equal(raw.normal, raw.source.rendered.normal)  # the renderer's own normals
     assert raw.depth.max() <= 1 and raw.depth[raw.source.rendered.mask[:, :1] > 0.99].min() > 0
+
+
+def test_an_rgb_only_model_samples_when_depth_is_not_required(parts):
+    """The RGB-only baseline of the joint-vs-RGB comparison is built and sampled the same way."""
+    from dagfusion import NodeInputError
+    from dagfusion.nodes.structure.structural import sample_structural, structural_from_unet
+
+    rgb_only = structural_from_unet(parts["model"], ("rgb",), 2)
+    out = sample_structural(None, rgb_only, parts["conditioning"], parts["vae"], width=32, height=32, steps=2,
+                            layout=torch.zeros(1, 2, 32, 32), require_depth=False)
+    assert out["image"].shape == (1, 3, 32, 32) and out["depth"] is None and out["normal"] is None
+    with pytest.raises(NodeInputError, match="rgb and depth"):
+        sample_structural(None, rgb_only, parts["conditioning"], parts["vae"], width=32, height=32, steps=2)
