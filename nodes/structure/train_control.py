@@ -221,18 +221,67 @@ def drop_conditions(control: Any, probability: float, generator: Any) -> tuple[A
     return control * keep.to(control.dtype).view(-1, 1, 1, 1), keep
 
 
+def drop_condition_groups(control: Any, groups: tuple[tuple[int, int], ...], probability: float,
+                          generator: Any) -> tuple[Any, Any]:
+    """``control`` with each channel group ``(first, end)`` of each row zeroed independently with
+    ``probability`` (one draw per row and group from ``generator``), and the kept mask ``(rows, groups)``.
+
+    :raises ValueError: a group reaches past the map's channels.
+    """
+    import torch
+
+    channels = int(control.shape[1])
+    for first, end in groups:
+        if end > channels:
+            raise ValueError(f"condition group {first}:{end} reaches past the control map's {channels} channels")
+    keep = torch.rand((control.shape[0], len(groups)), generator=generator) >= probability
+    scale = torch.ones(control.shape[0], channels, dtype=control.dtype)
+    for g, (first, end) in enumerate(groups):
+        scale[:, first:end] = keep[:, g:g + 1].to(control.dtype)
+    return control * scale.to(control.device)[:, :, None, None], keep
+
+
+def parse_condition_groups(text: str) -> tuple[tuple[int, int], ...]:
+    """Channel groups from ``"depth=0:1, normal=1:4, layout=4:6"`` (names optional: ``"0:1, 1:4"``),
+    sorted; ``""`` is no groups (the whole map drops at once).
+
+    :raises ValueError: a malformed, empty or overlapping range.
+    """
+    groups = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        span = part.split("=", 1)[-1].strip()
+        try:
+            first, end = (int(x) for x in span.split(":"))
+        except ValueError:
+            raise ValueError(f"expected a channel range like 'depth=0:1' (first:end), got {part!r}") from None
+        if not 0 <= first < end:
+            raise ValueError(f"expected 0 <= first < end in a channel range, got {part!r}")
+        groups.append((first, end))
+    groups.sort()
+    for (_, end), (first, _) in zip(groups, groups[1:]):
+        if first < end:
+            raise ValueError(f"channel ranges overlap: {text!r}")
+    return tuple(groups)
+
+
 @dataclass(frozen=True)
 class ControlObjective(Objective):
     """A base objective's loss with a control map: residuals from the model's
-    :class:`ControlTrainPatch` added to the frozen UNet; each map zeroed with ``condition_dropout``.
+    :class:`ControlTrainPatch` added to the frozen UNet; each map zeroed with ``condition_dropout``,
+    or, with ``groups``, each channel group zeroed independently with it (a refiner trained so
+    learns to work with any subset of its conditions).
 
     Attributes:
         base: The noise objective (epsilon, v-prediction or rectified flow).
-        condition_dropout: Probability that a row's control map is zeroed.
+        condition_dropout: Probability that a row's control map (or one of its groups) is zeroed.
+        groups: Channel ranges ``(first, end)`` dropped independently; empty: the whole map at once.
     """
 
     base: Any = None
     condition_dropout: float = 0.0
+    groups: tuple[tuple[int, int], ...] = ()
     name: str = field(default="control", init=False)
 
     def __post_init__(self) -> None:
@@ -260,7 +309,10 @@ class ControlObjective(Objective):
             raise ValueError(f"the {patch.kind} takes {patch.channels} conditioning channels, the data's control maps "
                              f"have {control.shape[1]}")
         noise, t = self.base.draw(x0, generator)
-        control, keep = drop_conditions(control.float(), self.condition_dropout, generator)
+        if self.groups:
+            control, keep = drop_condition_groups(control.float(), self.groups, self.condition_dropout, generator)
+        else:
+            control, keep = drop_conditions(control.float(), self.condition_dropout, generator)
         noisy = self.base.noisy(x0, noise, t)
         timesteps = self._timesteps(t).to(x0.device)
         with model_call.autocast():
@@ -269,16 +321,21 @@ class ControlObjective(Objective):
         return mse(prediction, self.base.target(x0, noise, t)), {"conditions_kept": float(keep.float().mean())}
 
     def describe(self) -> dict[str, Any]:
-        return {"objective": f"control/{self.base.describe().get('objective')}", "base": self.base.describe(),
-                "condition_dropout": self.condition_dropout}
+        described = {"objective": f"control/{self.base.describe().get('objective')}", "base": self.base.describe(),
+                     "condition_dropout": self.condition_dropout}
+        if self.groups:
+            described["condition_groups"] = [list(g) for g in self.groups]
+        return described
 
     def sampling_scheduler(self, base: Any) -> Any:
         """The UNet is frozen: its scheduler stays."""
         return base
 
     def key(self) -> str:
-        return "dagfusion.structure.ControlObjective:" + json.dumps(
-            {"base": self.base.key(), "condition_dropout": self.condition_dropout}, sort_keys=True)
+        settings: dict[str, Any] = {"base": self.base.key(), "condition_dropout": self.condition_dropout}
+        if self.groups:  # absent when empty: whole-map trainings keep their keys
+            settings["groups"] = [list(g) for g in self.groups]
+        return "dagfusion.structure.ControlObjective:" + json.dumps(settings, sort_keys=True)
 
 
 # --- nodes ----------------------------------------------------------------------------------------
@@ -332,22 +389,29 @@ def _objective_example() -> dict[str, Any]:
 
 @node(
     "dagfusion.structure.ControlObjective",
-    version="1.0.0",
+    version="1.1.0",
     category="structure/training",
     inputs=[
         Input("objective", OBJECTIVE, link_only=True, description="The noise objective (Epsilon, VPrediction, RectifiedFlow) of the model."),
         Input("condition_dropout", FLOAT, 0.05, min=0.0, max=1.0, description="Probability that a sample's control map is zeroed."),
+        Input("groups", STRING, "",
+              description="Channel groups dropped independently, e.g. 'depth=0:1, normal=1:4, layout=4:6' "
+                          "(StructureCondition's ranges); empty: the whole map drops at once."),
     ],
     outputs=[Output("objective", OBJECTIVE, "The objective with control maps, for dagfusion.train.Train with trainable 'patches'.")],
     examples=[_objective_example],
     ui={"color": _COLOR},
 )
-def control_objective(ctx: RunContext, objective: Any, condition_dropout: float) -> ControlObjective:
+def control_objective(ctx: RunContext, objective: Any, condition_dropout: float, groups: str = "") -> ControlObjective:
     """Wrap a noise objective so that it trains the model's ControlNet or adapter patch on control
-    maps (the UNet stays frozen), zeroing each map with condition_dropout.
+    maps (the UNet stays frozen), zeroing each map — or each channel group of it — with condition_dropout.
     """
     try:
-        return ControlObjective(objective, condition_dropout)
+        spans = parse_condition_groups(groups)
+    except ValueError as error:
+        raise NodeInputError("groups", str(error)) from None
+    try:
+        return ControlObjective(objective, condition_dropout, spans)
     except ValueError as error:
         raise NodeInputError("objective", str(error)) from None
 

@@ -118,6 +118,56 @@ def test_condition_dropout_zeroes_whole_rows():
     assert float(drop_conditions(control, 1.0, torch.Generator())[0].abs().max()) == 0.0
 
 
+def test_grouped_condition_dropout_zeroes_each_group_on_its_own():
+    from dagfusion.nodes.structure.train_control import drop_condition_groups
+
+    control = torch.rand(256, 6, 4, 4) + 0.1
+    groups = ((0, 1), (1, 4), (4, 6))
+    dropped, keep = drop_condition_groups(control, groups, 0.5, torch.Generator().manual_seed(0))
+    assert keep.shape == (256, 3)
+    for g, (first, end) in enumerate(groups):
+        kept, part = keep[:, g], dropped[:, first:end]
+        assert torch.equal(part[kept], control[kept, first:end]) and float(part[~kept].abs().max()) == 0.0
+        assert 0.4 < float(kept.float().mean()) < 0.6
+    together = (keep[:, 0] == keep[:, 1]) & (keep[:, 1] == keep[:, 2])
+    assert float(together.float().mean()) < 0.5  # independent draws, not the whole map at once (1/4 expected)
+    with pytest.raises(ValueError, match="reaches past"):
+        drop_condition_groups(control, ((4, 7),), 0.5, torch.Generator())
+
+
+def test_condition_groups_parse_and_change_the_training_key_only_when_given():
+    from dagfusion import NodeInputError
+    from dagfusion.nodes.structure.train_control import ControlObjective, control_objective, parse_condition_groups
+    from dagfusion.nodes.training.objectives import EpsilonObjective
+
+    assert parse_condition_groups("layout=4:6, depth=0:1, normal=1:4") == ((0, 1), (1, 4), (4, 6))
+    assert parse_condition_groups("0:1,1:4") == ((0, 1), (1, 4)) and parse_condition_groups("") == ()
+    for bad in ("depth=0-1", "normal=3:3", "0:2, 1:4"):
+        with pytest.raises(ValueError):
+            parse_condition_groups(bad)
+    whole = ControlObjective(EpsilonObjective(), 0.1)
+    assert "groups" not in whole.key() and "condition_groups" not in whole.describe()
+    grouped = control_objective.fn(None, EpsilonObjective(), 0.1, "depth=0:1, normal=1:4")
+    assert grouped.groups == ((0, 1), (1, 4)) and grouped.key() != whole.key()
+    with pytest.raises(NodeInputError) as caught:
+        control_objective.fn(None, EpsilonObjective(), 0.1, "0:2, 1:4")
+    assert caught.value.input == "groups" and "overlap" in str(caught.value)
+
+
+def test_a_grouped_objective_trains_a_controlnet_and_reports_the_kept_fraction():
+    from dagfusion.nodes.structure.controlnet import controlnet_from_unet
+    from dagfusion.nodes.structure.train_control import ControlData, ControlObjective
+    from dagfusion.nodes.training.objectives import EpsilonObjective
+    from dagfusion.testing import models as tiny
+
+    parts = tiny.sd_handles()
+    network = controlnet_from_unet.fn(None, model=parts["model"], conditioning_channels=3, seed=0)
+    images, captions, control = _batch(3)
+    out = _train(parts["model"], network, "controlnet", ControlData(images, captions, control, shuffle=False), parts,
+                 steps=2, objective=ControlObjective(EpsilonObjective(), 0.5, ((0, 1), (1, 3))))
+    assert out["network"].fingerprint != network.fingerprint and out["final_loss"] == out["final_loss"]
+
+
 def test_data_checks_channels_against_the_network(tmp_path):
     from dagfusion import NodeInputError
     from dagfusion.nodes.structure.controlnet import tiny_controlnet
