@@ -74,18 +74,14 @@ def sample_all(model: Any, clip: Any, vae: Any, captions: list[str], seeds: int,
 
 
 def per_image(evaluator: Any, images: torch.Tensor, captions: list[str]) -> dict[str, list[float]]:
-    """Per image, 1.0/0.0: relation, count, each object's colour and shape, all-correct (two-object prompts)."""
-    from dagfusion.nodes.metrics.pair_evaluator import expected_terms, in_prompt_terms, parse_prompts, predict
+    """Per image, 1.0/0.0: each head of the two-object evaluator (relation, count, each object's
+    colour and shape) and all-correct (two-object prompts: every head is scored)."""
+    from dagfusion.nodes.metrics.pair_evaluator import SCORED, judge
 
-    scores: dict[str, list[float]] = {k: [] for k in ("relation", "count", "colour_1", "shape_1", "colour_2", "shape_2",
-                                                      "all_correct")}
-    for read, scene in zip(predict(evaluator, images), parse_prompts(captions)):
-        expected = expected_terms(scene)
-        got = in_prompt_terms(read, scene)
-        right = {k: got[k] == v for k, v in expected.items()}
-        for key in scores:
-            if key != "all_correct":
-                scores[key].append(float(right[key]))
+    scores: dict[str, list[float]] = {k: [] for k in (*SCORED, "all_correct")}
+    for right in judge(evaluator, images, captions):
+        for key in SCORED:
+            scores[key].append(float(right[key]))
         scores["all_correct"].append(float(all(right.values())))
     return scores
 

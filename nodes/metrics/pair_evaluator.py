@@ -214,6 +214,18 @@ def parse_prompts(prompts: list[str]) -> list[Scene]:
     return scenes
 
 
+def judge(model: PairEvalNet, images: torch.Tensor, prompts: list[str]) -> list[dict[str, bool]]:
+    """Per image, whether each head its prompt has (keys of :data:`SCORED`) reads right, in the
+    prompt's terms (see the module docstring)."""
+    if images.shape[0] != len(prompts):
+        raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+    judged = []
+    for p, scene in zip(predict(model, images), parse_prompts(prompts)):
+        read = in_prompt_terms(p, scene)
+        judged.append({k: read[k] == v for k, v in expected_terms(scene).items()})
+    return judged
+
+
 def score(model: PairEvalNet, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     """Per-head accuracy (keys of :data:`SCORED`) and ``all_correct`` of images against one- or
     two-object prompts, in the prompts' terms (see the module docstring).
@@ -222,16 +234,9 @@ def score(model: PairEvalNet, images: torch.Tensor, prompts: list[str]) -> dict[
     ``relation``: two-object prompts only; ``nan`` when none has); ``all_correct`` is the
     fraction of images with every head their prompt has right.
     """
-    if images.shape[0] != len(prompts):
-        raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-    scenes = parse_prompts(prompts)
-    predicted = predict(model, images)
     hits: dict[str, list[bool]] = {k: [] for k in SCORED}
     all_right = []
-    for p, scene in zip(predicted, scenes):
-        expected = expected_terms(scene)
-        read = in_prompt_terms(p, scene)
-        right = {k: read[k] == v for k, v in expected.items()}
+    for right in judge(model, images, prompts):
         for k, ok in right.items():
             hits[k].append(ok)
         all_right.append(all(right.values()))
