@@ -72,7 +72,7 @@ def _render_example() -> dict[str, Any]:
 
 @node(
     "dagfusion.shapes.Render",
-    version="1.1.0",
+    version="1.2.0",
     category="shapes",
     inputs=[
         Input("dataset", SHAPES_DATASET, link_only=True),
@@ -86,21 +86,46 @@ def _render_example() -> dict[str, Any]:
         Output("mask", "MASK", "(B, 1, H, W): where any object is."),
         Output("object_masks", "OBJECT_MASK", "(B, K, H, W): one channel per object."),
         Output("depth", "DEPTH", "(B, 1, H, W) in the DEPTH convention: 1 = nearest, the background 0."),
+        Output("normal", "NORMAL", "(B, 3, H, W) camera-space unit normals: the solid renderer's own, "
+                                   "else derived from the depth (flat shapes face the viewer)."),
+        Output("layout", "LAYOUT", "The objects' boxes (and, solid, labels and depth order), in caption order."),
     ],
     examples=[_render_example],
 )
 def render(ctx: RunContext, dataset: Any, first_index: int, count: int) -> dict[str, Any]:
-    """Render samples of a shapes dataset with their captions, labels, masks and depth."""
+    """Render samples of a shapes dataset with their captions, labels, masks, depth, normals and layout."""
     batch = dataset.batch(first_index, count)
-    masks = batch.rendered.mask
+    rendered = batch.rendered
+    masks = rendered.mask
+    depth = _depth_convention(rendered.depth, getattr(dataset, "style", "flat"))
     return {
         "images": batch.images,
         "captions": list(batch.captions),
         "labels": [scene.labels() if len(scene.objects) == 1 else {} for scene in batch.scenes],
         "mask": masks.amax(dim=1, keepdim=True),
         "object_masks": masks,
-        "depth": _depth_convention(batch.rendered.depth, getattr(dataset, "style", "flat")),
+        "depth": depth,
+        "normal": _normals(rendered, depth),
+        "layout": _layout(rendered),
     }
+
+
+def _normals(rendered: Any, depth: Any) -> Any:
+    """The renderer's normals when it made them, else the normals of the ``DEPTH`` map."""
+    if rendered.normal is not None:
+        return rendered.normal.float()
+    from dagfusion.nodes.structure.structural_data import normals_from_depth
+
+    return normals_from_depth(depth)
+
+
+def _layout(rendered: Any) -> Any:
+    """The renderer's layout when it made one, else the boxes of the object masks."""
+    if rendered.layout is not None:
+        return rendered.layout
+    from dagfusion.nodes.structure.layout import layout_from_masks
+
+    return layout_from_masks(rendered.mask)
 
 
 def _depth_convention(distance: Any, style: str) -> Any:

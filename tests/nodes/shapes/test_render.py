@@ -46,3 +46,32 @@ def test_two_object_masks_and_relations() -> None:
             centres.append((xs.float().mean(), ys.float().mean()))
         (x1, y1), (x2, y2) = centres
         assert {"above": y1 < y2, "below": y1 > y2, "left of": x1 < x2, "right of": x1 > x2}[scene.relation], scene.caption
+
+
+def test_the_render_node_gives_the_structure_that_structure_conditions_are_made_of() -> None:
+    from dagfusion.nodes.structure.layout import layout_from_masks, render_structure
+    from dagfusion.registry import Registry
+
+    render = Registry.from_plugins(load_entrypoints=False, environ={}).get("dagfusion.shapes.Render")
+    Data = ShapesDataset
+
+    solid = Data("train", 2, 32, seed=0, jitter=True, style="solid")
+    out = render.fn(None, solid, 3, 2)
+    batch = solid.batch(3, 2)
+    # the solid renderer's own normals and layout, the same scenes the images show
+    assert torch.equal(out["normal"], batch.rendered.normal.float())
+    assert out["layout"] == batch.rendered.layout and len(out["layout"]) == 2
+    assert all(len(row) == 2 for row in out["layout"].rows)
+    again = render_structure(out["captions"], 32, "solid")
+    assert again["normal"].shape == out["normal"].shape
+
+    flat = Data("train", 1, 32, seed=0, jitter=True, style="flat")
+    out = render.fn(None, flat, 0, 3)
+    # flat shapes face the viewer; the layout's boxes are the objects'
+    assert torch.allclose(out["normal"][:, 2].mean(), torch.tensor(1.0), atol=0.05)
+    assert torch.allclose(out["normal"].norm(dim=1), torch.ones(3, 32, 32), atol=1e-5)
+    from_masks = layout_from_masks(out["object_masks"])
+    for row, expected in zip(out["layout"].rows, from_masks.rows):
+        assert len(row) == len(expected) == 1
+        for got, box in zip(row, expected):
+            assert torch.allclose(torch.tensor(got.box), torch.tensor(box.box), atol=2 / 32)
