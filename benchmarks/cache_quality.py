@@ -56,14 +56,22 @@ def calibration(loaded: Any, steps: int, guidance: float, count: int = 8) -> Cal
 
 
 def lazydit_variants(path: str | None) -> list[tuple[str, Any]]:
-    """LazyDiT at a few target laziness values with the gates trained into ``path`` (none without a file)."""
+    """LazyDiT with the gates trained into ``path`` (none without a file): the paper's rule (skip
+    where the gate's score passes a threshold) at thresholds 0.5 and 0.8 with at most one reuse in
+    a row (the shipped workflow's setting) and without a limit, then a few target laziness values."""
     if not path:
         return []
     from dagfusion.nodes.cache.lazydit import LazyGates
 
     arch, gates = LazyGates.read(path)
-    return [(f"LazyDiT laziness {lazy:g} (trained gates)", LazyGates(gates, arch, rule="laziness", laziness=lazy, start_step=1))
-            for lazy in (0.1, 0.2, 0.3, 0.5)]
+    by_threshold = [
+        (f"LazyDiT threshold {threshold:g}, {'max_reuse 1' if reuse else 'no reuse limit'} (trained gates)",
+         LazyGates(gates, arch, rule="threshold", threshold=threshold, start_step=1, max_reuse=reuse))
+        for threshold, reuse in ((0.5, 1), (0.8, 1), (0.5, 0))
+    ]
+    return by_threshold + [(f"LazyDiT laziness {lazy:g} (trained gates)",
+                            LazyGates(gates, arch, rule="laziness", laziness=lazy, start_step=1))
+                           for lazy in (0.1, 0.2, 0.3, 0.5)]
 
 
 def variants(name: str, steps: int, loaded: Any = None, guidance: float = 4.0, gates: str | None = None
