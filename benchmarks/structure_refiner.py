@@ -84,21 +84,23 @@ def sample_plain(model: Any, conditioning: Any, vae: Any, rows: int, seed: int, 
     from dagfusion.nodes.diffusion.sampling import sample
     from dagfusion.nodes.diffusion.vae import decode
 
-    latent = Latent(torch.zeros(rows, 4, RESOLUTION // 8, RESOLUTION // 8))
+    side = RESOLUTION // model.vae_scale_factor
+    latent = Latent(torch.zeros(rows, 4, side, side))
     return decode(vae, sample(model, conditioning, latent, steps=steps, guidance_scale=guidance, seed=seed)).float().cpu()
 
 
 def run_stages(joint: Any, base: Any, refiner: Any, captions: list[str], seeds: int, *, conditions: tuple[str, ...],
                steps: int, guidance: float, batch: int, strength: float, with_base: bool) -> tuple[dict[str, torch.Tensor], Timer]:
-    """The joint model's image, the refiner's and (``with_base``) the base's, for every (seed,
-    caption) in that order; each batch shares one noise seed across the three."""
+    """The joint model's image, depth and normals, the refiner's image and (``with_base``) the
+    base's, for every (seed, caption) in that order; each batch shares one noise seed across the
+    three models."""
     from dagfusion.nodes.diffusion.text import encode_prompt
     from dagfusion.nodes.structure.controlnet import ControlNetPatch
     from dagfusion.nodes.structure.layout import render_structure
     from dagfusion.nodes.structure.refiner import structure_condition
     from dagfusion.nodes.structure.structural import sample_structural
 
-    images: dict[str, list[torch.Tensor]] = {"joint": [], "refiner": [], "base": []}
+    images: dict[str, list[torch.Tensor]] = {"joint": [], "refiner": [], "base": [], "depth": [], "normal": []}
     timer = Timer()
     for seed in range(seeds):
         for start in range(0, len(captions), batch):
@@ -111,6 +113,8 @@ def run_stages(joint: Any, base: Any, refiner: Any, captions: list[str], seeds: 
                                      steps=steps, guidance_scale=guidance, layout=layout)
             timer.add("joint", began)
             images["joint"].append(made["image"].float().cpu())
+            images["depth"].append(made["depth"].float().cpu())
+            images["normal"].append(made["normal"].float().cpu())
             began = time.perf_counter()
             given = {"depth": made["depth"], "normal": made["normal"], "layout": layout}
             control, _ = structure_condition(**{k: v for k, v in given.items() if k in conditions},
@@ -157,6 +161,18 @@ def layout_iou(images: torch.Tensor, captions: list[str], seeds: int) -> float:
     return statistics.fmean(mask_iou(images, reference))
 
 
+def write_picture(path: Path, images: dict[str, torch.Tensor], rows: int, scale: int = 3) -> None:
+    """A PNG grid: one row per image, columns the joint model's image, its depth, its normals and
+    the refiner's image (nearest-neighbour enlarged ``scale`` times)."""
+    from PIL import Image
+
+    columns = [images["joint"], images["depth"].expand(-1, 3, -1, -1), (images["normal"] + 1) / 2, images["refiner"]]
+    grid = torch.cat([torch.cat([c[i] for c in columns], dim=-1) for i in range(min(rows, len(images["joint"])))], dim=-2)
+    grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
+    pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(pixels).save(path)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--joint", required=True, help="the joint model's folder (SaveStructural)")
@@ -172,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--picture", help="also write a PNG: joint image, depth, normals, refined image of the first prompts")
     args = parser.parse_args(argv)
     if not 1 <= args.prompts <= 1024 or not 1 <= args.seeds <= 16 or not 1 <= args.steps <= 200 or not 1 <= args.batch <= 256:
         parser.error("expected --prompts in 1..1024, --seeds in 1..16, --steps in 1..200 and --batch in 1..256")
@@ -200,8 +217,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"prompts": args.prompts, "seeds": args.seeds, "steps": args.steps,
                                "guidance": args.guidance, "strength": args.strength, "conditions": list(conditions),
                                "images": len(all_captions)}
+    if args.picture:
+        write_picture(Path(args.picture), images, rows=min(6, args.prompts))
     scores = {}
-    for name, made in images.items():
+    for name in ("joint", "refiner", "base"):
+        if name not in images:
+            continue
+        made = images[name]
         scores[name] = per_image(evaluator, made, all_captions)
         results[name] = {k: statistics.fmean(v) for k, v in scores[name].items()}
         results[name]["layout_iou"] = layout_iou(made, captions, args.seeds)

@@ -26,8 +26,11 @@ def test_structure_refiner_benchmark_scores_every_stage(tmp_path: Path, benchmar
     out = tmp_path / "result.json"
     result = benchmark_module("structure_refiner").main([
         "--joint", str(joint), "--base", str(folder("shapes-sd")), "--refiner", str(refiner), "--prompts", "2",
-        "--seeds", "2", "--steps", "1", "--batch", "2", "--json", str(out)])
+        "--seeds", "2", "--steps", "1", "--batch", "2", "--json", str(out), "--picture", str(tmp_path / "grid.png")])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size == (4 * 64 * 3, 2 * 64 * 3)
     assert result["images"] == 4 and result["conditions"] == ["depth", "normal", "layout"]
     for name in ("joint", "refiner", "base"):
         assert 0.0 <= result[name]["all_correct"] <= 1.0 and 0.0 <= result[name]["layout_iou"] <= 1.0
