@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from dagfusion.nodes.shapes.models import EMBEDDED, folder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(EMBEDDED), choices=list(EMBEDDED))
+    parser.add_argument("--models", nargs="+", default=["shapes-sd", "shapes-dit"], choices=list(EMBEDDED))
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--limit", type=int, default=0, help="use only this many held-out prompts (0: all 96)")

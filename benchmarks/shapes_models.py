@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from dagfusion.nodes.shapes.models import EMBEDDED, folder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(EMBEDDED), choices=list(EMBEDDED))
+    parser.add_argument("--models", nargs="+", default=["shapes-sd", "shapes-dit"], choices=list(EMBEDDED))
     parser.add_argument("--seeds", type=int, default=2, help="images per held-out prompt")
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per step count (median)")

@@ -16,7 +16,9 @@ that is not known is written ``unknown``.
 Only the JSON header is rewritten: the tensor data section is copied byte for byte, and the
 script checks afterwards that every tensor (name, dtype, shape, bytes) is identical to before
 and that the data section is unchanged. Metadata keys already present (``format``, the
-ShapeEval vocabulary …) are kept. Running it again changes nothing. Usage::
+ShapeEval vocabulary …) are kept. A ``config.json`` beside a file that records the file's digest
+(a structural model folder's ``weights_sha256``) is updated to the new bytes. Running it again
+changes nothing. Usage::
 
     python benchmarks/stamp_provenance.py            # stamp every shipped file
     python benchmarks/stamp_provenance.py --check    # exit 1 if a file lacks a key or differs from the table
@@ -47,6 +49,9 @@ _SECOND_EVAL = "34401ac6bf688da639b92f5cda1dc0ee61cd7cfc"  # the independent Sha
 _CONTROLNET = "b48c7bb9912a5dab42f62aa9dc636e58cd52fefa"  # the shapes ControlNet's training workflow (trained on this code)
 _VIDEO = "e2bbc265dd4cbcaf580ce7ff5637c9ed1565cf6b"  # shapes-video: the base model's training workflow
 _VIDEO_ONE_STEP = "ab702aa99e8935ee6df47a2b1dc624c89372ea02"  # shapes-video-1step: the SF-V workflow, trained on this code
+_STRUCTURE_VAE = "a243d737ff97e9250e6d21d4b87856b37765df98"  # the structure VAE's training workflow (trained on this code)
+_JOINT = "4b611c3663fdf26fd7591bb634d430759a167de2"  # the joint structural model's training workflow (trained on this code)
+_REFINER = "94db7d4741dfff2715a194d2139121c27e6466c8"  # the refiner's training workflow: the two-object base and the refiner (trained on this code)
 _VIDEO_RESUME = ("steps 0-1,515 ran before two fixes to input fingerprints (a trained VAE's measured scaling factor, "
                  "diffusers' hash-ordered scheduler keys) changed the training's checkpoint key; that checkpoint was "
                  "carried over to the new key (the same inputs) and the run continued from it")
@@ -223,6 +228,61 @@ PROVENANCE: dict[str, dict[str, str]] = {
         "provenance_notes": "the shapes-video image encoder (seeded initialisation, never trained), copied unchanged by "
                             "workflows/sfv_shapes.yaml; exported fp16.",
     },
+    "nodes/structure/models/shapes-structural/structural.safetensors": {
+        "training_workflow": "workflows/train_structure_shapes.yaml",
+        "project_commit": _JOINT,
+        "steps": "2000",
+        "data_seed": "0",
+        "stage": "2 of 2 (shapes-sd's UNet as trunk and branches, then this training)",
+        "provenance_notes": "dagfusion.train.Train (node train_joint) on StructuralFromUNet of the shipped shapes-sd UNet "
+                            "(targets rgb, depth, normal; 2 layout channels): v-prediction, zero-terminal SNR, 2,000 steps "
+                            "x 16 two-object shaded-solid scenes at 64 px, lr 2e-4 cosine, EMA 0.995, caption and layout "
+                            "dropout 0.1, training seed 0, two threads, 26.2 min; with the structure VAE of "
+                            "train_structure_vae.yaml; saved fp16 (SaveStructural).",
+    },
+    "nodes/shapes/models/shapes-sd-two-objects/unet/diffusion_pytorch_model.safetensors": {
+        "training_workflow": "workflows/train_structure_refiner.yaml",
+        "project_commit": _REFINER,
+        "steps": "2000",
+        "data_seed": "0",
+        "stage": "2 of 2 (shapes-sd, then this two-object fine-tune)",
+        "provenance_notes": "dagfusion.train.Train (node train_base) from the shipped shapes-sd UNet: v-prediction, "
+                            "zero-terminal SNR, 2,000 steps x 16 two-object shaded-solid scenes at 64 px (text only), "
+                            "lr 2e-4 cosine, EMA 0.995, caption dropout 0.1, training seed 0, two threads, 17.8 min; "
+                            "with the structure VAE; exported fp16.",
+    },
+    "nodes/shapes/models/shapes-sd-two-objects/vae/diffusion_pytorch_model.safetensors": {
+        "training_workflow": "workflows/train_structure_vae.yaml",
+        "project_commit": _STRUCTURE_VAE,
+        "steps": "1500",
+        "data_seed": "0",
+        "stage": "2 of 2 (shapes-sd's VAE, then fine-tuned on two-object renders, depth and normal pictures)",
+        "provenance_notes": "dagfusion.train.TrainVAE (node train_vae): 1,500 steps x 16 of two-object renders, depth and "
+                            "normal pictures (64 px), lr 2e-4, KL weight 1e-4, training seed 0; the same node and inputs "
+                            "in train_structure_shapes.yaml and train_structure_refiner.yaml, which reuse its checkpoint; "
+                            "exported fp16.",
+    },
+    "nodes/shapes/models/shapes-sd-two-objects/text_encoder/model.safetensors": {
+        "training_workflow": "workflows/train_shapes_sd.yaml",
+        "project_commit": _SHIP,
+        "steps": "0",
+        "data_seed": "none (not trained)",
+        "stage": "initialisation (frozen while training)",
+        "provenance_notes": "shapes-sd's text encoder (the seeded initialisation of dagfusion.train.NewModel, never "
+                            "trained), copied unchanged by workflows/train_structure_refiner.yaml; exported fp16.",
+    },
+    "nodes/structure/models/shapes-refiner.safetensors": {
+        "training_workflow": "workflows/train_structure_refiner.yaml",
+        "project_commit": _REFINER,
+        "steps": "2000",
+        "data_seed": "0",
+        "stage": "1 of 1 (on the frozen shapes-sd-two-objects)",
+        "provenance_notes": "dagfusion.structure.TrainControlNet (node train_refiner): ControlNetModel.from_unet of the "
+                            "shapes-sd-two-objects UNet, 6 conditioning channels (depth, normals, 2-channel box layout), "
+                            "2,000 steps x 16 on 4,096 two-object shaded-solid renders at 64 px (data seed 0), each "
+                            "condition dropped 10 %, v-prediction zero-terminal SNR, lr 2e-4 cosine, training seed 0, "
+                            "two threads, 14.0 min; saved fp16.",
+    },
 }
 """The provenance of each shipped file (``training_workflow_sha256`` is computed from git)."""
 
@@ -311,7 +371,35 @@ def stamp(name: str) -> bool:
     except AssertionError:
         path.write_bytes(original)
         raise
+    update_digest(path)
     return changed
+
+
+def digest_document(path: Path) -> tuple[Path, dict[str, Any]] | None:
+    """``(config file, document)`` when a ``config.json`` beside ``path`` records its digest
+    (``weights`` naming it and ``weights_sha256``, as a structural model folder does); else ``None``."""
+    config = path.with_name("config.json")
+    if not config.is_file():
+        return None
+    document = json.loads(config.read_text(encoding="utf-8"))
+    if document.get("weights") != path.name or "weights_sha256" not in document:
+        return None
+    return config, document
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def update_digest(path: Path) -> None:
+    """Rewrite the digest a ``config.json`` beside ``path`` records, after its header changed."""
+    found = digest_document(path)
+    if found is not None and found[1]["weights_sha256"] != file_sha256(path):
+        config, document = found
+        document["weights_sha256"] = file_sha256(path)
+        config.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def check(name: str) -> list[str]:
@@ -321,8 +409,12 @@ def check(name: str) -> list[str]:
     with safe_open(str(ROOT / name), framework="pt") as handle:
         metadata = handle.metadata() or {}
     wanted = wanted_metadata(name)
-    return [f"{name}: {key} is {metadata.get(key)!r}, expected {value!r}" for key, value in wanted.items()
-            if metadata.get(key) != value]
+    problems = [f"{name}: {key} is {metadata.get(key)!r}, expected {value!r}" for key, value in wanted.items()
+                if metadata.get(key) != value]
+    found = digest_document(ROOT / name)
+    if found is not None and found[1]["weights_sha256"] != file_sha256(ROOT / name):
+        problems.append(f"{name}: the weights_sha256 in {found[0].name} beside it is not the file's digest")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,8 @@ two-object captions (the evaluation split, spread evenly) × ``--seeds`` seeds, 
   refiner's base without the ControlNet (the same seeds);
 - the refiner's all-correct minus the joint model's, with a paired-bootstrap 95 % interval over
   images (target: ≥ 0);
-- object mask IoU of each image against the caption's layout boxes (objects segmented against
-  the plain background, as ``MaskIoU``);
+- how well each image keeps the caption's layout: the box IoU of its objects (segmented against
+  the plain background) with the layout's boxes, as ``MaskIoU`` scores a layout;
 - CPU seconds per image of each stage (batched sampling, ``--threads``).
 
 ``--conditions`` chooses what the refiner is given (any of depth, normal, layout; the others are
@@ -152,13 +152,18 @@ def difference_interval(after: list[float], before: list[float], rounds: int = 2
 
 
 def layout_iou(images: torch.Tensor, captions: list[str], seeds: int) -> float:
-    """Mean IoU of each image's segmented objects with the caption's layout boxes (all objects together)."""
-    from dagfusion.nodes.structure.layout import rasterise, render_structure
+    """Mean over images of the matched box IoU between the objects segmented in each image and the
+    caption's layout boxes (``MaskIoU`` with a layout: each object's box against its layout box,
+    a missing or extra object counting 0)."""
+    import dataclasses
+
+    from dagfusion.nodes.structure.layout import render_structure
     from dagfusion.nodes.structure.metrics import mask_iou
 
-    boxes, _ = rasterise(render_structure(captions, RESOLUTION, "solid")["layout"], RESOLUTION, RESOLUTION)
-    reference = boxes.amax(dim=1, keepdim=True).repeat(seeds, 1, 1, 1)
-    return statistics.fmean(mask_iou(images, reference))
+    layout = render_structure(captions, RESOLUTION, "solid")["layout"]
+    every = dataclasses.replace(layout, rows=layout.rows * seeds,
+                                background=layout.background * seeds if layout.background else ())
+    return statistics.fmean(mask_iou(images, every))
 
 
 def write_picture(path: Path, images: dict[str, torch.Tensor], rows: int, scale: int = 3) -> None:

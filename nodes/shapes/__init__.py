@@ -163,11 +163,13 @@ def _embedded_example() -> dict[str, Any]:
 
 @node(
     "dagfusion.models.LoadEmbedded",
-    version="1.0.0",
+    version="1.1.0",
     category="models",
     inputs=[
-        Input("model", STRING, "shapes-sd", choices=("shapes-sd", "shapes-dit"),
-              description="'shapes-sd' (Stable Diffusion 1 layout) or 'shapes-dit' (PixArt-alpha layout): the shapes-world models shipped with dagfusion."),
+        Input("model", STRING, "shapes-sd", choices=("shapes-sd", "shapes-dit", "shapes-sd-two-objects"),
+              description="'shapes-sd' (Stable Diffusion 1 layout), 'shapes-dit' (PixArt-alpha layout) or "
+                          "'shapes-sd-two-objects' (shapes-sd fine-tuned on two-object scenes, with the structure VAE): "
+                          "the shapes-world models shipped with dagfusion."),
         Input("device", STRING, "auto", choices=("auto", "cpu", "cuda", "mps"),
               description="Where to compute; 'auto' takes the settings' device, else cuda > mps > cpu."),
         Input("dtype", STRING, "auto", choices=("auto", "fp32", "fp16", "bf16"),

@@ -17,8 +17,14 @@ EMBEDDED: dict[str, str] = {
                  "v-prediction, zero terminal SNR, trailing DDIM; 64 px.",
     "shapes-dit": "PixArt-alpha layout: PixArtTransformer2DModel + T5 encoder + the shapes-sd VAE, "
                   "v-prediction, zero terminal SNR, trailing DDIM; 64 px.",
+    "shapes-sd-two-objects": "shapes-sd fine-tuned on two-object scenes of shaded solids, with the structure VAE "
+                             "(fine-tuned on two-object renders, depth and normal pictures): the structure-guided "
+                             "refiner's base and the text encoder and VAE of the joint structural model; 64 px.",
 }
 """Embedded model name → what it is."""
+
+TRAINED_BY: dict[str, str] = {"shapes-sd-two-objects": "workflows/train_structure_refiner.yaml"}
+"""The training workflow of an embedded model whose name does not say it."""
 
 
 class EmbeddedModelMissing(FileNotFoundError):
@@ -37,6 +43,7 @@ def folder(name: str) -> Path:
     if not (path / "model_index.json").is_file() or not any(path.glob("*/*.safetensors")):
         raise EmbeddedModelMissing(
             f"the embedded model {name!r} is not in this installation ({path} holds no weights); "
-            f"train it with workflows/train_{name.replace('-', '_')}.yaml and copy the exported folder there"
+            f"train it with {TRAINED_BY.get(name, 'workflows/train_' + name.replace('-', '_') + '.yaml')} "
+            "and copy the exported folder there"
         )
     return path

@@ -399,7 +399,7 @@ def load_controlnet_node(ctx: RunContext, path: str, architecture: str, config: 
         raise NodeInputError("path", str(error)) from None
 
 
-EMBEDDED = {"shapes-mask": "shapes-controlnet-mask.safetensors"}
+EMBEDDED = {"shapes-mask": "shapes-controlnet-mask.safetensors", "shapes-refiner": "shapes-refiner.safetensors"}
 """The ControlNets shipped with dagfusion: name → file in ``nodes/structure/models``."""
 
 
@@ -412,16 +412,19 @@ def embedded_path(name: str) -> Any:
 
 @node(
     "dagfusion.structure.LoadEmbeddedControlNet",
-    version="1.0.0",
+    version="1.1.0",
     category="structure/controlnet",
     inputs=[
         Input("name", STRING, "shapes-mask", choices=tuple(EMBEDDED),
-              description="'shapes-mask': shapes-sd's ControlNet guided by an object mask (1 channel, 1 = object)."),
+              description="'shapes-mask': shapes-sd's ControlNet guided by an object mask (1 channel, 1 = object); "
+                          "'shapes-refiner': the structure-guided refiner for shapes-sd-two-objects (6 channels: "
+                          "depth, normals, a 2-channel box layout, as StructureCondition stacks them)."),
         Input("device", STRING, "auto", choices=_DEVICES,
               description="Where to compute; 'auto' takes the settings' device (load it where the model computes)."),
         Input("dtype", STRING, "auto", choices=_DTYPES, description="Weight precision; 'auto' is fp16 on a GPU, fp32 on the CPU."),
     ],
-    outputs=[Output("control_net", CONTROL_NET, "The shipped ControlNet (trained by workflows/train_controlnet_shapes.yaml).")],
+    outputs=[Output("control_net", CONTROL_NET, "The shipped ControlNet (trained by workflows/train_controlnet_shapes.yaml "
+                                                "or, the refiner, workflows/train_structure_refiner.yaml).")],
     examples=[{"name": "shapes-mask", "device": "cpu", "dtype": "fp32"}],
     ui={"color": _COLOR},
 )

@@ -550,6 +550,68 @@ def load_structural(ctx: RunContext, path: str, device: str, dtype: str) -> dict
     return {"model": handle, "report": report}
 
 
+EMBEDDED: dict[str, str] = {
+    "shapes-structural": "the two-object joint RGB + depth + normal model of the shapes world (64 px, box layout of "
+                         "2 channels; workflows/train_structure_shapes.yaml); sample it with shapes-sd-two-objects' "
+                         "text encoder and VAE",
+}
+"""The structural models shipped with dagfusion: name → what it is (a folder of that name in
+``nodes/structure/models``)."""
+
+
+def embedded_structural_folder(name: str) -> Any:
+    """The shipped folder of the embedded structural model ``name``.
+
+    :raises ValueError: ``name`` is not one, or its weights are not in this installation.
+    """
+    from pathlib import Path
+
+    from dagfusion.nodes.structure import structural_io
+
+    if name not in EMBEDDED:
+        raise ValueError(f"expected an embedded structural model in {sorted(EMBEDDED)}, got {name!r}")
+    folder = Path(__file__).with_name("models") / name
+    if not (folder / structural_io.WEIGHTS).is_file():
+        raise ValueError(f"the embedded structural model {name!r} is not in this installation ({folder} holds no weights); "
+                         "train it with workflows/train_structure_shapes.yaml and copy the saved folder there")
+    return folder
+
+
+@node(
+    "dagfusion.structure.LoadEmbeddedStructural",
+    version="1.0.0",
+    category="structure/structural",
+    inputs=[
+        Input("name", STRING, "shapes-structural", choices=tuple(EMBEDDED), description="; ".join(f"'{k}': {v}" for k, v in EMBEDDED.items())),
+        Input("device", STRING, "auto", choices=_DEVICES, description="Where to compute; 'auto' takes the settings' device."),
+        Input("dtype", STRING, "auto", choices=_DTYPES, description="Weight precision; 'auto' is fp32 on the CPU, the stored fp16 elsewhere."),
+    ],
+    outputs=[
+        Output("model", STRUCTURAL_MODEL, "The shipped structural model with its scheduler."),
+        Output("report", DICT, "Its config: targets, channels, dtype, parameters."),
+    ],
+    examples=[{"name": "shapes-structural", "device": "cpu", "dtype": "fp32"}],
+    ui={"color": _COLOR},
+)
+def load_embedded_structural(ctx: RunContext, name: str, device: str, dtype: str) -> dict[str, Any]:
+    """Load a structural model shipped with dagfusion (package data, offline; no read permission needed)."""
+    from dagfusion.nodes.diffusion.loading import resolve_device
+    from dagfusion.nodes.structure import structural_io
+
+    try:
+        folder = embedded_structural_folder(name)
+    except ValueError as exc:
+        raise NodeInputError("name", str(exc)) from None
+    device = resolve_device(device, ctx.device)
+    if dtype == "auto":
+        dtype = "fp32" if str(device).startswith("cpu") else "auto"
+    document, _ = structural_io.read_config(folder)
+    handle = structural_io.load(folder, device=device, dtype=dtype)
+    report = {k: document.get(k) for k in ("format", "format_version", "targets", "latent_channels", "layout_channels",
+                                            "dtype", "parameters", "vae_scale_factor")}
+    return {"model": handle, "report": report}
+
+
 __all__ = ["NODES", "StructuralHandle", "layout_raster", "register_denoiser_families", "sample_structural",
            "structural_from_unet", "tiny_structural"]
 
@@ -563,5 +625,6 @@ NODES = (
     sample_structural_node,
     save_structural,
     load_structural,
+    load_embedded_structural,
 )
 """The latent structural diffusion nodes, in palette order."""

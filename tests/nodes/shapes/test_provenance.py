@@ -64,3 +64,24 @@ def test_stamping_changes_only_the_metadata(tmp_path: Path) -> None:
     assert stamp.read_parts(path)[1] == data and stamp.tensors_of(path) == before
     with safe_open(str(path), framework="pt") as handle:
         assert handle.metadata() == {"format": "pt", "stage": "1 of 1", "note": 'quotes " and \u00e9'}
+
+
+def test_a_digest_recorded_beside_a_stamped_file_follows_its_new_bytes(tmp_path: Path) -> None:
+    import json
+
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    stamp = _stamp_module()
+    path = tmp_path / "structural.safetensors"
+    save_file({"w": torch.ones(2)}, str(path), metadata={"dagfusion_config": "{}"})
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"weights": path.name, "weights_sha256": stamp.file_sha256(path), "format": "x"}))
+    stamp.write_metadata(path, {"dagfusion_config": "{}", "stage": "1 of 1"})
+    assert stamp.digest_document(path)[1]["weights_sha256"] != stamp.file_sha256(path)
+    stamp.update_digest(path)
+    document = json.loads(config.read_text())
+    assert document["weights_sha256"] == stamp.file_sha256(path) and document["format"] == "x"
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.ones(2)}, str(other))
+    assert stamp.digest_document(other) is None  # the config names another file
