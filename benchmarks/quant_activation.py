@@ -19,7 +19,10 @@ run on CUDA only):
   log quantization of the attention probabilities, the first token kept exact where calibration
   finds it peaks (``--start-token``);
 - ``W8A8 DGQ groups, uniform attention, margin m``: the same groups, each range widened by
-  ``--margin`` of its width, and the attention probabilities quantized uniformly (static range);
+  ``m`` times its width, and the attention probabilities quantized uniformly (static range).
+  ``--margin auto`` (the default) chooses ``m`` from 0, 0.1, 0.25 and 0.5 on the calibration
+  prompts (their fp32 run and each candidate's, with a seed of their own), never on the
+  evaluated prompts; the choice and each candidate's PSNR are in the fp32 row's ``summary``;
 - ``W4A8 …``: int4 weights in groups of ``--group-size`` with each of the two settings;
 - ``… + CacheQuant``: a CacheQuant schedule (``--interval``'s MACs) calibrated on the W8A8 model
   (``--joint``: which setting) against the fp32 model (the joint setting), with its MAC speedup
@@ -76,15 +79,52 @@ def images_of(loaded: Any, model: Any, cond: Any, count: int, steps: int, guidan
     return out, (counter.total if macs else 0)
 
 
-def activation_spec(model: Any, calibration: Any, count: int, args: argparse.Namespace, **options: Any) -> Any:
-    """The activation ranges of ``model`` (its weight quantization applied) from the calibration prompts."""
-    from dagfusion.model import apply_patches
+MARGINS = (0.0, 0.1, 0.25, 0.5)
+"""The range margins ``--margin auto`` chooses from."""
+
+SELECTION_SEED = 777
+"""The noise seed of the runs that choose the margin (calibration prompts; the ranges are recorded
+with seed 12345, the evaluated prompts sample with seed 0)."""
+
+
+def choose_margin(loaded: Any, model: Any, calibration: Any, count: int, args: argparse.Namespace,
+                  **options: Any) -> tuple[float, dict[float, float]]:
+    """The margin of :data:`MARGINS` whose W8A8 model comes closest to fp32 (mean PSNR) on the
+    **calibration** prompts, sampled with :data:`SELECTION_SEED`; and every candidate's PSNR.
+    The evaluated prompts play no part."""
+    from dagfusion.nodes.metrics.fidelity import psnr
+    from dagfusion.nodes.quant.activation import ActivationQuantPatch
+
+    reference, _ = images_of(loaded, loaded.model, calibration, count, args.steps, args.guidance, SELECTION_SEED)
+    calls = record_calibration(model, calibration, count, args)
+    scores = {}
+    for margin in MARGINS:
+        spec = activation_spec(model, calibration, count, args, calls=calls, **{**options, "margin": margin})
+        out, _ = images_of(loaded, model.with_patch(ActivationQuantPatch(spec)), calibration, count, args.steps,
+                           args.guidance, SELECTION_SEED)
+        values = [v for v in psnr(out, reference).tolist() if math.isfinite(v)]
+        scores[margin] = round(sum(values) / len(values), 2) if values else math.inf
+    return max(MARGINS, key=lambda m: scores[m]), scores
+
+
+def record_calibration(model: Any, calibration: Any, count: int, args: argparse.Namespace) -> Any:
+    """The denoiser calls of one calibration run (``--calibration-steps`` steps, seed 12345)."""
     from dagfusion.nodes.diffusion.latents import empty_latent
-    from dagfusion.nodes.quant.activation import calibrate_activations
     from dagfusion.nodes.quant.calibration import record_calls
 
-    calls = record_calls(model, calibration, empty_latent(model, 64, 64, count), steps=args.steps,
-                         count=args.calibration_steps, guidance_scale=args.guidance, seed=12345)
+    return record_calls(model, calibration, empty_latent(model, 64, 64, count), steps=args.steps,
+                        count=args.calibration_steps, guidance_scale=args.guidance, seed=12345)
+
+
+def activation_spec(model: Any, calibration: Any, count: int, args: argparse.Namespace, calls: Any = None,
+                    **options: Any) -> Any:
+    """The activation ranges of ``model`` (its weight quantization applied) from the calibration
+    prompts (``calls``: a calibration run already recorded for ``model``)."""
+    from dagfusion.model import apply_patches
+    from dagfusion.nodes.quant.activation import calibrate_activations
+
+    if calls is None:
+        calls = record_calibration(model, calibration, count, args)
     module = model.denoiser
     with torch.no_grad(), model.use(module), apply_patches(model.patches, module):
         return calibrate_activations(module, calls, bits=args.abits, groups=args.groups, start_token=args.start_token,
@@ -124,18 +164,25 @@ def run_model(name: str, args: argparse.Namespace, evaluator: Any) -> list[dict[
     m8, m4 = loaded.model.with_patch(w8), loaded.model.with_patch(w4)
     variants: list[tuple[str, Any, Any, Any]] = [("W8", m8, w8, None)]
     paper = {"method": "dgq", "attention": "log", "margin": 0.0}
-    tuned = {"method": "dgq", "attention": "uniform", "margin": args.margin}
+    margin, how = args.margin, "given"
+    if margin is None:  # chosen on the calibration prompts, for the W8A8 groups with uniform attention
+        margin, tried = choose_margin(loaded, m8, calibration, len(calibration_prompts), args, method="dgq",
+                                      attention="uniform")
+        how = "chosen on the calibration prompts: " + ", ".join(f"{m:g} {p} dB" for m, p in tried.items())
+        print(f"# {name}: margin {margin:g} ({how})", flush=True)
+    tuned = {"method": "dgq", "attention": "uniform", "margin": margin}
+    rows[0]["summary"] = {"margin": margin, "margin_from": how}
     spec_pt = activation_spec(m8, calibration, len(calibration_prompts), args, method="per_tensor", attention="uniform")
     variants.append(("W8A8 per-tensor", m8.with_patch(ActivationQuantPatch(spec_pt)), w8, spec_pt))
     if args.ablation:  # which part of DGQ costs what, at W8A8
         variants = variants[1:]
         for label, options in (("W8A8 DGQ groups, uniform attention, margin 0", {**tuned, "margin": 0.0}),
-                               (f"W8A8 DGQ groups, log attention, margin {args.margin:g}", {**paper, "margin": args.margin})):
+                               (f"W8A8 DGQ groups, log attention, margin {margin:g}", {**paper, "margin": margin})):
             spec = activation_spec(m8, calibration, len(calibration_prompts), args, **options)
             variants.append((label, m8.with_patch(ActivationQuantPatch(spec)), w8, spec))
     weight_formats = () if args.ablation else (("W8", m8, w8),) if args.only_joint else (("W8", m8, w8), ("W4", m4, w4))
     for bits, model, weights in weight_formats:
-        for label, options in ((f"{bits}A8 DGQ", paper), (f"{bits}A8 DGQ groups, uniform attention, margin {args.margin:g}", tuned)):
+        for label, options in ((f"{bits}A8 DGQ", paper), (f"{bits}A8 DGQ groups, uniform attention, margin {margin:g}", tuned)):
             spec = activation_spec(model, calibration, len(calibration_prompts), args, **options)
             variants.append((label, model.with_patch(ActivationQuantPatch(spec)), weights, spec))
     if args.interval > 1 and not args.ablation:
@@ -195,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-prompts", type=int, default=8, help="training-split prompts for calibration")
     parser.add_argument("--calibration-steps", type=int, default=5, help="steps of the calibration run recorded")
     parser.add_argument("--interval", type=int, default=5, help="CacheQuant gets DeepCache's MACs at this interval (0: skip)")
-    parser.add_argument("--margin", type=float, default=0.25, help="range margin of the second DGQ setting")
+    parser.add_argument("--margin", default="auto",
+                        help="range margin of the second DGQ setting: a number, or 'auto' (default): the one of "
+                             f"{', '.join(f'{m:g}' for m in MARGINS)} closest to fp32 on the calibration prompts")
     parser.add_argument("--start-token", default="auto", choices=("auto", "on", "off"), help="log attention's start-token exception")
     parser.add_argument("--joint", default="groups", choices=("paper", "groups"),
                         help="the W8A8 DGQ setting combined with CacheQuant")
@@ -207,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="a tiny run: 2 prompts, 4 steps, 2 calibration prompts")
     parser.add_argument("--json", help="write the rows here too")
     args = parser.parse_args(argv)
+    try:
+        args.margin = None if args.margin == "auto" else float(args.margin)
+    except ValueError:
+        parser.error(f"--margin: expected a number or 'auto', got {args.margin!r}")
+    if args.margin is not None and not 0.0 <= args.margin <= 4.0:
+        parser.error("--margin: expected 0 to 4")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     if args.dry_run:

@@ -26,9 +26,19 @@ def test_a_dry_run_scores_every_variant_against_fp32(tmp_path: Path, benchmark_m
     assert joint["mac_speedup"] > 1.0
     for row in rows[1:]:
         assert row["psnr"] > 10 and 0.0 <= row["shapeeval"] <= 1.0 and row["fd"] >= 0.0
+    # the margin is chosen on the calibration prompts, and the groups' rows say which
+    chosen = rows[0]["summary"]
+    assert chosen["margin"] in module.MARGINS and chosen["margin_from"].startswith("chosen on the calibration prompts")
+    assert f"W8A8 DGQ groups, uniform attention, margin {chosen['margin']:g}" in variants
 
 
 def test_unknown_models_are_refused(benchmark_module: Any) -> None:
     module = benchmark_module("quant_activation")
     with pytest.raises(SystemExit):
         module.main(["--dry-run", "--models", "shapes-xl"])
+
+
+@pytest.mark.parametrize("margin", ["wide", "-1", "9"])
+def test_a_margin_is_a_number_in_range_or_auto(benchmark_module: Any, margin: str) -> None:
+    with pytest.raises(SystemExit):
+        benchmark_module("quant_activation").main(["--dry-run", "--models", "shapes-sd", "--margin", margin])
