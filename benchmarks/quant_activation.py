@@ -20,9 +20,10 @@ run on CUDA only):
   finds it peaks (``--start-token``);
 - ``W8A8 DGQ groups, uniform attention, margin m``: the same groups, each range widened by
   ``m`` times its width, and the attention probabilities quantized uniformly (static range).
-  ``--margin auto`` (the default) chooses ``m`` from 0, 0.1, 0.25 and 0.5 on the calibration
-  prompts (their fp32 run and each candidate's, with a seed of their own), never on the
-  evaluated prompts; the choice and each candidate's PSNR are in the fp32 row's ``summary``;
+  ``--margin auto`` (the default) chooses ``m`` from 0, 0.1, 0.25 and 0.5 within the calibration
+  prompts — ranges calibrated on their first half, each candidate scored against fp32 on their
+  second half (a seed of its own) — never on the evaluated prompts; the choice and each
+  candidate's PSNR are in the fp32 row's ``summary``;
 - ``W4A8 …``: int4 weights in groups of ``--group-size`` with each of the two settings;
 - ``… + CacheQuant``: a CacheQuant schedule (``--interval``'s MACs) calibrated on the W8A8 model
   (``--joint``: which setting) against the fp32 model (the joint setting), with its MAC speedup
@@ -87,20 +88,26 @@ SELECTION_SEED = 777
 with seed 12345, the evaluated prompts sample with seed 0)."""
 
 
-def choose_margin(loaded: Any, model: Any, calibration: Any, count: int, args: argparse.Namespace,
+def choose_margin(loaded: Any, model: Any, calibration_prompts: list[str], args: argparse.Namespace,
                   **options: Any) -> tuple[float, dict[float, float]]:
-    """The margin of :data:`MARGINS` whose W8A8 model comes closest to fp32 (mean PSNR) on the
-    **calibration** prompts, sampled with :data:`SELECTION_SEED`; and every candidate's PSNR.
-    The evaluated prompts play no part."""
+    """The margin of :data:`MARGINS` that generalises best within the calibration prompts: ranges
+    calibrated on their first half, each candidate's W8A8 model scored against fp32 (mean PSNR) on
+    their second half, sampled with :data:`SELECTION_SEED`; and every candidate's PSNR. The
+    evaluated prompts play no part (the final ranges are calibrated on all calibration prompts)."""
     from dagfusion.nodes.metrics.fidelity import psnr
     from dagfusion.nodes.quant.activation import ActivationQuantPatch
 
-    reference, _ = images_of(loaded, loaded.model, calibration, count, args.steps, args.guidance, SELECTION_SEED)
-    calls = record_calibration(model, calibration, count, args)
+    half = len(calibration_prompts) // 2
+    if half < 1:
+        raise ValueError("choosing the margin needs at least 2 calibration prompts")
+    fit, check = calibration_prompts[:half], calibration_prompts[half:]
+    fit_cond, check_cond = batch_conditioning(loaded.clip, fit), batch_conditioning(loaded.clip, check)
+    reference, _ = images_of(loaded, loaded.model, check_cond, len(check), args.steps, args.guidance, SELECTION_SEED)
+    calls = record_calibration(model, fit_cond, len(fit), args)
     scores = {}
     for margin in MARGINS:
-        spec = activation_spec(model, calibration, count, args, calls=calls, **{**options, "margin": margin})
-        out, _ = images_of(loaded, model.with_patch(ActivationQuantPatch(spec)), calibration, count, args.steps,
+        spec = activation_spec(model, fit_cond, len(fit), args, calls=calls, **{**options, "margin": margin})
+        out, _ = images_of(loaded, model.with_patch(ActivationQuantPatch(spec)), check_cond, len(check), args.steps,
                            args.guidance, SELECTION_SEED)
         values = [v for v in psnr(out, reference).tolist() if math.isfinite(v)]
         scores[margin] = round(sum(values) / len(values), 2) if values else math.inf
@@ -166,9 +173,9 @@ def run_model(name: str, args: argparse.Namespace, evaluator: Any) -> list[dict[
     paper = {"method": "dgq", "attention": "log", "margin": 0.0}
     margin, how = args.margin, "given"
     if margin is None:  # chosen on the calibration prompts, for the W8A8 groups with uniform attention
-        margin, tried = choose_margin(loaded, m8, calibration, len(calibration_prompts), args, method="dgq",
-                                      attention="uniform")
-        how = "chosen on the calibration prompts: " + ", ".join(f"{m:g} {p} dB" for m, p in tried.items())
+        margin, tried = choose_margin(loaded, m8, calibration_prompts, args, method="dgq", attention="uniform")
+        how = ("chosen on the calibration prompts (ranges from the first half, PSNR on the second): "
+               + ", ".join(f"{m:g} {p} dB" for m, p in tried.items()))
         print(f"# {name}: margin {margin:g} ({how})", flush=True)
     tuned = {"method": "dgq", "attention": "uniform", "margin": margin}
     rows[0]["summary"] = {"margin": margin, "margin_from": how}
