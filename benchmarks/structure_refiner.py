@@ -41,19 +41,12 @@ from typing import Any
 
 import torch
 
-RESOLUTION = 64
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from structure_joint import RESOLUTION, held_out_captions, per_image  # noqa: E402 - the two benchmarks score alike
+
+__all__ = ["CONDITIONS", "RESOLUTION", "held_out_captions", "layout_iou", "main", "per_image", "run_stages"]
 CONDITIONS = ("depth", "normal", "layout")
-
-
-def held_out_captions(count: int) -> list[str]:
-    """``count`` two-object captions of the evaluation split, spread evenly over it."""
-    from dagfusion.nodes.shapes.world import scenes
-
-    pool = scenes("eval", 2)
-    if count > len(pool):
-        raise ValueError(f"the evaluation split has {len(pool)} two-object scenes, asked for {count}")
-    step = len(pool) / count
-    return [pool[int(i * step)].caption for i in range(count)]
 
 
 def parse_conditions(text: str) -> tuple[str, ...]:
@@ -127,18 +120,6 @@ def run_stages(joint: Any, base: Any, refiner: Any, captions: list[str], seeds: 
                 images["base"].append(sample_plain(base.model, cond, base.vae, len(chunk), noise_seed, steps, guidance))
                 timer.add("base", began)
     return {k: torch.cat(v) for k, v in images.items() if v}, timer
-
-
-def per_image(evaluator: Any, images: torch.Tensor, captions: list[str]) -> dict[str, list[float]]:
-    """Per image, 1.0/0.0: each head of the two-object evaluator and all-correct."""
-    from dagfusion.nodes.metrics.pair_evaluator import SCORED, judge
-
-    scores: dict[str, list[float]] = {k: [] for k in (*SCORED, "all_correct")}
-    for right in judge(evaluator, images, captions):
-        for key in SCORED:
-            scores[key].append(float(right[key]))
-        scores["all_correct"].append(float(all(right.values())))
-    return scores
 
 
 def difference_interval(after: list[float], before: list[float], rounds: int = 2000,
