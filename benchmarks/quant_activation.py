@@ -88,13 +88,21 @@ SELECTION_SEED = 777
 with seed 12345, the evaluated prompts sample with seed 0)."""
 
 
+def finite_mean_psnr(images: Any, reference: Any) -> float:
+    """Mean PSNR (dB, 2 decimals) of ``images`` against ``reference`` over the rows that differ;
+    ``inf`` when every row is identical."""
+    from dagfusion.nodes.metrics.fidelity import psnr
+
+    values = [v for v in psnr(images, reference).tolist() if math.isfinite(v)]
+    return round(sum(values) / len(values), 2) if values else math.inf
+
+
 def choose_margin(loaded: Any, model: Any, calibration_prompts: list[str], args: argparse.Namespace,
                   **options: Any) -> tuple[float, dict[float, float]]:
     """The margin of :data:`MARGINS` that generalises best within the calibration prompts: ranges
     calibrated on their first half, each candidate's W8A8 model scored against fp32 (mean PSNR) on
     their second half, sampled with :data:`SELECTION_SEED`; and every candidate's PSNR. The
     evaluated prompts play no part (the final ranges are calibrated on all calibration prompts)."""
-    from dagfusion.nodes.metrics.fidelity import psnr
     from dagfusion.nodes.quant.activation import ActivationQuantPatch
 
     half = len(calibration_prompts) // 2
@@ -109,8 +117,7 @@ def choose_margin(loaded: Any, model: Any, calibration_prompts: list[str], args:
         spec = activation_spec(model, fit_cond, len(fit), args, calls=calls, **{**options, "margin": margin})
         out, _ = images_of(loaded, model.with_patch(ActivationQuantPatch(spec)), check_cond, len(check), args.steps,
                            args.guidance, SELECTION_SEED)
-        values = [v for v in psnr(out, reference).tolist() if math.isfinite(v)]
-        scores[margin] = round(sum(values) / len(values), 2) if values else math.inf
+        scores[margin] = finite_mean_psnr(out, reference)
     return max(MARGINS, key=lambda m: scores[m]), scores
 
 
@@ -142,7 +149,6 @@ def run_model(name: str, args: argparse.Namespace, evaluator: Any) -> list[dict[
     from dagfusion.nodes.cache.cachequant import calibrate, schedule_patch
     from dagfusion.nodes.diffusion.latents import empty_latent
     from dagfusion.nodes.metrics.evaluator import score
-    from dagfusion.nodes.metrics.fidelity import psnr
     from dagfusion.nodes.metrics.frechet import frechet_distance
     from dagfusion.nodes.quant.activation import ActivationQuantPatch
     from dagfusion.nodes.quant.formats import QuantSpec
@@ -210,14 +216,13 @@ def run_model(name: str, args: argparse.Namespace, evaluator: Any) -> list[dict[
     for label, model, weights, spec in variants:
         start = time.perf_counter()
         out, macs = images_of(loaded, model, cond, len(prompts), args.steps, args.guidance, 0, macs=True)
-        values = [v for v in psnr(out, reference).tolist() if math.isfinite(v)]
         with torch.no_grad():
             features = evaluator.embed(out).detach()
         rows.append({
             "model": name, "variant": label,
             "compression": round(fp32_bits / stored_bits(denoiser, weights)[0], 2),
             "mac_speedup": round(full_macs / max(macs, 1), 3),
-            "psnr": round(sum(values) / len(values), 2) if values else math.inf,
+            "psnr": finite_mean_psnr(out, reference),
             "shapeeval": round(score(evaluator, out, prompts)["all_correct"], 4),
             "fd": round(float(frechet_distance(features, reference_features)), 3),
             "summary": {} if spec is None else {k: v for k, v in spec.summary().items() if k in (

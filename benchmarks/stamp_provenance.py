@@ -396,9 +396,12 @@ def file_sha256(path: Path) -> str:
 def update_digest(path: Path) -> None:
     """Rewrite the digest a ``config.json`` beside ``path`` records, after its header changed."""
     found = digest_document(path)
-    if found is not None and found[1]["weights_sha256"] != file_sha256(path):
-        config, document = found
-        document["weights_sha256"] = file_sha256(path)
+    if found is None:
+        return
+    config, document = found
+    digest = file_sha256(path)
+    if document["weights_sha256"] != digest:
+        document["weights_sha256"] = digest
         config.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

@@ -73,12 +73,11 @@ class Timer:
 
 def sample_plain(model: Any, conditioning: Any, vae: Any, rows: int, seed: int, steps: int, guidance: float) -> torch.Tensor:
     """Images of an SD-layout model (patched or not): ``rows`` latents from ``seed``, decoded."""
-    from dagfusion.nodes.diffusion.data import Latent
+    from dagfusion.nodes.diffusion.latents import empty_latent
     from dagfusion.nodes.diffusion.sampling import sample
     from dagfusion.nodes.diffusion.vae import decode
 
-    side = RESOLUTION // model.vae_scale_factor
-    latent = Latent(torch.zeros(rows, 4, side, side))
+    latent = empty_latent(model, RESOLUTION, RESOLUTION, rows)
     return decode(vae, sample(model, conditioning, latent, steps=steps, guidance_scale=guidance, seed=seed)).float().cpu()
 
 

@@ -94,6 +94,8 @@ def _render_example() -> dict[str, Any]:
 )
 def render(ctx: RunContext, dataset: Any, first_index: int, count: int) -> dict[str, Any]:
     """Render samples of a shapes dataset with their captions, labels, masks, depth, normals and layout."""
+    from dagfusion.nodes.structure.structural_data import rendered_normals
+
     batch = dataset.batch(first_index, count)
     rendered = batch.rendered
     masks = rendered.mask
@@ -105,18 +107,9 @@ def render(ctx: RunContext, dataset: Any, first_index: int, count: int) -> dict[
         "mask": masks.amax(dim=1, keepdim=True),
         "object_masks": masks,
         "depth": depth,
-        "normal": _normals(rendered, depth),
+        "normal": rendered_normals(rendered, depth),
         "layout": _layout(rendered),
     }
-
-
-def _normals(rendered: Any, depth: Any) -> Any:
-    """The renderer's normals when it made them, else the normals of the ``DEPTH`` map."""
-    if rendered.normal is not None:
-        return rendered.normal.float()
-    from dagfusion.nodes.structure.structural_data import normals_from_depth
-
-    return normals_from_depth(depth)
 
 
 def _layout(rendered: Any) -> Any:

@@ -517,6 +517,12 @@ def _load_example(folder: Any) -> dict[str, Any]:
     return {"path": str(path), "device": "cpu", "dtype": "auto"}
 
 
+def saved_report(document: dict[str, Any]) -> dict[str, Any]:
+    """What the load nodes report of a saved model's config: format, targets, channels, dtype, size."""
+    return {k: document.get(k) for k in ("format", "format_version", "targets", "latent_channels", "layout_channels",
+                                         "dtype", "parameters", "vae_scale_factor")}
+
+
 @node(
     "dagfusion.structure.LoadStructural",
     version="1.0.0",
@@ -545,9 +551,7 @@ def load_structural(ctx: RunContext, path: str, device: str, dtype: str) -> dict
         handle = structural_io.load(file, device=resolve_device(device, ctx.device), dtype=dtype)
     except ValueError as exc:
         raise NodeInputError("path", str(exc)) from None
-    report = {k: document.get(k) for k in ("format", "format_version", "targets", "latent_channels", "layout_channels",
-                                            "dtype", "parameters", "vae_scale_factor")}
-    return {"model": handle, "report": report}
+    return {"model": handle, "report": saved_report(document)}
 
 
 EMBEDDED: dict[str, str] = {
@@ -607,9 +611,7 @@ def load_embedded_structural(ctx: RunContext, name: str, device: str, dtype: str
         dtype = "fp32" if str(device).startswith("cpu") else "auto"
     document, _ = structural_io.read_config(folder)
     handle = structural_io.load(folder, device=device, dtype=dtype)
-    report = {k: document.get(k) for k in ("format", "format_version", "targets", "latent_channels", "layout_channels",
-                                            "dtype", "parameters", "vae_scale_factor")}
-    return {"model": handle, "report": report}
+    return {"model": handle, "report": saved_report(document)}
 
 
 __all__ = ["NODES", "StructuralHandle", "layout_raster", "register_denoiser_families", "sample_structural",

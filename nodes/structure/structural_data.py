@@ -76,6 +76,17 @@ def normals_from_depth(depth: Any, strength: float = 1.0) -> Any:
     return normal / normal.norm(dim=1, keepdim=True)
 
 
+def rendered_normals(rendered: Any, depth: Any, strength: float = 1.0) -> Any:
+    """A render's normals: the renderer's own (``Rendered.normal``) when it made them, else the
+    normals of its ``DEPTH`` map ``depth`` (:func:`normals_from_depth` with ``strength``)."""
+    import torch
+
+    normal = getattr(rendered, "normal", None)
+    if normal is None:
+        return normals_from_depth(depth, strength)
+    return torch.as_tensor(normal).float()
+
+
 def depth_from_far(depth: Any, near: float = 0.0) -> Any:
     """A shapes render's depth (a distance, background at 1 = far) in the ``DEPTH`` convention
     (1 = nearest): ``clamp((1 − d) / (1 − near), 0, 1)`` — ``near = 0`` for the flat style, the
@@ -250,15 +261,12 @@ class StructuralShapesData(TrainingData):
 
     def structure(self, batch: Any) -> StructuralBatch:
         """The :class:`StructuralBatch` of one of the dataset's batches."""
-        import torch
-
         rendered = batch.rendered
         depth = depth_from_far(rendered.depth, render_near(self.dataset))
-        normal = getattr(rendered, "normal", None) if self.normals == "auto" else None
-        if normal is None:
-            normal = normals_from_depth(depth, self.normal_strength)
+        if self.normals == "auto":
+            normal = rendered_normals(rendered, depth, self.normal_strength)
         else:
-            normal = torch.as_tensor(normal).float()
+            normal = normals_from_depth(depth, self.normal_strength)
         raster = None
         if self.layout != "none":
             size = tuple(depth.shape[-2:])
