@@ -25,6 +25,8 @@ run on CUDA only):
   second half (a seed of its own) — never on the evaluated prompts; the choice and each
   candidate's PSNR are in the fp32 row's ``summary``;
 - ``W4A8 …``: int4 weights in groups of ``--group-size`` with each of the two settings;
+- ``…, N timestep intervals`` (``--intervals N``): each setting with DGQ's time-aware quantizer
+  — the recorded steps split into N runs in sampling order, each with ranges of its own;
 - ``… + CacheQuant``: a CacheQuant schedule (``--interval``'s MACs) calibrated on the W8A8 model
   (``--joint``: which setting) against the fp32 model (the joint setting), with its MAC speedup
   over the fp32 uncached run (counted with ``dagfusion.model.count_macs``).
@@ -39,6 +41,7 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/quant_activation.py                 # both models, 32 prompts
     python benchmarks/quant_activation.py --models shapes-sd --prompts 48 --json out.json
     python benchmarks/quant_activation.py --ablation --models shapes-sd     # which part of DGQ costs what
+    python benchmarks/quant_activation.py --calibration-steps 20 --intervals 20 --interval 0   # + per-step ranges
     python benchmarks/quant_activation.py --dry-run                         # a tiny run of the whole script
 """
 
@@ -195,7 +198,11 @@ def run_model(name: str, args: argparse.Namespace, evaluator: Any) -> list[dict[
             variants.append((label, m8.with_patch(ActivationQuantPatch(spec)), w8, spec))
     weight_formats = () if args.ablation else (("W8", m8, w8),) if args.only_joint else (("W8", m8, w8), ("W4", m4, w4))
     for bits, model, weights in weight_formats:
-        for label, options in ((f"{bits}A8 DGQ", paper), (f"{bits}A8 DGQ groups, uniform attention, margin {margin:g}", tuned)):
+        settings = [(f"{bits}A8 DGQ", paper), (f"{bits}A8 DGQ groups, uniform attention, margin {margin:g}", tuned)]
+        if args.intervals > 1:  # DGQ's time-aware quantizer: ranges of their own per run of timesteps
+            settings += [(f"{label}, {args.intervals} timestep intervals", {**options, "intervals": args.intervals})
+                         for label, options in settings]
+        for label, options in settings:
             spec = activation_spec(model, calibration, len(calibration_prompts), args, **options)
             variants.append((label, model.with_patch(ActivationQuantPatch(spec)), weights, spec))
     if args.interval > 1 and not args.ablation:
@@ -227,7 +234,7 @@ def run_model(name: str, args: argparse.Namespace, evaluator: Any) -> list[dict[
             "fd": round(float(frechet_distance(features, reference_features)), 3),
             "summary": {} if spec is None else {k: v for k, v in spec.summary().items() if k in (
                 "method", "groups", "attention", "quantized_inputs", "grouped_by", "attention_modules",
-                "cross_attention_start_token_exact", "start_token_ratio")},
+                "cross_attention_start_token_exact", "start_token_ratio", "timestep_intervals")},
         })
         print(f"# {name} {label}: sampled in {time.perf_counter() - start:.0f} s", flush=True)
     return rows
@@ -257,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", default="auto",
                         help="range margin of the second DGQ setting: a number, or 'auto' (default): the one of "
                              f"{', '.join(f'{m:g}' for m in MARGINS)} closest to fp32 on the calibration prompts")
+    parser.add_argument("--intervals", type=int, default=1,
+                        help="also the DGQ rows with ranges of their own per run of timesteps (DGQ's time-aware "
+                             "quantizer), this many runs of the recorded steps (at most --calibration-steps)")
     parser.add_argument("--start-token", default="auto", choices=("auto", "on", "off"), help="log attention's start-token exception")
     parser.add_argument("--joint", default="groups", choices=("paper", "groups"),
                         help="the W8A8 DGQ setting combined with CacheQuant")
@@ -274,10 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--margin: expected a number or 'auto', got {args.margin!r}")
     if args.margin is not None and not 0.0 <= args.margin <= 4.0:
         parser.error("--margin: expected 0 to 4")
+    if not 1 <= args.intervals <= args.calibration_steps:
+        parser.error(f"--intervals: expected 1 to --calibration-steps ({args.calibration_steps}), got {args.intervals}")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     if args.dry_run:
         args.prompts, args.steps, args.calibration_prompts, args.calibration_steps = 2, 4, 2, 2
+        args.intervals = min(args.intervals, 2)
         args.interval = min(args.interval, 2) if args.interval else 0
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(MODELS))

@@ -31,8 +31,16 @@ ICLR 2025) quantizes the activations of a text-to-image denoiser in two ways:
   (``method="per_tensor"``) quantizes the probabilities uniformly on ``[0, calibrated max]``
   with no start-token exception.
 
-Not reproduced here: DGQ's time-step-specific quantizer parameters (one set per calibration
-time-step interval); here one set of ranges covers all calibrated steps.
+- **Time-step-aware ranges** (``intervals``; DGQ's reference takes this from TFMQ-DM, one set
+  of activation quantizer parameters per sampling step). Activation ranges drift with the noise
+  level, so the calibration calls' distinct timesteps are split, in sampling order, into
+  ``intervals`` contiguous runs of near-equal length, and every run gets its own layer-input
+  ranges and attention quantizers, fitted on its calls only. While sampling, each denoiser call
+  uses the interval whose timesteps are nearest its own (the boundaries lie halfway between
+  neighbouring runs), so a run with other step counts still finds one. ``intervals=1`` (the
+  default) is one set for all steps; ``intervals`` equal to the number of recorded steps is the
+  reference's one set per step. A call made outside a sampling run (no step known) uses the
+  ranges fitted on all calls.
 
 The layers are those :func:`~dagfusion.nodes.quant.patch.plan_layers` selects for weight
 quantization (``keep``/``min_params``, :data:`~dagfusion.nodes.quant.patch.DEFAULT_KEEP` by
@@ -51,12 +59,13 @@ simulation (fake quantization in the model's dtype): real int8 kernels are torch
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dagfusion.model import ModelPatch, unwrap_compiled
+from dagfusion.model import ModelPatch, StepHook, unwrap_compiled
 from dagfusion.nodes.quant.patch import DEFAULT_KEEP, DEFAULT_MIN_PARAMS, plan_layers
 
 METHODS = ("dgq", "per_tensor")
@@ -292,6 +301,54 @@ class AttentionRanges:
 
 
 @dataclass
+class TimestepInterval:
+    """The ranges of one run of sampling timesteps (``intervals`` > 1).
+
+    Attributes:
+        timesteps: The calibration calls' distinct timesteps in this interval, in sampling order.
+        layers: ``{module name: GroupRanges}`` fitted on these calls; a layer not run in them uses
+            the spec's all-step ranges.
+        attention: ``{module name: AttentionRanges}`` fitted on these calls (likewise).
+    """
+
+    timesteps: tuple[float, ...]
+    layers: dict[str, GroupRanges]
+    attention: dict[str, AttentionRanges]
+
+
+def split_timesteps(values: Iterable[float], intervals: int) -> tuple[tuple[float, ...], ...]:
+    """The distinct ``values`` in sampling order (highest first), split into ``intervals``
+    contiguous runs of near-equal length (fewer when there are fewer distinct values).
+
+    :raises ValueError: ``intervals`` < 1.
+    """
+    if int(intervals) < 1:
+        raise ValueError(f"input 'intervals': expected at least 1, got {intervals}")
+    ordered = sorted({float(v) for v in values}, reverse=True)
+    count = min(int(intervals), len(ordered))
+    if count == 0:
+        return ()
+    base, extra = divmod(len(ordered), count)
+    runs, first = [], 0
+    for index in range(count):
+        size = base + (1 if index < extra else 0)
+        runs.append(tuple(ordered[first:first + size]))
+        first += size
+    return tuple(runs)
+
+
+def interval_bounds(runs: Sequence[Sequence[float]]) -> tuple[float, ...]:
+    """The timesteps halfway between neighbouring runs (descending): a timestep ``t`` belongs to
+    run ``sum(t < b for b in bounds)``."""
+    return tuple((runs[i][-1] + runs[i + 1][0]) / 2 for i in range(len(runs) - 1))
+
+
+def interval_of(timestep: float, bounds: Sequence[float]) -> int:
+    """The index of the interval of ``timestep`` given :func:`interval_bounds`."""
+    return sum(1 for b in bounds if float(timestep) < b)
+
+
+@dataclass
 class ActivationSpec:
     """Calibrated activation quantization of one denoiser.
 
@@ -305,6 +362,8 @@ class ActivationSpec:
         attention: ``{module name: AttentionRanges}`` of the quantized attention modules.
         kept: ``{module name: reason}`` of the Linear/Conv layers whose inputs stay unquantized.
         calibration: How it was calibrated (plain data).
+        intervals: Time-step intervals with ranges of their own, in sampling order (empty: the
+            ``layers``/``attention`` ranges, fitted on all calls, serve every step).
     """
 
     bits: int
@@ -315,6 +374,24 @@ class ActivationSpec:
     attention: dict[str, AttentionRanges]
     kept: dict[str, str]
     calibration: dict[str, Any]
+    intervals: tuple[TimestepInterval, ...] = ()
+
+    @property
+    def bounds(self) -> tuple[float, ...]:
+        """The timesteps between neighbouring intervals (:func:`interval_bounds`)."""
+        return interval_bounds([i.timesteps for i in self.intervals])
+
+    def layer_ranges(self, interval: int | None) -> dict[str, GroupRanges]:
+        """The layer-input ranges of ``interval`` (``None``: no step known), completed by the all-step ones."""
+        if interval is None or not self.intervals:
+            return self.layers
+        return {**self.layers, **self.intervals[interval].layers}
+
+    def attention_ranges(self, interval: int | None) -> dict[str, AttentionRanges]:
+        """The attention quantizers of ``interval`` (``None``: no step known), completed by the all-step ones."""
+        if interval is None or not self.intervals:
+            return self.attention
+        return {**self.attention, **self.intervals[interval].attention}
 
     def digest(self) -> str:
         """A content hash of the settings and every range."""
@@ -324,14 +401,21 @@ class ActivationSpec:
         h.update(json.dumps({"bits": self.bits, "method": self.method, "groups": self.groups,
                              "attention": self.attention_quant,
                              "calibration": self.calibration}, sort_keys=True, default=str).encode())
-        for name in sorted(self.layers):
-            r = self.layers[name]
-            h.update(f"{name}:{r.axis}:{r.low.tolist()}:{r.high.tolist()}\0".encode())
-            if r.labels is not None:
-                h.update(str(r.labels.tolist()).encode())
-        for name in sorted(self.attention):
-            a = self.attention[name]
-            h.update(f"{name}:{a.cross}:{a.start_token}:{a.prob_max}:{a.q.high.tolist()}:{a.k.low.tolist()}:{a.v.high.tolist()}\0".encode())
+
+        def ranges(layers: Mapping[str, GroupRanges], attention: Mapping[str, AttentionRanges]) -> None:
+            for name in sorted(layers):
+                r = layers[name]
+                h.update(f"{name}:{r.axis}:{r.low.tolist()}:{r.high.tolist()}\0".encode())
+                if r.labels is not None:
+                    h.update(str(r.labels.tolist()).encode())
+            for name in sorted(attention):
+                a = attention[name]
+                h.update(f"{name}:{a.cross}:{a.start_token}:{a.prob_max}:{a.q.high.tolist()}:{a.k.low.tolist()}:{a.v.high.tolist()}\0".encode())
+
+        ranges(self.layers, self.attention)
+        for interval in self.intervals:  # absent without intervals: earlier specs keep their digests
+            h.update(f"interval:{list(interval.timesteps)}\0".encode())
+            ranges(interval.layers, interval.attention)
         return h.hexdigest()
 
     def summary(self) -> dict[str, Any]:
@@ -347,6 +431,7 @@ class ActivationSpec:
             "cross_attention_start_token_exact": sorted(n for n, a in self.attention.items() if a.start_token),
             "start_token_ratio": {n: round(a.start_ratio, 2) for n, a in sorted(self.attention.items()) if a.cross},
             "kept_inputs": dict(sorted(self.kept.items())), "calibration": self.calibration,
+            "timestep_intervals": [[min(i.timesteps), max(i.timesteps)] for i in self.intervals] or "one set for all steps",
         }
 
 
@@ -383,10 +468,12 @@ def attention_modules(module: Any) -> dict[str, Any]:
 
 
 class _Processor:
-    """An attention processor with explicit probabilities: observes (calibration) or quantizes."""
+    """An attention processor with explicit probabilities: observes (calibration) or quantizes
+    with the ranges ``select()`` returns for the current call."""
 
-    def __init__(self, name: str, observe: _AttnStats | None, ranges: AttentionRanges | None, spec: ActivationSpec | None) -> None:
-        self.name, self.observe, self.ranges, self.spec = name, observe, ranges, spec
+    def __init__(self, name: str, observe: _AttnStats | None, select: Callable[[], AttentionRanges | None] | None,
+                 spec: ActivationSpec | None) -> None:
+        self.name, self.observe, self.select, self.spec = name, observe, select, spec
 
     def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, attention_mask: Any = None,
                  temb: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -413,6 +500,7 @@ class _Processor:
         value = attn.to_v(encoder_hidden_states)
         rows = query.shape[0]
         query, key, value = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
+        ranges = self.select() if self.select is not None else None
         if self.observe is not None:
             s = self.observe
             s.cross = s.cross or cross
@@ -421,8 +509,8 @@ class _Processor:
             if key.shape[1] > 1:
                 s.k_rest.update(key[:, 1:], -1)
             s.v.update(value, -1)
-        elif self.ranges is not None and self.spec is not None:
-            r, bits = self.ranges, self.spec.bits
+        elif ranges is not None and self.spec is not None:
+            r, bits = ranges, self.spec.bits
             query = quantize_grouped(query, r.q, bits, -1)
             if r.start_token and key.shape[1] > 1:
                 key = torch.cat([key[:, :1], quantize_grouped(key[:, 1:], r.k, bits, -1)], dim=1)
@@ -440,8 +528,8 @@ class _Processor:
                 else:
                     s.key_mass = s.key_mass + mass
                 s.calls += 1
-        elif self.ranges is not None and self.spec is not None:
-            r, bits = self.ranges, self.spec.bits
+        elif ranges is not None and self.spec is not None:
+            r, bits = ranges, self.spec.bits
             grouped = probs.reshape(rows, -1, *probs.shape[1:])
             if self.spec.attention_quant == "log":
                 grouped = log_quantize(grouped.float(), bits, keep_first=r.start_token and probs.shape[-1] > 1)
@@ -506,6 +594,7 @@ def calibrate_activations(
     min_params: int = DEFAULT_MIN_PARAMS,
     margin: float = 0.0,
     calibration: Mapping[str, Any] | None = None,
+    intervals: int = 1,
 ) -> ActivationSpec:
     """Run ``calls`` (recorded denoiser calls, :func:`~dagfusion.nodes.quant.calibration.record_calls`)
     through ``module`` as it is now (apply any weight quantization around this call) and fit the
@@ -513,12 +602,11 @@ def calibrate_activations(
 
     :param attention: ``"log"``, ``"uniform"`` or ``"off"`` (see :class:`ActivationSpec`);
         ``None``: ``"log"`` for ``dgq``, ``"uniform"`` for ``per_tensor``.
+    :param intervals: Time-step intervals with ranges of their own (see the module docstring);
+        fewer when the calls have fewer distinct timesteps; 1: one set for all steps.
     :raises ValueError: an unknown ``method``/``attention``/``start_token``, ``bits`` outside 2..16,
-        ``groups`` < 1, or no calls.
+        ``groups`` < 1, ``intervals`` < 1, or no calls.
     """
-    import torch
-    from dagfusion.model import family_for
-
     if method not in METHODS:
         raise ValueError(f"input 'method': expected one of {list(METHODS)}, got {method!r}")
     if attention is None:
@@ -533,12 +621,50 @@ def calibrate_activations(
         raise ValueError(f"input 'groups': expected at least 1, got {groups}")
     if not calls:
         raise ValueError("input 'conditioning': the calibration run recorded no denoiser calls")
+    if int(intervals) < 1:
+        raise ValueError(f"input 'intervals': expected at least 1, got {intervals}")
     patterns = tuple(keep)
     plan = plan_layers(module, patterns, min_params)
+    effective = 1 if method == "per_tensor" else int(groups)
+    runs = split_timesteps((_timestep_value(call) for call in calls), intervals)
+
+    def fitted(subset: Sequence[Any]) -> tuple[dict[str, GroupRanges], dict[str, AttentionRanges]]:
+        stats, attn_stats = _observe(module, subset, plan.quantize, attention != "off")
+        return ({name: widened(s.fit(effective), margin) for name, s in stats.items() if s.channel_min is not None},
+                _fit_attention(attn_stats, attention, start_token))
+
+    layers, modules = fitted(calls)
+    kept = dict(plan.kept)
+    for name in plan.quantize:
+        if name not in layers:
+            kept[name] = "not run during calibration"
+    parts: list[TimestepInterval] = []
+    if len(runs) > 1:
+        for run in runs:
+            members = set(run)
+            parts.append(TimestepInterval(run, *fitted([c for c in calls if _timestep_value(c) in members])))
+    return ActivationSpec(int(bits), method, effective, attention, layers, modules, kept, dict(calibration or {}),
+                          tuple(parts))
+
+
+def _timestep_value(call: Any) -> float:
+    value = getattr(call, "timestep_value", None)
+    if value is not None:
+        return float(value)
+    timestep = call.timestep
+    return float(timestep.reshape(-1)[0]) if hasattr(timestep, "reshape") else float(timestep)
+
+
+def _observe(module: Any, calls: Sequence[Any], names: Iterable[str], attention: bool) -> tuple[dict[str, _Stats], dict[str, _AttnStats]]:
+    """Run ``calls`` through ``module`` and collect the statistics of the named layer inputs and
+    (``attention``) of the replaceable attention modules."""
+    import torch
+    from dagfusion.model import family_for
+
     inner = unwrap_compiled(module)
-    stats = {name: _Stats() for name in plan.quantize}
-    dims = {name: _channel_dim(inner.get_submodule(name)) for name in plan.quantize}
-    attn_stats = {name: _AttnStats() for name in attention_modules(module)}
+    stats = {name: _Stats() for name in names}
+    dims = {name: _channel_dim(inner.get_submodule(name)) for name in stats}
+    attn_stats = {name: _AttnStats() for name in attention_modules(module)} if attention else {}
 
     def observer(name: str) -> Callable[[Any], Any]:
         def fn(x: Any) -> Any:
@@ -547,14 +673,16 @@ def calibrate_activations(
 
         return fn
 
-    hooks = {name: _input_hook(observer(name)) for name in plan.quantize}
-    processors = {name: _Processor(name, s, None, None) for name, s in attn_stats.items()} if attention != "off" else {}
+    hooks = {name: _input_hook(observer(name)) for name in stats}
+    processors = {name: _Processor(name, s, None, None) for name, s in attn_stats.items()}
     family = family_for(module)
     with torch.no_grad(), _installed(module, hooks, processors):
         for call in calls:
             family.call(module, call.sample, call.timestep, dict(call.kwargs))
-    effective = 1 if method == "per_tensor" else int(groups)
-    layers = {name: widened(s.fit(effective), margin) for name, s in stats.items() if s.channel_min is not None}
+    return stats, attn_stats
+
+
+def _fit_attention(attn_stats: Mapping[str, _AttnStats], attention: str, start_token: str) -> dict[str, AttentionRanges]:
     modules: dict[str, AttentionRanges] = {}
     for name, s in attn_stats.items():
         if s.q.channel_min is None:
@@ -565,14 +693,25 @@ def calibrate_activations(
         peak = s.cross and attention == "log" and (start_token == "on" or (start_token == "auto" and ratio > START_PEAK_RATIO))
         k = s.k_rest if peak and s.k_rest.channel_min is not None else s.k
         modules[name] = AttentionRanges(s.cross, bool(peak), s.q.fit(1), k.fit(1), s.v.fit(1), s.prob_max, ratio)
-    kept = dict(plan.kept)
-    for name, s in stats.items():
-        if s.channel_min is None:
-            kept[name] = "not run during calibration"
-    return ActivationSpec(int(bits), method, effective, attention, layers, modules, kept, dict(calibration or {}))
+    return modules
 
 
 # --- the patch --------------------------------------------------------------------------------
+
+
+_CALL_TIMESTEP: contextvars.ContextVar[float | None] = contextvars.ContextVar("dagfusion_activation_timestep", default=None)
+"""The timestep of the denoiser call running now, set by :class:`_StepClock` while sampling."""
+
+
+class _StepClock(StepHook):
+    """Makes each denoiser call's timestep known to the quantizers of a spec with intervals."""
+
+    def denoise(self, call: Any, forward: Any) -> Any:
+        token = _CALL_TIMESTEP.set(call.step.timestep_value)
+        try:
+            return forward(call)
+        finally:
+            _CALL_TIMESTEP.reset(token)
 
 
 class ActivationQuantPatch(ModelPatch):
@@ -581,28 +720,48 @@ class ActivationQuantPatch(ModelPatch):
     ``apply(module)`` installs forward pre-hooks and attention processors and removes them on
     exit (also after an error): the module is the same objects with the same values afterwards.
     Place it on a handle after the weight-quantization patch (either order works: this patch
-    changes no parameter).
+    changes no parameter). With time-step intervals, ``begin`` returns a step hook that tells the
+    quantizers each call's timestep; a call outside a sampling run uses the all-step ranges.
     """
 
     def __init__(self, spec: ActivationSpec) -> None:
         self.spec = spec
         self.key = KEY_PREFIX + spec.digest()
 
+    def begin(self, run: Any) -> StepHook | None:
+        return _StepClock() if self.spec.intervals else None
+
     def apply(self, module: Any) -> contextlib.AbstractContextManager[Any]:
         inner = unwrap_compiled(module)
         spec = self.spec
+        bounds = spec.bounds
+        layer_sets = [spec.layer_ranges(i) for i in range(len(spec.intervals))]
+        attention_sets = [spec.attention_ranges(i) for i in range(len(spec.intervals))]
+
+        def interval() -> int | None:
+            timestep = _CALL_TIMESTEP.get()
+            return None if timestep is None or not spec.intervals else interval_of(timestep, bounds)
 
         def quantizer(name: str, dim: int) -> Callable[[Any], Any]:
-            ranges = spec.layers[name]
-
             def fn(x: Any) -> Any:
+                index = interval()
+                ranges = spec.layers[name] if index is None else layer_sets[index].get(name, spec.layers[name])
                 return quantize_grouped(x, ranges, spec.bits, dim)
 
             return fn
 
+        def selector(name: str) -> Callable[[], AttentionRanges | None]:
+            def select() -> AttentionRanges | None:
+                index = interval()
+                return spec.attention[name] if index is None else attention_sets[index].get(name, spec.attention[name])
+
+            return select
+
         hooks = {name: _input_hook(quantizer(name, _channel_dim(inner.get_submodule(name)))) for name in spec.layers}
-        processors = {name: _Processor(name, None, r, spec) for name, r in spec.attention.items()}
+        processors = {name: _Processor(name, None, selector(name), spec) for name in spec.attention}
         return _installed(module, hooks, processors)
 
     def __repr__(self) -> str:
-        return f"ActivationQuantPatch({self.spec.method}, A{self.spec.bits}, {len(self.spec.layers)} inputs, {len(self.spec.attention)} attention)"
+        intervals = f", {len(self.spec.intervals)} timestep intervals" if self.spec.intervals else ""
+        return (f"ActivationQuantPatch({self.spec.method}, A{self.spec.bits}, {len(self.spec.layers)} inputs, "
+                f"{len(self.spec.attention)} attention{intervals})")

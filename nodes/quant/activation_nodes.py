@@ -36,7 +36,8 @@ TORCH_RAN = "torch: fake quantization (simulated in the model's dtype)"
 
 
 def check_activation(values: Mapping[str, Any]) -> Iterator[Problem]:
-    """torchao runs 8-bit activations only; ``start_token`` 'on' needs the log attention quantizer."""
+    """torchao runs 8-bit activations only; ``start_token`` 'on' needs the log attention quantizer;
+    every time-step interval needs a recorded step of its own."""
     if values.get("backend") == "torchao" and isinstance(values.get("bits"), int) and values["bits"] != 8:
         yield Problem("bad-backend", f"the torchao backend runs 8-bit activations, not {values['bits']}; use backend "
                                      "'torch' (or 'auto')", input="backend")
@@ -44,6 +45,11 @@ def check_activation(values: Mapping[str, Any]) -> Iterator[Problem]:
     if values.get("start_token") == "on" and (attention in ("uniform", "off") or (attention == "auto" and method == "per_tensor")):
         yield Problem("bad-start-token", "start_token 'on' applies to the log attention quantizer; set attention "
                                          "to 'log' (or start_token to 'auto'/'off')", input="start_token")
+    intervals, recorded = values.get("intervals"), values.get("calibration_steps")
+    if isinstance(intervals, int) and isinstance(recorded, int) and intervals > recorded:
+        yield Problem("bad-intervals", f"intervals {intervals} needs at least as many recorded steps, but "
+                                       f"calibration_steps is {recorded}; raise calibration_steps or lower intervals",
+                      input="intervals")
 
 
 def resolve(backend: str, device: str, bits: int) -> str:
@@ -78,7 +84,7 @@ def _example(**extra: Any) -> Any:
 
 @node(
     "dagfusion.quant.ActivationQuant",
-    version="1.0.0",
+    version="1.1.0",
     category="quantization",
     inputs=[
         Input("model", MODEL, link_only=True,
@@ -106,6 +112,11 @@ def _example(**extra: Any) -> Any:
                           "auto: where calibration finds key 0 attended over twice as much as any other key."),
         Input("margin", FLOAT, 0.0, min=0.0, max=4.0,
               description="Widen each calibrated range by this fraction of its width at both ends (0: as calibrated)."),
+        Input("intervals", INT, 1, min=1, max=1000,
+              description="Time-step intervals with activation ranges of their own (DGQ's time-aware quantizer): the "
+                          "recorded steps split in sampling order into this many runs, each calibrated on its own calls; "
+                          "each call while sampling uses the nearest interval. 1: one set for all steps; at most "
+                          "calibration_steps (one set per recorded step)."),
         Input("keep", STRING, DEFAULT_KEEP_TEXT,
               description="Comma-separated glob patterns over module names whose inputs stay unquantized (as in "
                           "dagfusion.quant.WeightOnly); 'default' stands for the built-in list."),
@@ -121,14 +132,15 @@ def _example(**extra: Any) -> Any:
         Output("report", DICT, "Which backend ran, the settings, how many layer inputs were grouped by channel or "
                                "token, the attention modules and those with the start token kept exact, the kept inputs."),
     ],
-    examples=[_example(), _example(method="per_tensor", bits=6), _example(groups=4, attention="log", start_token="on")],
+    examples=[_example(), _example(method="per_tensor", bits=6), _example(groups=4, attention="log", start_token="on"),
+              _example(intervals=2)],
     ui={"color": "#7e57c2"},
     check=check_activation,
 )
 def activation_quant(
     ctx: RunContext, model: Any, conditioning: Any, latent: Any, sampler: str, steps: int, calibration_steps: int,
     guidance_scale: float, seed: int, bits: int, method: str, groups: int, attention: str, start_token: str,
-    margin: float, keep: str, min_params: int, backend: str,
+    margin: float, keep: str, min_params: int, backend: str, intervals: int = 1,
 ) -> dict[str, Any]:
     """Quantize a denoiser's activations with DGQ (distribution-aware group quantization).
 
@@ -137,7 +149,8 @@ def activation_quant(
     selected Linear/Conv layer's input range is recorded per channel and per token. dgq groups
     the axis that spreads more into k-means clusters, one 8-bit range each, so outlier channels
     or tokens get their own; attention probabilities are quantized logarithmically below each
-    prompt's own maximum, the first (start) token kept exact where it peaks. The first and last layers,
+    prompt's own maximum, the first (start) token kept exact where it peaks; with intervals > 1 each
+    run of timesteps gets ranges of its own. The first and last layers,
     embeddings and adaLN modulations keep full-precision inputs (keep). The patch is removed after
     each run: the shared model is never changed. Calibrate on other prompts than you evaluate.
     """
@@ -151,7 +164,8 @@ def activation_quant(
     from dagfusion.nodes.quant.patch import WeightQuantPatch, parse_keep, plan_layers
     from dagfusion.nodes.quant.qat import QATPatch
 
-    values = {"backend": backend, "bits": bits, "attention": attention, "method": method, "start_token": start_token}
+    values = {"backend": backend, "bits": bits, "attention": attention, "method": method, "start_token": start_token,
+              "intervals": intervals, "calibration_steps": calibration_steps}
     enforce(check_activation, values)
     module = require_denoiser(model)
     patterns = parse_keep(keep)
@@ -175,7 +189,7 @@ def activation_quant(
             spec = calibrate_activations(
                 module, calls, bits=bits, method=method, groups=groups,
                 attention=None if attention == "auto" else attention, start_token=start_token, keep=patterns,
-                min_params=min_params, margin=margin, calibration=calibration,
+                min_params=min_params, margin=margin, calibration=calibration, intervals=intervals,
             )
     except ValueError as exc:
         raise input_error(exc, "conditioning") from None

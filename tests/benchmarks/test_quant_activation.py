@@ -13,7 +13,7 @@ import pytest
 def test_a_dry_run_scores_every_variant_against_fp32(tmp_path: Path, benchmark_module: Any) -> None:
     module = benchmark_module("quant_activation")
     out = tmp_path / "result.json"
-    assert module.main(["--dry-run", "--models", "shapes-sd", "--json", str(out)]) == 0
+    assert module.main(["--dry-run", "--models", "shapes-sd", "--intervals", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     variants = [r["variant"] for r in rows]
     assert variants[:4] == ["fp32", "W8", "W8A8 per-tensor", "W8A8 DGQ"] and "W4A8 DGQ" in variants
@@ -22,6 +22,9 @@ def test_a_dry_run_scores_every_variant_against_fp32(tmp_path: Path, benchmark_m
     by_name = {r["variant"]: r for r in rows}
     assert by_name["W8"]["compression"] > 3 and by_name["W4A8 DGQ"]["compression"] > by_name["W8"]["compression"]
     assert by_name["W8A8 DGQ"]["summary"]["method"] == "dgq" and by_name["W8A8 per-tensor"]["summary"]["groups"] == 1
+    timed = by_name["W8A8 DGQ, 2 timestep intervals"]["summary"]["timestep_intervals"]
+    assert len(timed) == 2 and timed[0][0] > timed[1][1]  # sampling order: the noisier run first
+    assert by_name["W8A8 DGQ"]["summary"]["timestep_intervals"] == "one set for all steps"
     joint = next(r for r in rows if "+ CacheQuant" in r["variant"])
     assert joint["mac_speedup"] > 1.0
     for row in rows[1:]:
@@ -36,6 +39,12 @@ def test_unknown_models_are_refused(benchmark_module: Any) -> None:
     module = benchmark_module("quant_activation")
     with pytest.raises(SystemExit):
         module.main(["--dry-run", "--models", "shapes-xl"])
+
+
+@pytest.mark.parametrize("intervals", ["0", "6"])
+def test_intervals_need_as_many_recorded_steps(benchmark_module: Any, intervals: str) -> None:
+    with pytest.raises(SystemExit):
+        benchmark_module("quant_activation").main(["--dry-run", "--models", "shapes-sd", "--intervals", intervals])
 
 
 @pytest.mark.parametrize("margin", ["wide", "-1", "9"])

@@ -18,8 +18,11 @@ from dagfusion.nodes.quant.activation import (
     attention_modules,
     calibrate_activations,
     fit_groups,
+    interval_bounds,
+    interval_of,
     log_quantize,
     quantize_grouped,
+    split_timesteps,
 )
 from dagfusion.nodes.quant.activation_nodes import (
     TORCH_RAN,
@@ -151,6 +154,57 @@ def test_the_patch_composes_with_weight_quantization_and_leaves_the_model_unchan
     assert spec.summary()["quantized_inputs"] == len(spec.layers) > 0
 
 
+# --- time-step intervals ----------------------------------------------------------------------
+
+
+def test_timesteps_split_in_sampling_order_into_near_equal_runs_and_each_finds_its_own() -> None:
+    values = [float(t) for t in range(0, 1000, 100)] * 2  # ten distinct, each seen twice
+    runs = split_timesteps(values, 3)
+    assert runs == ((900.0, 800.0, 700.0, 600.0), (500.0, 400.0, 300.0), (200.0, 100.0, 0.0))
+    bounds = interval_bounds(runs)
+    assert bounds == (550.0, 250.0)
+    for index, run in enumerate(runs):
+        assert all(interval_of(t, bounds) == index for t in run)
+    assert interval_of(999.0, bounds) == 0 and interval_of(-5.0, bounds) == 2 and interval_of(549.0, bounds) == 1
+    assert split_timesteps([10.0, 20.0], 5) == ((20.0,), (10.0,))  # no more runs than distinct timesteps
+    with pytest.raises(ValueError, match="input 'intervals'"):
+        split_timesteps(values, 0)
+
+
+def test_ranges_of_their_own_per_step_bring_low_bit_activations_closer_to_fp32(
+    handles: dict[str, Any], calls: list[Any]
+) -> None:
+    model = handles["model"]
+    reference = _sample(model, handles)
+    distinct = len({c.timestep_value for c in calls})  # the tiny model's sampler repeats a timestep
+    one_set = _spec(handles, calls, method="per_tensor", bits=5)
+    per_step = _spec(handles, calls, method="per_tensor", bits=5, intervals=STEPS)
+    assert len(per_step.intervals) == distinct > 1 and not one_set.intervals
+    assert [len(i.timesteps) for i in per_step.intervals] == [1] * distinct
+    assert per_step.summary()["timestep_intervals"][0][0] > per_step.summary()["timestep_intervals"][-1][0]
+    assert ActivationQuantPatch(per_step).key != ActivationQuantPatch(one_set).key
+    # the all-step ranges are the one-set spec's: only the per-step ranges differ
+    assert all(torch.equal(per_step.layers[n].high, one_set.layers[n].high) for n in one_set.layers)
+    error_one = _relative(_sample(model.with_patch(ActivationQuantPatch(one_set)), handles), reference)
+    error_per_step = _relative(_sample(model.with_patch(ActivationQuantPatch(per_step)), handles), reference)
+    assert error_per_step < 0.8 * error_one
+
+
+def test_a_call_outside_a_sampling_run_uses_the_all_step_ranges(handles: dict[str, Any], calls: list[Any]) -> None:
+    from dagfusion.model import family_for
+
+    model = handles["model"]
+    unet = model.denoiser
+    per_step = _spec(handles, calls, method="per_tensor", bits=5, intervals=STEPS)
+    one_set = _spec(handles, calls, method="per_tensor", bits=5)
+    call = calls[-1]
+    outputs = []
+    for spec in (per_step, one_set):
+        with torch.no_grad(), model.use(unet), ActivationQuantPatch(spec).apply(unet):
+            outputs.append(family_for(unet).call(unet, call.sample, call.timestep, dict(call.kwargs)))
+    assert torch.equal(outputs[0], outputs[1])
+
+
 # --- the node ---------------------------------------------------------------------------------
 
 
@@ -158,7 +212,7 @@ def _run(ctx: Any, handles: dict[str, Any], **changes: Any) -> dict[str, Any]:
     inputs = {"model": handles["model"], "conditioning": handles["conditioning"], "latent": handles["latent"],
               "sampler": "default", "steps": 3, "calibration_steps": 2, "guidance_scale": 4.0, "seed": 1, "bits": 8,
               "method": "dgq", "groups": 8, "attention": "auto", "start_token": "auto", "margin": 0.0,
-              "keep": DEFAULT_KEEP_TEXT, "min_params": 0, "backend": "torch"}
+              "keep": DEFAULT_KEEP_TEXT, "min_params": 0, "backend": "torch", "intervals": 1}
     inputs.update(changes)
     return activation_quant.fn(ctx, **inputs)
 
@@ -181,6 +235,9 @@ def test_bad_inputs_give_errors_naming_the_input(handles: dict[str, Any], tmp_pa
     problems = list(check_activation({"start_token": "on", "attention": "uniform", "method": "dgq"}))
     assert [p.input for p in problems] == ["start_token"]
     assert not list(check_activation({"start_token": "on", "attention": "auto", "method": "dgq", "backend": "auto", "bits": 8}))
+    problems = list(check_activation({"intervals": 5, "calibration_steps": 4}))
+    assert [p.input for p in problems] == ["intervals"] and "calibration_steps" in problems[0].message
+    assert not list(check_activation({"intervals": 4, "calibration_steps": 4}))
     ctx = NodeCallContext(tmp_path)
     with pytest.raises(NodeInputError) as error:
         _run(ctx, handles, backend="torchao", bits=4)
