@@ -80,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--strength", type=float, default=1.0, help="the ControlNet's conditioning scale")
     parser.add_argument("--end", type=float, default=1.0, help="the fraction of the run the ControlNet acts on")
+    parser.add_argument("--guess-mode", action="store_true",
+                        help="run the ControlNet on the conditional half only, with logspace scales")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (timings are reported with one)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
 
     from dagfusion.nodes.diffusion.loading import load_diffusers_folder
     from dagfusion.nodes.metrics.evaluator import SHIPPED, load_shapeeval, score
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     unguided, unguided_seconds = sample(lambda i: loaded.model, loaded.clip, loaded.vae, captions, seeds, args.steps)
 
     def guided_model(i: int) -> Any:
-        return loaded.model.with_patch(ControlNetPatch(controlnet, masks[i:i + 1], strength=args.strength, end=args.end))
+        return loaded.model.with_patch(ControlNetPatch(controlnet, masks[i:i + 1], strength=args.strength, end=args.end,
+                                                          guess_mode=args.guess_mode))
 
     guided, guided_seconds = sample(guided_model, loaded.clip, loaded.vae, captions, seeds, args.steps)
 
@@ -121,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         "shapeeval": {"unguided": score(evaluator, unguided, captions),
                       "controlnet": score(evaluator, guided, captions),
                       "render": score(evaluator, renders, captions)},
-        "controlnet_settings": {"strength": args.strength, "end": args.end},
+        "controlnet_settings": {"strength": args.strength, "end": args.end, "guess_mode": args.guess_mode},
+        "threads": args.threads,
         "seconds_per_image": {"unguided": unguided_seconds, "controlnet": guided_seconds},
     }
     result["controlnet_iou_over_ceiling"] = result["iou"]["controlnet"] / ceiling
