@@ -1,6 +1,6 @@
 """The shipped shapes ControlNet: it loads by name, carries its provenance, and on held-out
 prompts makes shapes-sd's objects follow the given mask more closely than without it, keeping the
-attributes (ControlNet on the first half of the steps, as documented)."""
+attributes (strength 1 over the whole run, as documented)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,25 @@ def test_the_shipped_controlnet_loads_by_name_with_its_provenance() -> None:
     assert int(handle.module.config.conditioning_channels) == 1
 
 
+PROMPTS = 48
+"""Held-out prompts of the quality check (one seed each, sampled as one batch)."""
+
+
+def _images(model: Any, clip: Any, vae: Any, captions: list[str]) -> Any:
+    from dagfusion.nodes.diffusion.data import Latent
+    from dagfusion.nodes.diffusion.sampling import sample
+    from dagfusion.nodes.diffusion.text import encode_prompt
+    from dagfusion.nodes.diffusion.vae import decode
+
+    latent = Latent(torch.zeros(len(captions), 4, 16, 16))
+    return decode(vae, sample(model, encode_prompt(clip, captions, ""), latent, steps=25, guidance_scale=4.0, seed=0))
+
+
 @pytest.mark.slow
-def test_the_shipped_controlnet_follows_held_out_masks() -> None:
+def test_the_shipped_controlnet_follows_held_out_masks_and_keeps_the_attributes() -> None:
+    # the documented setting (strength 1 over the whole run) on 48 held-out prompts: this subset
+    # measured object mask IoU 0.704 unguided and 0.803 guided, all-correct 0.938 and 0.917;
+    # the floors sit a few points under those
     from dagfusion.nodes.diffusion.loading import load_diffusers_folder
     from dagfusion.nodes.metrics.evaluator import SHIPPED, load_shapeeval, score
     from dagfusion.nodes.shapes.models import folder
@@ -55,14 +72,12 @@ def test_the_shipped_controlnet_follows_held_out_masks() -> None:
     bench = _bench()
     loaded = load_diffusers_folder(folder("shapes-sd"))
     controlnet = load_controlnet(embedded_path("shapes-mask"))
-    prompts = bench.held_out_prompts(8)
-    _, masks, captions, seeds = bench.ground_truth(prompts, 1)
-    plain, _ = bench.sample(lambda i: loaded.model, loaded.clip, loaded.vae, captions, seeds, 25)
-    guided, _ = bench.sample(lambda i: loaded.model.with_patch(ControlNetPatch(controlnet, masks[i:i + 1], end=0.5)),
-                             loaded.clip, loaded.vae, captions, seeds, 25)
+    _, masks, captions, _ = bench.ground_truth(bench.held_out_prompts(PROMPTS), 1)
+    plain = _images(loaded.model, loaded.clip, loaded.vae, captions)
+    guided = _images(loaded.model.with_patch(ControlNetPatch(controlnet, masks)), loaded.clip, loaded.vae, captions)
     plain_iou, guided_iou = statistics.fmean(mask_iou(plain, masks)), statistics.fmean(mask_iou(guided, masks))
     evaluator = load_shapeeval(SHIPPED)
     plain_ok, guided_ok = score(evaluator, plain, captions)["all_correct"], score(evaluator, guided, captions)["all_correct"]
     print("IoU", plain_iou, guided_iou, "all-correct", plain_ok, guided_ok)
-    assert guided_iou > plain_iou + 0.03, (plain_iou, guided_iou)
-    assert guided_ok >= plain_ok - 0.125, (plain_ok, guided_ok)
+    assert guided_iou >= 0.803 - 0.03 and guided_iou > plain_iou + 0.07, (plain_iou, guided_iou)
+    assert guided_ok >= 0.917 - 0.05, (plain_ok, guided_ok)
