@@ -52,12 +52,14 @@ class Variant:
         self.row: dict[str, Any] = {}
 
 
-def cachequant(interval: int, steps: int, span: tuple[int, int] | None = None) -> Callable[[Any], Any]:
-    """CacheQuant calibrated as in ``cache_quality.py`` (8 training-split prompts, never the evaluated ones)."""
+def cachequant(interval: int, steps: int, span: tuple[int, int] | None = None, *, full: int = 0) -> Callable[[Any], Any]:
+    """CacheQuant calibrated as in ``cache_quality.py`` (8 training-split prompts, never the evaluated
+    ones) with ``full`` full steps, or (``full`` 0) the full steps of a uniform ``interval``."""
     def make(loaded: Any) -> Any:
         from dagfusion.nodes.cache.cachequant import schedule_patch
 
-        schedule = calibration(loaded, steps, GUIDANCE)(interval=interval, **({"span": span} if span else {}))
+        budget = {"full": full} if full else {"interval": interval}
+        schedule = calibration(loaded, steps, GUIDANCE)(**budget, **({"span": span} if span else {}))
         return loaded.model.with_patch(schedule_patch(schedule))
 
     return make
@@ -84,10 +86,15 @@ def variants(model: str, steps: int, dry_run: bool = False) -> list[Variant]:
                         steps=steps) for n in intervals]
         out += [Variant("CacheQuant", f"K={-(-steps // n)}", cachequant(n, steps), steps=steps) for n in quant_intervals]
         return out
-    span = (1, 7)
-    out += [Variant("BlockCache 1-7", f"N={n}", lambda loaded, n=n: loaded.model.with_patch(
-        BlockCachePatch(BlockCacheConfig(span=span, interval=n))), steps=steps) for n in intervals[:4]]
-    out += [Variant("CacheQuant 1-7", f"K={-(-steps // n)}", cachequant(n, steps, span), steps=steps) for n in quant_intervals[:5]]
+    # The cached span is a knob too: 1-7 leaves the first and the last block computing (the
+    # schedulers' default), 1-8 only the first. CacheQuant's own knob, the number of full steps K,
+    # takes every value from 13 to 5 (not only a uniform interval's).
+    full_steps = sorted({-(-steps // n) for n in (2, 3)}, reverse=True) if dry_run else (13, 11, 9, 8, 7, 6, 5)
+    for span in ((1, 7), (1, 8)):
+        name = f"{span[0]}-{span[1]}"
+        out += [Variant(f"BlockCache {name}", f"N={n}", lambda loaded, n=n, span=span: loaded.model.with_patch(
+            BlockCachePatch(BlockCacheConfig(span=span, interval=n))), steps=steps) for n in intervals[:4]]
+        out += [Variant(f"CacheQuant {name}", f"K={k}", cachequant(0, steps, span, full=k), steps=steps) for k in full_steps]
     thresholds = (0.1, 0.2) if dry_run else (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
     out += [Variant("FBC (diffusers)", f"{t:g}", lambda loaded, t=t: loaded.model.with_patch(
         DiffusersCachePatch(CacheSettings("first_block_cache", threshold=t))), steps=steps) for t in thresholds]

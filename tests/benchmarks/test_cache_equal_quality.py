@@ -36,3 +36,14 @@ def test_a_dry_run_sweeps_every_scheduler_and_reads_each_at_the_target(tmp_path:
     for row in result["rows"]:
         assert row["mac_speedup"] >= 1.0 and row["cpu_wall_speedup"] > 0
     assert (tmp_path / "cache-speed-psnr-shapes-sd.png").stat().st_size > 1000
+
+
+def test_the_transformer_sweep_takes_both_spans_and_every_full_step_count(benchmark_module: Any) -> None:
+    sweep = benchmark_module("cache_equal_quality").variants("shapes-dit", 25)
+    knobs: dict[str, list[str]] = {}
+    for variant in sweep:
+        knobs.setdefault(variant.scheduler, []).append(variant.knob)
+    for span in ("1-7", "1-8"):
+        assert knobs[f"CacheQuant {span}"] == [f"K={k}" for k in (13, 11, 9, 8, 7, 6, 5)]
+        assert knobs[f"BlockCache {span}"] == ["N=2", "N=3", "N=4", "N=5"]
+    assert all(v.steps == 25 for v in sweep if v.scheduler.startswith("CacheQuant"))
