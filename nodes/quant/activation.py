@@ -745,7 +745,7 @@ class ActivationQuantPatch(ModelPatch):
         def quantizer(name: str, dim: int) -> Callable[[Any], Any]:
             def fn(x: Any) -> Any:
                 index = interval()
-                ranges = spec.layers[name] if index is None else layer_sets[index].get(name, spec.layers[name])
+                ranges = spec.layers[name] if index is None else layer_sets[index][name]
                 return quantize_grouped(x, ranges, spec.bits, dim)
 
             return fn
@@ -753,7 +753,7 @@ class ActivationQuantPatch(ModelPatch):
         def selector(name: str) -> Callable[[], AttentionRanges | None]:
             def select() -> AttentionRanges | None:
                 index = interval()
-                return spec.attention[name] if index is None else attention_sets[index].get(name, spec.attention[name])
+                return spec.attention[name] if index is None else attention_sets[index][name]
 
             return select
 
