@@ -46,7 +46,7 @@ _DIT_STAGE3 = "32a73746b429cfd7e5760c6d5d788c7e2b1c796d"  # shapes-dit: a third 
 _PAIR = "b7f2a129a0c8a6cba15ea657d232fc64ffb5733d"  # Structure world: ... the two-object evaluator
 _FRAMES = "fc13bb0028ed9dd88498f10241c6b0ba8f4beb08"  # Video metrics: ... ShapeEval-frames
 _SECOND_EVAL = "34401ac6bf688da639b92f5cda1dc0ee61cd7cfc"  # the independent ShapeEval (trained on this code)
-_CONTROLNET = "bab8a54bc9fa859f371a7f09bae62142fe1d9ead"  # the shapes ControlNet's training workflow (trained on this code)
+_CONTROLNET = "ec635dc1d607d3c3c684b1c072cb0927e47a0c7f"  # the shapes ControlNet's training workflow (trained on this code)
 _VIDEO = "e2bbc265dd4cbcaf580ce7ff5637c9ed1565cf6b"  # shapes-video: the base model's training workflow
 _VIDEO_ONE_STEP = "ab702aa99e8935ee6df47a2b1dc624c89372ea02"  # shapes-video-1step: the SF-V workflow, trained on this code
 _STRUCTURE_VAE = "a243d737ff97e9250e6d21d4b87856b37765df98"  # the structure VAE's training workflow (trained on this code)
@@ -161,13 +161,14 @@ PROVENANCE: dict[str, dict[str, str]] = {
     "nodes/structure/models/shapes-controlnet-mask.safetensors": {
         "training_workflow": "workflows/train_controlnet_shapes.yaml",
         "project_commit": _CONTROLNET,
-        "steps": "2000",
+        "steps": "4000",
         "data_seed": "0",
-        "stage": "1 of 1",
-        "provenance_notes": "dagfusion.structure.TrainControlNet (node train) on shapes-sd frozen: ControlNetModel.from_unet, "
+        "stage": "2 of 2",
+        "provenance_notes": "dagfusion.structure.TrainControlNet (nodes train, train_more) on shapes-sd frozen: ControlNetModel.from_unet, "
                             "1 conditioning channel (object mask), v-prediction zero-terminal-SNR objective, 10 % condition "
-                            "dropout, 50 % caption dropout, 2,000 steps x 16, lr 2e-4 cosine, 50 warmup steps, seed 0, two "
-                            "25-minute chunks, on 4,096 flat training-split "
+                            "dropout, 50 % caption dropout, 2,000 steps x 16 at lr 2e-4 cosine (seed 0), then 2,000 more at "
+                            "lr 1e-4 cosine (seed 1), 50 warmup steps each, each stage in two 25-minute chunks, on 4,096 "
+                            "flat training-split "
                             "renders (data seed 0); saved fp16 by SaveControlNet (its own provenance is in the "
                             "dagfusion.controlnet key). project_commit is the commit whose code and workflow trained it.",
     },

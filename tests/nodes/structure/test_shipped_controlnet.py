@@ -30,7 +30,8 @@ def test_the_shipped_controlnet_loads_by_name_with_its_provenance() -> None:
 
     with safe_open(str(embedded_path("shapes-mask")), framework="pt") as handle:
         metadata = handle.metadata()
-    assert metadata["training_workflow"] == "workflows/train_controlnet_shapes.yaml" and metadata["steps"] == "2000"
+    assert metadata["training_workflow"] == "workflows/train_controlnet_shapes.yaml"
+    assert metadata["steps"] == "4000" and metadata["stage"] == "2 of 2"
 
     class _Ctx:
         device = "cpu"
@@ -59,7 +60,7 @@ def _images(model: Any, clip: Any, vae: Any, captions: list[str]) -> Any:
 @pytest.mark.slow
 def test_the_shipped_controlnet_follows_held_out_masks_and_keeps_the_attributes() -> None:
     # the documented setting (strength 1 over the whole run) on 48 held-out prompts: this subset
-    # measured object mask IoU 0.704 unguided and 0.803 guided, all-correct 0.938 and 0.917;
+    # measured object mask IoU 0.704 unguided and 0.802 guided, all-correct 0.938 and 0.917;
     # the floors sit a few points under those
     from dagfusion.nodes.diffusion.loading import load_diffusers_folder
     from dagfusion.nodes.metrics.evaluator import SHIPPED, load_shapeeval, score
@@ -79,5 +80,5 @@ def test_the_shipped_controlnet_follows_held_out_masks_and_keeps_the_attributes(
     evaluator = load_shapeeval(SHIPPED)
     plain_ok, guided_ok = score(evaluator, plain, captions)["all_correct"], score(evaluator, guided, captions)["all_correct"]
     print("IoU", plain_iou, guided_iou, "all-correct", plain_ok, guided_ok)
-    assert guided_iou >= 0.803 - 0.03 and guided_iou > plain_iou + 0.07, (plain_iou, guided_iou)
+    assert guided_iou >= 0.802 - 0.03 and guided_iou > plain_iou + 0.07, (plain_iou, guided_iou)
     assert guided_ok >= 0.917 - 0.05, (plain_ok, guided_ok)
