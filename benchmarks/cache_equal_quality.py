@@ -58,8 +58,7 @@ def cachequant(interval: int, steps: int, span: tuple[int, int] | None = None, *
     def make(loaded: Any) -> Any:
         from dagfusion.nodes.cache.cachequant import schedule_patch
 
-        budget = {"full": full} if full else {"interval": interval}
-        schedule = calibration(loaded, steps, GUIDANCE)(**budget, **({"span": span} if span else {}))
+        schedule = calibration(loaded, steps, GUIDANCE)(interval=interval, full=full, **({"span": span} if span else {}))
         return loaded.model.with_patch(schedule_patch(schedule))
 
     return make
@@ -89,7 +88,7 @@ def variants(model: str, steps: int, dry_run: bool = False) -> list[Variant]:
     # The cached span is a knob too: 1-7 leaves the first and the last block computing (the
     # schedulers' default), 1-8 only the first. CacheQuant's own knob, the number of full steps K,
     # takes every value from 13 to 5 (not only a uniform interval's).
-    full_steps = sorted({-(-steps // n) for n in (2, 3)}, reverse=True) if dry_run else (13, 11, 9, 8, 7, 6, 5)
+    full_steps = [-(-steps // n) for n in quant_intervals] if dry_run else (13, 11, 9, 8, 7, 6, 5)
     for span in ((1, 7), (1, 8)):
         name = f"{span[0]}-{span[1]}"
         out += [Variant(f"BlockCache {name}", f"N={n}", lambda loaded, n=n, span=span: loaded.model.with_patch(

@@ -57,7 +57,7 @@ def ground_truth(prompts: list[Any], seeds: int) -> tuple[torch.Tensor, torch.Te
 
 def sample(model_for: Any, clip: Any, vae: Any, captions: list[str], seeds: list[int], steps: int) -> tuple[torch.Tensor, float]:
     """Images of each caption (``model_for(i)`` samples row ``i`` with its seed) and the seconds per image."""
-    from dagfusion.nodes.diffusion.data import Latent
+    from dagfusion.nodes.diffusion.latents import empty_latent
     from dagfusion.nodes.diffusion.sampling import sample as run
     from dagfusion.nodes.diffusion.text import encode_prompt
     from dagfusion.nodes.diffusion.vae import decode
@@ -66,8 +66,8 @@ def sample(model_for: Any, clip: Any, vae: Any, captions: list[str], seeds: list
     out = []
     for i, (caption, seed) in enumerate(zip(captions, seeds)):
         cond = encode_prompt(clip, caption, "")
-        latent = Latent(torch.zeros(1, 4, 16, 16))
-        result = run(model_for(i), cond, latent, steps=steps, guidance_scale=4.0, seed=seed)
+        model = model_for(i)
+        result = run(model, cond, empty_latent(model, 64, 64), steps=steps, guidance_scale=4.0, seed=seed)
         out.append(decode(vae, result))
     return torch.cat(out), (time.perf_counter() - start) / len(captions)
 

@@ -621,12 +621,10 @@ def calibrate_activations(
         raise ValueError(f"input 'groups': expected at least 1, got {groups}")
     if not calls:
         raise ValueError("input 'conditioning': the calibration run recorded no denoiser calls")
-    if int(intervals) < 1:
-        raise ValueError(f"input 'intervals': expected at least 1, got {intervals}")
+    runs = split_timesteps((call.timestep_value for call in calls), intervals)  # refuses intervals < 1
     patterns = tuple(keep)
     plan = plan_layers(module, patterns, min_params)
     effective = 1 if method == "per_tensor" else int(groups)
-    runs = split_timesteps((_timestep_value(call) for call in calls), intervals)
 
     def fitted(subset: Sequence[Any]) -> tuple[dict[str, GroupRanges], dict[str, AttentionRanges]]:
         stats, attn_stats = _observe(module, subset, plan.quantize, attention != "off")
@@ -642,17 +640,9 @@ def calibrate_activations(
     if len(runs) > 1:
         for run in runs:
             members = set(run)
-            parts.append(TimestepInterval(run, *fitted([c for c in calls if _timestep_value(c) in members])))
+            parts.append(TimestepInterval(run, *fitted([c for c in calls if float(c.timestep_value) in members])))
     return ActivationSpec(int(bits), method, effective, attention, layers, modules, kept, dict(calibration or {}),
                           tuple(parts))
-
-
-def _timestep_value(call: Any) -> float:
-    value = getattr(call, "timestep_value", None)
-    if value is not None:
-        return float(value)
-    timestep = call.timestep
-    return float(timestep.reshape(-1)[0]) if hasattr(timestep, "reshape") else float(timestep)
 
 
 def _observe(module: Any, calls: Sequence[Any], names: Iterable[str], attention: bool) -> tuple[dict[str, _Stats], dict[str, _AttnStats]]:

@@ -48,12 +48,12 @@ PROMPTS = 48
 
 
 def _images(model: Any, clip: Any, vae: Any, captions: list[str]) -> Any:
-    from dagfusion.nodes.diffusion.data import Latent
+    from dagfusion.nodes.diffusion.latents import empty_latent
     from dagfusion.nodes.diffusion.sampling import sample
     from dagfusion.nodes.diffusion.text import encode_prompt
     from dagfusion.nodes.diffusion.vae import decode
 
-    latent = Latent(torch.zeros(len(captions), 4, 16, 16))
+    latent = empty_latent(model, 64, 64, len(captions))
     return decode(vae, sample(model, encode_prompt(clip, captions, ""), latent, steps=25, guidance_scale=4.0, seed=0))
 
 
