@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import time
@@ -121,16 +120,6 @@ def run_stages(joint: Any, base: Any, refiner: Any, captions: list[str], seeds: 
     return {k: torch.cat(v) for k, v in images.items() if v}, timer
 
 
-def difference_interval(after: list[float], before: list[float], rounds: int = 2000,
-                        seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``after − before`` over paired images and its paired-bootstrap 95 % interval."""
-    n = len(after)
-    diffs = [a - b for a, b in zip(after, before)]
-    rng = random.Random(seed)
-    draws = sorted(statistics.fmean(diffs[rng.randrange(n)] for _ in range(n)) for _ in range(rounds))
-    return statistics.fmean(diffs), draws[int(0.025 * rounds)], draws[int(0.975 * rounds) - 1]
-
-
 def layout_iou(images: torch.Tensor, captions: list[str], seeds: int) -> float:
     """Mean over images of the matched box IoU between the objects segmented in each image and the
     caption's layout boxes (``MaskIoU`` with a layout: each object's box against its layout box,
@@ -214,7 +203,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[name]["layout_iou"] = layout_iou(made, captions, args.seeds)
         results[name]["seconds_per_image"] = timer.seconds[name] / len(all_captions)
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
-    point, low, high = difference_interval(scores["refiner"]["all_correct"], scores["joint"]["all_correct"])
+    from dagfusion.nodes.metrics.intervals import paired_difference
+
+    point, low, high = paired_difference(scores["refiner"]["all_correct"], scores["joint"]["all_correct"])
     results["all_correct_refiner_minus_joint"] = [point, low, high]
     print(f"all-correct, refiner - joint: {point:+.3f} [{low:+.3f}, {high:+.3f}] (target >= 0)")
     if args.json:

@@ -11,6 +11,8 @@ gives the object mask the ControlNet is guided by. Measured in one process, one 
   for the render shifted by one pixel (how much a 1-px error alone costs);
 - **ShapeEval** per attribute and all-correct of both against their prompts (the ControlNet must not
   cost attributes);
+- all-correct of the ControlNet's images minus the unguided ones', with a paired-bootstrap 95 %
+  interval over images (target ≥ 0);
 - CPU seconds per image of each.
 
 The ratio guided IoU / ceiling is the headline (target ≥ 0.95).
@@ -33,10 +35,12 @@ from typing import Any
 import torch
 
 
-def held_out_prompts(count: int) -> list[Any]:
+def held_out_prompts(count: int, split: str = "eval") -> list[Any]:
+    """``count`` single-object scenes of ``split``, spread evenly over it (``"train"``: a validation set
+    for choosing settings without looking at the held-out combinations)."""
     from dagfusion.nodes.shapes.world import scenes
 
-    pool = scenes("eval", 1)
+    pool = scenes(split, 1)
     step = len(pool) / count
     return [pool[int(i * step)] for i in range(count)]
 
@@ -72,6 +76,15 @@ def sample(model_for: Any, clip: Any, vae: Any, captions: list[str], seeds: list
     return torch.cat(out), (time.perf_counter() - start) / len(captions)
 
 
+def all_correct_per_image(evaluator: Any, images: torch.Tensor, captions: list[str]) -> list[float]:
+    """1.0 for each image whose every ShapeEval attribute matches its caption, else 0.0."""
+    from dagfusion.nodes.metrics.evaluator import predict
+    from dagfusion.nodes.shapes.world import parse_caption
+
+    expected = [parse_caption(c).labels() for c in captions]
+    return [float(p == e) for p, e in zip(predict(evaluator, images), expected)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--controlnet", required=True, help="the shapes ControlNet (single safetensors file)")
@@ -82,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--end", type=float, default=1.0, help="the fraction of the run the ControlNet acts on")
     parser.add_argument("--guess-mode", action="store_true",
                         help="run the ControlNet on the conditional half only, with logspace scales")
+    parser.add_argument("--split", choices=("eval", "train"), default="eval",
+                        help="prompts from the held-out combinations (the measurement) or the training ones "
+                             "(for choosing settings)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (timings are reported with one)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -89,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dagfusion.nodes.diffusion.loading import load_diffusers_folder
     from dagfusion.nodes.metrics.evaluator import SHIPPED, load_shapeeval, score
+    from dagfusion.nodes.metrics.intervals import paired_difference
     from dagfusion.nodes.shapes.models import folder
     from dagfusion.nodes.structure.controlnet import ControlNetPatch
     from dagfusion.nodes.structure.controlnet_model import load_controlnet
@@ -97,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_diffusers_folder(folder("shapes-sd"))
     controlnet = load_controlnet(Path(args.controlnet))
     evaluator = load_shapeeval(SHIPPED)
-    prompts = held_out_prompts(args.prompts)
+    prompts = held_out_prompts(args.prompts, args.split)
     renders, masks, captions, seeds = ground_truth(prompts, args.seeds)
 
     vae = loaded.vae.module
@@ -119,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ceiling = iou(round_trip)
     result = {
-        "prompts": args.prompts, "seeds": args.seeds, "steps": args.steps, "images": len(captions),
+        "prompts": args.prompts, "split": args.split, "seeds": args.seeds, "steps": args.steps, "images": len(captions),
         "iou": {"unguided": iou(unguided), "controlnet": iou(guided), "vae_round_trip_ceiling": ceiling,
                 "render_shifted_1px": iou(shifted), "render": iou(renders)},
         "shapeeval": {"unguided": score(evaluator, unguided, captions),
@@ -130,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_image": {"unguided": unguided_seconds, "controlnet": guided_seconds},
     }
     result["controlnet_iou_over_ceiling"] = result["iou"]["controlnet"] / ceiling
+    difference = paired_difference(all_correct_per_image(evaluator, guided, captions),
+                                   all_correct_per_image(evaluator, unguided, captions))
+    result["controlnet_minus_unguided_all_correct"] = list(difference)
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import time
@@ -136,15 +135,6 @@ def per_clip(video: Any, texts: list[str], frame_eval: Any) -> dict[str, list[fl
         right = [all(predicted[i * frames + f][a] == getattr(clip, a) for a in FRAME_ATTRIBUTES) for f in range(frames)]
         out["frames_all_correct"].append(sum(right) / frames)
     return out
-
-
-def paired_interval(a: list[float], b: list[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``b - a`` and its paired-bootstrap 95 % interval (percentile)."""
-    rng = random.Random(seed)
-    diffs = [y - x for x, y in zip(a, b)]
-    n = len(diffs)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(rounds))
-    return sum(diffs) / n, means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
 
 
 def summary(scores: dict[str, list[float]]) -> dict[str, float]:
@@ -316,8 +306,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fd = fd_video(still_eval, v, video) if name != "real" else 0.0
         results[name] = {**s, "fd_shapes_video": fd}
         print(f"| {name} | {s['motion']:.3f} | {s['direction']:.3f} | {s['speed']:.3f} | {s['frames_all_correct']:.3f} | {fd:.2f} |")
+    from dagfusion.nodes.metrics.intervals import paired_difference
+
     for metric in ("motion", "frames_all_correct"):
-        mean, low, high = paired_interval(scores["teacher"][metric], scores["one-step"][metric])
+        mean, low, high = paired_difference(scores["one-step"][metric], scores["teacher"][metric])
         results[f"one_step_minus_teacher_{metric}"] = [mean, low, high]
         print(f"one-step − teacher, {metric}: {100 * mean:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}]")
 

@@ -50,12 +50,6 @@ def test_conditions_are_a_named_subset(benchmark_module: Any) -> None:
             module.parse_conditions(bad)
 
 
-def test_difference_interval_brackets_the_mean_difference(benchmark_module: Any) -> None:
-    point, low, high = benchmark_module("structure_refiner").difference_interval([1.0, 1.0, 0.0, 1.0] * 10,
-                                                                                 [0.0, 1.0, 0.0, 0.0] * 10)
-    assert point == pytest.approx(0.5) and low <= point <= high and high - low < 0.6
-
-
 def test_renders_keep_their_own_layout(benchmark_module: Any) -> None:
     import torch
 

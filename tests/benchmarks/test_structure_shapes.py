@@ -28,3 +28,7 @@ def test_structure_shapes_benchmark_scores_guided_and_unguided_images(
         assert 0.0 <= iou[name] <= 1.0 and 0.0 <= result["shapeeval"][name]["all_correct"] <= 1.0
         assert result["seconds_per_image"][name] > 0
     assert result["controlnet_iou_over_ceiling"] == pytest.approx(iou["controlnet"] / iou["vae_round_trip_ceiling"])
+    mean, low, high = result["controlnet_minus_unguided_all_correct"]
+    shapeeval = result["shapeeval"]
+    assert mean == pytest.approx(shapeeval["controlnet"]["all_correct"] - shapeeval["unguided"]["all_correct"])
+    assert low <= mean <= high

@@ -31,12 +31,6 @@ def test_video_shapes_benchmark_scores_every_variant(tmp_path: Path, benchmark_m
         "video-shapes-2-steps.gif", "video-shapes-one-step.gif", "video-shapes-real.gif"]
 
 
-def test_paired_interval_brackets_the_mean(benchmark_module: Any) -> None:
-    module = benchmark_module("video_shapes")
-    mean, low, high = module.paired_interval([0, 1, 1, 0] * 10, [1, 1, 1, 0] * 10)
-    assert low <= mean == 0.25 <= high and high - low < 0.5
-
-
 def test_parts_timing_names_every_part(tmp_path: Path, benchmark_module: Any) -> None:
     from dagfusion.nodes.video.export import save_svd
     from dagfusion.nodes.video.sfv import OneStepPatch, one_step_scheduler
