@@ -10,7 +10,8 @@ gives the object mask the ControlNet is guided by. Measured in one process, one 
 - the **ceiling**: the same IoU for the ground-truth render itself after the VAE round trip, and
   for the render shifted by one pixel (how much a 1-px error alone costs);
 - **ShapeEval** per attribute and all-correct of both against their prompts (the ControlNet must not
-  cost attributes);
+  cost attributes), and of the render after the VAE round trip (what an image that follows the
+  mask exactly can score);
 - all-correct of the ControlNet's images minus the unguided ones', with a paired-bootstrap 95 %
   interval over images (target ≥ 0);
 - CPU seconds per image of each.
@@ -76,13 +77,37 @@ def sample(model_for: Any, clip: Any, vae: Any, captions: list[str], seeds: list
     return torch.cat(out), (time.perf_counter() - start) / len(captions)
 
 
-def all_correct_per_image(evaluator: Any, images: torch.Tensor, captions: list[str]) -> list[float]:
-    """1.0 for each image whose every ShapeEval attribute matches its caption, else 0.0."""
+def misread(evaluator: Any, images: torch.Tensor, captions: list[str]) -> list[str]:
+    """For each image, what ShapeEval reads differently from its caption (``"attribute=read"``,
+    comma-separated), or ``""`` when it reads every attribute right."""
     from dagfusion.nodes.metrics.evaluator import predict
     from dagfusion.nodes.shapes.world import parse_caption
 
-    expected = [parse_caption(c).labels() for c in captions]
-    return [float(p == e) for p, e in zip(predict(evaluator, images), expected)]
+    out = []
+    for read, caption in zip(predict(evaluator, images), captions):
+        expected = parse_caption(caption).labels()
+        out.append(", ".join(f"{k}={read[k]}" for k in expected if read[k] != expected[k]))
+    return out
+
+
+def write_failures(path: Path, renders: torch.Tensor, unguided: torch.Tensor, guided: torch.Tensor,
+                   unguided_misread: list[str], guided_misread: list[str], limit: int = 24) -> int:
+    """A PNG contact sheet of the images ShapeEval misreads in either variant (at most ``limit``):
+    three tiles each (two to a row) of the render, the unguided image and the ControlNet's, labelled with what was
+    misread. Returns how many rows it holds."""
+    from dagfusion.nodes.diffusion.images import to_pil
+    from dagfusion.nodes.everyday.grid import contact_sheet
+
+    rows = [i for i, (u, g) in enumerate(zip(unguided_misread, guided_misread)) if u or g][:limit]
+    if not rows:
+        return 0
+    tiles, labels = [], []
+    for i in rows:
+        tiles += [renders[i], unguided[i], guided[i]]
+        labels += [f"#{i}", f"unguided: {unguided_misread[i] or 'ok'}", f"ControlNet: {guided_misread[i] or 'ok'}"]
+    big = torch.nn.functional.interpolate(torch.stack(tiles), scale_factor=2, mode="nearest")
+    to_pil(contact_sheet(big, labels, columns=6)[0]).save(path)
+    return len(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(for choosing settings)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (timings are reported with one)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--failures", help="also write a PNG of the images ShapeEval misreads (render, unguided, ControlNet)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -141,15 +167,19 @@ def main(argv: list[str] | None = None) -> int:
                 "render_shifted_1px": iou(shifted), "render": iou(renders)},
         "shapeeval": {"unguided": score(evaluator, unguided, captions),
                       "controlnet": score(evaluator, guided, captions),
-                      "render": score(evaluator, renders, captions)},
+                      "render": score(evaluator, renders, captions),
+                      "vae_round_trip": score(evaluator, round_trip, captions)},
         "controlnet_settings": {"strength": args.strength, "end": args.end, "guess_mode": args.guess_mode},
         "threads": args.threads,
         "seconds_per_image": {"unguided": unguided_seconds, "controlnet": guided_seconds},
     }
     result["controlnet_iou_over_ceiling"] = result["iou"]["controlnet"] / ceiling
-    difference = paired_difference(all_correct_per_image(evaluator, guided, captions),
-                                   all_correct_per_image(evaluator, unguided, captions))
+    guided_misread, unguided_misread = misread(evaluator, guided, captions), misread(evaluator, unguided, captions)
+    difference = paired_difference([float(not m) for m in guided_misread], [float(not m) for m in unguided_misread])
     result["controlnet_minus_unguided_all_correct"] = list(difference)
+    if args.failures:
+        result["failure_rows"] = write_failures(Path(args.failures), renders, unguided, guided, unguided_misread,
+                                                guided_misread)
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
