@@ -1,6 +1,7 @@
 """Structure-guided generation on the shapes world (CPU): the shapes ControlNet for shapes-sd.
 
-For held-out prompts (the evaluation split's single-object combinations, spread evenly), each
+For held-out prompts (the evaluation split's single-object combinations: all 96 by default, or
+``--prompts N`` spread evenly), each
 with ``--seeds`` seeds, the ground-truth render of the prompt (flat style, jittered by the seed)
 gives the object mask the ControlNet is guided by. Measured in one process, one torch thread:
 
@@ -20,7 +21,7 @@ The ratio guided IoU / ceiling is the headline (target ≥ 0.95).
 
 Usage::
 
-    python benchmarks/structure_shapes.py --controlnet path/to/shapes-controlnet-mask.safetensors [--prompts 48] [--seeds 2]
+    python benchmarks/structure_shapes.py --controlnet path/to/shapes-controlnet-mask.safetensors [--guess-mode --strength 2] [--prompts 96] [--seeds 2]
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def write_failures(path: Path, renders: torch.Tensor, unguided: torch.Tensor, gu
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--controlnet", required=True, help="the shapes ControlNet (single safetensors file)")
-    parser.add_argument("--prompts", type=int, default=48)
+    parser.add_argument("--prompts", type=int, default=96,
+                        help="how many prompts of the split, spread evenly (the default: every held-out combination)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--strength", type=float, default=1.0, help="the ControlNet's conditioning scale")

@@ -416,7 +416,8 @@ def embedded_path(name: str) -> Any:
     category="structure/controlnet",
     inputs=[
         Input("name", STRING, "shapes-mask", choices=tuple(EMBEDDED),
-              description="'shapes-mask': shapes-sd's ControlNet guided by an object mask (1 channel, 1 = object); "
+              description="'shapes-mask': shapes-sd's ControlNet guided by an object mask (1 channel, 1 = object; "
+                          "apply it in guess mode at strength 2, see docs/controlnet.md); "
                           "'shapes-refiner': the structure-guided refiner for shapes-sd-two-objects (6 channels: "
                           "depth, normals, a 2-channel box layout, as StructureCondition stacks them)."),
         Input("device", STRING, "auto", choices=_DEVICES,
