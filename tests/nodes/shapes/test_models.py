@@ -61,6 +61,7 @@ def test_shipped_weights_are_fp16_and_small() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("both_cores")
 @pytest.mark.parametrize("name", SINGLE_OBJECT)
 def test_held_out_prompts_come_out_right(name: str, evaluator) -> None:
     images = _run(name, HELD_OUT)

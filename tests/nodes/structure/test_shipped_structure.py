@@ -58,6 +58,7 @@ def test_the_shipped_structure_models_load_by_name_with_their_provenance() -> No
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("both_cores")
 def test_both_stages_hold_their_measured_accuracy_on_held_out_prompts(benchmark_module: Any) -> None:
     from dagfusion.nodes.diffusion.loading import load_diffusers_folder
     from dagfusion.nodes.metrics.pair_evaluator import SHIPPED, load_pair_evaluator
