@@ -78,37 +78,31 @@ def sample(model_for: Any, clip: Any, vae: Any, captions: list[str], seeds: list
     return torch.cat(out), (time.perf_counter() - start) / len(captions)
 
 
-def misread(evaluator: Any, images: torch.Tensor, captions: list[str]) -> list[str]:
-    """For each image, what ShapeEval reads differently from its caption (``"attribute=read"``,
-    comma-separated), or ``""`` when it reads every attribute right."""
-    from dagfusion.nodes.metrics.evaluator import predict
-    from dagfusion.nodes.shapes.world import parse_caption
+def misread_labels(evaluator: Any, images: torch.Tensor, captions: list[str]) -> list[str]:
+    """For each image, what ShapeEval misreads (``"attribute=read"``, comma-separated), or ``""``."""
+    from dagfusion.nodes.metrics.evaluator import misread
 
-    out = []
-    for read, caption in zip(predict(evaluator, images), captions):
-        expected = parse_caption(caption).labels()
-        out.append(", ".join(f"{k}={read[k]}" for k in expected if read[k] != expected[k]))
-    return out
+    return [", ".join(f"{k}={v}" for k, v in wrong.items()) for wrong in misread(evaluator, images, captions)]
 
 
 def write_failures(path: Path, renders: torch.Tensor, unguided: torch.Tensor, guided: torch.Tensor,
                    unguided_misread: list[str], guided_misread: list[str], limit: int = 24) -> int:
     """A PNG contact sheet of the images ShapeEval misreads in either variant (at most ``limit``):
-    three tiles each (two to a row) of the render, the unguided image and the ControlNet's, labelled with what was
-    misread. Returns how many rows it holds."""
+    three tiles each (two to a row) of the render, the unguided image and the ControlNet's, labelled
+    with what was misread. Returns how many images' tiles it shows."""
     from dagfusion.nodes.diffusion.images import to_pil
     from dagfusion.nodes.everyday.grid import contact_sheet
 
-    rows = [i for i, (u, g) in enumerate(zip(unguided_misread, guided_misread)) if u or g][:limit]
-    if not rows:
+    shown = [i for i, (u, g) in enumerate(zip(unguided_misread, guided_misread)) if u or g][:limit]
+    if not shown:
         return 0
     tiles, labels = [], []
-    for i in rows:
+    for i in shown:
         tiles += [renders[i], unguided[i], guided[i]]
         labels += [f"#{i}", f"unguided: {unguided_misread[i] or 'ok'}", f"ControlNet: {guided_misread[i] or 'ok'}"]
     big = torch.nn.functional.interpolate(torch.stack(tiles), scale_factor=2, mode="nearest")
     to_pil(contact_sheet(big, labels, columns=6)[0]).save(path)
-    return len(rows)
+    return len(shown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,11 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_image": {"unguided": unguided_seconds, "controlnet": guided_seconds},
     }
     result["controlnet_iou_over_ceiling"] = result["iou"]["controlnet"] / ceiling
-    guided_misread, unguided_misread = misread(evaluator, guided, captions), misread(evaluator, unguided, captions)
+    guided_misread = misread_labels(evaluator, guided, captions)
+    unguided_misread = misread_labels(evaluator, unguided, captions)
     difference = paired_difference([float(not m) for m in guided_misread], [float(not m) for m in unguided_misread])
     result["controlnet_minus_unguided_all_correct"] = list(difference)
     if args.failures:
-        result["failure_rows"] = write_failures(Path(args.failures), renders, unguided, guided, unguided_misread,
+        result["failures_shown"] = write_failures(Path(args.failures), renders, unguided, guided, unguided_misread,
                                                 guided_misread)
     print(json.dumps(result, indent=2))
     if args.json:

@@ -150,8 +150,9 @@ def predict(model: ShapeEvalNet, images: torch.Tensor, batch_size: int = 256) ->
     return out
 
 
-def score(model: ShapeEvalNet, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-    """Per-attribute and all-correct accuracy of images against single-object prompts.
+def misread(model: ShapeEvalNet, images: torch.Tensor, prompts: list[str]) -> list[dict[str, str]]:
+    """For each image, the attributes the classifier reads differently from its single-object
+    prompt, as ``{attribute: what it read}`` (empty when it reads every attribute right).
 
     Raises ``ValueError`` naming the first prompt that is not a single-object shapes caption.
     """
@@ -163,11 +164,17 @@ def score(model: ShapeEvalNet, images: torch.Tensor, prompts: list[str]) -> dict
         if scene is None:
             raise ValueError(f"not a single-object shapes caption: {prompt!r}")
         expected.append(scene.labels())
-    predicted = predict(model, images)
-    result: dict[str, float] = {}
-    for name in ATTRIBUTES:
-        result[name] = sum(p[name] == e[name] for p, e in zip(predicted, expected)) / len(prompts)
-    result["all_correct"] = sum(p == e for p, e in zip(predicted, expected)) / len(prompts)
+    return [{k: p[k] for k in ATTRIBUTES if p[k] != e[k]} for p, e in zip(predict(model, images), expected)]
+
+
+def score(model: ShapeEvalNet, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """Per-attribute and all-correct accuracy of images against single-object prompts.
+
+    Raises ``ValueError`` naming the first prompt that is not a single-object shapes caption.
+    """
+    wrong = misread(model, images, prompts)
+    result: dict[str, float] = {name: sum(name not in w for w in wrong) / len(prompts) for name in ATTRIBUTES}
+    result["all_correct"] = sum(not w for w in wrong) / len(prompts)
     return result
 
 

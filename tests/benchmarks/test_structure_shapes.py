@@ -33,4 +33,4 @@ def test_structure_shapes_benchmark_scores_guided_and_unguided_images(
     shapeeval = result["shapeeval"]
     assert mean == pytest.approx(shapeeval["controlnet"]["all_correct"] - shapeeval["unguided"]["all_correct"])
     assert low <= mean <= high
-    assert (tmp_path / "misread.png").exists() == (result["failure_rows"] > 0)
+    assert (tmp_path / "misread.png").exists() == (result["failures_shown"] > 0)

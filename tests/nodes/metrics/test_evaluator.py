@@ -11,6 +11,7 @@ from dagfusion.nodes.shapes.dataset import ShapesDataset
 from dagfusion.nodes.metrics.evaluator import (
     SHIPPED,
     load_shapeeval,
+    misread,
     predict,
     save_shapeeval,
     score,
@@ -36,6 +37,16 @@ def test_wrong_prompts_score_low(shipped) -> None:
     assert score(shipped, batch.images, shifted)["all_correct"] < 0.2
     with pytest.raises(ValueError, match="not a single-object"):
         score(shipped, batch.images[:1], ["a red circle above a blue square on a black background"])
+
+
+def test_misread_names_the_attribute_read_wrong_and_what_was_read(shipped) -> None:
+    batch = ShapesDataset("eval", 1, 64, seed=5).batch(0, 8)
+    captions = list(batch.captions)
+    assert misread(shipped, batch.images, captions) == [{}] * 8
+    background = "white" if "black background" in captions[0] else "black"
+    changed = captions[0].rsplit(" on ", 1)[0] + f" on a {background} background"
+    wrong = misread(shipped, batch.images[:1], [changed])
+    assert list(wrong[0]) == ["background"] and wrong[0]["background"] != background
 
 
 def test_shipped_file_is_small_and_fp16() -> None:

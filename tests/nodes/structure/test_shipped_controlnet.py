@@ -4,22 +4,10 @@ attributes (guess mode at strength 2 over the whole run, as documented)."""
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("structure_shapes", ROOT / "benchmarks" / "structure_shapes.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_shipped_controlnet_loads_by_name_with_its_provenance() -> None:
@@ -58,7 +46,7 @@ def _images(model: Any, clip: Any, vae: Any, captions: list[str]) -> Any:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("both_cores")
-def test_the_shipped_controlnet_follows_held_out_masks_and_keeps_the_attributes() -> None:
+def test_the_shipped_controlnet_follows_held_out_masks_and_keeps_the_attributes(benchmark_module: Any) -> None:
     # the documented setting (guess mode, strength 2, the whole run) on 48 held-out prompts: this
     # subset measured object mask IoU 0.704 unguided and 0.824 guided, all-correct 0.938 and 0.979;
     # the floors sit a few points under those
@@ -69,7 +57,7 @@ def test_the_shipped_controlnet_follows_held_out_masks_and_keeps_the_attributes(
     from dagfusion.nodes.structure.controlnet_model import load_controlnet
     from dagfusion.nodes.structure.metrics import mask_iou
 
-    bench = _bench()
+    bench = benchmark_module("structure_shapes")
     loaded = load_diffusers_folder(folder("shapes-sd"))
     controlnet = load_controlnet(embedded_path("shapes-mask"))
     _, masks, captions, _ = bench.ground_truth(bench.held_out_prompts(PROMPTS), 1)
